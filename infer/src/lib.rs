@@ -1,0 +1,7 @@
+//! # infer: running recurrent-depth models
+//!
+//! For now: next-token predictions at each recurrence depth and the reference-fixture checker.
+//! Generation, KV-cache strategies and adaptive exit build on the same `model` steps.
+
+pub mod depths;
+pub mod fixture_report;

@@ -1,0 +1,162 @@
+//! `huginn`: the command line for recurrent-depth models.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use infer::depths::predictions_by_depth;
+use infer::fixture_report::{Summary, check_dir};
+use model::burn::prelude::Device;
+use model::{Backend, Huginn, HuginnConfig, InitialState};
+
+#[derive(Parser)]
+#[command(
+    name = "huginn",
+    version,
+    about = "Recurrent-depth language models (Huginn-0125 and friends)"
+)]
+struct Cli {
+    /// Compute backend: cpu, wgpu or cuda (those compiled into this binary).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: Backend,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the next-token prediction after each recurrence step.
+    Depths {
+        /// Model folder (config.json + safetensors or model.bpk). Without it, a random tiny model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Prompt token ids, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Deepest recurrence to run.
+        #[arg(long, default_value_t = 32)]
+        max_depth: usize,
+        /// Depths to report (default: powers of two up to --max-depth).
+        #[arg(long, value_delimiter = ',')]
+        depths: Vec<usize>,
+        /// Candidates shown per depth.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
+        /// Random initial state from this seed (the reference's like-init) instead of zeros.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a model against reference fixture folders (config.json, model.safetensors,
+    /// expected.safetensors, generate.json).
+    CheckFixture {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Print one JSON summary instead of a line per check.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let device = cli.device.device()?;
+    match cli.command {
+        Command::Depths {
+            model,
+            ids,
+            max_depth,
+            depths,
+            top,
+            seed,
+            json,
+        } => {
+            let model = load(model.as_deref(), &device)?;
+            if max_depth == 0 {
+                bail!("--max-depth must be at least 1");
+            }
+            let depths = if depths.is_empty() {
+                (0..).map(|p| 1 << p).take_while(|d| *d <= max_depth).collect()
+            } else {
+                depths
+            };
+            if let Some(d) = depths.iter().find(|d| **d == 0 || **d > max_depth) {
+                bail!("--depths value {d} is outside 1..={max_depth}");
+            }
+            let init = seed.map_or(InitialState::Zeros, |seed| InitialState::LikeInit { seed, scale: 1.0 });
+            let preds = predictions_by_depth(&model, &ids, max_depth, &depths, &init, top)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&preds)?);
+            } else {
+                println!(
+                    "{:>5}  {:>8}  {:>9}  top next tokens (id: probability)",
+                    "depth", "entropy", "residual"
+                );
+                for p in preds {
+                    let top: Vec<String> = p.top.iter().map(|(id, prob)| format!("{id}: {prob:.3}")).collect();
+                    println!(
+                        "{:>5}  {:>8.3}  {:>9.2e}  {}",
+                        p.depth,
+                        p.entropy,
+                        p.relative_residual,
+                        top.join("  ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckFixture { dirs, json } => {
+            let mut reports = Vec::new();
+            for dir in &dirs {
+                let report = check_dir(dir, &device).with_context(|| format!("checking {}", dir.display()))?;
+                if !json {
+                    println!("== {}", dir.display());
+                    for check in &report.forward {
+                        println!("{check}");
+                    }
+                    if !report.generate_unsupported.is_empty() {
+                        println!(
+                            "     generate.json: {} runs not checked by this build",
+                            report.generate_unsupported.len()
+                        );
+                    }
+                }
+                reports.push(report);
+            }
+            let summary = Summary::of(&reports);
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "forward: {} checked, {} failed, max |err| {:.3e}",
+                    summary.forward.checked, summary.forward.failed, summary.forward.max_abs_err
+                );
+            }
+            Ok(if summary.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn load(dir: Option<&std::path::Path>, device: &Device) -> Result<Huginn> {
+    match dir {
+        Some(dir) => Huginn::from_pretrained(dir, device).with_context(|| format!("loading {}", dir.display())),
+        None => Ok(HuginnConfig::tiny(256, 64, 4, (1, 2, 1)).init(device, 0)),
+    }
+}

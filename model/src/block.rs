@@ -1,0 +1,30 @@
+//! The "sandwich" block every layer of the model uses (prelude, core and coda alike):
+//! `x̂ = norm_2(x + attn(norm_1(x)))`, `x' = norm_4(x̂ + mlp(norm_3(x̂)))`. Its output is
+//! always RMS-normalised, which keeps the iterated state bounded.
+
+use burn::prelude::*;
+
+use crate::attention::CausalSelfAttention;
+use crate::cache::{KvCache, LayerSlot};
+use crate::mlp::GatedMlp;
+use crate::norm::RmsNorm;
+use crate::rope::Rotary;
+
+#[derive(Module, Debug)]
+pub struct SandwichBlock {
+    pub norm_1: RmsNorm,
+    pub attn: CausalSelfAttention,
+    pub norm_2: RmsNorm,
+    pub norm_3: RmsNorm,
+    pub mlp: GatedMlp,
+    pub norm_4: RmsNorm,
+}
+
+impl SandwichBlock {
+    pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
+        let attended = self.attn.forward(self.norm_1.forward(x.clone()), rotary, slot, cache);
+        let x = self.norm_2.forward(x + attended);
+        let mixed = self.mlp.forward(self.norm_3.forward(x.clone()));
+        self.norm_4.forward(x + mixed)
+    }
+}

@@ -1,0 +1,345 @@
+//! The model configuration, read from the reference `config.json` as `save_pretrained` writes it.
+//!
+//! Every field of the reference `RavenConfig` is here with the reference default, so a
+//! `config.json` that omits fields reads the same way the authors' code reads it. Unknown extra
+//! fields are tolerated (Hugging Face adds its own). Derived fields that the reference writes
+//! (`head_dim`, `init_values`, ...) are read too, and [`HuginnConfig::validate`] checks that they
+//! agree with the fields they derive from.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The architecture hyper-parameters of a recurrent-depth model (reference `RavenConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HuginnConfig {
+    /// Hidden width `h`.
+    pub n_embd: usize,
+    /// Attention heads (plain multi-head attention: as many key/value heads).
+    pub n_heads: usize,
+    /// Informational total of the layers in prelude, core and coda.
+    pub n_layers: usize,
+    /// Context length: the RoPE table length and the longest sequence the model accepts.
+    pub block_size: usize,
+    pub vocab_size: usize,
+    pub padding_multiple: usize,
+    pub tie_embeddings: bool,
+    pub intermediate_size: usize,
+    pub bias: bool,
+    pub architecture_class_name: String,
+    pub block_class_name: String,
+    pub norm_class_name: String,
+    pub norm_eps: f64,
+    pub mlp_class_name: String,
+    pub nonlin_name: String,
+    pub init_strategy: String,
+    pub init_orthogonal: bool,
+    pub state_init: String,
+    pub injection_type: String,
+    /// Layers in the recurrent core, applied once per recurrence step.
+    pub n_layers_in_recurrent_block: usize,
+    /// Mean recurrence `r̄`: the depth used when a caller does not choose one.
+    pub mean_recurrence: usize,
+    pub sampling_scheme: String,
+    /// Truncated-backprop depth `k`.
+    pub mean_backprop_depth: usize,
+    pub n_layers_in_prelude: usize,
+    pub n_layers_in_coda: usize,
+    pub qk_bias: bool,
+    pub activation_checkpoint_impl: String,
+    pub rope_base: f64,
+    pub test_time_noise: f64,
+    pub test_time_noise_type: String,
+    pub model_type: String,
+    // Derived fields the reference writes; `None` when absent, checked when present.
+    pub head_dim: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub padded_vocab_size: Option<usize>,
+    pub effective_expected_depth: Option<usize>,
+    pub init_values: Option<InitValues>,
+    pub torch_dtype: Option<String>,
+    pub architectures: Option<Vec<String>>,
+    pub auto_map: Option<BTreeMap<String, String>>,
+    pub transformers_version: Option<String>,
+}
+
+/// Initialisation constants the reference derives from the width and the unrolled depth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitValues {
+    pub std: f64,
+    pub out_proj: f64,
+    pub embedding: f64,
+    pub embed_scale: f64,
+}
+
+impl Default for HuginnConfig {
+    /// The released Huginn-0125 configuration (which is also the reference default).
+    fn default() -> Self {
+        Self {
+            n_embd: 5280,
+            n_heads: 55,
+            n_layers: 8,
+            block_size: 4096,
+            vocab_size: 65536,
+            padding_multiple: 4096,
+            tie_embeddings: true,
+            intermediate_size: 17920,
+            bias: false,
+            architecture_class_name: "RecurrentGPT".into(),
+            block_class_name: "SandwichBlock".into(),
+            norm_class_name: "RMSNorm_llama".into(),
+            norm_eps: 1e-6,
+            mlp_class_name: "GatedMLP".into(),
+            nonlin_name: "SiLU".into(),
+            init_strategy: "takase".into(),
+            init_orthogonal: false,
+            state_init: "like-init".into(),
+            injection_type: "linear".into(),
+            n_layers_in_recurrent_block: 4,
+            mean_recurrence: 32,
+            sampling_scheme: "poisson-lognormal-filling".into(),
+            mean_backprop_depth: 8,
+            n_layers_in_prelude: 2,
+            n_layers_in_coda: 2,
+            qk_bias: true,
+            activation_checkpoint_impl: "per-iteration".into(),
+            rope_base: 50000.0,
+            test_time_noise: 0.0,
+            test_time_noise_type: "fixed".into(),
+            model_type: "huginn_raven".into(),
+            head_dim: None,
+            num_key_value_heads: None,
+            padded_vocab_size: None,
+            effective_expected_depth: None,
+            init_values: None,
+            torch_dtype: None,
+            architectures: None,
+            auto_map: None,
+            transformers_version: None,
+        }
+    }
+}
+
+impl HuginnConfig {
+    /// A small configuration of the given shape; all other fields keep the reference defaults.
+    pub fn tiny(vocab_size: usize, n_embd: usize, n_heads: usize, layers: (usize, usize, usize)) -> Self {
+        Self {
+            vocab_size,
+            n_embd,
+            n_heads,
+            n_layers_in_prelude: layers.0,
+            n_layers_in_recurrent_block: layers.1,
+            n_layers_in_coda: layers.2,
+            n_layers: layers.0 + layers.1 + layers.2,
+            intermediate_size: n_embd * 11 / 4,
+            block_size: 256,
+            mean_recurrence: 4,
+            mean_backprop_depth: 2,
+            ..Self::default()
+        }
+    }
+
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates the text of a `config.json`.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Writes the configuration the way the reference writes it, derived fields included, so
+    /// that the authors' `RavenConfig.from_pretrained` reads it back.
+    pub fn to_json(&self) -> String {
+        let mut full = self.clone();
+        full.head_dim = Some(self.head_dim());
+        full.num_key_value_heads = Some(self.n_heads);
+        full.padded_vocab_size = Some(self.vocab_size);
+        full.effective_expected_depth = Some(self.effective_expected_depth());
+        full.init_values = Some(self.init_values());
+        full.n_layers = self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda;
+        if full.architectures.is_none() {
+            full.architectures = Some(vec!["RavenForCausalLM".into()]);
+        }
+        if full.auto_map.is_none() {
+            full.auto_map = Some(BTreeMap::from([
+                ("AutoConfig".into(), "raven_config_minimal.RavenConfig".into()),
+                (
+                    "AutoModelForCausalLM".into(),
+                    "raven_modeling_minimal.RavenForCausalLM".into(),
+                ),
+            ]));
+        }
+        serde_json::to_string_pretty(&full).expect("config serialises")
+    }
+
+    /// Checks that the configuration describes a model this crate can build exactly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.n_embd == 0 || self.n_heads == 0 || self.vocab_size == 0 {
+            return bad("n_embd, n_heads and vocab_size must be positive".into());
+        }
+        if self.n_embd % self.n_heads != 0 {
+            return bad(format!(
+                "n_heads = {} does not divide n_embd = {}",
+                self.n_heads, self.n_embd
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head_dim = {} is odd; rotary embeddings rotate pairs",
+                self.head_dim()
+            ));
+        }
+        if self.n_layers_in_recurrent_block == 0 {
+            return bad("n_layers_in_recurrent_block must be at least 1".into());
+        }
+        if self.intermediate_size == 0 || self.block_size == 0 {
+            return bad("intermediate_size and block_size must be positive".into());
+        }
+        if !(self.norm_eps > 0.0) || !(self.rope_base > 0.0) {
+            return bad("norm_eps and rope_base must be positive".into());
+        }
+        let supported = [
+            ("block_class_name", self.block_class_name.as_str(), "SandwichBlock"),
+            ("norm_class_name", self.norm_class_name.as_str(), "RMSNorm_llama"),
+            ("mlp_class_name", self.mlp_class_name.as_str(), "GatedMLP"),
+            ("nonlin_name", self.nonlin_name.as_str(), "SiLU"),
+            ("injection_type", self.injection_type.as_str(), "linear"),
+        ];
+        for (field, value, want) in supported {
+            if value != want {
+                return bad(format!("{field} = {value:?} is not supported (only {want:?})"));
+            }
+        }
+        if self.bias {
+            return bad("bias = true is not supported (the reference linears have no bias)".into());
+        }
+        if !self.tie_embeddings {
+            return bad("tie_embeddings = false is not supported".into());
+        }
+        if !self.qk_bias {
+            return bad("qk_bias = false is not supported".into());
+        }
+        if self.test_time_noise != 0.0 {
+            return bad("test_time_noise is not supported (the reference leaves it at 0)".into());
+        }
+        let derived = [
+            ("head_dim", self.head_dim, self.head_dim()),
+            ("num_key_value_heads", self.num_key_value_heads, self.n_heads),
+            ("padded_vocab_size", self.padded_vocab_size, self.vocab_size),
+        ];
+        for (field, stored, want) in derived {
+            if let Some(stored) = stored
+                && stored != want
+            {
+                return bad(format!("{field} = {stored} disagrees with the derived value {want}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_heads
+    }
+
+    /// Unrolled depth at the mean recurrence, `l_P + l_C + l_R·r̄`; it sets the init scale of
+    /// the output projections.
+    pub fn effective_expected_depth(&self) -> usize {
+        self.n_layers_in_prelude + self.n_layers_in_coda + self.n_layers_in_recurrent_block * self.mean_recurrence
+    }
+
+    /// `√h`, multiplied onto the embedding output and onto the "like-init" initial state.
+    pub fn embed_scale(&self) -> f64 {
+        (self.n_embd as f64).sqrt()
+    }
+
+    /// The reference's init constants ("takase", Takase et al. 2023).
+    pub fn init_values(&self) -> InitValues {
+        let std = (2.0 / (5.0 * self.n_embd as f64)).sqrt();
+        InitValues {
+            std,
+            out_proj: std / (2.0 * self.effective_expected_depth() as f64).sqrt(),
+            embedding: std,
+            embed_scale: self.embed_scale(),
+        }
+    }
+
+    /// Number of unique parameters (the tied head counted once).
+    pub fn num_params(&self) -> usize {
+        let h = self.n_embd;
+        let block = 4 * h + 3 * h * h + 2 * h + h * h + 2 * self.intermediate_size * h + self.intermediate_size * h;
+        let blocks = self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda;
+        blocks * block + self.vocab_size * h + 2 * h * h + h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_huginn_0125() {
+        let c = HuginnConfig::default();
+        assert_eq!(c.head_dim(), 96);
+        assert_eq!(c.effective_expected_depth(), 132);
+        let iv = c.init_values();
+        assert!((iv.std - 0.0087038828).abs() < 1e-9);
+        assert!((iv.out_proj - 0.0005356870).abs() < 1e-9);
+        assert!((iv.embed_scale - 72.6636085).abs() < 1e-6);
+        assert_eq!(c.num_params(), 3_564_976_800);
+    }
+
+    #[test]
+    fn reads_fixture_config_and_tolerates_unknown_fields() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/reference/tiny-d/config.json"
+        ))
+        .unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["some_future_field"] = serde_json::json!({"x": 1});
+        let c = HuginnConfig::from_json(&value.to_string()).unwrap();
+        assert_eq!((c.n_embd, c.n_heads, c.vocab_size), (64, 4, 128));
+        assert_eq!(c.n_layers_in_prelude, 2);
+        assert_eq!(c.init_values.as_ref().unwrap().embed_scale, 8.0);
+        assert_eq!(c.init_values.clone().unwrap(), c.init_values());
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let c = HuginnConfig::tiny(100, 32, 4, (1, 2, 1));
+        let back = HuginnConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(back.head_dim, Some(8));
+        assert_eq!(back.n_embd, 32);
+        assert_eq!(back.init_values(), c.init_values());
+    }
+
+    #[test]
+    fn rejects_inconsistent_configs() {
+        let cases = [
+            (r#"{"n_embd": 64, "n_heads": 5}"#, "does not divide"),
+            (r#"{"n_embd": 60, "n_heads": 4}"#, "odd"),
+            (r#"{"n_embd": 64, "n_heads": 4, "head_dim": 32}"#, "head_dim = 32"),
+            (r#"{"injection_type": "add"}"#, "injection_type"),
+            (r#"{"n_embd": "wide"}"#, "invalid type"),
+            (r#"{"n_embd": 64"#, "EOF"),
+        ];
+        for (json, needle) in cases {
+            let err = HuginnConfig::from_json(json).unwrap_err().to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Runtime choice of the compute backend. The model itself names no backend; this is the one
+//! place that does, each behind its Cargo feature (`wgpu`, `cuda`; the pure-Rust CPU backend,
+//! Burn's `flex`, is always compiled in).
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::*;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use burn::tensor::DeviceType;
+
+/// A backend a binary can be asked for with `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Burn's pure-Rust `flex` backend (SIMD + threads).
+    #[default]
+    Cpu,
+    /// Vulkan, Metal or DX12 through wgpu.
+    Wgpu,
+    /// NVIDIA CUDA.
+    Cuda,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DeviceError {
+    #[error("unknown device {0:?} (expected cpu, wgpu or cuda)")]
+    Unknown(String),
+    #[error("the {0} backend is not compiled into this binary; rebuild with `--features {0}`")]
+    NotCompiled(&'static str),
+    #[error("no {0} device found on this machine{1}")]
+    Absent(&'static str, &'static str),
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Cpu, Backend::Wgpu, Backend::Cuda];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this binary was built with the backend.
+    pub fn compiled(self) -> bool {
+        match self {
+            Backend::Cpu => true,
+            Backend::Wgpu => cfg!(feature = "wgpu"),
+            Backend::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The device of this backend, or why there is none.
+    pub fn device(self) -> Result<Device, DeviceError> {
+        if !self.compiled() {
+            return Err(DeviceError::NotCompiled(self.name()));
+        }
+        match self {
+            Backend::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => first(
+                DeviceType::Wgpu,
+                "wgpu",
+                " (no Vulkan/Metal/DX12 adapter; on Linux without a GPU install Mesa's lavapipe: mesa-vulkan-drivers)",
+            ),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => first(DeviceType::Cuda, "cuda", " (no NVIDIA driver or GPU)"),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("checked by compiled()"),
+        }
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn first(kind: DeviceType, name: &'static str, hint: &'static str) -> Result<Device, DeviceError> {
+    Device::enumerate(kind)
+        .into_vec()
+        .into_iter()
+        .next()
+        .ok_or(DeviceError::Absent(name, hint))
+}
+
+impl FromStr for Backend {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| DeviceError::Unknown(s.to_string()))
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_rejects_others() {
+        assert_eq!("cpu".parse(), Ok(Backend::Cpu));
+        assert_eq!("WGPU".parse(), Ok(Backend::Wgpu));
+        assert_eq!("tpu".parse::<Backend>(), Err(DeviceError::Unknown("tpu".into())));
+    }
+
+    #[test]
+    fn cpu_always_works_and_missing_backends_say_why() {
+        assert!(Backend::Cpu.device().is_ok());
+        if !Backend::Cuda.compiled() {
+            let err = Backend::Cuda.device().unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+    }
+}

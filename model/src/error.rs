@@ -1,0 +1,81 @@
+//! Typed errors of the model crate. Each message names the file and the key it is about, so a
+//! binary can print it as one line and exit.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("invalid config JSON: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("{path}: {inner}")]
+    InFile { path: PathBuf, inner: Box<ConfigError> },
+}
+
+impl ConfigError {
+    pub(crate) fn in_file(self, path: &Path) -> Self {
+        match self {
+            Self::Io { .. } | Self::InFile { .. } => self,
+            other => Self::InFile {
+                path: path.to_path_buf(),
+                inner: Box::new(other),
+            },
+        }
+    }
+}
+
+/// Errors while reading or writing weights.
+#[derive(Debug, Error)]
+pub enum WeightsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file (truncated or corrupt?): {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: invalid shard index: {reason}")]
+    Index { path: PathBuf, reason: String },
+    #[error("{path}: missing tensor {key:?}")]
+    MissingKey { path: PathBuf, key: String },
+    #[error("{path}: unexpected tensor {key:?} (not part of this model)")]
+    UnexpectedKey { path: PathBuf, key: String },
+    #[error("{path}: tensor {key:?} has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor {key:?} has unsupported dtype {dtype} (f32, f16, bf16, f64 are read)")]
+    Dtype { path: PathBuf, key: String, dtype: String },
+    #[error("{path}: tensor {key:?} contains non-finite values")]
+    NonFinite { path: PathBuf, key: String },
+    #[error(
+        "{path}: lm_head.weight differs from transformer.wte.weight (max |diff| {max_diff:e}); the model ties them"
+    )]
+    UntiedHead { path: PathBuf, max_diff: f32 },
+    #[error("{path}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
+    NoWeights { path: PathBuf },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("{path}: burn record does not fit this model: {reason}")]
+    Record { path: PathBuf, reason: String },
+}
+
+/// Token input the model cannot take.
+#[derive(Debug, Error, PartialEq)]
+pub enum InputError {
+    #[error("empty input: no tokens")]
+    Empty,
+    #[error("rows of different lengths ({first} and {other}) need padding")]
+    Ragged { first: usize, other: usize },
+    #[error("input of {len} tokens exceeds the context length of {context}")]
+    TooLong { len: usize, context: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+}

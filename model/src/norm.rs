@@ -1,0 +1,30 @@
+//! RMSNorm as the reference computes it ("RMSNorm_llama"): normalise in f32, cast back to the
+//! input's dtype, then scale by the learned weight.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::FloatDType;
+
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// Learned per-channel scale, `[h]`.
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor<1>, eps: f64) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = FloatDType::from(x.dtype());
+        let x = x.cast(FloatDType::F32);
+        let inv_rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt().recip();
+        let normed = (x * inv_rms).cast(dtype);
+        normed * self.weight.val().unsqueeze()
+    }
+}

@@ -1,0 +1,93 @@
+//! Rotary position embeddings on ADJACENT pairs `(x_{2j}, x_{2j+1})` (Meta-LLaMA complex
+//! style, not GPT-NeoX's rotate-half), with `inv_freq_j = θ^{-2j/d}`, all computed in f32 as
+//! the reference does.
+//!
+//! Instead of the reference's stored `freqs_cis` table the angles are computed from the
+//! positions of the tokens in the current chunk, once per forward pass, and shared by every
+//! attention layer of that pass.
+
+use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
+
+/// The rotation for one chunk of tokens: `cos` and `sin`, each `[B, S, 1, d/2]` in f32.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
+
+impl Rotary {
+    /// Rotation for explicit positions `[B, S]` (rows may start at different offsets, as in a
+    /// left-padded batch).
+    pub fn new(positions: Tensor<2, Int>, head_dim: usize, theta: f64) -> Self {
+        let device = positions.device();
+        let [batch, len] = positions.dims();
+        let half = head_dim / 2;
+        // The reference: 1 / theta ** (arange(0, d, 2).float() / d), in f32.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32));
+        let t = positions.float().cast(FloatDType::F32).reshape([batch, len, 1, 1]);
+        let angles = t * inv_freq.reshape([1, 1, 1, half]);
+        Self {
+            cos: angles.clone().cos(),
+            sin: angles.sin(),
+        }
+    }
+
+    /// Rotation for positions `start..start + len`, the same for every row of a batch.
+    pub fn contiguous(start: usize, batch: usize, len: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
+        let positions = Tensor::<1, Int>::arange(start as i64..(start + len) as i64, device)
+            .reshape([1, len])
+            .expand([batch, len]);
+        Self::new(positions, head_dim, theta)
+    }
+
+    /// Rotates `x` of shape `[B, S, H, d]`; computed in f32, returned in `x`'s dtype.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let dtype = FloatDType::from(x.dtype());
+        let [b, s, h, d] = x.dims();
+        let pairs = x.cast(FloatDType::F32).reshape([b, s, h, d / 2, 2]);
+        let even = pairs.clone().narrow(4, 0, 1).reshape([b, s, h, d / 2]);
+        let odd = pairs.narrow(4, 1, 1).reshape([b, s, h, d / 2]);
+        let rot_even = even.clone() * self.cos.clone() - odd.clone() * self.sin.clone();
+        let rot_odd = odd * self.cos.clone() + even * self.sin.clone();
+        Tensor::stack::<5>(vec![rot_even, rot_odd], 4)
+            .reshape([b, s, h, d])
+            .cast(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_adjacent_pairs() {
+        let device = Device::flex();
+        // One head of width 4: pairs (x0, x1) and (x2, x3); position 1.
+        let rot = Rotary::contiguous(1, 1, 1, 4, 100.0, &device);
+        let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.0], &device).reshape([1, 1, 1, 4]);
+        let y: Vec<f32> = rot.apply(x).into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let (a0, a1) = (1.0f64, 1.0 / 100f64.powf(0.5));
+        let want = [
+            a0.cos() - 2.0 * a0.sin(),
+            2.0 * a0.cos() + a0.sin(),
+            3.0 * a1.cos() - 4.0 * a1.sin(),
+            4.0 * a1.cos() + 3.0 * a1.sin(),
+        ];
+        for (got, want) in y.iter().zip(want) {
+            assert!((*got as f64 - want).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn position_zero_is_identity() {
+        let device = Device::flex();
+        let rot = Rotary::contiguous(0, 1, 1, 8, 50000.0, &device);
+        let x = Tensor::<4>::random([1, 1, 2, 8], burn::tensor::Distribution::Default, &device);
+        let diff = (rot.apply(x.clone()) - x).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-7);
+    }
+}

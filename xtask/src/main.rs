@@ -1,0 +1,171 @@
+//! `cargo xtask …`: the project's entry points, each a sequence of cargo invocations sharing
+//! one build (one profile, one feature set), so nothing is compiled twice.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Features every CI step builds with: the wgpu backend is compiled in so its tests run (on
+/// Mesa's lavapipe when the machine has no GPU).
+const CI_FEATURES: &str = "model/wgpu";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the model end to end: next-token predictions of a reference model per recurrence depth.
+    Demo {
+        /// Backend: cpu, wgpu or cuda (wgpu/cuda are compiled in for the demo when asked for).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Everything CI checks: formatting, clippy, the test suite, the fixture check.
+    Ci,
+    /// Check reference fixture folders (default: every folder under fixtures/reference).
+    CheckFixture {
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Cargo features to build with (e.g. model/wgpu).
+        #[arg(long, default_value = "")]
+        features: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("entering the workspace root")?;
+    match Cli::parse().command {
+        Task::Demo { device } => demo(&device),
+        Task::Ci => ci(),
+        Task::CheckFixture {
+            dirs,
+            json,
+            device,
+            features,
+        } => check_fixture(&dirs, json, &device, &features),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs `cargo args…`, failing with the command line if it fails.
+fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .status()
+        .context("starting cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn device_features(device: &str) -> &'static str {
+    match device {
+        "wgpu" => "model/wgpu",
+        "cuda" => "model/cuda",
+        _ => "",
+    }
+}
+
+fn demo(device: &str) -> Result<()> {
+    let features = device_features(device);
+    cargo(&[
+        "run",
+        "--quiet",
+        "-p",
+        "infer",
+        "--features",
+        features,
+        "--bin",
+        "huginn",
+        "--",
+        "--device",
+        device,
+        "depths",
+        "--model",
+        "fixtures/reference/tiny-d",
+        "--ids",
+        "11,70,33,8,101,64",
+        "--max-depth",
+        "64",
+        "--top",
+        "3",
+    ])
+}
+
+fn fixture_dirs() -> Result<Vec<PathBuf>> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("fixtures/reference")
+        .context("listing fixtures/reference")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("expected.safetensors").exists())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn check_fixture(dirs: &[PathBuf], json: bool, device: &str, features: &str) -> Result<()> {
+    let dirs = if dirs.is_empty() {
+        fixture_dirs()?
+    } else {
+        dirs.to_vec()
+    };
+    let features = if features.is_empty() {
+        device_features(device)
+    } else {
+        features
+    };
+    let mut args = vec![
+        "run",
+        "--quiet",
+        "-p",
+        "infer",
+        "--features",
+        features,
+        "--bin",
+        "huginn",
+        "--",
+        "--device",
+        device,
+        "check-fixture",
+    ];
+    if json {
+        args.push("--json");
+    }
+    let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    args.extend(dirs.iter().map(String::as_str));
+    cargo(&args)
+}
+
+fn ci() -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        CI_FEATURES,
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["test", "--workspace", "--features", CI_FEATURES])?;
+    // The wgpu parity runs as tests above (skipped, with the reason, where no adapter exists).
+    check_fixture(&[], false, "cpu", CI_FEATURES)
+}
