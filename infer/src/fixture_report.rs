@@ -61,9 +61,16 @@ fn generation_runs(dir: &Path) -> Result<Vec<String>, FixtureError> {
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
     let case = json["case"].as_str().unwrap_or("?");
     let runs = json["runs"]
-        .as_object()
-        .ok_or_else(|| format("no \"runs\" object".into()))?;
-    Ok(runs.keys().map(|k| format!("{case}/{k}")).collect())
+        .as_array()
+        .ok_or_else(|| format("no \"runs\" list".into()))?;
+    runs.iter()
+        .map(|run| {
+            let name = run["name"]
+                .as_str()
+                .ok_or_else(|| format("a run without a \"name\"".into()))?;
+            Ok(format!("{case}/{name}"))
+        })
+        .collect()
 }
 
 impl Summary {

@@ -191,13 +191,13 @@ impl HuginnConfig {
         if self.n_embd == 0 || self.n_heads == 0 || self.vocab_size == 0 {
             return bad("n_embd, n_heads and vocab_size must be positive".into());
         }
-        if self.n_embd % self.n_heads != 0 {
+        if !self.n_embd.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "n_heads = {} does not divide n_embd = {}",
                 self.n_heads, self.n_embd
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim = {} is odd; rotary embeddings rotate pairs",
                 self.head_dim()
@@ -209,7 +209,8 @@ impl HuginnConfig {
         if self.intermediate_size == 0 || self.block_size == 0 {
             return bad("intermediate_size and block_size must be positive".into());
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_base > 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.norm_eps) || !positive(self.rope_base) {
             return bad("norm_eps and rope_base must be positive".into());
         }
         let supported = [

@@ -49,6 +49,8 @@ pub struct Huginn {
 }
 
 /// Where the latent state starts.
+// Passed by reference and never stored in bulk, so the tensor variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum InitialState {
     /// `s_0 = 0` (the reference's `init_scale = 0`): deterministic.

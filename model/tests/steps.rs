@@ -79,7 +79,7 @@ fn like_init_is_seeded_scaled_and_truncated() {
 fn chunked_prefill_through_a_full_cache_equals_one_pass() {
     let m = model();
     let row: Vec<u32> = (0..11).map(|i| (i * 7 % 50) as u32).collect();
-    let whole = m.forward(m.tokens(&[row.clone()]).unwrap(), 3).logits;
+    let whole = m.forward(m.tokens(std::slice::from_ref(&row)).unwrap(), 3).logits;
     let mut cache = FullCache::new();
     let mut parts = Vec::new();
     for (start, end) in [(0, 4), (4, 5), (5, 11)] {

@@ -22,6 +22,7 @@ fn wgpu_device() -> Option<Device> {
 #[test]
 fn wgpu_forward_matches_reference_and_cpu() {
     let Some(device) = wgpu_device() else { return };
+    println!("wgpu device: {device:?}");
     for case in ["tiny-a", "tiny-d"] {
         let dir = common::fixture_dir(case);
         let checks = Fixture::open(&dir, &device).unwrap().check_forward().unwrap();

@@ -74,6 +74,26 @@ fn split(total: usize, backprop: usize) -> Depth {
 mod tests {
     use super::*;
 
+    /// P(total = t): the Poisson pmf integrated over the log-normal rate (midpoint rule).
+    fn exact_pmf(mean: f64, max_total: usize) -> Vec<f64> {
+        let mu = mean.ln() - LOGNORMAL_SIGMA * LOGNORMAL_SIGMA / 2.0;
+        let mut pmf = vec![0.0; max_total + 1];
+        let n = 4000;
+        for i in 0..n {
+            let z = -6.0 + 12.0 * (i as f64 + 0.5) / n as f64;
+            let weight = (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * 12.0 / n as f64;
+            let rate = (mu + LOGNORMAL_SIGMA * z).exp();
+            let mut log_p = -rate;
+            for (k, slot) in pmf.iter_mut().enumerate().skip(1) {
+                if k > 1 {
+                    log_p += rate.ln() - ((k - 1) as f64).ln();
+                }
+                *slot += weight * log_p.exp();
+            }
+        }
+        pmf
+    }
+
     #[test]
     fn poisson_lognormal_matches_the_papers_statistics() {
         let scheme = DepthScheme::PoissonLognormalFilling { mean: 32, backprop: 8 };
@@ -81,13 +101,20 @@ mod tests {
         let mut totals: Vec<usize> = (0..n).map(|step| scheme.sample(233, step).total()).collect();
         let mean = totals.iter().sum::<usize>() as f64 / n as f64;
         totals.sort_unstable();
-        let median = totals[n as usize / 2];
-        let mut counts = vec![0usize; totals.last().unwrap() + 1];
-        totals.iter().for_each(|t| counts[*t] += 1);
-        let mode = (0..counts.len()).max_by_key(|&t| counts[t]).unwrap();
-        assert!((mean - 33.1).abs() < 0.3, "mean {mean}");
-        assert_eq!(median, 29);
-        assert!((23..=25).contains(&mode), "mode {mode}");
+        // Paper: mean ≈ 33, median 29, mode 24 (the pmf is flat within 0.3% over 22..=24).
+        assert!((mean - 33.0).abs() < 0.3, "mean {mean}");
+        assert_eq!(totals[n as usize / 2], 29);
+        let exact = exact_pmf(32.0, 300);
+        let exact_mean: f64 = exact.iter().enumerate().map(|(t, p)| t as f64 * p).sum();
+        assert!((exact_mean - 33.0).abs() < 0.1, "{exact_mean}");
+        let mode = (1..exact.len()).max_by(|a, b| exact[*a].total_cmp(&exact[*b])).unwrap();
+        assert!((22..=24).contains(&mode), "mode {mode}");
+        let mut counts = vec![0usize; 301];
+        totals.iter().for_each(|t| counts[(*t).min(300)] += 1);
+        for (t, (&c, &p)) in counts.iter().zip(&exact).enumerate() {
+            let f = c as f64 / n as f64;
+            assert!((f - p).abs() < 0.0025, "P(total = {t}): sampled {f}, exact {p}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! one build (one profile, one feature set), so nothing is compiled twice.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -41,18 +41,26 @@ enum Task {
     },
 }
 
-fn main() -> Result<()> {
-    let root = workspace_root();
-    std::env::set_current_dir(&root).context("entering the workspace root")?;
-    match Cli::parse().command {
-        Task::Demo { device } => demo(&device),
-        Task::Ci => ci(),
-        Task::CheckFixture {
-            dirs,
-            json,
-            device,
-            features,
-        } => check_fixture(&dirs, json, &device, &features),
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = std::env::set_current_dir(workspace_root())
+        .context("entering the workspace root")
+        .and_then(|()| match cli.command {
+            Task::Demo { device } => demo(&device),
+            Task::Ci => ci(),
+            Task::CheckFixture {
+                dirs,
+                json,
+                device,
+                features,
+            } => check_fixture(&dirs, json, &device, &features),
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

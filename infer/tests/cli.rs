@@ -1,0 +1,151 @@
+//! End-to-end runs of the `huginn` binary: the fixture checker's verdicts and exit codes, the
+//! depth report, and one-line errors for bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+fn huginn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_huginn")).args(args).output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/reference")
+        .join(case)
+}
+
+/// A copy of a fixture folder whose expected tensors `edit` may change.
+fn edited_fixture(edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors", "generate.json"] {
+        std::fs::copy(fixture("tiny-a").join(file), dir.path().join(file)).unwrap();
+    }
+    let bytes = std::fs::read(fixture("tiny-a").join("expected.safetensors")).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: BTreeMap<_, _> = parsed
+        .iter()
+        .map(|(k, v)| (k.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, (d, s, b))| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("expected.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
+    let dirs: Vec<String> = ["tiny-a", "tiny-c", "tiny-d"]
+        .iter()
+        .map(|c| fixture(c).display().to_string())
+        .collect();
+    let mut args = vec!["check-fixture", "--json"];
+    args.extend(dirs.iter().map(String::as_str));
+    let out = huginn(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["forward"]["checked"], 54);
+    assert_eq!(summary["forward"]["failed"], 0);
+    assert!(summary["forward"]["max_abs_err"].as_f64().unwrap() < 1e-4);
+    assert_eq!(summary["generate"]["checked"], 0);
+}
+
+#[test]
+fn check_fixture_fails_on_a_wrong_value() {
+    let dir = edited_fixture(|t| {
+        let logits = &mut t.get_mut("logits_steps4").unwrap().2;
+        let v = f32::from_le_bytes(logits[..4].try_into().unwrap()) + 0.01;
+        logits[..4].copy_from_slice(&v.to_le_bytes());
+    });
+    let out = huginn(&["check-fixture", dir.path().to_str().unwrap()]);
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success());
+    let line = stdout.lines().find(|l| l.contains("logits_steps4")).unwrap();
+    assert!(line.starts_with("FAIL") && line.contains("1.000e-2"), "{line}");
+    assert!(stdout.contains("1 failed"), "{stdout}");
+}
+
+#[test]
+fn check_fixture_fails_on_a_tensor_it_cannot_recompute() {
+    let dir = edited_fixture(|t| {
+        let e = t["e"].clone();
+        t.insert("hidden_states_of_the_future".into(), e);
+    });
+    let out = huginn(&["check-fixture", "--json", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let summary: serde_json::Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+    assert_eq!(summary["forward"]["failed"], 1);
+    let out = huginn(&["check-fixture", dir.path().to_str().unwrap()]);
+    assert!(text(&out).0.contains("FAIL hidden_states_of_the_future"));
+}
+
+#[test]
+fn depths_reports_every_power_of_two() {
+    let model = fixture("tiny-d");
+    let out = huginn(&[
+        "depths",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2,3",
+        "--max-depth",
+        "8",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let depths: Vec<u64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["depth"].as_u64().unwrap())
+        .collect();
+    assert_eq!(depths, [1, 2, 4, 8]);
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let model = fixture("tiny-a");
+    let model = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--device", "tpu", "depths", "--ids", "1"], "unknown device \"tpu\""),
+        (
+            &["depths", "--model", model, "--ids", "1,128"],
+            "token id 128 is outside the vocabulary of 128",
+        ),
+        (
+            &["depths", "--model", "/nonexistent", "--ids", "1"],
+            "/nonexistent/config.json",
+        ),
+        (&["depths", "--ids", "1", "--depths", "0"], "outside 1..=32"),
+        (&["check-fixture", "/nonexistent"], "/nonexistent"),
+    ];
+    for (args, needle) in cases {
+        let out = huginn(args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    if !model::Backend::Cuda.compiled() {
+        let (_, stderr) = text(&huginn(&["--device", "cuda", "depths", "--ids", "1"]));
+        assert_eq!(
+            stderr.trim(),
+            "error: the cuda backend is not compiled into this binary; rebuild with `--features cuda`"
+        );
+    }
+}
