@@ -12,6 +12,8 @@ use serde::Serialize;
 pub struct FixtureReport {
     pub dir: String,
     pub forward: Vec<Check>,
+    /// Truncated-backprop loss and gradients (`expected_train.safetensors`).
+    pub train: Vec<Check>,
     /// Generation runs of `generate.json` this build cannot reproduce yet.
     pub generate_unsupported: Vec<String>,
 }
@@ -21,6 +23,13 @@ pub struct FixtureReport {
 pub struct Summary {
     pub forward: ForwardSummary,
     pub generate: GenerateSummary,
+    pub train: TrainSummary,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TrainSummary {
+    pub checked: usize,
+    pub failed: usize,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -39,10 +48,10 @@ pub struct GenerateSummary {
 
 pub fn check_dir(dir: &Path, device: &Device) -> Result<FixtureReport, FixtureError> {
     let fixture = Fixture::open(dir, device)?;
-    let forward = fixture.check_forward()?;
     Ok(FixtureReport {
         dir: dir.display().to_string(),
-        forward,
+        forward: fixture.check_forward()?,
+        train: fixture.check_train()?,
         generate_unsupported: generation_runs(dir)?,
     })
 }
@@ -86,6 +95,10 @@ impl Summary {
                     .filter(|e| e.is_finite())
                     .fold(0.0, f64::max),
             },
+            train: TrainSummary {
+                checked: reports.iter().map(|r| r.train.len()).sum(),
+                failed: reports.iter().flat_map(|r| &r.train).filter(|c| !c.passed).count(),
+            },
             generate: GenerateSummary {
                 checked: 0,
                 failed: 0,
@@ -95,6 +108,6 @@ impl Summary {
     }
 
     pub fn passed(&self) -> bool {
-        self.forward.failed == 0 && self.generate.failed == 0
+        self.forward.failed == 0 && self.train.failed == 0 && self.generate.failed == 0
     }
 }

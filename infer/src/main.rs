@@ -124,7 +124,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let report = check_dir(dir, &device).with_context(|| format!("checking {}", dir.display()))?;
                 if !json {
                     println!("== {}", dir.display());
-                    for check in &report.forward {
+                    for check in report.forward.iter().chain(&report.train) {
                         println!("{check}");
                     }
                     if !report.generate_unsupported.is_empty() {
@@ -141,8 +141,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
                 println!(
-                    "forward: {} checked, {} failed, max |err| {:.3e}",
-                    summary.forward.checked, summary.forward.failed, summary.forward.max_abs_err
+                    "forward: {} checked, {} failed, max |err| {:.3e}; train: {} checked, {} failed",
+                    summary.forward.checked,
+                    summary.forward.failed,
+                    summary.forward.max_abs_err,
+                    summary.train.checked,
+                    summary.train.failed
                 );
             }
             Ok(if summary.passed() {

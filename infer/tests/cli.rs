@@ -60,7 +60,8 @@ fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
     assert_eq!(summary["forward"]["checked"], 54);
     assert_eq!(summary["forward"]["failed"], 0);
     assert!(summary["forward"]["max_abs_err"].as_f64().unwrap() < 1e-4);
-    assert_eq!(summary["generate"]["checked"], 0);
+    assert_eq!(summary["train"]["checked"], 80 + 80 + 152);
+    assert_eq!(summary["train"]["failed"], 0);
 }
 
 #[test]

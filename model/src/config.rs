@@ -56,14 +56,23 @@ pub struct HuginnConfig {
     pub test_time_noise_type: String,
     pub model_type: String,
     // Derived fields the reference writes; `None` when absent, checked when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub padded_vocab_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub effective_expected_depth: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub init_values: Option<InitValues>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_map: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
 }
 
@@ -322,7 +331,12 @@ mod tests {
     #[test]
     fn round_trips_through_json() {
         let c = HuginnConfig::tiny(100, 32, 4, (1, 2, 1));
-        let back = HuginnConfig::from_json(&c.to_json()).unwrap();
+        let json = c.to_json();
+        assert!(
+            !json.contains("null"),
+            "the reference's RavenConfig reads no nulls: {json}"
+        );
+        let back = HuginnConfig::from_json(&json).unwrap();
         assert_eq!(back.head_dim, Some(8));
         assert_eq!(back.n_embd, 32);
         assert_eq!(back.init_values(), c.init_values());

@@ -241,6 +241,86 @@ impl Fixture {
     }
 }
 
+/// Gradient tolerance per tensor: `max |err| ≤ GRAD_RELATIVE · max |reference| + GRAD_ABSOLUTE`.
+pub const GRAD_RELATIVE: f64 = 1e-3;
+pub const GRAD_ABSOLUTE: f64 = 1e-6;
+
+impl Fixture {
+    /// Recomputes `expected_train.safetensors` (when the folder has one): for each recorded
+    /// `(n, k)`, the loss of the truncated training forward from the recorded `s0` and the
+    /// gradient of every parameter after `backward`.
+    pub fn check_train(&self) -> Result<Vec<Check>, FixtureError> {
+        let path = self.dir.join("expected_train.safetensors");
+        if !path.exists() {
+            return Ok(vec![]);
+        }
+        let expected = read_tensors(&path)?;
+        let inputs = read_tensors(&self.dir.join("expected.safetensors"))?;
+        let missing = |name: &str| FixtureError::Format {
+            path: path.clone(),
+            reason: format!("missing input {name:?}"),
+        };
+        let device = self.model.device().autodiff();
+        let model = Huginn::from_safetensors(self.model.config(), self.dir.join("model.safetensors"), &device)?;
+        let ids = inputs
+            .get("input_ids")
+            .ok_or_else(|| missing("input_ids"))?
+            .int::<2>(&device);
+        let labels = inputs.get("labels").ok_or_else(|| missing("labels"))?.int::<2>(&device);
+        let s0 = inputs.get("s0").ok_or_else(|| missing("s0"))?.float::<3>(&device);
+
+        let mut checks = Vec::new();
+        let mut runs = std::collections::BTreeSet::new();
+        for name in expected.keys() {
+            match train_run_of(name) {
+                Some(run) => {
+                    runs.insert(run);
+                }
+                None => checks.push(Check::failed(
+                    name,
+                    "unknown tensor: this checker does not know how to recompute it",
+                )),
+            }
+        }
+        for (n, k) in runs {
+            let tag = format!("n{n}_k{k}");
+            let out = model.forward_truncated(ids.clone(), n, k, &InitialState::Given(s0.clone()));
+            let loss = cross_entropy(out.logits, labels.clone());
+            let grads = loss.backward();
+            let loss_name = format!("train_loss_{tag}");
+            if let Some(want) = expected.get(&loss_name) {
+                checks.push(Check::compare(&loss_name, &host(loss), &want.floats, FORWARD_TOLERANCE));
+            }
+            let params = model.reference_params();
+            for (param, p) in &params {
+                let name = format!("grad_{tag}.{param}");
+                let Some(want) = expected.get(&name) else { continue };
+                let scale = want.floats.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+                checks.push(match p.grad(&grads) {
+                    Some(got) => Check::compare(&name, &got, &want.floats, GRAD_RELATIVE * scale + GRAD_ABSOLUTE),
+                    None => Check::failed(&name, "the parameter received no gradient"),
+                });
+            }
+            let prefix = format!("grad_{tag}.");
+            for name in expected.keys().filter(|k| k.starts_with(&prefix)) {
+                if !params.iter().any(|(p, _)| name[prefix.len()..] == *p) {
+                    checks.push(Check::failed(name, "no parameter of this model has that name"));
+                }
+            }
+        }
+        Ok(checks)
+    }
+}
+
+/// `(n, k)` from `train_loss_n{n}_k{k}` or `grad_n{n}_k{k}.<parameter>`.
+fn train_run_of(name: &str) -> Option<(usize, usize)> {
+    let tag = name
+        .strip_prefix("train_loss_")
+        .or_else(|| name.strip_prefix("grad_")?.split_once('.').map(|(t, _)| t))?;
+    let (n, k) = tag.strip_prefix('n')?.split_once("_k")?;
+    Some((n.parse().ok()?, k.parse().ok()?))
+}
+
 /// Inputs of the recorded calls, not outputs to check.
 const INPUTS: [&str; 4] = ["input_ids", "labels", "s0", "chunk_split"];
 

@@ -337,6 +337,63 @@ impl Huginn {
             state,
         }
     }
+    /// The training forward pass (the reference's `num_steps = [n, k]`): `no_grad` iterations
+    /// outside the autodiff graph, then `with_grad` iterations inside it (truncated backprop
+    /// through depth). The prelude still receives gradient through the injection of `e` into
+    /// every one of the last `with_grad` steps; the initial state never does.
+    ///
+    /// The first iterations run on a gradient-free view of the model, so they cost no graph
+    /// memory at all (detaching alone would keep their graph alive until the next backward).
+    pub fn forward_truncated(
+        &self,
+        tokens: Tensor<2, Int>,
+        no_grad: usize,
+        with_grad: usize,
+        init: &InitialState,
+    ) -> Forward {
+        let [batch, len] = tokens.dims();
+        let rotary = self.rotary(0, batch, len);
+        let e = self.embed_prelude(tokens, &rotary, &mut NoCache);
+        let s0 = self.initial_state(&e, init).detach();
+        let state = if no_grad == 0 {
+            s0
+        } else {
+            let frozen = self.valid();
+            let plain = |t: Tensor<3>| t.without_autodiff();
+            let s = frozen.recur(
+                &plain(e.clone()),
+                plain(s0),
+                0..no_grad,
+                &rotary.without_autodiff(),
+                &mut NoCache,
+                |_, _| {},
+            );
+            autodiff_like(s, &e)
+        };
+        let state = self.recur(
+            &e,
+            state,
+            no_grad..no_grad + with_grad,
+            &rotary,
+            &mut NoCache,
+            |_, _| {},
+        );
+        let logits = self.coda_head(state.clone(), &rotary, &mut NoCache);
+        Forward {
+            logits,
+            latent: self.latent(state.clone()),
+            state,
+        }
+    }
+}
+
+/// `t` in the same autodiff context as `like`: tracked with the same checkpointing strategy
+/// when `like` is, plain otherwise.
+fn autodiff_like(t: Tensor<3>, like: &Tensor<3>) -> Tensor<3> {
+    match like.gradient_checkpointing_strategy() {
+        Some(strategy) => t.autodiff().with_gradient_checkpointing_strategy(strategy),
+        None => t,
+    }
 }
 
 /// Mean next-token cross-entropy over positions whose label is not `-100` (the reference does

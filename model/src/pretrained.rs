@@ -6,6 +6,7 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::prelude::*;
+use burn::tensor::Gradients;
 
 use crate::block::SandwichBlock;
 use crate::checkpoint::{self, Checkpoint, Entry, Layout};
@@ -101,59 +102,65 @@ impl Huginn {
         })
     }
 
-    /// Writes `config.json` and float32 safetensors with the reference key names (both tied
-    /// copies, as the reference's `state_dict` has them), sharded above `max_shard_bytes`.
-    pub fn export_hf(&self, dir: impl AsRef<Path>, max_shard_bytes: usize) -> Result<(), WeightsError> {
-        use Layout::{AsStored, Transposed};
-        let dir = dir.as_ref();
-        let mut entries = BTreeMap::new();
-        let mut put = |key: String, entry: Entry| {
-            entries.insert(key, entry);
-        };
-        put(
-            "transformer.wte.weight".into(),
-            Entry::from_tensor(self.wte.val(), AsStored),
-        );
-        put("lm_head.weight".into(), Entry::from_tensor(self.wte.val(), AsStored));
-        put(
-            "transformer.adapter.weight".into(),
-            Entry::from_tensor(self.adapter.weight.val(), Transposed),
-        );
-        put(
-            "transformer.ln_f.weight".into(),
-            Entry::from_tensor(self.ln_f.weight.val(), AsStored),
-        );
+    /// Every parameter under its reference name (the tied embedding once, as
+    /// `transformer.wte.weight`), with the layout the reference stores it in.
+    pub fn reference_params(&self) -> Vec<(String, ParamRef<'_>)> {
+        use Layout::Transposed;
+        let mut out = vec![
+            (
+                "transformer.wte.weight".to_string(),
+                ParamRef::Matrix(&self.wte, Layout::AsStored),
+            ),
+            (
+                "transformer.adapter.weight".to_string(),
+                ParamRef::Matrix(&self.adapter.weight, Transposed),
+            ),
+            (
+                "transformer.ln_f.weight".to_string(),
+                ParamRef::Vector(&self.ln_f.weight),
+            ),
+        ];
         for (prefix, blocks) in STACKS.iter().zip([&self.prelude, &self.core_block, &self.coda]) {
             for (l, b) in blocks.iter().enumerate() {
                 let p = format!("{prefix}.{l}");
                 for (n, norm) in [&b.norm_1, &b.norm_2, &b.norm_3, &b.norm_4].into_iter().enumerate() {
-                    put(
-                        format!("{p}.norm_{}.weight", n + 1),
-                        Entry::from_tensor(norm.weight.val(), AsStored),
-                    );
+                    out.push((format!("{p}.norm_{}.weight", n + 1), ParamRef::Vector(&norm.weight)));
                 }
-                put(
+                out.push((
                     format!("{p}.attn.Wqkv.weight"),
-                    Entry::from_tensor(b.attn.wqkv.weight.val(), Transposed),
-                );
-                put(
-                    format!("{p}.attn.qk_bias"),
-                    Entry::from_tensor(b.attn.qk_bias.val(), AsStored),
-                );
-                put(
+                    ParamRef::Matrix(&b.attn.wqkv.weight, Transposed),
+                ));
+                out.push((format!("{p}.attn.qk_bias"), ParamRef::Bias(&b.attn.qk_bias)));
+                out.push((
                     format!("{p}.attn.proj.weight"),
-                    Entry::from_tensor(b.attn.proj.weight.val(), Transposed),
-                );
-                put(
+                    ParamRef::Matrix(&b.attn.proj.weight, Transposed),
+                ));
+                out.push((
                     format!("{p}.mlp.fc.weight"),
-                    Entry::from_tensor(b.mlp.fc.weight.val(), Transposed),
-                );
-                put(
+                    ParamRef::Matrix(&b.mlp.fc.weight, Transposed),
+                ));
+                out.push((
                     format!("{p}.mlp.proj.weight"),
-                    Entry::from_tensor(b.mlp.proj.weight.val(), Transposed),
-                );
+                    ParamRef::Matrix(&b.mlp.proj.weight, Transposed),
+                ));
             }
         }
+        out
+    }
+
+    /// Writes `config.json` and float32 safetensors with the reference key names (both tied
+    /// copies, as the reference's `state_dict` has them), sharded above `max_shard_bytes`.
+    pub fn export_hf(&self, dir: impl AsRef<Path>, max_shard_bytes: usize) -> Result<(), WeightsError> {
+        let dir = dir.as_ref();
+        let mut entries: BTreeMap<String, Entry> = self
+            .reference_params()
+            .into_iter()
+            .map(|(key, param)| (key, param.entry()))
+            .collect();
+        entries.insert(
+            "lm_head.weight".into(),
+            Entry::from_tensor(self.wte.val(), Layout::AsStored),
+        );
         checkpoint::write(dir, &entries, max_shard_bytes)?;
         write_config(dir, &self.config)
     }
@@ -189,6 +196,36 @@ impl Huginn {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })
+    }
+}
+
+/// A parameter of the model, as the reference names and stores it.
+pub enum ParamRef<'a> {
+    Vector(&'a Param<Tensor<1>>),
+    /// A matrix and how the reference stores it (linears are transposed: `[out, in]`).
+    Matrix(&'a Param<Tensor<2>>, Layout),
+    Bias(&'a Param<Tensor<4>>),
+}
+
+impl ParamRef<'_> {
+    /// The value in the reference layout, ready to write.
+    pub fn entry(&self) -> Entry {
+        match self {
+            ParamRef::Vector(p) => Entry::from_tensor(p.val(), Layout::AsStored),
+            ParamRef::Matrix(p, layout) => Entry::from_tensor(p.val(), *layout),
+            ParamRef::Bias(p) => Entry::from_tensor(p.val(), Layout::AsStored),
+        }
+    }
+
+    /// The gradient in the reference layout, flattened to host f32 (None if it has none).
+    pub fn grad(&self, grads: &Gradients) -> Option<Vec<f32>> {
+        let host = |data: TensorData| data.convert::<f32>().try_to_vec::<f32>().expect("f32 gradient");
+        match self {
+            ParamRef::Vector(p) => p.val().grad(grads).map(|g| host(g.into_data())),
+            ParamRef::Matrix(p, Layout::Transposed) => p.val().grad(grads).map(|g| host(g.transpose().into_data())),
+            ParamRef::Matrix(p, Layout::AsStored) => p.val().grad(grads).map(|g| host(g.into_data())),
+            ParamRef::Bias(p) => p.val().grad(grads).map(|g| host(g.into_data())),
+        }
     }
 }
 

@@ -44,6 +44,14 @@ impl Rotary {
         Self::new(positions, head_dim, theta)
     }
 
+    /// The same rotation outside any autodiff graph (for gradient-free iterations).
+    pub fn without_autodiff(&self) -> Self {
+        Self {
+            cos: self.cos.clone().without_autodiff(),
+            sin: self.sin.clone().without_autodiff(),
+        }
+    }
+
     /// Rotates `x` of shape `[B, S, H, d]`; computed in f32, returned in `x`'s dtype.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let dtype = FloatDType::from(x.dtype());
