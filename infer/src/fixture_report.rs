@@ -6,6 +6,9 @@ use std::path::Path;
 use model::burn::prelude::Device;
 use model::fixture::{Check, Fixture, FixtureError};
 use serde::Serialize;
+use serde_json::Value;
+
+use crate::greedy;
 
 /// Everything checked for one fixture folder.
 #[derive(Debug, Serialize)]
@@ -14,6 +17,8 @@ pub struct FixtureReport {
     pub forward: Vec<Check>,
     /// Truncated-backprop loss and gradients (`expected_train.safetensors`).
     pub train: Vec<Check>,
+    /// Generation runs of `generate.json` reproduced (tokens and steps per token).
+    pub generate: Vec<Check>,
     /// Generation runs of `generate.json` this build cannot reproduce yet.
     pub generate_unsupported: Vec<String>,
 }
@@ -48,38 +53,131 @@ pub struct GenerateSummary {
 
 pub fn check_dir(dir: &Path, device: &Device) -> Result<FixtureReport, FixtureError> {
     let fixture = Fixture::open(dir, device)?;
+    let (generate, generate_unsupported) = check_generation(&fixture, dir)?;
     Ok(FixtureReport {
         dir: dir.display().to_string(),
         forward: fixture.check_forward()?,
         train: fixture.check_train()?,
-        generate_unsupported: generation_runs(dir)?,
+        generate,
+        generate_unsupported,
     })
 }
 
-/// Names of the runs in `generate.json` (none when the folder has no such file).
-fn generation_runs(dir: &Path) -> Result<Vec<String>, FixtureError> {
+/// Reproduces the runs of `generate.json` this build supports (fixed-depth greedy decoding,
+/// cold or warm-started, through the full cache); names the others. Runs marked `robust` are
+/// checked in full, the others over their `reliable_prefix_tokens`.
+fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<String>), FixtureError> {
     let path = dir.join("generate.json");
     if !path.exists() {
-        return Ok(vec![]);
+        return Ok((vec![], vec![]));
     }
     let format = |reason: String| FixtureError::Format {
         path: path.clone(),
         reason,
     };
     let text = std::fs::read_to_string(&path).map_err(|e| format(e.to_string()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
     let case = json["case"].as_str().unwrap_or("?");
     let runs = json["runs"]
         .as_array()
         .ok_or_else(|| format("no \"runs\" list".into()))?;
-    runs.iter()
-        .map(|run| {
-            let name = run["name"]
-                .as_str()
-                .ok_or_else(|| format("a run without a \"name\"".into()))?;
-            Ok(format!("{case}/{name}"))
+    let (mut checks, mut unsupported) = (Vec::new(), Vec::new());
+    for run in runs {
+        let name = run["name"]
+            .as_str()
+            .ok_or_else(|| format("a run without a \"name\"".into()))?;
+        let name = format!("{case}/{name}");
+        let Some(plan) = FixedDepthRun::of(run, &json) else {
+            unsupported.push(name);
+            continue;
+        };
+        let want: Vec<usize> = ids(&run["new_token_ids"][0]);
+        let reliable = if run["robust"].as_bool() == Some(true) {
+            want.len()
+        } else {
+            run["reliable_prefix_tokens"].as_u64().unwrap_or(0) as usize
+        };
+        match greedy::generate(&fixture.model, &plan.prompt, plan.max_new, plan.steps, plan.warm) {
+            Ok(got) => {
+                let tokens: Vec<usize> = got.tokens.iter().map(|&t| t as usize).collect();
+                let n = reliable.min(tokens.len());
+                checks.push(Check::exact(
+                    format!("{name} tokens"),
+                    "tokens",
+                    &tokens[..n],
+                    &want[..reliable.min(want.len())],
+                ));
+                let steps_want = ids(&run["core_steps_between_sampled_tokens"]);
+                if !steps_want.is_empty() {
+                    let n = n.min(steps_want.len());
+                    checks.push(Check::exact(
+                        format!("{name} steps"),
+                        "steps",
+                        &got.steps_per_token[..n],
+                        &steps_want[..n],
+                    ));
+                }
+            }
+            Err(err) => checks.push(Check::failed(name, err.to_string())),
+        }
+    }
+    Ok((checks, unsupported))
+}
+
+/// A run the fixed-depth greedy generator reproduces.
+struct FixedDepthRun {
+    prompt: Vec<u32>,
+    max_new: usize,
+    steps: usize,
+    warm: greedy::WarmStart,
+}
+
+impl FixedDepthRun {
+    fn of(run: &Value, json: &Value) -> Option<Self> {
+        let function = run["function"].as_str()?;
+        let kwargs = run["kwargs"].as_object()?;
+        let plain = function.ends_with(".generate_minimal") || function.ends_with(".generate");
+        let adaptive_or_speculative = [
+            "criterion",
+            "exit_threshold",
+            "draft_steps",
+            "lookahead_for_draft",
+            "headway",
+        ]
+        .iter()
+        .any(|k| kwargs.contains_key(*k));
+        let full_cache = kwargs.get("cache_lookup_strategy").is_none_or(|s| s == "full");
+        if !plain
+            || adaptive_or_speculative
+            || !full_cache
+            || run["batch_size"].as_u64() != Some(1)
+            || run.get("error").is_some()
+        {
+            return None;
+        }
+        let prompt = ids(&json[run["prompt"].as_str()?][0])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let warm = if kwargs.get("continuous_compute").and_then(Value::as_bool) == Some(true) {
+            greedy::WarmStart::Normalized
+        } else {
+            greedy::WarmStart::Cold
+        };
+        Some(Self {
+            prompt,
+            max_new: kwargs.get("max_new_tokens").or(json.get("max_new_tokens"))?.as_u64()? as usize,
+            steps: kwargs.get("num_steps")?.as_u64()? as usize,
+            warm,
         })
-        .collect()
+    }
+}
+
+fn ids(value: &Value) -> Vec<usize> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+        .unwrap_or_default()
 }
 
 impl Summary {
@@ -100,8 +198,8 @@ impl Summary {
                 failed: reports.iter().flat_map(|r| &r.train).filter(|c| !c.passed).count(),
             },
             generate: GenerateSummary {
-                checked: 0,
-                failed: 0,
+                checked: reports.iter().map(|r| r.generate.len()).sum(),
+                failed: reports.iter().flat_map(|r| &r.generate).filter(|c| !c.passed).count(),
                 unsupported: reports.iter().flat_map(|r| r.generate_unsupported.clone()).collect(),
             },
         }

@@ -5,3 +5,4 @@
 
 pub mod depths;
 pub mod fixture_report;
+pub mod greedy;

@@ -124,7 +124,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let report = check_dir(dir, &device).with_context(|| format!("checking {}", dir.display()))?;
                 if !json {
                     println!("== {}", dir.display());
-                    for check in report.forward.iter().chain(&report.train) {
+                    for check in report.forward.iter().chain(&report.train).chain(&report.generate) {
                         println!("{check}");
                     }
                     if !report.generate_unsupported.is_empty() {
@@ -141,12 +141,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
                 println!(
-                    "forward: {} checked, {} failed, max |err| {:.3e}; train: {} checked, {} failed",
+                    "forward: {} checked, {} failed, max |err| {:.3e}; train: {} checked, {} failed; \
+                     generate: {} checked, {} failed, {} runs unsupported",
                     summary.forward.checked,
                     summary.forward.failed,
                     summary.forward.max_abs_err,
                     summary.train.checked,
-                    summary.train.failed
+                    summary.train.failed,
+                    summary.generate.checked,
+                    summary.generate.failed,
+                    summary.generate.unsupported.len()
                 );
             }
             Ok(if summary.passed() {

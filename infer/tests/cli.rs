@@ -62,6 +62,9 @@ fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
     assert!(summary["forward"]["max_abs_err"].as_f64().unwrap() < 1e-4);
     assert_eq!(summary["train"]["checked"], 80 + 80 + 152);
     assert_eq!(summary["train"]["failed"], 0);
+    // Fixed-depth and warm-started greedy runs, tokens and steps (7 checks per fixture).
+    assert_eq!(summary["generate"]["checked"], 21);
+    assert_eq!(summary["generate"]["failed"], 0);
 }
 
 #[test]
@@ -77,6 +80,28 @@ fn check_fixture_fails_on_a_wrong_value() {
     let line = stdout.lines().find(|l| l.contains("logits_steps4")).unwrap();
     assert!(line.starts_with("FAIL") && line.contains("1.000e-2"), "{line}");
     assert!(stdout.contains("1 failed"), "{stdout}");
+}
+
+#[test]
+fn check_fixture_fails_on_a_wrong_generated_token() {
+    let dir = edited_fixture(|_| {});
+    let path = dir.path().join("generate.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let run = json["runs"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r["name"] == "fixed_steps8_generate_minimal");
+    run.unwrap()["new_token_ids"][0][5] = 0.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let out = huginn(&["check-fixture", dir.path().to_str().unwrap()]);
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success());
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("fixed_steps8_generate_minimal tokens"))
+        .unwrap();
+    assert!(line.starts_with("FAIL") && line.contains("tokens: got"), "{line}");
 }
 
 #[test]

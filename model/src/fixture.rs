@@ -61,6 +61,21 @@ impl Check {
         }
     }
 
+    /// Exact agreement of two id sequences (tokens, step counts); the error is the number of
+    /// positions that differ.
+    pub fn exact(name: impl Into<String>, what: &str, got: &[usize], want: &[usize]) -> Self {
+        let name = name.into();
+        let wrong = got.len().abs_diff(want.len()) + got.iter().zip(want).filter(|(g, w)| g != w).count();
+        let note = (wrong > 0).then(|| format!("{what}: got {got:?}, reference {want:?}"));
+        Self {
+            name,
+            max_abs_err: wrong as f64,
+            tolerance: 0.0,
+            passed: wrong == 0,
+            note,
+        }
+    }
+
     pub fn failed(name: impl Into<String>, note: impl Into<String>) -> Self {
         Self {
             name: name.into(),
