@@ -6,7 +6,7 @@ use model::burn::prelude::*;
 use model::{FullCache, Huginn, InitialState, InputError};
 
 /// Where each new token's recurrence starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WarmStart {
     /// From zeros, like the prompt.
     #[default]

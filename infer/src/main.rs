@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use infer::depths::predictions_by_depth;
 use infer::fixture_report::{Summary, check_dir};
+use infer::greedy::{self, WarmStart};
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState};
 
@@ -49,6 +50,23 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Greedy generation at a fixed recurrence depth (token ids in, token ids out).
+    Generate {
+        /// Model folder. Without it, a random tiny model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Prompt token ids, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Recurrence steps per token.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Where each new token's recurrence starts.
+        #[arg(long, value_enum, default_value_t = WarmStart::Cold)]
+        warm_start: WarmStart,
     },
     /// Check a model against reference fixture folders (config.json, model.safetensors,
     /// expected.safetensors, generate.json).
@@ -116,6 +134,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            model,
+            ids,
+            steps,
+            max_new_tokens,
+            warm_start,
+        } => {
+            let model = load(model.as_deref(), &device)?;
+            let out = greedy::generate(&model, &ids, max_new_tokens, steps, warm_start)?;
+            let ids: Vec<String> = out.tokens.iter().map(u32::to_string).collect();
+            println!("{}", ids.join(","));
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckFixture { dirs, json } => {

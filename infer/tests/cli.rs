@@ -144,6 +144,27 @@ fn depths_reports_every_power_of_two() {
 }
 
 #[test]
+fn generate_reproduces_the_reference_greedy_run() {
+    let model = fixture("tiny-a");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "53,24,127,32,87,94",
+        "--steps",
+        "8",
+    ];
+    let out = huginn(&[&args[..], &["--max-new-tokens", "12"]].concat());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    // generate.json: fixed_steps8_generate_minimal
+    assert_eq!(stdout.trim(), "108,34,91,121,84,66,17,87,61,82,77,125");
+    let out = huginn(&[&args[..], &["--max-new-tokens", "200"]].concat());
+    assert!(text(&out).1.contains("exceeds the context length of 128"));
+}
+
+#[test]
 fn bad_input_is_a_one_line_error() {
     let model = fixture("tiny-a");
     let model = model.to_str().unwrap();

@@ -77,6 +77,9 @@ impl HuginnConfig {
     /// A freshly initialised model with the training code's "takase" scheme: truncated normals
     /// (±3σ), `σ = √(2/(5h))` for embedding, `Wqkv`, `mlp.fc` (both halves) and adapter,
     /// `σ/√(2·L)` for the output projections (`L` = effective expected depth); norms 1, q/k bias 0.
+    ///
+    /// Panics on an invalid configuration (a programming error: configurations read from files
+    /// are validated when read).
     pub fn init(&self, device: &Device, seed: u64) -> Huginn {
         self.validate().expect("init needs a valid config");
         let mut rng = StdRng::seed_from_u64(seed);
