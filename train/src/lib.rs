@@ -1,9 +1,11 @@
 //! # train: small-scale training of recurrent-depth models
 //!
 //! Built on `model`'s steps. So far: the paper's randomized depth ([`depth`]), its Adam variant
-//! ([`optim`]) and learning-rate schedules ([`schedule`]). The truncated-backprop forward pass
-//! is `model::Huginn::forward_truncated`, checked against the reference's gradients.
+//! ([`optim`]), learning-rate schedules ([`schedule`]) and global-norm clipping ([`clip`]).
+//! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
+//! the reference's gradients.
 
+pub mod clip;
 pub mod depth;
 pub mod optim;
 pub mod schedule;
