@@ -8,7 +8,8 @@ use model::fixture::{Check, Fixture, FixtureError};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::greedy;
+use crate::exit::Criterion;
+use crate::{adaptive, greedy};
 
 /// Everything checked for one fixture folder.
 #[derive(Debug, Serialize)]
@@ -87,7 +88,7 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
             .as_str()
             .ok_or_else(|| format("a run without a \"name\"".into()))?;
         let name = format!("{case}/{name}");
-        let Some(plan) = FixedDepthRun::of(run, &json) else {
+        let Some(plan) = Plan::of(run, &json) else {
             unsupported.push(name);
             continue;
         };
@@ -97,23 +98,32 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
         } else {
             run["reliable_prefix_tokens"].as_u64().unwrap_or(0) as usize
         };
-        match greedy::generate(&fixture.model, &plan.prompt, plan.max_new, plan.steps, plan.warm) {
-            Ok(got) => {
-                let tokens: Vec<usize> = got.tokens.iter().map(|&t| t as usize).collect();
-                let n = reliable.min(tokens.len());
+        let steps_want = match &plan.mode {
+            Mode::Fixed { .. } => ids(&run["core_steps_between_sampled_tokens"]),
+            Mode::Adaptive(_) => ids(&run["steps_per_token"]),
+        };
+        let result = match plan.mode {
+            Mode::Fixed { steps, warm } => greedy::generate(&fixture.model, &plan.prompt, plan.max_new, steps, warm)
+                .map(|g| (g.tokens, g.steps_per_token)),
+            Mode::Adaptive(config) => adaptive::generate(&fixture.model, &plan.prompt, plan.max_new, config)
+                .map(|g| (g.tokens, g.steps_per_token)),
+        };
+        match result {
+            Ok((tokens, steps)) => {
+                let tokens: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+                let n = reliable.min(tokens.len()).min(want.len());
                 checks.push(Check::exact(
                     format!("{name} tokens"),
                     "tokens",
                     &tokens[..n],
-                    &want[..reliable.min(want.len())],
+                    &want[..n],
                 ));
-                let steps_want = ids(&run["core_steps_between_sampled_tokens"]);
                 if !steps_want.is_empty() {
                     let n = n.min(steps_want.len());
                     checks.push(Check::exact(
                         format!("{name} steps"),
                         "steps",
-                        &got.steps_per_token[..n],
+                        &steps[..n],
                         &steps_want[..n],
                     ));
                 }
@@ -124,51 +134,78 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
     Ok((checks, unsupported))
 }
 
-/// A run the fixed-depth greedy generator reproduces.
-struct FixedDepthRun {
+/// A run this build reproduces.
+struct Plan {
     prompt: Vec<u32>,
     max_new: usize,
-    steps: usize,
-    warm: greedy::WarmStart,
+    mode: Mode,
 }
 
-impl FixedDepthRun {
+enum Mode {
+    /// Fixed-depth greedy decoding (`generate_minimal` / the HF loop).
+    Fixed { steps: usize, warm: greedy::WarmStart },
+    /// Adaptive exit through the position-keyed full cache (`generate_with_adaptive_compute`).
+    Adaptive(adaptive::AdaptiveConfig),
+}
+
+impl Plan {
     fn of(run: &Value, json: &Value) -> Option<Self> {
         let function = run["function"].as_str()?;
         let kwargs = run["kwargs"].as_object()?;
-        let plain = function.ends_with(".generate_minimal") || function.ends_with(".generate");
-        let adaptive_or_speculative = [
-            "criterion",
-            "exit_threshold",
-            "draft_steps",
-            "lookahead_for_draft",
-            "headway",
-        ]
-        .iter()
-        .any(|k| kwargs.contains_key(*k));
         let full_cache = kwargs.get("cache_lookup_strategy").is_none_or(|s| s == "full");
-        if !plain
-            || adaptive_or_speculative
-            || !full_cache
-            || run["batch_size"].as_u64() != Some(1)
-            || run.get("error").is_some()
-        {
+        let speculative = ["draft_steps", "lookahead_for_draft", "headway"]
+            .iter()
+            .any(|k| kwargs.contains_key(*k));
+        if !full_cache || speculative || run["batch_size"].as_u64() != Some(1) || run.get("error").is_some() {
             return None;
         }
-        let prompt = ids(&json[run["prompt"].as_str()?][0])
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        let warm = if kwargs.get("continuous_compute").and_then(Value::as_bool) == Some(true) {
-            greedy::WarmStart::Normalized
+        let steps = kwargs.get("num_steps")?.as_u64()? as usize;
+        let continuous = kwargs.get("continuous_compute").and_then(Value::as_bool) == Some(true);
+        let mode = if function.ends_with(".generate_with_adaptive_compute") {
+            let criterion: Criterion = kwargs.get("criterion")?.as_str()?.parse().ok()?;
+            let threshold = match kwargs.get("exit_threshold") {
+                None => criterion.auto_threshold(),
+                Some(v) if v == "auto" => criterion.auto_threshold(),
+                Some(v) => v.as_f64()?,
+            };
+            let known = [
+                "criterion",
+                "exit_threshold",
+                "init_scale",
+                "cache_lookup_strategy",
+                "num_steps",
+                "continuous_compute",
+                "max_new_tokens",
+            ];
+            if kwargs.keys().any(|k| !known.contains(&k.as_str())) {
+                return None;
+            }
+            Mode::Adaptive(adaptive::AdaptiveConfig {
+                criterion,
+                threshold,
+                max_steps: steps,
+                warm_start: continuous,
+            })
+        } else if function.ends_with(".generate_minimal") || function.ends_with(".generate") {
+            if kwargs.contains_key("criterion") || kwargs.contains_key("exit_threshold") {
+                return None;
+            }
+            let warm = if continuous {
+                greedy::WarmStart::Normalized
+            } else {
+                greedy::WarmStart::Cold
+            };
+            Mode::Fixed { steps, warm }
         } else {
-            greedy::WarmStart::Cold
+            return None;
         };
         Some(Self {
-            prompt,
+            prompt: ids(&json[run["prompt"].as_str()?][0])
+                .into_iter()
+                .map(|t| t as u32)
+                .collect(),
             max_new: kwargs.get("max_new_tokens").or(json.get("max_new_tokens"))?.as_u64()? as usize,
-            steps: kwargs.get("num_steps")?.as_u64()? as usize,
-            warm,
+            mode,
         })
     }
 }

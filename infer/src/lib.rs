@@ -3,6 +3,8 @@
 //! For now: next-token predictions at each recurrence depth and the reference-fixture checker.
 //! Generation, KV-cache strategies and adaptive exit build on the same `model` steps.
 
+pub mod adaptive;
 pub mod depths;
+pub mod exit;
 pub mod fixture_report;
 pub mod greedy;

@@ -62,8 +62,8 @@ fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
     assert!(summary["forward"]["max_abs_err"].as_f64().unwrap() < 1e-4);
     assert_eq!(summary["train"]["checked"], 80 + 80 + 152);
     assert_eq!(summary["train"]["failed"], 0);
-    // Fixed-depth and warm-started greedy runs, tokens and steps (7 checks per fixture).
-    assert_eq!(summary["generate"]["checked"], 21);
+    // Tokens and steps of the fixed-depth, warm-started and adaptive-exit (full cache) runs.
+    assert_eq!(summary["generate"]["checked"], 79);
     assert_eq!(summary["generate"]["failed"], 0);
 }
 

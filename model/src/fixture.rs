@@ -92,6 +92,7 @@ impl std::fmt::Display for Check {
         let status = if self.passed { "ok  " } else { "FAIL" };
         match &self.note {
             Some(note) => write!(f, "{status} {:<34} {note}", self.name),
+            None if self.tolerance == 0.0 => write!(f, "{status} {:<34} exact", self.name),
             None => write!(
                 f,
                 "{status} {:<34} max|err| {:.3e}  tol {:.0e}",
