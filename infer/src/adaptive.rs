@@ -5,50 +5,92 @@
 //! so a position keeps the coda entry of its exit step. This is the plain oracle for the
 //! engine's strategies.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use model::burn::prelude::*;
 use model::{Attend, Huginn, InitialState, InputError, KvCache, LayerSlot};
 
 use crate::exit::{Criterion, ExitTracker, argmax};
+use crate::greedy::WarmStart;
+use crate::strategy::{Layout, Strategy};
 
-/// Entries keyed by slot and position; writing a position again replaces its entry.
-#[derive(Default)]
+/// Entries keyed by unrolled layer (the reference's `step_idx`) and position; writing a position
+/// again replaces its entry. Reads follow a [`Strategy`].
 pub struct PositionCache {
+    strategy: Strategy,
+    layout: Layout,
     /// Position of the first token of the chunk being run.
     start: usize,
-    slots: HashMap<LayerSlot, BTreeMap<usize, (Tensor<4>, Tensor<4>)>>,
+    slots: BTreeMap<i64, BTreeMap<usize, (Tensor<4>, Tensor<4>)>>,
 }
 
 impl PositionCache {
+    pub fn new(strategy: Strategy, model: &Huginn) -> Self {
+        let config = model.config();
+        let layout = Layout {
+            prelude: config.n_layers_in_prelude,
+            core: config.n_layers_in_recurrent_block,
+        };
+        Self {
+            strategy,
+            layout,
+            start: 0,
+            slots: BTreeMap::new(),
+        }
+    }
+
     /// Sets the position of the chunk the next calls belong to.
     pub fn at(&mut self, start: usize) {
         self.start = start;
-    }
-
-    /// Positions stored in `slot`.
-    pub fn positions(&self, slot: LayerSlot) -> Vec<usize> {
-        self.slots
-            .get(&slot)
-            .map(|s| s.keys().copied().collect())
-            .unwrap_or_default()
     }
 }
 
 impl KvCache for PositionCache {
     fn update(&mut self, slot: LayerSlot, keys: Tensor<4>, values: Tensor<4>) -> Attend {
-        let entries = self.slots.entry(slot).or_default();
-        for j in 0..keys.dims()[2] {
+        let sigma = self
+            .strategy
+            .compress(slot.reference_index(self.layout.prelude, self.layout.core), self.layout);
+        let entries = self.slots.entry(sigma).or_default();
+        let len = keys.dims()[2];
+        for j in 0..len {
             entries.insert(
                 self.start + j,
                 (keys.clone().narrow(2, j, 1), values.clone().narrow(2, j, 1)),
             );
         }
+        // Every position has a first-layer entry: it lists the positions seen so far.
+        let last = self.start + len;
+        let positions: Vec<usize> = match self.slots.get(&0) {
+            Some(first) => first.keys().copied().filter(|p| *p < last).collect(),
+            None => (self.start..last).collect(),
+        };
+        // As the reference: when every position has σ, σ is read as is; the strategy decides
+        // only for positions that lack it (this matters for `always-last`).
+        let complete = positions.iter().all(|p| self.slots[&sigma].contains_key(p));
+        let mut picked_keys = Vec::new();
+        let mut picked_values = Vec::new();
+        for p in positions {
+            let from = if complete {
+                Some(sigma)
+            } else {
+                let has: Vec<i64> = self
+                    .slots
+                    .iter()
+                    .filter(|(_, e)| e.contains_key(&p))
+                    .map(|(s, _)| *s)
+                    .collect();
+                self.strategy.lookup(sigma, &has, self.layout)
+            };
+            if let Some(from) = from {
+                let (k, v) = &self.slots[&from][&p];
+                picked_keys.push(k.clone());
+                picked_values.push(v.clone());
+            }
+        }
         // The chunk is always the latest positions, so bottom-right causal masking is right.
-        let (keys, values): (Vec<_>, Vec<_>) = entries.values().cloned().unzip();
         Attend {
-            keys: Tensor::cat(keys, 2),
-            values: Tensor::cat(values, 2),
+            keys: Tensor::cat(picked_keys, 2),
+            values: Tensor::cat(picked_values, 2),
             mask: None,
         }
     }
@@ -61,8 +103,9 @@ pub struct AdaptiveConfig {
     pub threshold: f64,
     /// Most recurrence steps per token.
     pub max_steps: usize,
-    /// Start each new token from the previous token's raw final state.
-    pub warm_start: bool,
+    /// Where each new token's recurrence starts.
+    pub warm_start: WarmStart,
+    pub strategy: Strategy,
 }
 
 /// New tokens, steps used for each, and the exit value after every step of every token.
@@ -87,7 +130,7 @@ pub fn generate(
         });
     }
     let vocab = model.config().vocab_size;
-    let mut cache = PositionCache::default();
+    let mut cache = PositionCache::new(config.strategy, model);
     let mut input = prompt.to_vec();
     let mut position = 0;
     let mut carried: Option<Tensor<3>> = None;
@@ -136,9 +179,11 @@ pub fn generate(
         out.tokens.push(next);
         out.steps_per_token.push(steps);
         out.exit_values.push(values);
-        if config.warm_start {
-            carried = Some(state.narrow(1, len - 1, 1));
-        }
+        carried = match config.warm_start {
+            WarmStart::Cold => None,
+            WarmStart::Raw => Some(state.narrow(1, len - 1, 1)),
+            WarmStart::Normalized => Some(model.latent(state.narrow(1, len - 1, 1))),
+        };
         position += len;
         input = vec![next];
     }

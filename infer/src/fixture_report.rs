@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::exit::Criterion;
+use crate::strategy::Strategy;
 use crate::{adaptive, greedy};
 
 /// Everything checked for one fixture folder.
@@ -103,8 +104,10 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
             Mode::Adaptive(_) => ids(&run["steps_per_token"]),
         };
         let result = match plan.mode {
-            Mode::Fixed { steps, warm } => greedy::generate(&fixture.model, &plan.prompt, plan.max_new, steps, warm)
-                .map(|g| (g.tokens, g.steps_per_token)),
+            Mode::Fixed { steps, warm, strategy } => {
+                greedy::generate_with(&fixture.model, &plan.prompt, plan.max_new, steps, warm, strategy)
+                    .map(|g| (g.tokens, g.steps_per_token))
+            }
             Mode::Adaptive(config) => adaptive::generate(&fixture.model, &plan.prompt, plan.max_new, config)
                 .map(|g| (g.tokens, g.steps_per_token)),
         };
@@ -143,7 +146,11 @@ struct Plan {
 
 enum Mode {
     /// Fixed-depth greedy decoding (`generate_minimal` / the HF loop).
-    Fixed { steps: usize, warm: greedy::WarmStart },
+    Fixed {
+        steps: usize,
+        warm: greedy::WarmStart,
+        strategy: Strategy,
+    },
     /// Adaptive exit through the position-keyed full cache (`generate_with_adaptive_compute`).
     Adaptive(adaptive::AdaptiveConfig),
 }
@@ -152,11 +159,14 @@ impl Plan {
     fn of(run: &Value, json: &Value) -> Option<Self> {
         let function = run["function"].as_str()?;
         let kwargs = run["kwargs"].as_object()?;
-        let full_cache = kwargs.get("cache_lookup_strategy").is_none_or(|s| s == "full");
+        let strategy: Strategy = match kwargs.get("cache_lookup_strategy") {
+            None => Strategy::default(),
+            Some(name) => name.as_str()?.parse().ok()?,
+        };
         let speculative = ["draft_steps", "lookahead_for_draft", "headway"]
             .iter()
             .any(|k| kwargs.contains_key(*k));
-        if !full_cache || speculative || run["batch_size"].as_u64() != Some(1) || run.get("error").is_some() {
+        if speculative || run["batch_size"].as_u64() != Some(1) || run.get("error").is_some() {
             return None;
         }
         let steps = kwargs.get("num_steps")?.as_u64()? as usize;
@@ -180,11 +190,18 @@ impl Plan {
             if kwargs.keys().any(|k| !known.contains(&k.as_str())) {
                 return None;
             }
+            // The reference's adaptive generator carries the raw state.
+            let warm_start = if continuous {
+                greedy::WarmStart::Raw
+            } else {
+                greedy::WarmStart::Cold
+            };
             Mode::Adaptive(adaptive::AdaptiveConfig {
                 criterion,
                 threshold,
                 max_steps: steps,
-                warm_start: continuous,
+                warm_start,
+                strategy,
             })
         } else if function.ends_with(".generate_minimal") || function.ends_with(".generate") {
             if kwargs.contains_key("criterion") || kwargs.contains_key("exit_threshold") {
@@ -195,7 +212,7 @@ impl Plan {
             } else {
                 greedy::WarmStart::Cold
             };
-            Mode::Fixed { steps, warm }
+            Mode::Fixed { steps, warm, strategy }
         } else {
             return None;
         };

@@ -1,9 +1,11 @@
-//! Greedy decoding at a fixed recurrence depth through a complete cache: the plain generator
-//! (the reference's `generate_minimal` with the `full` lookup). It is the oracle the optimised
-//! engine is tested against, and is exact on the reference fixtures.
+//! Greedy decoding at a fixed recurrence depth (the reference's `generate_minimal`): the
+//! adaptive generator with the criterion that never exits.
 
-use model::burn::prelude::*;
-use model::{FullCache, Huginn, InitialState, InputError};
+use model::{Huginn, InputError};
+
+use crate::adaptive::{self, AdaptiveConfig};
+use crate::exit::Criterion;
+use crate::strategy::Strategy;
 
 /// Where each new token's recurrence starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -26,7 +28,31 @@ pub struct Generation {
     pub steps_per_token: Vec<usize>,
 }
 
-/// Greedily generates `max_new` tokens after `prompt`, each with `steps` recurrence steps.
+/// Greedily generates `max_new` tokens after `prompt`, each with `steps` recurrence steps,
+/// through a cache read with `strategy`.
+pub fn generate_with(
+    model: &Huginn,
+    prompt: &[u32],
+    max_new: usize,
+    steps: usize,
+    warm: WarmStart,
+    strategy: Strategy,
+) -> Result<Generation, InputError> {
+    let config = AdaptiveConfig {
+        criterion: Criterion::None,
+        threshold: 0.0,
+        max_steps: steps,
+        warm_start: warm,
+        strategy,
+    };
+    let out = adaptive::generate(model, prompt, max_new, config)?;
+    Ok(Generation {
+        tokens: out.tokens,
+        steps_per_token: out.steps_per_token,
+    })
+}
+
+/// [`generate_with`] through the complete cache.
 pub fn generate(
     model: &Huginn,
     prompt: &[u32],
@@ -34,59 +60,15 @@ pub fn generate(
     steps: usize,
     warm: WarmStart,
 ) -> Result<Generation, InputError> {
-    let context = model.config().block_size;
-    if prompt.len() + max_new > context {
-        return Err(InputError::TooLong {
-            len: prompt.len() + max_new,
-            context,
-        });
-    }
-    let mut cache = FullCache::new();
-    let mut input = model.tokens(&[prompt.to_vec()])?;
-    let mut position = 0;
-    let mut init = InitialState::Zeros;
-    let mut out = Generation {
-        tokens: Vec::new(),
-        steps_per_token: Vec::new(),
-    };
-    while out.tokens.len() < max_new {
-        let len = input.dims()[1];
-        let pass = model.forward_with(input, steps, &init, position, &mut cache, |_, _| {});
-        position += len;
-        let last = |t: Tensor<3>| t.narrow(1, len - 1, 1);
-        let next = argmax(last(pass.logits));
-        out.tokens.push(next);
-        out.steps_per_token.push(steps);
-        init = match warm {
-            WarmStart::Cold => InitialState::Zeros,
-            WarmStart::Normalized => InitialState::Given(last(pass.latent)),
-            WarmStart::Raw => InitialState::Given(last(pass.state)),
-        };
-        input = model.tokens(&[vec![next]])?;
-    }
-    Ok(out)
-}
-
-fn argmax(logits: Tensor<3>) -> u32 {
-    let values: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 logits");
-    // First maximum, as torch.argmax picks.
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
+    generate_with(model, prompt, max_new, steps, warm, Strategy::default())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::argmax;
     use model::HuginnConfig;
+    use model::burn::prelude::*;
 
     #[test]
     fn cached_decoding_equals_recomputing_the_whole_sequence() {
@@ -97,7 +79,13 @@ mod tests {
         let mut sequence = prompt.clone();
         for &token in &generated.tokens {
             let logits = model.forward(model.tokens(&[sequence.clone()]).unwrap(), 3).logits;
-            assert_eq!(argmax(logits.narrow(1, sequence.len() - 1, 1)), token);
+            let last: Vec<f32> = logits
+                .narrow(1, sequence.len() - 1, 1)
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap();
+            assert_eq!(argmax(&last) as u32, token);
             sequence.push(token);
         }
         assert_eq!(generated.steps_per_token, [3; 6]);

@@ -8,3 +8,4 @@ pub mod depths;
 pub mod exit;
 pub mod fixture_report;
 pub mod greedy;
+pub mod strategy;

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use infer::adaptive::{self, AdaptiveConfig};
 use infer::depths::predictions_by_depth;
+use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
-use infer::greedy::{self, WarmStart};
+use infer::greedy::WarmStart;
+use infer::strategy::Strategy;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState};
 
@@ -51,7 +54,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Greedy generation at a fixed recurrence depth (token ids in, token ids out).
+    /// Greedy generation, each token with up to --steps recurrence steps and an optional
+    /// per-token exit criterion (token ids in; token ids and steps per token out).
     Generate {
         /// Model folder. Without it, a random tiny model.
         #[arg(long)]
@@ -59,9 +63,19 @@ enum Command {
         /// Prompt token ids, comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u32>,
-        /// Recurrence steps per token.
+        /// Recurrence steps per token (the most, with an exit criterion).
         #[arg(long, default_value_t = 32)]
         steps: usize,
+        /// Exit criterion: none, kl, minp-kl, entropy-diff, latent-diff, cosine, argmax-stability.
+        #[arg(long, default_value = "none")]
+        criterion: Criterion,
+        /// Exit threshold (default: the criterion's "auto" value from the reference).
+        #[arg(long)]
+        exit_threshold: Option<f64>,
+        /// KV-cache strategy by its reference name: full, latest-m4, available-m4,
+        /// always-last-m4, skip, optionally with -compress-sK, -compress-rK or -compress-anchor.
+        #[arg(long, default_value = "full")]
+        cache: Strategy,
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
         /// Where each new token's recurrence starts.
@@ -142,11 +156,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             steps,
             max_new_tokens,
             warm_start,
+            criterion,
+            exit_threshold,
+            cache,
         } => {
             let model = load(model.as_deref(), &device)?;
-            let out = greedy::generate(&model, &ids, max_new_tokens, steps, warm_start)?;
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let threshold = exit_threshold.unwrap_or(criterion.auto_threshold());
+            let config = AdaptiveConfig {
+                criterion,
+                threshold,
+                max_steps: steps,
+                warm_start,
+                strategy: cache,
+            };
+            let out = adaptive::generate(&model, &ids, max_new_tokens, config)?;
             let ids: Vec<String> = out.tokens.iter().map(u32::to_string).collect();
             println!("{}", ids.join(","));
+            let steps: Vec<String> = out.steps_per_token.iter().map(usize::to_string).collect();
+            let mean = out.steps_per_token.iter().sum::<usize>() as f64 / out.steps_per_token.len().max(1) as f64;
+            eprintln!("steps per token: {} (mean {mean:.2})", steps.join(","));
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckFixture { dirs, json } => {

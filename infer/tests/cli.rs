@@ -62,8 +62,8 @@ fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
     assert!(summary["forward"]["max_abs_err"].as_f64().unwrap() < 1e-4);
     assert_eq!(summary["train"]["checked"], 80 + 80 + 152);
     assert_eq!(summary["train"]["failed"], 0);
-    // Tokens and steps of the fixed-depth, warm-started and adaptive-exit (full cache) runs.
-    assert_eq!(summary["generate"]["checked"], 79);
+    // Tokens and steps of the fixed-depth, warm-started and adaptive-exit runs, every cache strategy.
+    assert_eq!(summary["generate"]["checked"], 167);
     assert_eq!(summary["generate"]["failed"], 0);
 }
 
@@ -160,6 +160,26 @@ fn generate_reproduces_the_reference_greedy_run() {
     assert!(out.status.success(), "{stderr}");
     // generate.json: fixed_steps8_generate_minimal
     assert_eq!(stdout.trim(), "108,34,91,121,84,66,17,87,61,82,77,125");
+    let adaptive = [
+        "--steps",
+        "32",
+        "--criterion",
+        "kl",
+        "--exit-threshold",
+        "0.0005",
+        "--max-new-tokens",
+        "12",
+    ];
+    let out = huginn(&[&args[..5], &adaptive[..]].concat());
+    let (stdout, stderr) = text(&out);
+    // generate.json: adaptive_kl_0.0005_cache-full
+    assert_eq!(stdout.trim(), "108,34,18,43,108,34,18,43,108,34,31,46");
+    assert!(
+        stderr.contains("steps per token: 12,12,11,7,12,12,11,7,12,16,11,16"),
+        "{stderr}"
+    );
+    let out = huginn(&[&args[..], &["--cache", "latest-m7-sideways"]].concat());
+    assert!(text(&out).1.contains("unknown cache strategy"));
     let out = huginn(&[&args[..], &["--max-new-tokens", "200"]].concat());
     assert!(text(&out).1.contains("exceeds the context length of 128"));
 }
