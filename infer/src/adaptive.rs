@@ -43,6 +43,13 @@ impl PositionCache {
     pub fn at(&mut self, start: usize) {
         self.start = start;
     }
+
+    /// Drops every entry at position `len` or later (rollback after speculation).
+    pub fn truncate(&mut self, len: usize) {
+        for entries in self.slots.values_mut() {
+            entries.retain(|p, _| *p < len);
+        }
+    }
 }
 
 impl KvCache for PositionCache {

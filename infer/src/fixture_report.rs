@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::exit::Criterion;
 use crate::strategy::Strategy;
-use crate::{adaptive, greedy};
+use crate::{adaptive, greedy, speculative};
 
 /// Everything checked for one fixture folder.
 #[derive(Debug, Serialize)]
@@ -100,7 +100,7 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
             run["reliable_prefix_tokens"].as_u64().unwrap_or(0) as usize
         };
         let steps_want = match &plan.mode {
-            Mode::Fixed { .. } => ids(&run["core_steps_between_sampled_tokens"]),
+            Mode::Fixed { .. } | Mode::Speculative(_) => ids(&run["core_steps_between_sampled_tokens"]),
             Mode::Adaptive(_) => ids(&run["steps_per_token"]),
         };
         let result = match plan.mode {
@@ -110,6 +110,8 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
             }
             Mode::Adaptive(config) => adaptive::generate(&fixture.model, &plan.prompt, plan.max_new, config)
                 .map(|g| (g.tokens, g.steps_per_token)),
+            Mode::Speculative(config) => speculative::generate(&fixture.model, &plan.prompt, plan.max_new, config)
+                .map(|g| (g.tokens, g.steps_between_tokens)),
         };
         match result {
             Ok((tokens, steps)) => {
@@ -151,8 +153,10 @@ enum Mode {
         warm: greedy::WarmStart,
         strategy: Strategy,
     },
-    /// Adaptive exit through the position-keyed full cache (`generate_with_adaptive_compute`).
+    /// Adaptive exit through the position-keyed cache (`generate_with_adaptive_compute`).
     Adaptive(adaptive::AdaptiveConfig),
+    /// Self-speculative decoding (`generate_speculative`).
+    Speculative(speculative::SpeculativeConfig),
 }
 
 impl Plan {
@@ -163,15 +167,34 @@ impl Plan {
             None => Strategy::default(),
             Some(name) => name.as_str()?.parse().ok()?,
         };
-        let speculative = ["draft_steps", "lookahead_for_draft", "headway"]
-            .iter()
-            .any(|k| kwargs.contains_key(*k));
-        if speculative || run["batch_size"].as_u64() != Some(1) || run.get("error").is_some() {
+        if kwargs.contains_key("headway") || run["batch_size"].as_u64() != Some(1) || run.get("error").is_some() {
             return None;
         }
         let steps = kwargs.get("num_steps")?.as_u64()? as usize;
         let continuous = kwargs.get("continuous_compute").and_then(Value::as_bool) == Some(true);
-        let mode = if function.ends_with(".generate_with_adaptive_compute") {
+        let mode = if function.ends_with(".generate_speculative") {
+            let known = [
+                "draft_steps",
+                "lookahead_for_draft",
+                "verification_threshold",
+                "num_steps",
+                "init_scale",
+                "cache_lookup_strategy",
+                "max_new_tokens",
+            ];
+            if kwargs.keys().any(|k| !known.contains(&k.as_str())) || strategy != Strategy::default() {
+                return None;
+            }
+            Mode::Speculative(speculative::SpeculativeConfig {
+                draft_steps: kwargs.get("draft_steps")?.as_u64()? as usize,
+                lookahead: kwargs.get("lookahead_for_draft")?.as_u64()? as usize,
+                verify_steps: steps,
+                threshold: kwargs
+                    .get("verification_threshold")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0),
+            })
+        } else if function.ends_with(".generate_with_adaptive_compute") {
             let criterion: Criterion = kwargs.get("criterion")?.as_str()?.parse().ok()?;
             let threshold = match kwargs.get("exit_threshold") {
                 None => criterion.auto_threshold(),

@@ -8,4 +8,5 @@ pub mod depths;
 pub mod exit;
 pub mod fixture_report;
 pub mod greedy;
+pub mod speculative;
 pub mod strategy;

@@ -62,8 +62,9 @@ fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
     assert!(summary["forward"]["max_abs_err"].as_f64().unwrap() < 1e-4);
     assert_eq!(summary["train"]["checked"], 80 + 80 + 152);
     assert_eq!(summary["train"]["failed"], 0);
-    // Tokens and steps of the fixed-depth, warm-started and adaptive-exit runs, every cache strategy.
-    assert_eq!(summary["generate"]["checked"], 167);
+    // Tokens and steps of the fixed-depth, warm-started, adaptive-exit (every cache strategy) and
+    // speculative runs.
+    assert_eq!(summary["generate"]["checked"], 179);
     assert_eq!(summary["generate"]["failed"], 0);
 }
 
