@@ -123,76 +123,124 @@ pub struct AdaptiveGeneration {
     pub exit_values: Vec<Vec<f64>>,
 }
 
+/// Adaptive generation for one prompt.
 pub fn generate(
     model: &Huginn,
     prompt: &[u32],
     max_new: usize,
     config: AdaptiveConfig,
 ) -> Result<AdaptiveGeneration, InputError> {
+    let mut rows = generate_batch(model, &[prompt.to_vec()], max_new, config)?;
+    Ok(rows.pop().expect("one row"))
+}
+
+/// Adaptive generation for a batch of prompts of equal length, as the reference batches: every
+/// row checks its own exit and takes its token from its own exit step, while the batch keeps
+/// iterating until every row has exited (so a row's cache holds entries beyond its exit).
+pub fn generate_batch(
+    model: &Huginn,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    config: AdaptiveConfig,
+) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
-    if prompt.len() + max_new > context {
+    let prompt_len = prompts.first().map_or(0, Vec::len);
+    if prompt_len + max_new > context {
         return Err(InputError::TooLong {
-            len: prompt.len() + max_new,
+            len: prompt_len + max_new,
             context,
         });
     }
+    let batch = prompts.len();
     let vocab = model.config().vocab_size;
     let mut cache = PositionCache::new(config.strategy, model);
-    let mut input = prompt.to_vec();
+    let mut input: Vec<Vec<u32>> = prompts.to_vec();
     let mut position = 0;
     let mut carried: Option<Tensor<3>> = None;
-    let mut out = AdaptiveGeneration {
-        tokens: vec![],
-        steps_per_token: vec![],
-        exit_values: vec![],
-    };
-    while out.tokens.len() < max_new {
-        let len = input.len();
-        let tokens = model.tokens(&[input.clone()])?;
-        let rotary = model.rotary(position, 1, len);
+    let mut out = vec![
+        AdaptiveGeneration {
+            tokens: vec![],
+            steps_per_token: vec![],
+            exit_values: vec![]
+        };
+        batch
+    ];
+    while out[0].tokens.len() < max_new {
+        let len = input[0].len();
+        let tokens = model.tokens(&input)?;
+        let rotary = model.rotary(position, batch, len);
         cache.at(position);
         let e = model.embed_prelude(tokens, &rotary, &mut cache);
         let init = carried.take().map_or(InitialState::Zeros, InitialState::Given);
         let mut state = model.initial_state(&e, &init);
-        let mut tracker = ExitTracker::new(config.criterion, config.threshold, vocab, &state);
-        let mut values = Vec::new();
-        let mut logits = None;
-        let mut steps = config.max_steps;
+        let row = |t: &Tensor<3>, b: usize| t.clone().narrow(0, b, 1);
+        let mut trackers: Vec<ExitTracker> = (0..batch)
+            .map(|b| ExitTracker::new(config.criterion, config.threshold, vocab, &row(&state, b)))
+            .collect();
+        let mut values = vec![Vec::new(); batch];
+        // Per row: the step it exited at and its logits there.
+        let mut exits: Vec<Option<(usize, Option<Vec<f32>>)>> = vec![None; batch];
+        let mut final_states: Vec<Option<Tensor<3>>> = vec![None; batch];
         for i in 0..config.max_steps {
             state = model.core_step(state, &e, i, &rotary, &mut cache);
-            let last = if config.criterion.needs_logits() {
-                let all = model.coda_head(state.clone(), &rotary, &mut cache);
-                Some(host(all.narrow(1, len - 1, 1)))
-            } else {
-                None
-            };
-            let (value, exit) = tracker.check(&state, last.as_deref());
-            values.push(value);
-            logits = last;
-            if exit {
-                steps = i + 1;
+            let logits = config.criterion.needs_logits().then(|| {
+                host(
+                    model
+                        .coda_head(state.clone(), &rotary, &mut cache)
+                        .narrow(1, len - 1, 1),
+                )
+            });
+            for b in 0..batch {
+                if exits[b].is_some() {
+                    continue;
+                }
+                let row_logits = logits.as_ref().map(|l| l[b * vocab..(b + 1) * vocab].to_vec());
+                let (value, exit) = trackers[b].check(&row(&state, b), row_logits.as_deref());
+                values[b].push(value);
+                if exit || i + 1 == config.max_steps {
+                    exits[b] = Some((i + 1, row_logits));
+                    final_states[b] = Some(row(&state, b));
+                }
+            }
+            if exits.iter().all(Option::is_some) {
                 break;
             }
         }
-        let logits = match logits {
-            Some(l) => l,
-            None => host(
+        // Each row continues from the state it exited with.
+        let exit_state = Tensor::cat(
+            final_states.into_iter().map(|s| s.expect("every row exits")).collect(),
+            0,
+        );
+        // Logits for criteria that do not read them: from the exit states, in one coda pass.
+        let coda_logits = (!config.criterion.needs_logits()).then(|| {
+            host(
                 model
-                    .coda_head(state.clone(), &rotary, &mut cache)
+                    .coda_head(exit_state.clone(), &rotary, &mut cache)
                     .narrow(1, len - 1, 1),
-            ),
-        };
-        let next = argmax(&logits) as u32;
-        out.tokens.push(next);
-        out.steps_per_token.push(steps);
-        out.exit_values.push(values);
+            )
+        });
+        let mut next_tokens = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let (steps, logits) = exits[b].take().expect("every row exits by max_steps");
+            let logits = match (logits, &coda_logits) {
+                (Some(l), _) => l,
+                (None, Some(all)) => all[b * vocab..(b + 1) * vocab].to_vec(),
+                (None, None) => unreachable!("logit criteria record logits at exit"),
+            };
+            let next = argmax(&logits) as u32;
+            out[b].tokens.push(next);
+            out[b].steps_per_token.push(steps);
+            out[b].exit_values.push(std::mem::take(&mut values[b]));
+            next_tokens.push(vec![next]);
+        }
+        let last = |t: Tensor<3>| t.narrow(1, len - 1, 1);
         carried = match config.warm_start {
             WarmStart::Cold => None,
-            WarmStart::Raw => Some(state.narrow(1, len - 1, 1)),
-            WarmStart::Normalized => Some(model.latent(state.narrow(1, len - 1, 1))),
+            WarmStart::Raw => Some(last(exit_state)),
+            WarmStart::Normalized => Some(model.latent(last(exit_state))),
         };
         position += len;
-        input = vec![next];
+        input = next_tokens;
     }
     Ok(out)
 }

@@ -93,43 +93,62 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
             unsupported.push(name);
             continue;
         };
-        let want: Vec<usize> = ids(&run["new_token_ids"][0]);
+        let want: Vec<Vec<usize>> = rows(&run["new_token_ids"]);
         let reliable = if run["robust"].as_bool() == Some(true) {
-            want.len()
+            usize::MAX
         } else {
             run["reliable_prefix_tokens"].as_u64().unwrap_or(0) as usize
         };
-        let steps_want = match &plan.mode {
-            Mode::Fixed { .. } | Mode::Speculative(_) => ids(&run["core_steps_between_sampled_tokens"]),
-            Mode::Adaptive(_) => ids(&run["steps_per_token"]),
+        // Steps: per token and row for adaptive runs ([token][row] in batches), and the core
+        // steps run between consecutive token choices for every kind of run.
+        let steps_per_row: Vec<Vec<usize>> = match &run["steps_per_token"] {
+            Value::Array(a) if a.first().is_some_and(Value::is_array) => transpose(&rows(&run["steps_per_token"])),
+            Value::Array(_) => vec![ids(&run["steps_per_token"])],
+            _ => vec![],
         };
+        let between_want = ids(&run["core_steps_between_sampled_tokens"]);
         let result = match plan.mode {
-            Mode::Fixed { steps, warm, strategy } => {
-                greedy::generate_with(&fixture.model, &plan.prompt, plan.max_new, steps, warm, strategy)
-                    .map(|g| (g.tokens, g.steps_per_token))
-            }
-            Mode::Adaptive(config) => adaptive::generate(&fixture.model, &plan.prompt, plan.max_new, config)
-                .map(|g| (g.tokens, g.steps_per_token)),
-            Mode::Speculative(config) => speculative::generate(&fixture.model, &plan.prompt, plan.max_new, config)
-                .map(|g| (g.tokens, g.steps_between_tokens)),
+            Mode::Adaptive(config) => adaptive::generate_batch(&fixture.model, &plan.prompts, plan.max_new, config)
+                .map(|rows| {
+                    let steps: Vec<Vec<usize>> = rows.iter().map(|r| r.steps_per_token.clone()).collect();
+                    let between = (0..steps[0].len())
+                        .map(|t| steps.iter().map(|r| r[t]).max().unwrap_or(0))
+                        .collect();
+                    (rows.into_iter().map(|r| r.tokens).collect::<Vec<_>>(), steps, between)
+                }),
+            Mode::Speculative(config) => speculative::generate(&fixture.model, &plan.prompts[0], plan.max_new, config)
+                .map(|g| (vec![g.tokens], vec![], g.steps_between_tokens)),
         };
         match result {
-            Ok((tokens, steps)) => {
-                let tokens: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
-                let n = reliable.min(tokens.len()).min(want.len());
-                checks.push(Check::exact(
-                    format!("{name} tokens"),
-                    "tokens",
-                    &tokens[..n],
-                    &want[..n],
-                ));
-                if !steps_want.is_empty() {
-                    let n = n.min(steps_want.len());
+            Ok((tokens, steps, between)) => {
+                let batched = tokens.len() > 1;
+                for (b, (got, want)) in tokens.iter().zip(&want).enumerate() {
+                    let row = if batched { format!(" row {b}") } else { String::new() };
+                    let got: Vec<usize> = got.iter().map(|&t| t as usize).collect();
+                    let n = reliable.min(got.len()).min(want.len());
+                    checks.push(Check::exact(
+                        format!("{name}{row} tokens"),
+                        "tokens",
+                        &got[..n],
+                        &want[..n],
+                    ));
+                    if let (Some(got), Some(want)) = (steps.get(b), steps_per_row.get(b)) {
+                        let n = n.min(want.len());
+                        checks.push(Check::exact(
+                            format!("{name}{row} steps"),
+                            "steps",
+                            &got[..n],
+                            &want[..n],
+                        ));
+                    }
+                }
+                if !between_want.is_empty() && steps_per_row.is_empty() {
+                    let n = reliable.min(between.len()).min(between_want.len());
                     checks.push(Check::exact(
                         format!("{name} steps"),
                         "steps",
-                        &steps[..n],
-                        &steps_want[..n],
+                        &between[..n],
+                        &between_want[..n],
                     ));
                 }
             }
@@ -141,19 +160,14 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
 
 /// A run this build reproduces.
 struct Plan {
-    prompt: Vec<u32>,
+    prompts: Vec<Vec<u32>>,
     max_new: usize,
     mode: Mode,
 }
 
 enum Mode {
-    /// Fixed-depth greedy decoding (`generate_minimal` / the HF loop).
-    Fixed {
-        steps: usize,
-        warm: greedy::WarmStart,
-        strategy: Strategy,
-    },
-    /// Adaptive exit through the position-keyed cache (`generate_with_adaptive_compute`).
+    /// Adaptive exit through the position-keyed cache (`generate_with_adaptive_compute`);
+    /// fixed-depth decoding (`generate_minimal`, the HF loop) is the criterion `none`.
     Adaptive(adaptive::AdaptiveConfig),
     /// Self-speculative decoding (`generate_speculative`).
     Speculative(speculative::SpeculativeConfig),
@@ -167,7 +181,7 @@ impl Plan {
             None => Strategy::default(),
             Some(name) => name.as_str()?.parse().ok()?,
         };
-        if kwargs.contains_key("headway") || run["batch_size"].as_u64() != Some(1) || run.get("error").is_some() {
+        if kwargs.contains_key("headway") || run.get("error").is_some() {
             return None;
         }
         let steps = kwargs.get("num_steps")?.as_u64()? as usize;
@@ -235,19 +249,37 @@ impl Plan {
             } else {
                 greedy::WarmStart::Cold
             };
-            Mode::Fixed { steps, warm, strategy }
+            Mode::Adaptive(adaptive::AdaptiveConfig {
+                criterion: Criterion::None,
+                threshold: 0.0,
+                max_steps: steps,
+                warm_start: warm,
+                strategy,
+            })
         } else {
             return None;
         };
         Some(Self {
-            prompt: ids(&json[run["prompt"].as_str()?][0])
+            prompts: rows(&json[run["prompt"].as_str()?])
                 .into_iter()
-                .map(|t| t as u32)
+                .map(|r| r.into_iter().map(|t| t as u32).collect())
                 .collect(),
             max_new: kwargs.get("max_new_tokens").or(json.get("max_new_tokens"))?.as_u64()? as usize,
             mode,
         })
     }
+}
+
+fn rows(value: &Value) -> Vec<Vec<usize>> {
+    value
+        .as_array()
+        .map(|a| a.iter().map(ids).collect())
+        .unwrap_or_default()
+}
+
+fn transpose(rows: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let width = rows.first().map_or(0, Vec::len);
+    (0..width).map(|c| rows.iter().map(|r| r[c]).collect()).collect()
 }
 
 fn ids(value: &Value) -> Vec<usize> {

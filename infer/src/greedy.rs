@@ -29,30 +29,7 @@ pub struct Generation {
 }
 
 /// Greedily generates `max_new` tokens after `prompt`, each with `steps` recurrence steps,
-/// through a cache read with `strategy`.
-pub fn generate_with(
-    model: &Huginn,
-    prompt: &[u32],
-    max_new: usize,
-    steps: usize,
-    warm: WarmStart,
-    strategy: Strategy,
-) -> Result<Generation, InputError> {
-    let config = AdaptiveConfig {
-        criterion: Criterion::None,
-        threshold: 0.0,
-        max_steps: steps,
-        warm_start: warm,
-        strategy,
-    };
-    let out = adaptive::generate(model, prompt, max_new, config)?;
-    Ok(Generation {
-        tokens: out.tokens,
-        steps_per_token: out.steps_per_token,
-    })
-}
-
-/// [`generate_with`] through the complete cache.
+/// through the complete cache.
 pub fn generate(
     model: &Huginn,
     prompt: &[u32],
@@ -60,7 +37,18 @@ pub fn generate(
     steps: usize,
     warm: WarmStart,
 ) -> Result<Generation, InputError> {
-    generate_with(model, prompt, max_new, steps, warm, Strategy::default())
+    let config = AdaptiveConfig {
+        criterion: Criterion::None,
+        threshold: 0.0,
+        max_steps: steps,
+        warm_start: warm,
+        strategy: Strategy::default(),
+    };
+    let out = adaptive::generate(model, prompt, max_new, config)?;
+    Ok(Generation {
+        tokens: out.tokens,
+        steps_per_token: out.steps_per_token,
+    })
 }
 
 #[cfg(test)]
