@@ -151,45 +151,113 @@ pub fn generate_batch(
             context,
         });
     }
-    let batch = prompts.len();
-    let vocab = model.config().vocab_size;
-    let mut cache = PositionCache::new(config.strategy, model);
-    let mut input: Vec<Vec<u32>> = prompts.to_vec();
-    let mut position = 0;
-    let mut carried: Option<Tensor<3>> = None;
+    let mut session = Session::new(model, config);
     let mut out = vec![
         AdaptiveGeneration {
             tokens: vec![],
             steps_per_token: vec![],
             exit_values: vec![]
         };
-        batch
+        prompts.len()
     ];
+    let mut input: Vec<Vec<u32>> = prompts.to_vec();
     while out[0].tokens.len() < max_new {
+        let rows = session.chunk(&input)?;
+        input = Vec::with_capacity(rows.len());
+        for (row, done) in out.iter_mut().zip(rows) {
+            let next = argmax(&done.logits) as u32;
+            row.tokens.push(next);
+            row.steps_per_token.push(done.steps);
+            row.exit_values.push(done.values);
+            input.push(vec![next]);
+        }
+    }
+    Ok(out)
+}
+
+/// The reference's `forward_with_adaptive_compute`: the given tokens fed one at a time, each
+/// iterated until its exit; returns per position the steps used and the logits.
+pub fn forward_token_by_token(
+    model: &Huginn,
+    tokens: &[u32],
+    config: AdaptiveConfig,
+) -> Result<Vec<(usize, Vec<f32>)>, InputError> {
+    if tokens.len() > model.config().block_size {
+        return Err(InputError::TooLong {
+            len: tokens.len(),
+            context: model.config().block_size,
+        });
+    }
+    let mut session = Session::new(model, config);
+    let mut out = Vec::with_capacity(tokens.len());
+    for &token in tokens {
+        let done = session.chunk(&[vec![token]])?.pop().expect("one row");
+        out.push((done.steps, done.logits));
+    }
+    Ok(out)
+}
+
+/// One row's outcome for a chunk: the step it exited at, its last position's logits there,
+/// and the criterion's value after every step it ran.
+struct RowExit {
+    steps: usize,
+    logits: Vec<f32>,
+    values: Vec<f64>,
+}
+
+#[derive(Clone)]
+struct Exited {
+    steps: usize,
+    logits: Option<Vec<f32>>,
+    state: Tensor<3>,
+}
+
+/// A sequence (or batch) being extended chunk by chunk through one cache.
+struct Session<'a> {
+    model: &'a Huginn,
+    config: AdaptiveConfig,
+    cache: PositionCache,
+    position: usize,
+    carried: Option<Tensor<3>>,
+}
+
+impl<'a> Session<'a> {
+    fn new(model: &'a Huginn, config: AdaptiveConfig) -> Self {
+        Self {
+            model,
+            config,
+            cache: PositionCache::new(config.strategy, model),
+            position: 0,
+            carried: None,
+        }
+    }
+
+    /// Runs the next chunk (one row per batch row, equal lengths) with per-row exits.
+    fn chunk(&mut self, input: &[Vec<u32>]) -> Result<Vec<RowExit>, InputError> {
+        let (model, config) = (self.model, self.config);
+        let batch = input.len();
         let len = input[0].len();
-        let tokens = model.tokens(&input)?;
-        let rotary = model.rotary(position, batch, len);
-        cache.at(position);
-        let e = model.embed_prelude(tokens, &rotary, &mut cache);
-        let init = carried.take().map_or(InitialState::Zeros, InitialState::Given);
+        let vocab = model.config().vocab_size;
+        let tokens = model.tokens(input)?;
+        let rotary = model.rotary(self.position, batch, len);
+        let cache = &mut self.cache;
+        cache.at(self.position);
+        let e = model.embed_prelude(tokens, &rotary, cache);
+        let init = self.carried.take().map_or(InitialState::Zeros, InitialState::Given);
         let mut state = model.initial_state(&e, &init);
         let row = |t: &Tensor<3>, b: usize| t.clone().narrow(0, b, 1);
         let mut trackers: Vec<ExitTracker> = (0..batch)
             .map(|b| ExitTracker::new(config.criterion, config.threshold, vocab, &row(&state, b)))
             .collect();
         let mut values = vec![Vec::new(); batch];
-        // Per row: the step it exited at and its logits there.
-        let mut exits: Vec<Option<(usize, Option<Vec<f32>>)>> = vec![None; batch];
-        let mut final_states: Vec<Option<Tensor<3>>> = vec![None; batch];
+        // Per row: the step it exited at, its logits there (logit criteria) and its state.
+        let mut exits: Vec<Option<Exited>> = vec![None; batch];
         for i in 0..config.max_steps {
-            state = model.core_step(state, &e, i, &rotary, &mut cache);
-            let logits = config.criterion.needs_logits().then(|| {
-                host(
-                    model
-                        .coda_head(state.clone(), &rotary, &mut cache)
-                        .narrow(1, len - 1, 1),
-                )
-            });
+            state = model.core_step(state, &e, i, &rotary, cache);
+            let logits = config
+                .criterion
+                .needs_logits()
+                .then(|| host(model.coda_head(state.clone(), &rotary, cache).narrow(1, len - 1, 1)));
             for b in 0..batch {
                 if exits[b].is_some() {
                     continue;
@@ -198,51 +266,51 @@ pub fn generate_batch(
                 let (value, exit) = trackers[b].check(&row(&state, b), row_logits.as_deref());
                 values[b].push(value);
                 if exit || i + 1 == config.max_steps {
-                    exits[b] = Some((i + 1, row_logits));
-                    final_states[b] = Some(row(&state, b));
+                    exits[b] = Some(Exited {
+                        steps: i + 1,
+                        logits: row_logits,
+                        state: row(&state, b),
+                    });
                 }
             }
             if exits.iter().all(Option::is_some) {
                 break;
             }
         }
+        let exits: Vec<_> = exits
+            .into_iter()
+            .map(|e| e.expect("every row exits by max_steps"))
+            .collect();
         // Each row continues from the state it exited with.
-        let exit_state = Tensor::cat(
-            final_states.into_iter().map(|s| s.expect("every row exits")).collect(),
-            0,
-        );
+        let exit_state = Tensor::cat(exits.iter().map(|e| e.state.clone()).collect(), 0);
         // Logits for criteria that do not read them: from the exit states, in one coda pass.
         let coda_logits = (!config.criterion.needs_logits()).then(|| {
             host(
                 model
-                    .coda_head(exit_state.clone(), &rotary, &mut cache)
+                    .coda_head(exit_state.clone(), &rotary, cache)
                     .narrow(1, len - 1, 1),
             )
         });
-        let mut next_tokens = Vec::with_capacity(batch);
-        for b in 0..batch {
-            let (steps, logits) = exits[b].take().expect("every row exits by max_steps");
-            let logits = match (logits, &coda_logits) {
-                (Some(l), _) => l,
-                (None, Some(all)) => all[b * vocab..(b + 1) * vocab].to_vec(),
-                (None, None) => unreachable!("logit criteria record logits at exit"),
-            };
-            let next = argmax(&logits) as u32;
-            out[b].tokens.push(next);
-            out[b].steps_per_token.push(steps);
-            out[b].exit_values.push(std::mem::take(&mut values[b]));
-            next_tokens.push(vec![next]);
-        }
         let last = |t: Tensor<3>| t.narrow(1, len - 1, 1);
-        carried = match config.warm_start {
+        self.carried = match config.warm_start {
             WarmStart::Cold => None,
             WarmStart::Raw => Some(last(exit_state)),
             WarmStart::Normalized => Some(model.latent(last(exit_state))),
         };
-        position += len;
-        input = next_tokens;
+        self.position += len;
+        Ok(exits
+            .into_iter()
+            .zip(values)
+            .enumerate()
+            .map(|(b, (exited, values))| RowExit {
+                steps: exited.steps,
+                logits: exited.logits.unwrap_or_else(|| {
+                    coda_logits.as_ref().expect("coda ran for latent criteria")[b * vocab..(b + 1) * vocab].to_vec()
+                }),
+                values,
+            })
+            .collect())
     }
-    Ok(out)
 }
 
 fn host(t: Tensor<3>) -> Vec<f32> {

@@ -155,7 +155,79 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
             Err(err) => checks.push(Check::failed(name, err.to_string())),
         }
     }
+    check_token_by_token(fixture, &json, case, &mut checks, &mut unsupported);
     Ok((checks, unsupported))
+}
+
+/// `forward_with_adaptive_compute`: the prompt fed token by token with exits, per criterion:
+/// steps and argmax per position, and the first logits of the last position.
+fn check_token_by_token(
+    fixture: &Fixture,
+    json: &Value,
+    case: &str,
+    checks: &mut Vec<Check>,
+    unsupported: &mut Vec<String>,
+) {
+    let Some(results) = json["forward_with_adaptive_compute"]["results"].as_object() else {
+        return;
+    };
+    let prompt: Vec<u32> = ids(&json["prompt_ids"][0]).into_iter().map(|t| t as u32).collect();
+    for (criterion_name, result) in results {
+        let name = format!("{case}/forward_with_adaptive_compute/{criterion_name}");
+        let Ok(criterion) = criterion_name.parse::<Criterion>() else {
+            unsupported.push(name);
+            continue;
+        };
+        let config = adaptive::AdaptiveConfig {
+            criterion,
+            threshold: criterion.auto_threshold(),
+            max_steps: fixture.model.config().mean_recurrence,
+            warm_start: greedy::WarmStart::Cold,
+            strategy: Strategy::default(),
+        };
+        let robust = result["robust"].as_bool() == Some(true);
+        let reliable = if robust {
+            usize::MAX
+        } else {
+            result["reliable_prefix_positions"].as_u64().unwrap_or(0) as usize
+        };
+        match adaptive::forward_token_by_token(&fixture.model, &prompt, config) {
+            Ok(positions) => {
+                let steps: Vec<usize> = positions.iter().map(|(s, _)| *s).collect();
+                let argmax: Vec<usize> = positions.iter().map(|(_, l)| crate::exit::argmax(l)).collect();
+                let want_steps = ids(&result["compute_steps"]);
+                let want_argmax = ids(&result["argmax_per_position"][0]);
+                let n = reliable.min(steps.len()).min(want_steps.len());
+                checks.push(Check::exact(
+                    format!("{name} steps"),
+                    "steps",
+                    &steps[..n],
+                    &want_steps[..n],
+                ));
+                let n = n.min(want_argmax.len());
+                checks.push(Check::exact(
+                    format!("{name} argmax"),
+                    "argmax",
+                    &argmax[..n],
+                    &want_argmax[..n],
+                ));
+                let want_logits: Vec<f32> = result["logits_last_position_first8"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_f64().map(|v| v as f32)).collect())
+                    .unwrap_or_default();
+                if robust && !want_logits.is_empty() {
+                    let got = &positions.last().expect("a prompt").1[..want_logits.len()];
+                    checks.push(Check::compare(
+                        format!("{name} logits"),
+                        got,
+                        &want_logits,
+                        model::fixture::FORWARD_TOLERANCE,
+                    ));
+                }
+            }
+            Err(err) => checks.push(Check::failed(name, err.to_string())),
+        }
+    }
 }
 
 /// A run this build reproduces.

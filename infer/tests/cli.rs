@@ -63,8 +63,9 @@ fn check_fixture_passes_every_shipped_fixture_and_summarises_as_json() {
     assert_eq!(summary["train"]["checked"], 80 + 80 + 152);
     assert_eq!(summary["train"]["failed"], 0);
     // Tokens and steps of the fixed-depth, warm-started, adaptive-exit (every cache strategy),
-    // speculative and batched runs; only the two diffusion-style runs are not reproduced.
-    assert_eq!(summary["generate"]["checked"], 195);
+    // speculative and batched runs, and the token-by-token adaptive forward; only the two
+    // diffusion-style runs are not reproduced.
+    assert_eq!(summary["generate"]["checked"], 230);
     assert_eq!(summary["generate"]["failed"], 0);
     assert_eq!(summary["generate"]["unsupported"].as_array().unwrap().len(), 2);
 }
