@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use model::burn::prelude::*;
 use model::{Attend, Huginn, InitialState, InputError, KvCache, LayerSlot};
 
-use crate::exit::{Criterion, ExitTracker, argmax};
+use crate::exit::{Criterion, ExitTracker};
 use crate::greedy::WarmStart;
+use crate::sampling::{Sampler, SamplingConfig};
 use crate::strategy::{Layout, Strategy};
 
 /// Entries keyed by unrolled layer (the reference's `step_idx`) and position; writing a position
@@ -137,11 +138,32 @@ pub fn generate(
 /// Adaptive generation for a batch of prompts of equal length, as the reference batches: every
 /// row checks its own exit and takes its token from its own exit step, while the batch keeps
 /// iterating until every row has exited (so a row's cache holds entries beyond its exit).
+/// Greedy, no stop tokens.
 pub fn generate_batch(
     model: &Huginn,
     prompts: &[Vec<u32>],
     max_new: usize,
     config: AdaptiveConfig,
+) -> Result<Vec<AdaptiveGeneration>, InputError> {
+    generate_batch_with(model, prompts, max_new, config, &Decoding::default())
+}
+
+/// How tokens are chosen and when a sequence ends.
+#[derive(Debug, Clone, Default)]
+pub struct Decoding {
+    pub sampling: SamplingConfig,
+    /// A row ends after emitting one of these (the token is kept).
+    pub stop_tokens: Vec<u32>,
+}
+
+/// [`generate_batch`] with sampling and stop tokens; each row samples with its own generator
+/// (seed + row index) and ends on its own.
+pub fn generate_batch_with(
+    model: &Huginn,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    config: AdaptiveConfig,
+    decoding: &Decoding,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
     let prompt_len = prompts.first().map_or(0, Vec::len);
@@ -151,6 +173,15 @@ pub fn generate_batch(
             context,
         });
     }
+    let mut samplers: Vec<Sampler> = (0..prompts.len())
+        .map(|b| {
+            Sampler::new(SamplingConfig {
+                seed: decoding.sampling.seed.wrapping_add(b as u64),
+                ..decoding.sampling
+            })
+        })
+        .collect();
+    let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut session = Session::new(model, config);
     let mut out = vec![
         AdaptiveGeneration {
@@ -160,16 +191,23 @@ pub fn generate_batch(
         };
         prompts.len()
     ];
+    let mut done = vec![false; prompts.len()];
     let mut input: Vec<Vec<u32>> = prompts.to_vec();
-    while out[0].tokens.len() < max_new {
+    while !done.iter().all(|d| *d) {
         let rows = session.chunk(&input)?;
         input = Vec::with_capacity(rows.len());
-        for (row, done) in out.iter_mut().zip(rows) {
-            let next = argmax(&done.logits) as u32;
-            row.tokens.push(next);
-            row.steps_per_token.push(done.steps);
-            row.exit_values.push(done.values);
+        for (b, exited) in rows.into_iter().enumerate() {
+            let next = samplers[b].sample(&exited.logits, &history[b]);
             input.push(vec![next]);
+            if done[b] {
+                continue;
+            }
+            history[b].push(next);
+            let row = &mut out[b];
+            row.tokens.push(next);
+            row.steps_per_token.push(exited.steps);
+            row.exit_values.push(exited.values);
+            done[b] = row.tokens.len() >= max_new || decoding.stop_tokens.contains(&next);
         }
     }
     Ok(out)

@@ -8,5 +8,6 @@ pub mod depths;
 pub mod exit;
 pub mod fixture_report;
 pub mod greedy;
+pub mod sampling;
 pub mod speculative;
 pub mod strategy;

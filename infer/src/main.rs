@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use infer::adaptive::{self, AdaptiveConfig};
+use infer::adaptive::{self, AdaptiveConfig, Decoding};
 use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
 use infer::greedy::WarmStart;
+use infer::sampling::SamplingConfig;
 use infer::strategy::Strategy;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState};
@@ -76,6 +77,22 @@ enum Command {
         /// always-last-m4, skip, optionally with -compress-sK, -compress-rK or -compress-anchor.
         #[arg(long, default_value = "full")]
         cache: Strategy,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long)]
+        min_p: Option<f32>,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Token ids that end generation, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        stop: Vec<u32>,
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
         /// Where each new token's recurrence starts.
@@ -159,7 +176,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             criterion,
             exit_threshold,
             cache,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
         } => {
+            let sampling = SamplingConfig {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                seed,
+            };
+            sampling.validate().map_err(anyhow::Error::msg)?;
             let model = load(model.as_deref(), &device)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -172,7 +205,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 warm_start,
                 strategy: cache,
             };
-            let out = adaptive::generate(&model, &ids, max_new_tokens, config)?;
+            let decoding = Decoding {
+                sampling,
+                stop_tokens: stop,
+            };
+            let out = adaptive::generate_batch_with(&model, &[ids], max_new_tokens, config, &decoding)?
+                .pop()
+                .expect("one row");
             let ids: Vec<String> = out.tokens.iter().map(u32::to_string).collect();
             println!("{}", ids.join(","));
             let steps: Vec<String> = out.steps_per_token.iter().map(usize::to_string).collect();

@@ -181,6 +181,28 @@ fn generate_reproduces_the_reference_greedy_run() {
         stderr.contains("steps per token: 12,12,11,7,12,12,11,7,12,16,11,16"),
         "{stderr}"
     );
+    // Sampling is seeded; a stop token ends generation after it is emitted.
+    let sampled = [
+        &args[..],
+        &[
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "20",
+            "--seed",
+            "7",
+            "--max-new-tokens",
+            "12",
+        ],
+    ]
+    .concat();
+    let (first, second) = (text(&huginn(&sampled)).0, text(&huginn(&sampled)).0);
+    assert_eq!(first, second);
+    assert_eq!(first.trim().split(',').count(), 12);
+    let out = huginn(&[&args[..], &["--max-new-tokens", "12", "--stop", "121"]].concat());
+    assert_eq!(text(&out).0.trim(), "108,34,91,121");
+    let out = huginn(&[&args[..], &["--top-p", "1.5"]].concat());
+    assert!(text(&out).1.contains("top_p must be in (0, 1]"));
     let out = huginn(&[&args[..], &["--cache", "latest-m7-sideways"]].concat());
     assert!(text(&out).1.contains("unknown cache strategy"));
     let out = huginn(&[&args[..], &["--max-new-tokens", "200"]].concat());
