@@ -22,6 +22,8 @@ pub struct PositionCache {
     layout: Layout,
     /// Position of the first token of the chunk being run.
     start: usize,
+    /// Left padding of each row: columns before it hold no token and are never attended to.
+    pads: Vec<usize>,
     slots: BTreeMap<i64, BTreeMap<usize, (Tensor<4>, Tensor<4>)>>,
 }
 
@@ -36,6 +38,7 @@ impl PositionCache {
             strategy,
             layout,
             start: 0,
+            pads: Vec::new(),
             slots: BTreeMap::new(),
         }
     }
@@ -43,6 +46,11 @@ impl PositionCache {
     /// Sets the position of the chunk the next calls belong to.
     pub fn at(&mut self, start: usize) {
         self.start = start;
+    }
+
+    /// Declares the rows' left padding (columns to hide from every query of the row).
+    pub fn pad(&mut self, pads: Vec<usize>) {
+        self.pads = pads;
     }
 
     /// Drops every entry at position `len` or later (rollback after speculation).
@@ -77,6 +85,7 @@ impl KvCache for PositionCache {
         let complete = positions.iter().all(|p| self.slots[&sigma].contains_key(p));
         let mut picked_keys = Vec::new();
         let mut picked_values = Vec::new();
+        let mut picked_columns = Vec::new();
         for p in positions {
             let from = if complete {
                 Some(sigma)
@@ -93,15 +102,35 @@ impl KvCache for PositionCache {
                 let (k, v) = &self.slots[&from][&p];
                 picked_keys.push(k.clone());
                 picked_values.push(v.clone());
+                picked_columns.push(p);
             }
         }
-        // The chunk is always the latest positions, so bottom-right causal masking is right.
+        let keys = Tensor::cat(picked_keys, 2);
+        let mask = self
+            .pads
+            .iter()
+            .any(|p| *p > 0)
+            .then(|| padding_mask(&self.pads, self.start, len, &picked_columns, &keys.device()));
+        // Without padding the chunk is always the latest positions, so the attention's
+        // bottom-right causal masking is right.
         Attend {
-            keys: Tensor::cat(picked_keys, 2),
+            keys,
             values: Tensor::cat(picked_values, 2),
-            mask: None,
+            mask,
         }
     }
+}
+
+/// `[B, 1, S, T]`, true = hidden: causal over columns, and a row's padding columns hidden from
+/// all its queries (a padding query sees only itself, so nothing divides by zero).
+fn padding_mask(pads: &[usize], start: usize, len: usize, columns: &[usize], device: &Device) -> Tensor<4, Bool> {
+    let mut hidden = Vec::with_capacity(pads.len() * len * columns.len());
+    for &pad in pads {
+        for q in start..start + len {
+            hidden.extend(columns.iter().map(|&k| k > q || (k < pad && k != q)));
+        }
+    }
+    Tensor::from_data(TensorData::new(hidden, [pads.len(), 1, len, columns.len()]), device)
 }
 
 /// How adaptive generation runs.
@@ -148,6 +177,9 @@ pub fn generate_batch(
     generate_batch_with(model, prompts, max_new, config, &Decoding::default())
 }
 
+/// The id fed at padding positions; any id works, padding is never attended to.
+const PAD_TOKEN: u32 = 0;
+
 /// How tokens are chosen and when a sequence ends.
 #[derive(Debug, Clone, Default)]
 pub struct Decoding {
@@ -182,7 +214,12 @@ pub fn generate_batch_with(
         })
         .collect();
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
+    // Ragged prompts are left-padded; padding is masked out and positions count from each
+    // row's first real token, so every row computes what it would alone.
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
     let mut session = Session::new(model, config);
+    session.pad(pads.clone());
     let mut out = vec![
         AdaptiveGeneration {
             tokens: vec![],
@@ -192,7 +229,11 @@ pub fn generate_batch_with(
         prompts.len()
     ];
     let mut done = vec![false; prompts.len()];
-    let mut input: Vec<Vec<u32>> = prompts.to_vec();
+    let mut input: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&pads)
+        .map(|(p, &pad)| [vec![PAD_TOKEN; pad], p.clone()].concat())
+        .collect();
     while !done.iter().all(|d| *d) {
         let rows = session.chunk(&input)?;
         input = Vec::with_capacity(rows.len());
@@ -257,9 +298,16 @@ struct Session<'a> {
     cache: PositionCache,
     position: usize,
     carried: Option<Tensor<3>>,
+    /// Left padding per row (empty: none).
+    pads: Vec<usize>,
 }
 
 impl<'a> Session<'a> {
+    fn pad(&mut self, pads: Vec<usize>) {
+        self.cache.pad(pads.clone());
+        self.pads = pads;
+    }
+
     fn new(model: &'a Huginn, config: AdaptiveConfig) -> Self {
         Self {
             model,
@@ -267,6 +315,7 @@ impl<'a> Session<'a> {
             cache: PositionCache::new(config.strategy, model),
             position: 0,
             carried: None,
+            pads: Vec::new(),
         }
     }
 
@@ -277,13 +326,34 @@ impl<'a> Session<'a> {
         let len = input[0].len();
         let vocab = model.config().vocab_size;
         let tokens = model.tokens(input)?;
-        let rotary = model.rotary(self.position, batch, len);
+        // Each row's columns left of its padding are not tokens: positions count from its
+        // first real token, and its exit criteria read its real columns only.
+        let pad_in_chunk = |b: usize| {
+            self.pads
+                .get(b)
+                .map_or(0, |p| p.saturating_sub(self.position).min(len - 1))
+        };
+        let rotary = if self.pads.iter().all(|p| *p == 0) {
+            model.rotary(self.position, batch, len)
+        } else {
+            let positions: Vec<i64> = (0..batch)
+                .flat_map(|b| {
+                    let pad = self.pads[b];
+                    (self.position..self.position + len).map(move |c| c.saturating_sub(pad) as i64)
+                })
+                .collect();
+            model.rotary_at(Tensor::from_data(
+                TensorData::new(positions, [batch, len]),
+                &model.device(),
+            ))
+        };
         let cache = &mut self.cache;
         cache.at(self.position);
         let e = model.embed_prelude(tokens, &rotary, cache);
         let init = self.carried.take().map_or(InitialState::Zeros, InitialState::Given);
         let mut state = model.initial_state(&e, &init);
-        let row = |t: &Tensor<3>, b: usize| t.clone().narrow(0, b, 1);
+        let pads: Vec<usize> = (0..batch).map(pad_in_chunk).collect();
+        let row = |t: &Tensor<3>, b: usize| t.clone().narrow(0, b, 1).narrow(1, pads[b], len - pads[b]);
         let mut trackers: Vec<ExitTracker> = (0..batch)
             .map(|b| ExitTracker::new(config.criterion, config.threshold, vocab, &row(&state, b)))
             .collect();
@@ -307,7 +377,7 @@ impl<'a> Session<'a> {
                     exits[b] = Some(Exited {
                         steps: i + 1,
                         logits: row_logits,
-                        state: row(&state, b),
+                        state: state.clone().narrow(0, b, 1),
                     });
                 }
             }
@@ -353,4 +423,53 @@ impl<'a> Session<'a> {
 
 fn host(t: Tensor<3>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::HuginnConfig;
+
+    fn fixed(steps: usize) -> AdaptiveConfig {
+        AdaptiveConfig {
+            criterion: Criterion::None,
+            threshold: 0.0,
+            max_steps: steps,
+            warm_start: WarmStart::Cold,
+            strategy: Strategy::default(),
+        }
+    }
+
+    /// Left-padded rows compute exactly what they compute alone (the reference attends to
+    /// padding; here it is masked and positions count from each row's first token).
+    #[test]
+    fn padded_batch_rows_equal_the_same_prompts_alone() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 41);
+        let prompts = [vec![5, 9, 2, 44, 17, 3, 8], vec![30, 1], vec![7, 7, 60, 12]];
+        let config = fixed(4);
+        let batch = generate_batch(&model, &prompts, 6, config).unwrap();
+        for (prompt, row) in prompts.iter().zip(&batch) {
+            let alone = generate(&model, prompt, 6, config).unwrap();
+            assert_eq!(row.tokens, alone.tokens, "prompt {prompt:?}");
+        }
+        // And the logits of the prompt pass, row by row.
+        let mut session = Session::new(&model, config);
+        session.pad(vec![0, 5, 3]);
+        let padded: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| [vec![PAD_TOKEN; 7 - p.len()], p.clone()].concat())
+            .collect();
+        let rows = session.chunk(&padded).unwrap();
+        for (prompt, row) in prompts.iter().zip(rows) {
+            let mut alone = Session::new(&model, config);
+            let want = alone.chunk(&[prompt.clone()]).unwrap().pop().unwrap().logits;
+            let diff = row
+                .logits
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-5, "prompt {prompt:?}: {diff}");
+        }
+    }
 }
