@@ -462,7 +462,7 @@ mod tests {
         let rows = session.chunk(&padded).unwrap();
         for (prompt, row) in prompts.iter().zip(rows) {
             let mut alone = Session::new(&model, config);
-            let want = alone.chunk(&[prompt.clone()]).unwrap().pop().unwrap().logits;
+            let want = alone.chunk(std::slice::from_ref(prompt)).unwrap().pop().unwrap().logits;
             let diff = row
                 .logits
                 .iter()
