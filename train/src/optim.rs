@@ -16,8 +16,11 @@
 //! ```
 
 use burn::config::Config;
+use burn::module::{ParamGroup, ParamId};
 use burn::optim::{AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
 use burn::prelude::*;
+use model::Huginn;
+use model::pretrained::ParamRef;
 
 #[derive(Config, Debug)]
 pub struct EllisAdamConfig {
@@ -49,6 +52,27 @@ impl EllisAdamConfig {
     /// A module optimizer applying this rule to every parameter.
     pub fn init(&self) -> ModuleOptimizer {
         ModuleOptimizer::from(self.build())
+    }
+
+    /// The paper's parameter groups for `model`: weight decay on the matrices and the
+    /// embedding, none on the norms and the q/k biases.
+    pub fn init_grouped(&self, model: &Huginn) -> ModuleOptimizer {
+        let no_decay: Vec<ParamId> = model
+            .reference_params()
+            .iter()
+            .filter_map(|(_, p)| match p {
+                ParamRef::Vector(p) => Some(p.id),
+                ParamRef::Bias(p) => Some(p.id),
+                ParamRef::Matrix(..) => None,
+            })
+            .collect();
+        let without_decay = EllisAdamConfig {
+            weight_decay: 0.0,
+            ..self.clone()
+        }
+        .build();
+        self.init()
+            .with_group(ParamGroup::from_ids(no_decay), without_decay, None)
     }
 }
 
@@ -140,6 +164,32 @@ mod tests {
         let got = values(theta)[0];
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         assert_eq!(state.unwrap().time, 4);
+    }
+
+    #[test]
+    fn groups_decay_matrices_but_not_norms_or_biases() {
+        use burn::optim::GradientsParams;
+        use model::HuginnConfig;
+        let device = Device::flex().autodiff();
+        let model = HuginnConfig::tiny(20, 16, 2, (1, 1, 1)).init(&device, 1);
+        // Zero gradients: the only change is the decay.
+        let mut grads = GradientsParams::new();
+        for (_, p) in model.reference_params() {
+            match p {
+                ParamRef::Vector(p) => grads.register(p.id, p.val().zeros_like()),
+                ParamRef::Matrix(p, _) => grads.register(p.id, p.val().zeros_like()),
+                ParamRef::Bias(p) => grads.register(p.id, p.val().zeros_like()),
+            }
+        }
+        let before_adapter = values(model.adapter.weight.val().flatten(0, 1));
+        let before_norm = values(model.ln_f.weight.val());
+        let mut optim = EllisAdamConfig::new(1e-2).with_weight_decay(0.5).init_grouped(&model);
+        let model = optim.step(1e-2, model, grads);
+        let after_adapter = values(model.adapter.weight.val().flatten(0, 1));
+        for (a, b) in after_adapter.iter().zip(&before_adapter) {
+            assert!((a - b * 0.5).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(values(model.ln_f.weight.val()), before_norm);
     }
 
     #[test]
