@@ -1,7 +1,8 @@
 //! # train: small-scale training of recurrent-depth models
 //!
 //! Built on `model`'s steps. So far: the paper's randomized depth ([`depth`]), its Adam variant
-//! ([`optim`]), learning-rate schedules ([`schedule`]) and global-norm clipping ([`clip`]).
+//! ([`optim`]), learning-rate schedules ([`schedule`]), global-norm clipping ([`clip`]) and one
+//! optimizer step with gradient accumulation ([`step`]).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
 //! the reference's gradients.
 
@@ -9,3 +10,4 @@ pub mod clip;
 pub mod depth;
 pub mod optim;
 pub mod schedule;
+pub mod step;
