@@ -7,6 +7,8 @@
 //! `(seed, split, i)` through an in-house splitmix64, so it is identical across runs, machines
 //! and crate versions, and needs no storage.
 
+use crate::rng::SplitMix64;
+
 /// Token ids: digits 0-9 are themselves.
 pub const PLUS: u32 = 10;
 pub const EQUALS: u32 = 11;
@@ -164,41 +166,6 @@ fn pair_hash(a: &[u8], b: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
-}
-
-/// splitmix64 (Steele, Lea & Flood 2014): tiny, fast, and fully specified.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        // Rejection keeps it exactly uniform.
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-
-    /// An operand with a length uniform in `lo..=hi` and no leading zero, least-significant
-    /// digit first.
-    fn operand(&mut self, lo: usize, hi: usize) -> Vec<u8> {
-        let len = lo + self.below((hi - lo + 1) as u64) as usize;
-        let mut digits: Vec<u8> = (0..len).map(|_| self.below(10) as u8).collect();
-        if len > 1 {
-            digits[len - 1] = 1 + self.below(9) as u8;
-        }
-        digits
-    }
 }
 
 #[cfg(test)]

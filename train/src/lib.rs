@@ -2,14 +2,16 @@
 //!
 //! Built on `model`'s steps. So far: the paper's randomized depth ([`depth`]), its Adam variant
 //! ([`optim`]), learning-rate schedules ([`schedule`]), global-norm clipping ([`clip`]) and one
-//! optimizer step with gradient accumulation ([`step`]); the reversed-digit addition task
-//! ([`addition`]).
+//! optimizer step with gradient accumulation ([`step`]); the reasoning tasks: reversed-digit
+//! addition ([`addition`]) and k-hop variable chains ([`chains`]).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
 //! the reference's gradients.
 
 pub mod addition;
+pub mod chains;
 pub mod clip;
 pub mod depth;
 pub mod optim;
+pub mod rng;
 pub mod schedule;
 pub mod step;

@@ -1,0 +1,175 @@
+//! k-hop variable chains (`../shared/spec/experiments.md`, task A): twelve shuffled
+//! assignments `dst src` (a source is a variable or a digit), then `? q`, then the digit `q`
+//! holds. One chain of `hops` assignments leads from a digit to `q`; the other assignments form
+//! distractor chains ending in other digits. Each attention pass resolves about one hop, so the
+//! answer needs depth, while the sequence length stays fixed.
+
+use crate::rng::SplitMix64;
+
+/// Token ids: digits 0-9 are themselves, variables follow.
+pub const VARIABLES: u32 = 16;
+pub const FIRST_VARIABLE: u32 = 10;
+pub const QUERY: u32 = FIRST_VARIABLE + VARIABLES;
+pub const BOS: u32 = QUERY + 1;
+pub const PAD: u32 = QUERY + 2;
+pub const VOCAB_SIZE: usize = PAD as usize + 1;
+/// Assignments per example.
+pub const PAIRS: usize = 12;
+/// Tokens per example: BOS, the pairs, `? q`, the answer.
+pub const LEN: usize = 1 + 2 * PAIRS + 2 + 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Hops `1..=6`.
+    Train,
+    /// Hops `1..=6`, other examples.
+    Test,
+    /// Hops `7..=10`: deeper than anything trained.
+    Harder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainTask {
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub tokens: Vec<u32>,
+    pub hops: usize,
+    pub answer: u32,
+}
+
+impl Example {
+    /// Inputs `tokens[..-1]` and labels `tokens[1..]`, every label but the answer's `-100`.
+    pub fn inputs_and_labels(&self) -> (Vec<u32>, Vec<i64>) {
+        let inputs = self.tokens[..LEN - 1].to_vec();
+        let mut labels = vec![-100; LEN - 1];
+        labels[LEN - 2] = self.answer as i64;
+        (inputs, labels)
+    }
+}
+
+impl ChainTask {
+    pub fn hops(split: Split) -> (usize, usize) {
+        match split {
+            Split::Train | Split::Test => (1, 6),
+            Split::Harder => (7, 10),
+        }
+    }
+
+    /// Example `index` of `split`, its hop count uniform in the split's range.
+    pub fn example(&self, split: Split, index: u64) -> Example {
+        let (lo, hi) = Self::hops(split);
+        let mut rng = self.rng(split, index);
+        let hops = lo + rng.below((hi - lo + 1) as u64) as usize;
+        self.build(&mut rng, hops)
+    }
+
+    /// Example `index` with exactly `hops` hops (for accuracy by difficulty).
+    pub fn example_with_hops(&self, split: Split, hops: usize, index: u64) -> Example {
+        assert!((1..=PAIRS).contains(&hops), "1..={PAIRS} hops");
+        let mut rng = self.rng(split, index ^ ((hops as u64) << 56));
+        self.build(&mut rng, hops)
+    }
+
+    fn rng(&self, split: Split, index: u64) -> SplitMix64 {
+        let tag = match split {
+            Split::Train => 0x6368_6169_6e00_0001,
+            Split::Test => 0x6368_6169_6e00_0002,
+            Split::Harder => 0x6368_6169_6e00_0003,
+        };
+        SplitMix64(self.seed ^ tag ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    }
+
+    fn build(&self, rng: &mut SplitMix64, hops: usize) -> Example {
+        let mut variables: Vec<u32> = (0..VARIABLES).map(|v| FIRST_VARIABLE + v).collect();
+        rng.shuffle(&mut variables);
+        let mut fresh = variables.into_iter();
+        let answer = rng.below(10) as u32;
+        let mut pairs = Vec::with_capacity(PAIRS);
+        let mut chain = |start: u32, length: usize, pairs: &mut Vec<(u32, u32)>| -> u32 {
+            let mut source = start;
+            for _ in 0..length {
+                let dst = fresh.next().expect("16 variables cover 12 assignments");
+                pairs.push((dst, source));
+                source = dst;
+            }
+            source
+        };
+        let query = chain(answer, hops, &mut pairs);
+        while pairs.len() < PAIRS {
+            let length = 1 + rng.below((PAIRS - pairs.len()).min(6) as u64) as usize;
+            let digit = (answer + 1 + rng.below(9) as u32) % 10;
+            chain(digit, length, &mut pairs);
+        }
+        rng.shuffle(&mut pairs);
+        let mut tokens = vec![BOS];
+        tokens.extend(pairs.iter().flat_map(|(d, s)| [*d, *s]));
+        tokens.extend([QUERY, query, answer]);
+        Example { tokens, hops, answer }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Resolves the query by following assignments, counting hops.
+    fn solve(tokens: &[u32]) -> (u32, usize) {
+        let pairs: HashMap<u32, u32> = tokens[1..1 + 2 * PAIRS].chunks(2).map(|p| (p[0], p[1])).collect();
+        assert_eq!(pairs.len(), PAIRS, "each variable is assigned once");
+        let (mut value, mut hops) = (tokens[LEN - 2], 0);
+        while value >= FIRST_VARIABLE {
+            value = pairs[&value];
+            hops += 1;
+        }
+        (value, hops)
+    }
+
+    #[test]
+    fn answers_follow_the_chain_and_splits_have_their_depths() {
+        let task = ChainTask { seed: 11 };
+        for (split, lo, hi) in [(Split::Train, 1, 6), (Split::Harder, 7, 10)] {
+            let mut seen = [false; 11];
+            for i in 0..500 {
+                let e = task.example(split, i);
+                assert_eq!(e.tokens.len(), LEN);
+                assert_eq!(e.tokens[LEN - 3], QUERY);
+                assert_eq!(solve(&e.tokens), (e.answer, e.hops));
+                assert!((lo..=hi).contains(&e.hops));
+                seen[e.hops] = true;
+            }
+            assert!((lo..=hi).all(|h| seen[h]));
+        }
+        assert_eq!(task.example(Split::Test, 3), task.example(Split::Test, 3));
+        assert_ne!(task.example(Split::Test, 3), task.example(Split::Train, 3));
+        let e = task.example_with_hops(Split::Test, 9, 0);
+        assert_eq!(solve(&e.tokens).1, 9);
+    }
+
+    #[test]
+    fn distractors_end_in_other_digits() {
+        let task = ChainTask { seed: 2 };
+        let mut guess_right = 0;
+        for i in 0..1000 {
+            let e = task.example(Split::Train, i);
+            let digits: Vec<u32> = e.tokens[1..1 + 2 * PAIRS].iter().copied().filter(|t| *t < 10).collect();
+            assert_eq!(
+                digits.iter().filter(|d| **d == e.answer).count(),
+                1,
+                "one chain starts at the answer"
+            );
+            // Guessing a digit of the context is right about 1 time in (distinct digits).
+            let mut distinct = digits.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            guess_right += (e.answer == distinct[i as usize % distinct.len()]) as usize;
+        }
+        assert!((150..=450).contains(&guess_right), "{guess_right}");
+        let (inputs, labels) = task.example(Split::Train, 0).inputs_and_labels();
+        assert_eq!(inputs.len(), LEN - 1);
+        assert_eq!(labels.iter().filter(|l| **l >= 0).count(), 1);
+    }
+}
