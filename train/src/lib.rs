@@ -3,11 +3,13 @@
 //! Built on `model`'s steps. So far: the paper's randomized depth ([`depth`]), its Adam variant
 //! ([`optim`]), learning-rate schedules ([`schedule`]), global-norm clipping ([`clip`]) and one
 //! optimizer step with gradient accumulation ([`step`]); the reasoning tasks: reversed-digit
-//! addition ([`addition`]) and k-hop variable chains ([`chains`]).
+//! addition ([`addition`]) and k-hop variable chains ([`chains`]), batched and scored by exact match
+//! ([`batch`]).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
 //! the reference's gradients.
 
 pub mod addition;
+pub mod batch;
 pub mod chains;
 pub mod clip;
 pub mod depth;
