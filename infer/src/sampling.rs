@@ -2,8 +2,8 @@
 //! filters: repetition penalty, temperature, top-k, top-p, min-p, then a seeded draw (greedy
 //! argmax when sampling is off).
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::exit::argmax;
 
@@ -62,13 +62,13 @@ impl SamplingConfig {
 /// A seeded sampler; one per sequence so every sequence's draws are reproducible.
 pub struct Sampler {
     config: SamplingConfig,
-    rng: StdRng,
+    rng: ChaCha8Rng,
 }
 
 impl Sampler {
     pub fn new(config: SamplingConfig) -> Self {
         Self {
-            rng: StdRng::seed_from_u64(config.seed),
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
             config,
         }
     }

@@ -23,7 +23,7 @@ use burn::tensor::FloatDType;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::module::embedding;
 use rand::SeedableRng;
-use rand::rngs::StdRng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::block::SandwichBlock;
 use crate::cache::{KvCache, LayerSlot, NoCache};
@@ -82,7 +82,7 @@ impl HuginnConfig {
     /// are validated when read).
     pub fn init(&self, device: &Device, seed: u64) -> Huginn {
         self.validate().expect("init needs a valid config");
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let iv = self.init_values();
         let h = self.n_embd;
         let mut normal = |shape: [usize; 2], std: f64| -> Tensor<2> { truncated_normal(shape, std, &mut rng, device) };
@@ -242,7 +242,7 @@ impl Huginn {
             }
             InitialState::LikeInit { seed, scale } => {
                 let std = self.config.init_values().std * scale;
-                let mut rng = StdRng::seed_from_u64(*seed);
+                let mut rng = ChaCha8Rng::seed_from_u64(*seed);
                 let [b, s, h] = dims;
                 truncated_normal([b * s, h], std, &mut rng, &e.device())
                     .reshape(dims)

@@ -6,7 +6,7 @@
 //! first `max(p − k, 0)` run without it (truncated backprop through depth).
 
 use rand::SeedableRng;
-use rand::rngs::StdRng;
+use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, Poisson};
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +45,7 @@ impl DepthScheme {
     pub fn sample(&self, seed: u64, step: u64) -> Depth {
         match *self {
             DepthScheme::PoissonLognormalFilling { mean, backprop } => {
-                let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step);
+                let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step);
                 let mu = (mean as f64).ln() - LOGNORMAL_SIGMA * LOGNORMAL_SIGMA / 2.0;
                 let rate = LogNormal::new(mu, LOGNORMAL_SIGMA)
                     .expect("valid log-normal")
