@@ -145,6 +145,19 @@ pub struct AdaptiveConfig {
     pub strategy: Strategy,
 }
 
+impl AdaptiveConfig {
+    /// Every token gets exactly `steps` recurrence steps (the criterion that never exits).
+    pub fn fixed(steps: usize, warm_start: WarmStart, strategy: Strategy) -> Self {
+        Self {
+            criterion: Criterion::None,
+            threshold: 0.0,
+            max_steps: steps,
+            warm_start,
+            strategy,
+        }
+    }
+}
+
 /// New tokens, steps used for each, and the exit value after every step of every token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptiveGeneration {
@@ -431,13 +444,7 @@ mod tests {
     use model::HuginnConfig;
 
     fn fixed(steps: usize) -> AdaptiveConfig {
-        AdaptiveConfig {
-            criterion: Criterion::None,
-            threshold: 0.0,
-            max_steps: steps,
-            warm_start: WarmStart::Cold,
-            strategy: Strategy::default(),
-        }
+        AdaptiveConfig::fixed(steps, WarmStart::Cold, Strategy::default())
     }
 
     /// Left-padded rows compute exactly what they compute alone (the reference attends to

@@ -321,13 +321,7 @@ impl Plan {
             } else {
                 greedy::WarmStart::Cold
             };
-            Mode::Adaptive(adaptive::AdaptiveConfig {
-                criterion: Criterion::None,
-                threshold: 0.0,
-                max_steps: steps,
-                warm_start: warm,
-                strategy,
-            })
+            Mode::Adaptive(adaptive::AdaptiveConfig::fixed(steps, warm, strategy))
         } else {
             return None;
         };

@@ -4,7 +4,6 @@
 use model::{Huginn, InputError};
 
 use crate::adaptive::{self, AdaptiveConfig};
-use crate::exit::Criterion;
 use crate::strategy::Strategy;
 
 /// Where each new token's recurrence starts.
@@ -37,14 +36,12 @@ pub fn generate(
     steps: usize,
     warm: WarmStart,
 ) -> Result<Generation, InputError> {
-    let config = AdaptiveConfig {
-        criterion: Criterion::None,
-        threshold: 0.0,
-        max_steps: steps,
-        warm_start: warm,
-        strategy: Strategy::default(),
-    };
-    let out = adaptive::generate(model, prompt, max_new, config)?;
+    let out = adaptive::generate(
+        model,
+        prompt,
+        max_new,
+        AdaptiveConfig::fixed(steps, warm, Strategy::default()),
+    )?;
     Ok(Generation {
         tokens: out.tokens,
         steps_per_token: out.steps_per_token,

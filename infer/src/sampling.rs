@@ -221,25 +221,18 @@ mod tests {
             1,
             "2/3 < 1: the seen token loses"
         );
-        let a = frequencies(
-            SamplingConfig {
-                temperature: 1.0,
-                seed: 9,
-                ..Default::default()
-            },
-            &LOGITS,
-            50,
-        );
-        let b = frequencies(
-            SamplingConfig {
-                temperature: 1.0,
-                seed: 9,
-                ..Default::default()
-            },
-            &LOGITS,
-            50,
-        );
-        assert_eq!(a, b);
+        let seeded = |seed| {
+            frequencies(
+                SamplingConfig {
+                    temperature: 1.0,
+                    seed,
+                    ..Default::default()
+                },
+                &LOGITS,
+                50,
+            )
+        };
+        assert_eq!(seeded(9), seeded(9));
         assert!(
             SamplingConfig {
                 top_p: Some(1.5),
