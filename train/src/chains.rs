@@ -66,6 +66,20 @@ impl ChainTask {
         self.build(&mut rng, hops)
     }
 
+    /// Training example `index` under a curriculum: the most hops grows linearly from 1 to 6
+    /// over the first `ramp` examples, then stays at 6 (the plain training distribution).
+    /// Short chains first let the model find the one-hop lookup, the circuit every longer
+    /// chain reuses, before deeper chains are mixed in.
+    pub fn curriculum_example(&self, index: u64, ramp: u64) -> Example {
+        if index >= ramp {
+            return self.example(Split::Train, index);
+        }
+        let most = (1 + 6 * index / ramp).min(6);
+        let mut rng = self.rng(Split::Train, index);
+        let hops = 1 + rng.below(most) as usize;
+        self.build(&mut rng, hops)
+    }
+
     /// Example `index` with exactly `hops` hops (for accuracy by difficulty).
     pub fn example_with_hops(&self, split: Split, hops: usize, index: u64) -> Example {
         assert!((1..=PAIRS).contains(&hops), "1..={PAIRS} hops");
@@ -145,6 +159,11 @@ mod tests {
         }
         assert_eq!(task.example(Split::Test, 3), task.example(Split::Test, 3));
         assert_ne!(task.example(Split::Test, 3), task.example(Split::Train, 3));
+        // The curriculum starts with one hop and ends with the plain distribution.
+        assert_eq!(task.curriculum_example(0, 600).hops, 1);
+        assert!((0..100).all(|i| task.curriculum_example(i, 600).hops == 1));
+        assert!((500..600).any(|i| task.curriculum_example(i, 600).hops == 6));
+        assert_eq!(task.curriculum_example(600, 600), task.example(Split::Train, 600));
         let e = task.example_with_hops(Split::Test, 9, 0);
         assert_eq!(solve(&e.tokens).1, 9);
     }

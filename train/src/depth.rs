@@ -62,6 +62,17 @@ impl DepthScheme {
     }
 }
 
+impl DepthScheme {
+    /// The expected total depth (`mean + 1` for the paper's scheme: Poisson(τ) + 1).
+    pub fn mean_depth(&self) -> f64 {
+        match *self {
+            DepthScheme::PoissonLognormalFilling { mean, .. } => mean as f64 + 1.0,
+            DepthScheme::Fixed { steps, .. } => steps as f64,
+            DepthScheme::NonRecurrent => 1.0,
+        }
+    }
+}
+
 fn split(total: usize, backprop: usize) -> Depth {
     let with_grad = backprop.min(total);
     Depth {

@@ -11,9 +11,15 @@
 pub mod addition;
 pub mod batch;
 pub mod chains;
+pub mod checkpoint;
 pub mod clip;
+pub mod data;
 pub mod depth;
+pub mod metrics;
+pub mod monitor;
 pub mod optim;
 pub mod rng;
+pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod text;

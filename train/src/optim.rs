@@ -57,23 +57,27 @@ impl EllisAdamConfig {
     /// The paper's parameter groups for `model`: weight decay on the matrices and the
     /// embedding, none on the norms and the q/k biases.
     pub fn init_grouped(&self, model: &Huginn) -> ModuleOptimizer {
-        let no_decay: Vec<ParamId> = model
-            .reference_params()
-            .iter()
-            .filter_map(|(_, p)| match p {
-                ParamRef::Vector(p) => Some(p.id),
-                ParamRef::Bias(p) => Some(p.id),
-                ParamRef::Matrix(..) => None,
-            })
-            .collect();
         let without_decay = EllisAdamConfig {
             weight_decay: 0.0,
             ..self.clone()
         }
         .build();
-        self.init()
-            .with_group(ParamGroup::from_ids(no_decay), without_decay, None)
+        self.init().with_group(no_decay_group(model), without_decay, None)
     }
+}
+
+/// The parameters the paper exempts from weight decay: norms and q/k biases.
+pub fn no_decay_group(model: &Huginn) -> ParamGroup {
+    let ids: Vec<ParamId> = model
+        .reference_params()
+        .iter()
+        .filter_map(|(_, p)| match p {
+            ParamRef::Vector(p) => Some(p.id),
+            ParamRef::Bias(p) => Some(p.id),
+            ParamRef::Matrix(..) => None,
+        })
+        .collect();
+    ParamGroup::from_ids(ids)
 }
 
 impl Optimizer for EllisAdam {

@@ -1,0 +1,322 @@
+//! `huginn-train`: train a recurrent-depth model from scratch on a generated reasoning task or
+//! on text, on any compiled backend, with crash-safe checkpoints.
+//!
+//! ```text
+//! huginn-train --task chains --out runs/chains --steps 2500
+//! huginn-train --out runs/chains --resume          # after a crash or Ctrl-C
+//! huginn-train --task text --text-file book.txt --vocab-size 4096 --seq-len 128 --out runs/lm
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use model::{Backend, HuginnConfig};
+use train::data::{DataConfig, Dataset, TokenizerSource};
+use train::depth::DepthScheme;
+use train::run::{OptimizerConfig, RunConfig, Trainer};
+use train::schedule::Schedule;
+
+#[derive(Parser, Debug)]
+#[command(name = "huginn-train", version, about = "Train a recurrent-depth language model.")]
+struct Args {
+    /// Run directory (configuration, metrics, checkpoints, final model).
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Continue the run in --out from its newest checkpoint (its run.json decides everything).
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value = "cpu")]
+    device: Backend,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+
+    // Data.
+    #[arg(long, value_enum, default_value_t = Task::Chains)]
+    task: Task,
+    /// Text or JSONL files (`--task text`); none: the embedded Shakespeare slice.
+    #[arg(long = "text-file")]
+    text_files: Vec<PathBuf>,
+    /// The JSONL field holding a document's text.
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+    /// A tokenizer.json to use instead of training a byte-level BPE.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary of the BPE trained on the corpus.
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    /// Tokens per text row.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Chains: batches over which the most hops ramps from 1 to 6 (0: none).
+    #[arg(long, default_value_t = 0)]
+    curriculum: u64,
+    /// Most digits of a training operand (`--task addition`).
+    #[arg(long, default_value_t = 5)]
+    max_digits: usize,
+    /// Pad addition operands to a fixed width.
+    #[arg(long)]
+    padded: bool,
+
+    // Model.
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Prelude, core and coda layers.
+    #[arg(long, default_value = "1,2,1", value_parser = parse_layers)]
+    layers: (usize, usize, usize),
+
+    // Depth.
+    #[arg(long, value_enum, default_value_t = Scheme::PoissonLognormalFilling)]
+    depth_scheme: Scheme,
+    /// Mean recurrence r̄ (the fixed depth for `--depth-scheme fixed`).
+    #[arg(long, default_value_t = 6)]
+    mean_depth: usize,
+    /// Recurrence steps with gradient (truncated backprop), k.
+    #[arg(long, default_value_t = 3)]
+    backprop: usize,
+
+    // Optimisation.
+    #[arg(long, default_value_t = 2000)]
+    steps: u64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    accumulation: usize,
+    #[arg(long, value_enum, default_value_t = Optimizer::EllisAdam)]
+    optimizer: Optimizer,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
+    schedule: ScheduleKind,
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// Cooldown steps of the trapezoid schedule.
+    #[arg(long, default_value_t = 0)]
+    cooldown: u64,
+    /// Final learning rate as a fraction of --lr (cosine, trapezoid).
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_fraction: f64,
+    /// Global gradient-norm bound; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    // Evaluation and checkpoints.
+    #[arg(long, default_value_t = 250)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 256)]
+    eval_rows: usize,
+    /// Evaluation depths (default: powers of two up to 4·r̄).
+    #[arg(long, value_delimiter = ',')]
+    eval_depths: Vec<usize>,
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Task {
+    Chains,
+    Addition,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Scheme {
+    PoissonLognormalFilling,
+    Fixed,
+    NonRecurrent,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Optimizer {
+    EllisAdam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScheduleKind {
+    Constant,
+    Cosine,
+    Trapezoid,
+}
+
+fn parse_layers(s: &str) -> Result<(usize, usize, usize), String> {
+    let parts: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("layers are three counts like 1,2,1: {e}"))?;
+    match parts[..] {
+        [p, c, o] if c > 0 => Ok((p, c, o)),
+        _ => Err("layers are three counts like 1,2,1 (the core needs at least one)".to_string()),
+    }
+}
+
+impl Args {
+    fn run_config(&self) -> Result<RunConfig> {
+        if self.steps == 0 || self.batch_size == 0 || self.accumulation == 0 {
+            bail!("--steps, --batch-size and --accumulation must be positive");
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 {
+            bail!("--eval-every and --checkpoint-every must be positive");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, not {}", self.lr);
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_fraction) {
+            bail!("--min-lr-fraction must lie in [0, 1]");
+        }
+        if self.mean_depth == 0 || self.backprop == 0 {
+            bail!("--mean-depth and --backprop must be positive");
+        }
+        let data = match self.task {
+            Task::Chains => DataConfig::Chains {
+                seed: self.seed,
+                curriculum: self.curriculum,
+            },
+            Task::Addition => DataConfig::Addition {
+                seed: self.seed,
+                max_digits: self.max_digits,
+                padded: self.padded,
+            },
+            Task::Text => DataConfig::Text {
+                files: self.text_files.clone(),
+                field: self.jsonl_field.clone(),
+                tokenizer: match &self.tokenizer {
+                    Some(path) => TokenizerSource::File { path: path.clone() },
+                    None => TokenizerSource::Train {
+                        vocab_size: self.vocab_size,
+                    },
+                },
+                seq_len: self.seq_len,
+            },
+        };
+        // The data decides vocabulary and context; building it here also checks the files.
+        let dataset = Dataset::new(&data, None).context("reading the training data")?;
+        let depth = match self.depth_scheme {
+            Scheme::PoissonLognormalFilling => DepthScheme::PoissonLognormalFilling {
+                mean: self.mean_depth,
+                backprop: self.backprop,
+            },
+            Scheme::Fixed => DepthScheme::Fixed {
+                steps: self.mean_depth,
+                backprop: self.backprop,
+            },
+            Scheme::NonRecurrent => DepthScheme::NonRecurrent,
+        };
+        let mut model = HuginnConfig::tiny(dataset.vocab_size(), self.width, self.heads, self.layers);
+        model.block_size = dataset.context();
+        model.mean_recurrence = depth.mean_depth().round() as usize;
+        model.mean_backprop_depth = self.backprop;
+        model.validate().context("model shape")?;
+        let min_lr = self.lr * self.min_lr_fraction;
+        let schedule = match self.schedule {
+            ScheduleKind::Constant => Schedule::Constant {
+                peak_lr: self.lr,
+                warmup: self.warmup,
+            },
+            ScheduleKind::Cosine => Schedule::Cosine {
+                peak_lr: self.lr,
+                warmup: self.warmup,
+                total_steps: self.steps,
+                min_lr,
+            },
+            ScheduleKind::Trapezoid => Schedule::Trapezoid {
+                peak_lr: self.lr,
+                warmup: self.warmup,
+                total_steps: self.steps,
+                cooldown: self.cooldown,
+                min_lr,
+            },
+        };
+        let optimizer = match self.optimizer {
+            Optimizer::EllisAdam => OptimizerConfig::EllisAdam {
+                beta_1: 0.9,
+                beta_2: 0.95,
+                weight_decay: self.weight_decay,
+                update_clipping: true,
+            },
+            Optimizer::Adamw => OptimizerConfig::AdamW {
+                beta_1: 0.9,
+                beta_2: 0.95,
+                epsilon: 1e-8,
+                weight_decay: self.weight_decay as f32,
+            },
+        };
+        let eval_depths = if self.eval_depths.is_empty() {
+            RunConfig::default_eval_depths(&depth)
+        } else {
+            self.eval_depths.clone()
+        };
+        Ok(RunConfig {
+            model,
+            data,
+            seed: self.seed,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            accumulation: self.accumulation,
+            depth,
+            optimizer,
+            schedule,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            eval_every: self.eval_every,
+            eval_rows: self.eval_rows,
+            eval_depths,
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep,
+        })
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = args.device.device()?.autodiff();
+    let mut trainer = if args.resume {
+        let t = Trainer::resume(&args.out, &device)?;
+        eprintln!("resuming {} at step {}", args.out.display(), t.state().step);
+        t
+    } else {
+        Trainer::create(&args.out, args.run_config()?, &device)?
+    };
+    trainer.run(None, !args.quiet)?;
+    let state = trainer.state();
+    eprintln!(
+        "done: {} steps, {} tokens, {:.1} s; model in {}",
+        state.step,
+        state.tokens,
+        state.elapsed_seconds,
+        args.out.join("final").display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap's first line says what is wrong; the rest is a pointer to --help.
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

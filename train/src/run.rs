@@ -1,0 +1,446 @@
+//! A training run: its configuration (`run.json`), the loop, evaluation at fixed depths, the
+//! metrics log and crash-safe checkpoints, all under one run directory:
+//!
+//! ```text
+//! RUN/run.json            the configuration, written once
+//! RUN/tokenizer.json      text runs: the tokenizer, trained or copied at the start
+//! RUN/metrics.jsonl|csv   every record (see `metrics`)
+//! RUN/checkpoints/step-N  the newest checkpoints (see `checkpoint`)
+//! RUN/final/              the model at the end (`model.bpk` + `config.json`)
+//! ```
+//!
+//! `Trainer::resume` continues from the newest checkpoint bit-exactly: depth, initial state and
+//! data are pure functions of `(seed, step)`, and the optimizer state is saved whole.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use model::{Huginn, HuginnConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointError, Checkpoints, TrainState};
+use crate::data::{DataConfig, Dataset, EvalSplit};
+use crate::depth::DepthScheme;
+use crate::metrics::{MetricsLog, Record, write_atomically};
+use crate::monitor::{evaluate, monitors};
+use crate::optim::{EllisAdamConfig, no_decay_group};
+use crate::schedule::Schedule;
+use crate::step::{MicroBatch, StepConfig, StepError, train_step};
+use crate::text::TextError;
+
+/// Which optimizer, with its hyperparameters (the learning rate comes from the schedule).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum OptimizerConfig {
+    /// The paper's Adam variant (`optim`): β = (0.9, 0.95), atan2, update clipping.
+    EllisAdam {
+        beta_1: f64,
+        beta_2: f64,
+        weight_decay: f64,
+        update_clipping: bool,
+    },
+    /// Burn's AdamW.
+    AdamW {
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+    },
+}
+
+impl OptimizerConfig {
+    /// The optimizer for `model`, with the paper's groups: no weight decay on norms and q/k
+    /// biases.
+    pub fn init(&self, model: &Huginn, peak_lr: f64) -> ModuleOptimizer {
+        match *self {
+            OptimizerConfig::EllisAdam {
+                beta_1,
+                beta_2,
+                weight_decay,
+                update_clipping,
+            } => EllisAdamConfig::new(peak_lr)
+                .with_beta_1(beta_1)
+                .with_beta_2(beta_2)
+                .with_weight_decay(weight_decay)
+                .with_update_clipping(update_clipping)
+                .init_grouped(model),
+            OptimizerConfig::AdamW {
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+            } => {
+                let config = AdamWConfig::new()
+                    .with_beta_1(beta_1)
+                    .with_beta_2(beta_2)
+                    .with_epsilon(epsilon);
+                config.clone().with_weight_decay(weight_decay).init().with_group(
+                    no_decay_group(model),
+                    config.with_weight_decay(0.0).build(),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+/// Everything that defines a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: HuginnConfig,
+    pub data: DataConfig,
+    /// Seeds the initial weights, the depths, the initial states and the data.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Rows per micro-batch, and micro-batches per optimizer step (gradient accumulation).
+    pub batch_size: usize,
+    pub accumulation: usize,
+    pub depth: DepthScheme,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    /// Global gradient-norm bound (the paper: 1).
+    pub max_grad_norm: Option<f64>,
+    pub eval_every: u64,
+    /// Rows of each held-out split.
+    pub eval_rows: usize,
+    pub eval_depths: Vec<usize>,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+}
+
+impl RunConfig {
+    /// Powers of two from 1 to four times the training mean depth.
+    pub fn default_eval_depths(depth: &DepthScheme) -> Vec<usize> {
+        let top = (4.0 * depth.mean_depth()).ceil() as usize;
+        std::iter::successors(Some(1usize), |d| Some(d * 2))
+            .take_while(|d| *d <= top.next_power_of_two())
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0} already holds a run; pass --resume to continue it or choose another directory")]
+    Exists(PathBuf),
+    #[error("{0} holds no run (no run.json)")]
+    NoRun(PathBuf),
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    BadRun { path: PathBuf, reason: String },
+    #[error("data: {0}")]
+    Data(#[from] TextError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("the model's {what} is {model} but the data needs {data}")]
+    Mismatch {
+        what: &'static str,
+        model: usize,
+        data: usize,
+    },
+    #[error("step {step}: {source}; stopped. {}", match .checkpoint {
+        Some(c) => format!("The last good checkpoint is {}", c.display()),
+        None => "There is no checkpoint yet".to_string(),
+    })]
+    NonFinite {
+        step: u64,
+        source: StepError,
+        checkpoint: Option<PathBuf>,
+    },
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// A run in progress.
+pub struct Trainer {
+    pub config: RunConfig,
+    dir: PathBuf,
+    device: Device,
+    model: Option<Huginn>,
+    optim: ModuleOptimizer,
+    state: TrainState,
+    data: Dataset,
+    eval: Option<Vec<EvalSplit>>,
+    checkpoints: Checkpoints,
+    log: MetricsLog,
+}
+
+impl Trainer {
+    /// Starts a new run in `dir` (which must not hold one) on `device` (an autodiff device).
+    pub fn create(dir: &Path, config: RunConfig, device: &Device) -> Result<Self, TrainError> {
+        if dir.join("run.json").exists() {
+            return Err(TrainError::Exists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let data = Dataset::new(&config.data, None)?;
+        check_fits(&config.model, &data)?;
+        if let Some(tokenizer) = data.tokenizer() {
+            let path = dir.join("tokenizer.json");
+            tokenizer.save(&path, true).map_err(|e| TrainError::Io {
+                path,
+                reason: e.to_string(),
+            })?;
+        }
+        let json = serde_json::to_string_pretty(&config).expect("plain data serializes");
+        let path = dir.join("run.json");
+        write_atomically(&path, json.as_bytes()).map_err(io_error(&path))?;
+        let model = config.model.init(device, config.seed);
+        let optim = config.optimizer.init(&model, config.schedule.peak_lr());
+        Self::assemble(dir, config, device, data, model, optim, TrainState::default())
+    }
+
+    /// Continues the run in `dir` from its newest checkpoint (or from the start when it was
+    /// stopped before its first one).
+    pub fn resume(dir: &Path, device: &Device) -> Result<Self, TrainError> {
+        let path = dir.join("run.json");
+        if !path.exists() {
+            return Err(TrainError::NoRun(dir.to_path_buf()));
+        }
+        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+        let config: RunConfig = serde_json::from_str(&text).map_err(|e| TrainError::BadRun {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = match tokenizer_path.exists() {
+            true => Some(crate::text::load_tokenizer(&tokenizer_path)?),
+            false => None,
+        };
+        let data = Dataset::new(&config.data, tokenizer)?;
+        check_fits(&config.model, &data)?;
+        let peak = config.schedule.peak_lr();
+        let (model, optim, state) = match Checkpoints::open(dir, config.keep_checkpoints)?.latest()? {
+            Some(latest) => checkpoint::load(&latest, device, |m| config.optimizer.init(m, peak))?,
+            None => {
+                let model = config.model.init(device, config.seed);
+                let optim = config.optimizer.init(&model, peak);
+                (model, optim, TrainState::default())
+            }
+        };
+        Self::assemble(dir, config, device, data, model, optim, state)
+    }
+
+    fn assemble(
+        dir: &Path,
+        config: RunConfig,
+        device: &Device,
+        data: Dataset,
+        model: Huginn,
+        optim: ModuleOptimizer,
+        state: TrainState,
+    ) -> Result<Self, TrainError> {
+        let checkpoints = Checkpoints::open(dir, config.keep_checkpoints)?;
+        let log = MetricsLog::open(dir, state.step).map_err(io_error(dir))?;
+        Ok(Self {
+            config,
+            dir: dir.to_path_buf(),
+            device: device.clone(),
+            model: Some(model),
+            optim,
+            state,
+            data,
+            eval: None,
+            checkpoints,
+            log,
+        })
+    }
+
+    pub fn state(&self) -> TrainState {
+        self.state
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn data(&self) -> &Dataset {
+        &self.data
+    }
+
+    /// The model as it stands, without autodiff (for evaluation and inference).
+    pub fn model(&self) -> Huginn {
+        self.model.as_ref().expect("the model is always put back").valid()
+    }
+
+    /// Trains until step `config.steps`, or until `stop_at` if that comes first (a planned
+    /// interruption, as a test of resuming does); saves a checkpoint where it stops and, at the
+    /// end, the final model in `RUN/final`.
+    pub fn run(&mut self, stop_at: Option<u64>, progress: bool) -> Result<(), TrainError> {
+        let end = stop_at.map_or(self.config.steps, |s| s.min(self.config.steps));
+        let bar = progress_bar(progress, self.config.steps, self.state.step);
+        let rows = self.config.batch_size;
+        let tokens_per_step = (rows * self.data.max_len() * self.config.accumulation) as u64;
+        while self.state.step < end {
+            let started = Instant::now();
+            let step = self.state.step;
+            let depth = self.config.depth.sample(self.config.seed, step);
+            let batches: Vec<MicroBatch> = (0..self.config.accumulation as u64)
+                .map(|m| {
+                    let b = self
+                        .data
+                        .train_batch(self.config.seed, self.state.batches + m, rows, &self.device);
+                    MicroBatch {
+                        inputs: b.inputs,
+                        labels: b.labels,
+                    }
+                })
+                .collect();
+            let lr = self.config.schedule.lr(step);
+            let step_config = StepConfig {
+                depth,
+                lr,
+                max_grad_norm: self.config.max_grad_norm,
+                state_seed: self.config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
+            };
+            let model = self.model.take().expect("the model is always put back");
+            let (model, report) = train_step(model, &mut self.optim, &batches, step_config);
+            self.model = Some(model);
+            let report = match report {
+                Ok(report) => report,
+                Err(source) => {
+                    // Weights can go bad a step before the loss shows it, so nothing is saved
+                    // now: the newest checkpoint stays the last good one.
+                    bar.abandon();
+                    return Err(TrainError::NonFinite {
+                        checkpoint: self.checkpoints.latest()?,
+                        step: step + 1,
+                        source,
+                    });
+                }
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            self.state.step += 1;
+            self.state.batches += self.config.accumulation as u64;
+            self.state.tokens += tokens_per_step;
+            self.state.elapsed_seconds += seconds;
+            let tokens_per_second = tokens_per_step as f64 / seconds.max(1e-9);
+            self.write(&Record::Train {
+                step: self.state.step,
+                loss: report.loss,
+                lr,
+                grad_norm: report.grad_norm,
+                recurrence: depth.total(),
+                backprop: depth.with_grad,
+                tokens_per_second,
+                elapsed_seconds: self.state.elapsed_seconds,
+            })?;
+            bar.set_position(self.state.step);
+            bar.set_message(format!(
+                "loss {:.4} · r {:>2} · {:.0} tok/s",
+                report.loss,
+                depth.total(),
+                tokens_per_second
+            ));
+            let at = self.state.step;
+            if at.is_multiple_of(self.config.eval_every) || at == self.config.steps {
+                for line in self.evaluate()? {
+                    bar.println(line);
+                }
+            }
+            if at.is_multiple_of(self.config.checkpoint_every) || at == end {
+                self.save()?;
+            }
+        }
+        bar.finish_and_clear();
+        if self.state.step == self.config.steps {
+            let dir = self.dir.join("final");
+            self.model().save_burn(&dir).map_err(|e| TrainError::Io {
+                path: dir,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates every held-out split at every evaluation depth and the monitors at the
+    /// training mean depth; logs the records and returns a readable line per split.
+    pub fn evaluate(&mut self) -> Result<Vec<String>, TrainError> {
+        let model = self.model();
+        let device = model.device();
+        let splits = self
+            .eval
+            .get_or_insert_with(|| self.data.eval_splits(self.config.eval_rows, &device));
+        let step = self.state.step;
+        let mut records = Vec::new();
+        let mut lines = Vec::new();
+        for split in splits.iter() {
+            let mut line = format!("step {step:>6} {:<10}", split.name);
+            for &depth in &self.config.eval_depths {
+                let e = evaluate(&model, &split.batch, depth, split.exact_match);
+                line += &match e.accuracy {
+                    Some(a) => format!(" r{depth}:{:.1}%", 100.0 * a),
+                    None => format!(" r{depth}:{:.3}", e.loss),
+                };
+                records.push(Record::Eval {
+                    step,
+                    split: split.name.to_string(),
+                    depth,
+                    loss: e.loss,
+                    accuracy: e.accuracy,
+                });
+            }
+            lines.push(line);
+        }
+        let depth = self.config.depth.mean_depth().round() as usize;
+        let m = monitors(&model, splits[0].batch.inputs.clone(), depth);
+        records.push(Record::Monitor {
+            step,
+            depth,
+            relative_residual: m.relative_residual,
+            token_correlation: m.token_correlation,
+        });
+        for r in &records {
+            self.write(r)?;
+        }
+        Ok(lines)
+    }
+
+    fn write(&mut self, record: &Record) -> Result<(), TrainError> {
+        self.log.write(record).map_err(io_error(&self.dir))
+    }
+
+    fn save(&self) -> Result<PathBuf, TrainError> {
+        let model = self.model.as_ref().expect("the model is always put back");
+        Ok(self.checkpoints.save(model, &self.optim, &self.state)?)
+    }
+}
+
+fn check_fits(model: &HuginnConfig, data: &Dataset) -> Result<(), TrainError> {
+    if model.vocab_size < data.vocab_size() {
+        return Err(TrainError::Mismatch {
+            what: "vocabulary",
+            model: model.vocab_size,
+            data: data.vocab_size(),
+        });
+    }
+    if model.block_size < data.context() {
+        return Err(TrainError::Mismatch {
+            what: "context (block_size)",
+            model: model.block_size,
+            data: data.context(),
+        });
+    }
+    Ok(())
+}
+
+fn progress_bar(visible: bool, steps: u64, position: u64) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps).with_position(position);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] step {pos}/{len} · {msg} · ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}

@@ -1,0 +1,215 @@
+//! Whole runs on tiny models: resuming is bit-exact, checkpoints are complete and pruned, a
+//! diverging run stops with its last good checkpoint, the CLI refuses bad input.
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::prelude::*;
+use model::HuginnConfig;
+use train::chains;
+use train::checkpoint::Checkpoints;
+use train::data::DataConfig;
+use train::depth::DepthScheme;
+use train::metrics::{self, MetricsLog, Record};
+use train::run::{OptimizerConfig, RunConfig, TrainError, Trainer};
+use train::schedule::Schedule;
+
+fn config(steps: u64, optimizer: OptimizerConfig, peak_lr: f64) -> RunConfig {
+    let mut model = HuginnConfig::tiny(chains::VOCAB_SIZE, 16, 2, (1, 1, 1));
+    model.block_size = 32;
+    RunConfig {
+        model,
+        data: DataConfig::Chains { seed: 3, curriculum: 2 },
+        seed: 9,
+        steps,
+        batch_size: 4,
+        accumulation: 2,
+        depth: DepthScheme::PoissonLognormalFilling { mean: 3, backprop: 2 },
+        optimizer,
+        schedule: Schedule::Cosine {
+            peak_lr,
+            warmup: 2,
+            total_steps: steps,
+            min_lr: peak_lr / 10.0,
+        },
+        max_grad_norm: Some(1.0),
+        eval_every: 3,
+        eval_rows: 8,
+        eval_depths: vec![1, 4],
+        checkpoint_every: 2,
+        keep_checkpoints: 2,
+    }
+}
+
+fn ellis() -> OptimizerConfig {
+    OptimizerConfig::EllisAdam {
+        beta_1: 0.9,
+        beta_2: 0.95,
+        weight_decay: 0.1,
+        update_clipping: true,
+    }
+}
+
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    metrics::read(&MetricsLog::jsonl_path(dir))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Train { step, loss, .. } => Some((step, loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn evals(dir: &Path) -> Vec<(u64, String, usize, f64)> {
+    metrics::read(&MetricsLog::jsonl_path(dir))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Eval {
+                step,
+                split,
+                depth,
+                loss,
+                ..
+            } => Some((step, split, depth, loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn resuming_continues_bit_exactly() {
+    let device = Device::flex().autodiff();
+    for optimizer in [
+        ellis(),
+        OptimizerConfig::AdamW {
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+            weight_decay: 0.1,
+        },
+    ] {
+        let straight = tempfile::tempdir().unwrap();
+        let mut t = Trainer::create(straight.path(), config(8, optimizer.clone(), 3e-3), &device).unwrap();
+        t.run(None, false).unwrap();
+        let expected = losses(straight.path());
+        assert_eq!(expected.len(), 8);
+        assert!(straight.path().join("final/model.bpk").exists());
+
+        let split = tempfile::tempdir().unwrap();
+        let mut t = Trainer::create(split.path(), config(8, optimizer.clone(), 3e-3), &device).unwrap();
+        t.run(Some(4), false).unwrap();
+        drop(t);
+        // A crash after step 5 was logged but before its checkpoint: the log is cut back.
+        let mut t = Trainer::resume(split.path(), &device).unwrap();
+        assert_eq!(t.state().step, 4);
+        t.run(Some(5), false).unwrap();
+        drop(t);
+        let checkpoints = Checkpoints::open(split.path(), 2).unwrap();
+        std::fs::remove_dir_all(checkpoints.latest().unwrap().unwrap()).unwrap();
+        let mut t = Trainer::resume(split.path(), &device).unwrap();
+        assert_eq!(t.state().step, 4);
+        t.run(None, false).unwrap();
+        assert_eq!(losses(split.path()), expected, "{optimizer:?}");
+        assert_eq!(evals(split.path()), evals(straight.path()));
+        // Checkpoints: the newest two, complete.
+        let kept: Vec<u64> = Checkpoints::open(split.path(), 2)
+            .unwrap()
+            .list()
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(kept, [6, 8]);
+    }
+}
+
+#[test]
+fn a_new_run_refuses_an_existing_directory_and_resume_needs_one() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device).unwrap();
+    t.run(None, false).unwrap();
+    let err = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device).err().unwrap();
+    assert!(matches!(err, TrainError::Exists(_)), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let err = Trainer::resume(empty.path(), &device).err().unwrap();
+    assert!(err.to_string().ends_with("holds no run (no run.json)"), "{err}");
+    // A leftover partial checkpoint (a kill mid-save) is ignored and removed.
+    let partial = dir.path().join("checkpoints/.partial-step-00000003");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.bpk"), b"torn").unwrap();
+    let t = Trainer::resume(dir.path(), &device).unwrap();
+    assert_eq!(t.state().step, 2);
+    assert!(!partial.exists());
+}
+
+#[test]
+fn a_diverging_run_stops_with_its_last_good_checkpoint() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(50, ellis(), 1e30);
+    config.schedule = Schedule::Constant {
+        peak_lr: 1e30,
+        warmup: 0,
+    };
+    config.checkpoint_every = 1;
+    let mut t = Trainer::create(dir.path(), config, &device).unwrap();
+    let err = t.run(None, false).unwrap_err();
+    let TrainError::NonFinite { step, checkpoint, .. } = &err else {
+        panic!("{err}");
+    };
+    let message = err.to_string();
+    assert!(message.contains("non-finite"), "{message}");
+    let checkpoint = checkpoint.clone().unwrap();
+    assert!(checkpoint.ends_with(format!("step-{:08}", step - 1)), "{message}");
+    // Every finite step was logged; none after.
+    assert_eq!(losses(dir.path()).len() as u64, step - 1);
+}
+
+#[test]
+fn the_cli_trains_resumes_and_rejects_bad_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let bin = env!("CARGO_BIN_EXE_huginn-train");
+    let common = [
+        "--width", "16", "--heads", "2", "--layers", "1,1,1", "--batch-size", "4", "--eval-rows", "8",
+        "--eval-every", "2", "--checkpoint-every", "2", "--quiet", "--mean-depth", "2", "--backprop", "1",
+    ];
+    let status = Command::new(bin)
+        .args(["--task", "addition", "--max-digits", "2", "--steps", "3", "--out"])
+        .arg(&out)
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let config: RunConfig = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(config.eval_depths, [1, 2, 4, 8, 16]);
+    assert!(out.join("metrics.csv").exists() && out.join("final/config.json").exists());
+
+    let again = Command::new(bin).arg("--out").arg(&out).args(common).output().unwrap();
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already holds a run; pass --resume"), "{stderr}");
+    let resumed = Command::new(bin).arg("--out").arg(&out).arg("--resume").output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+
+    for (flags, message) in [
+        (vec!["--layers", "1,0,1"], "the core needs at least one"),
+        (vec!["--lr=-1"], "--lr must be a positive number"),
+        (vec!["--device", "tpu"], "tpu"),
+        (vec!["--task", "text", "--text-file", "/nonexistent.txt"], "/nonexistent.txt"),
+        (vec!["--width", "30", "--heads", "4"], "model shape"),
+    ] {
+        let output = Command::new(bin)
+            .arg("--out")
+            .arg(dir.path().join("bad"))
+            .args(&flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(message), "{flags:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
