@@ -6,6 +6,7 @@
 //! engine's strategies.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
 use model::burn::prelude::*;
 use model::{Attend, Huginn, InitialState, InputError, KvCache, LayerSlot};
@@ -210,6 +211,62 @@ pub fn generate_batch_with(
     config: AdaptiveConfig,
     decoding: &Decoding,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
+    run(model, prompts, max_new, config, decoding, |_, _, _| {
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`generate_batch_with`] for one prompt, handing each token to `on_token(token, steps)` as
+/// soon as it is chosen (to print it, or to end the sequence on what it spells: `Break` ends
+/// it after that token).
+pub fn generate_streaming(
+    model: &Huginn,
+    prompt: &[u32],
+    max_new: usize,
+    config: AdaptiveConfig,
+    decoding: &Decoding,
+    mut on_token: impl FnMut(u32, usize) -> ControlFlow<()>,
+) -> Result<AdaptiveGeneration, InputError> {
+    let mut rows = run(
+        model,
+        &[prompt.to_vec()],
+        max_new,
+        config,
+        decoding,
+        |_, token, steps| on_token(token, steps),
+    )?;
+    Ok(rows.pop().expect("one row"))
+}
+
+/// [`generate_streaming`] with a callback that can fail (writing the token out, say): its
+/// first error ends generation and is returned.
+pub fn try_generate_streaming<E: From<InputError>>(
+    model: &Huginn,
+    prompt: &[u32],
+    max_new: usize,
+    config: AdaptiveConfig,
+    decoding: &Decoding,
+    mut on_token: impl FnMut(u32, usize) -> Result<ControlFlow<()>, E>,
+) -> Result<AdaptiveGeneration, E> {
+    let mut failed = None;
+    let generation = generate_streaming(model, prompt, max_new, config, decoding, |token, steps| {
+        on_token(token, steps).unwrap_or_else(|err| {
+            failed = Some(err);
+            ControlFlow::Break(())
+        })
+    })?;
+    failed.map_or(Ok(generation), Err)
+}
+
+/// The generation loop; `on_token(row, token, steps)` sees every new token of every row.
+fn run(
+    model: &Huginn,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    config: AdaptiveConfig,
+    decoding: &Decoding,
+    mut on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
+) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
     let prompt_len = prompts.first().map_or(0, Vec::len);
     if prompt_len + max_new > context {
@@ -241,7 +298,7 @@ pub fn generate_batch_with(
         };
         prompts.len()
     ];
-    let mut done = vec![false; prompts.len()];
+    let mut done = vec![max_new == 0; prompts.len()];
     let mut input: Vec<Vec<u32>> = prompts
         .iter()
         .zip(&pads)
@@ -261,7 +318,8 @@ pub fn generate_batch_with(
             row.tokens.push(next);
             row.steps_per_token.push(exited.steps);
             row.exit_values.push(exited.values);
-            done[b] = row.tokens.len() >= max_new || decoding.stop_tokens.contains(&next);
+            let flow = on_token(b, next, exited.steps);
+            done[b] = row.tokens.len() >= max_new || decoding.stop_tokens.contains(&next) || flow.is_break();
         }
     }
     Ok(out)
@@ -445,6 +503,46 @@ mod tests {
 
     fn fixed(steps: usize) -> AdaptiveConfig {
         AdaptiveConfig::fixed(steps, WarmStart::Cold, Strategy::default())
+    }
+
+    #[test]
+    fn streaming_sees_every_token_as_it_comes_and_can_end_the_sequence() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 43);
+        let prompt = [3, 14, 15, 9];
+        let config = fixed(3);
+        let whole = generate(&model, &prompt, 8, config).unwrap();
+        let mut seen = Vec::new();
+        let streamed = generate_streaming(&model, &prompt, 8, config, &Decoding::default(), |token, steps| {
+            seen.push((token, steps));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(streamed, whole);
+        assert_eq!(seen, whole.tokens.iter().map(|t| (*t, 3)).collect::<Vec<_>>());
+        let mut count = 0;
+        let cut = generate_streaming(&model, &prompt, 8, config, &Decoding::default(), |_, _| {
+            count += 1;
+            if count == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!(cut.tokens, whole.tokens[..3]);
+        // A failing callback ends generation with its error.
+        let mut calls = 0;
+        let err = try_generate_streaming(&model, &prompt, 8, config, &Decoding::default(), |_, _| {
+            calls += 1;
+            if calls == 2 {
+                Err(InputError::Empty)
+            } else {
+                Ok(ControlFlow::Continue(()))
+            }
+        })
+        .unwrap_err();
+        assert_eq!((err, calls), (InputError::Empty, 2));
+        assert!(generate(&model, &prompt, 0, config).unwrap().tokens.is_empty());
     }
 
     /// Left-padded rows compute exactly what they compute alone (the reference attends to

@@ -46,20 +46,39 @@ impl Criterion {
     }
 }
 
+impl Criterion {
+    pub const ALL: [Criterion; 7] = [
+        Criterion::None,
+        Criterion::Kl,
+        Criterion::MinpKl,
+        Criterion::EntropyDiff,
+        Criterion::LatentDiff,
+        Criterion::Cosine,
+        Criterion::ArgmaxStability,
+    ];
+
+    /// The reference's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::None => "none",
+            Criterion::Kl => "kl",
+            Criterion::MinpKl => "minp-kl",
+            Criterion::EntropyDiff => "entropy-diff",
+            Criterion::LatentDiff => "latent-diff",
+            Criterion::Cosine => "cosine",
+            Criterion::ArgmaxStability => "argmax-stability",
+        }
+    }
+}
+
 impl FromStr for Criterion {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "none" => Criterion::None,
-            "kl" => Criterion::Kl,
-            "minp-kl" => Criterion::MinpKl,
-            "entropy-diff" => Criterion::EntropyDiff,
-            "latent-diff" => Criterion::LatentDiff,
-            "cosine" => Criterion::Cosine,
-            "argmax-stability" => Criterion::ArgmaxStability,
-            other => return Err(format!("unknown exit criterion {other:?}")),
-        })
+        Criterion::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown exit criterion {s:?}"))
     }
 }
 

@@ -1,13 +1,20 @@
 //! # infer: running recurrent-depth models
 //!
-//! For now: next-token predictions at each recurrence depth and the reference-fixture checker.
-//! Generation, KV-cache strategies and adaptive exit build on the same `model` steps.
+//! Next-token predictions at each recurrence depth, generation (adaptive exit, the reference's
+//! KV-cache strategies, warm starts, sampling, self-speculative decoding), text in and out
+//! through a model folder's tokenizer and chat template, and the reference-fixture checker,
+//! all on the same `model` steps.
 
 pub mod adaptive;
+pub mod chat;
 pub mod depths;
 pub mod exit;
 pub mod fixture_report;
+pub mod folder;
+pub mod generation_config;
 pub mod greedy;
 pub mod sampling;
 pub mod speculative;
+pub mod stop;
 pub mod strategy;
+pub mod text;

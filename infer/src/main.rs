@@ -1,17 +1,22 @@
 //! `huginn`: the command line for recurrent-depth models.
 
+use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use infer::adaptive::{self, AdaptiveConfig, Decoding};
+use infer::adaptive::{self, AdaptiveConfig, AdaptiveGeneration, Decoding};
+use infer::chat::{Message, Role};
 use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
+use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::sampling::SamplingConfig;
 use infer::strategy::Strategy;
+use infer::text::TextStream;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState};
 
@@ -55,15 +60,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Greedy generation, each token with up to --steps recurrence steps and an optional
-    /// per-token exit criterion (token ids in; token ids and steps per token out).
+    /// Generation, each token with up to --steps recurrence steps and an optional per-token
+    /// exit criterion. The text (token ids without a tokenizer) streams to stdout, the steps
+    /// per token go to stderr. Defaults come from the folder's generation_config.json.
     Generate {
-        /// Model folder. Without it, a random tiny model.
+        /// Model folder: config.json and weights, optionally tokenizer.json,
+        /// tokenizer_config.json, generation_config.json. Without it, a random tiny model.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Prompt token ids, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "prompt",
+            conflicts_with = "prompt"
+        )]
         ids: Vec<u32>,
+        /// Prompt text (needs the folder's tokenizer).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Send --prompt as a user message through the folder's chat template.
+        #[arg(long, requires = "prompt", conflicts_with = "ids")]
+        chat: bool,
+        /// A system message before the --chat prompt.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         /// Recurrence steps per token (the most, with an exit criterion).
         #[arg(long, default_value_t = 32)]
         steps: usize,
@@ -78,23 +99,29 @@ enum Command {
         #[arg(long, default_value = "full")]
         cache: Strategy,
         /// Sampling temperature; 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
+        #[arg(long)]
+        temperature: Option<f32>,
         #[arg(long)]
         top_k: Option<usize>,
         #[arg(long)]
         top_p: Option<f32>,
         #[arg(long)]
         min_p: Option<f32>,
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f32,
+        #[arg(long)]
+        repetition_penalty: Option<f32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Token ids that end generation, comma separated.
+        /// Text that ends generation, left out of the output (needs the folder's tokenizer).
+        /// Repeatable.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Token ids that end generation, comma separated, besides the folder's own.
         #[arg(long, value_delimiter = ',')]
-        stop: Vec<u32>,
-        #[arg(long, default_value_t = 16)]
-        max_new_tokens: usize,
+        stop_token: Vec<u32>,
+        /// Most new tokens (default: generation_config.json's max_new_tokens or max_length,
+        /// else 16).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
         /// Where each new token's recurrence starts.
         #[arg(long, value_enum, default_value_t = WarmStart::Cold)]
         warm_start: WarmStart,
@@ -170,9 +197,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate {
             model,
             ids,
+            prompt,
+            chat,
+            system,
             steps,
-            max_new_tokens,
-            warm_start,
             criterion,
             exit_threshold,
             cache,
@@ -183,20 +211,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repetition_penalty,
             seed,
             stop,
+            stop_token,
+            max_new_tokens,
+            warm_start,
         } => {
+            let mut folder = match &model {
+                Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
+                None => ModelFolder::from_model(load(None, &device)?),
+            };
+            let defaults = folder.generation.sampling(seed);
             let sampling = SamplingConfig {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                repetition_penalty,
+                temperature: temperature.unwrap_or(defaults.temperature),
+                top_k: top_k.or(defaults.top_k),
+                top_p: top_p.or(defaults.top_p),
+                min_p: min_p.or(defaults.min_p),
+                repetition_penalty: repetition_penalty.unwrap_or(defaults.repetition_penalty),
                 seed,
             };
             sampling.validate().map_err(anyhow::Error::msg)?;
-            let model = load(model.as_deref(), &device)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
+            if !stop.is_empty() && folder.tokenizer.is_none() {
+                bail!("--stop needs a tokenizer (tokenizer.json in the model folder); --stop-token takes ids");
+            }
+            let prompt = match prompt {
+                None => ids,
+                Some(text) if chat => {
+                    let system = system.map(|s| Message::new(Role::System, s));
+                    let messages: Vec<Message> = system.into_iter().chain([Message::new(Role::User, text)]).collect();
+                    folder.encode_chat(&messages)?
+                }
+                Some(text) => folder.encode(&text)?,
+            };
+            folder.add_stop_tokens(stop_token);
+            folder.add_stop_strings(stop);
+            let room = folder.model.config().block_size.saturating_sub(prompt.len());
+            let max_new = max_new_tokens
+                .or_else(|| folder.generation.max_new_tokens(prompt.len()).map(|n| n.min(room)))
+                .unwrap_or(16);
             let threshold = exit_threshold.unwrap_or(criterion.auto_threshold());
             let config = AdaptiveConfig {
                 criterion,
@@ -207,13 +260,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let decoding = Decoding {
                 sampling,
-                stop_tokens: stop,
+                stop_tokens: folder.stop_tokens.clone(),
             };
-            let out = adaptive::generate_batch_with(&model, &[ids], max_new_tokens, config, &decoding)?
-                .pop()
-                .expect("one row");
-            let ids: Vec<String> = out.tokens.iter().map(u32::to_string).collect();
-            println!("{}", ids.join(","));
+            let mut stdout = std::io::stdout().lock();
+            let out = match &folder.tokenizer {
+                Some(tokenizer) => {
+                    TextStream::new(tokenizer, folder.stop_strings.clone())
+                        .generate(&folder.model, &prompt, max_new, config, &decoding, |piece| {
+                            stdout.write_all(piece.as_bytes())?;
+                            stdout.flush()
+                        })?
+                        .generation
+                }
+                None => stream_ids(&folder, &prompt, max_new, config, &decoding, &mut stdout)?,
+            };
+            writeln!(stdout)?;
             let steps: Vec<String> = out.steps_per_token.iter().map(usize::to_string).collect();
             let mean = out.steps_per_token.iter().sum::<usize>() as f64 / out.steps_per_token.len().max(1) as f64;
             eprintln!("steps per token: {} (mean {mean:.2})", steps.join(","));
@@ -261,6 +322,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// Generation for a model without a tokenizer: the new token ids, comma separated, as they come.
+fn stream_ids(
+    folder: &ModelFolder,
+    prompt: &[u32],
+    max_new: usize,
+    config: AdaptiveConfig,
+    decoding: &Decoding,
+    out: &mut impl Write,
+) -> Result<AdaptiveGeneration> {
+    let mut separator = "";
+    adaptive::try_generate_streaming(&folder.model, prompt, max_new, config, decoding, |token, _| {
+        write!(out, "{separator}{token}")?;
+        out.flush()?;
+        separator = ",";
+        Ok(ControlFlow::Continue(()))
+    })
 }
 
 fn load(dir: Option<&std::path::Path>, device: &Device) -> Result<Huginn> {

@@ -199,7 +199,7 @@ fn generate_reproduces_the_reference_greedy_run() {
     let (first, second) = (text(&huginn(&sampled)).0, text(&huginn(&sampled)).0);
     assert_eq!(first, second);
     assert_eq!(first.trim().split(',').count(), 12);
-    let out = huginn(&[&args[..], &["--max-new-tokens", "12", "--stop", "121"]].concat());
+    let out = huginn(&[&args[..], &["--max-new-tokens", "12", "--stop-token", "121"]].concat());
     assert_eq!(text(&out).0.trim(), "108,34,91,121");
     let out = huginn(&[&args[..], &["--top-p", "1.5"]].concat());
     assert!(text(&out).1.contains("top_p must be in (0, 1]"));

@@ -1,0 +1,379 @@
+//! Model folders with text files: a tiny model exported beside a byte-level tokenizer carrying
+//! Huginn's special tokens, Huginn's chat template and a generation config; what the library
+//! reads from them, the errors for malformed files, and `huginn generate` streaming text.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use infer::adaptive::{self, AdaptiveConfig, Decoding};
+use infer::chat::{Message, Role};
+use infer::folder::ModelFolder;
+use infer::greedy::WarmStart;
+use infer::strategy::Strategy;
+use model::HuginnConfig;
+use model::burn::prelude::Device;
+use serde_json::json;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// Huginn's template, as `evaluate_raven/checkpoint_to_hf_converter.py` uploads it.
+const HUGINN_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set start_content = '<|begin_header|>' %}{% set end_content = message['content'] | trim  + '<|end_turn|>' %}{% if loop.index0 == 0 %}{% set start_content = bos_token + start_content %}{% endif %}{% if message['role'] == 'Huginn' or message['role'] == 'assistant' %}{% set start_content = start_content + 'Huginn<|end_header|>\\n\\n' %}{{ start_content }}{% generation %}{{ end_content }}{% endgeneration %}{% else %}{% set start_content = start_content + message['role'] + '<|end_header|>\\n\\n' %}{{ start_content }}{{ end_content }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|begin_header|>Huginn<|end_header|>\\n\\n' }}{% else %}{{ '<|end_text|>' }}{% endif %}";
+
+/// Huginn's special tokens (ids 65504-65509 there).
+const SPECIALS: [&str; 6] = [
+    "<|begin_text|>",
+    "<|end_text|>",
+    "<|begin_header|>",
+    "<|end_header|>",
+    "<|end_turn|>",
+    "<|pad|>",
+];
+const VOCAB: usize = 256 + SPECIALS.len();
+const STEPS: usize = 3;
+
+/// A byte-level BPE without merges: the special tokens at `ids`, the 256 bytes at the others.
+fn tokenizer(ids: [u32; 6]) -> Tokenizer {
+    let mut bytes: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    bytes.sort();
+    let free = (0..VOCAB as u32).filter(|i| !ids.contains(i));
+    let mut vocab: Vocab = bytes.iter().map(char::to_string).zip(free).collect();
+    vocab.extend(SPECIALS.iter().map(|s| s.to_string()).zip(ids));
+    let mut tokenizer = Tokenizer::new(BPE::builder().vocab_and_merges(vocab, vec![]).build().unwrap());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    tokenizer
+        .add_special_tokens(SPECIALS.map(|s| AddedToken::from(s, true)))
+        .unwrap();
+    tokenizer
+}
+
+const DEFAULT_IDS: [u32; 6] = [256, 257, 258, 259, 260, 261];
+
+/// A tiny model's folder with every text file; the tokenizer's special tokens at `ids`.
+fn folder(ids: [u32; 6]) -> tempfile::TempDir {
+    folder_of_seed(ids, 5)
+}
+
+fn folder_of_seed(ids: [u32; 6], seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model = HuginnConfig::tiny(VOCAB, 32, 4, (1, 2, 1)).init(&Device::flex(), seed);
+    model.export_hf(dir.path(), usize::MAX).unwrap();
+    tokenizer(ids).save(dir.path().join("tokenizer.json"), false).unwrap();
+    write_json(
+        dir.path(),
+        "tokenizer_config.json",
+        json!({
+            "bos_token": "<|begin_text|>",
+            "eos_token": {"content": "<|end_text|>", "lstrip": false, "__type": "AddedToken"},
+            "pad_token": "<|pad|>",
+            "chat_template": HUGINN_TEMPLATE,
+            "model_max_length": 1_000_000_000u64,
+        }),
+    );
+    write_json(
+        dir.path(),
+        "generation_config.json",
+        json!({"bos_token_id": ids[0], "eos_token_id": ids[1], "pad_token_id": ids[5], "max_length": 48}),
+    );
+    dir
+}
+
+fn write_json(dir: &Path, file: &str, value: serde_json::Value) {
+    std::fs::write(dir.join(file), value.to_string()).unwrap();
+}
+
+fn open(dir: &Path) -> ModelFolder {
+    ModelFolder::open(dir, &Device::flex()).unwrap()
+}
+
+fn fixed() -> AdaptiveConfig {
+    AdaptiveConfig::fixed(STEPS, WarmStart::Cold, Strategy::default())
+}
+
+fn huginn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_huginn")).args(args).output().unwrap()
+}
+
+#[test]
+fn a_folder_gives_its_tokenizer_template_defaults_and_stop_tokens() {
+    let dir = folder(DEFAULT_IDS);
+    let folder = open(dir.path());
+    let tokenizer = folder.tokenizer.as_ref().unwrap();
+    assert_eq!(folder.special_tokens.bos.as_deref(), Some("<|begin_text|>"));
+    assert_eq!(
+        folder.special_tokens.eos.as_deref(),
+        Some("<|end_text|>"),
+        "AddedToken form"
+    );
+    assert_eq!(folder.generation.max_new_tokens(8), Some(40));
+    // generation_config's eos, then the reference's stops <|begin_text|> and <|end_turn|>.
+    assert_eq!(folder.stop_tokens, [257, 256, 260]);
+    let messages = [Message::new(Role::System, "Be brief."), Message::new(Role::User, "Hi!")];
+    let rendered = "<|begin_text|><|begin_header|>system<|end_header|>\n\nBe brief.<|end_turn|>\
+                    <|begin_header|>user<|end_header|>\n\nHi!<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n";
+    let ids = folder.encode_chat(&messages).unwrap();
+    assert_eq!(ids, tokenizer.encode(rendered, false).unwrap().get_ids());
+    assert_eq!((ids[0], ids[1]), (256, 258));
+    assert_eq!(tokenizer.decode(&ids, false).unwrap(), rendered);
+    // A plain prompt: BOS, then the text's bytes.
+    let ids = folder.encode("Hi").unwrap();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids[0], 256);
+    assert_eq!(tokenizer.decode(&ids, true).unwrap(), "Hi");
+}
+
+#[test]
+fn stop_strings_that_are_special_tokens_become_stop_tokens() {
+    let dir = folder(DEFAULT_IDS);
+    write_json(
+        dir.path(),
+        "generation_config.json",
+        json!({"eos_token_id": [257, 9], "stop_strings": ["<|end_header|>", "\n\n"]}),
+    );
+    let mut folder = open(dir.path());
+    assert_eq!(folder.stop_tokens, [257, 9, 256, 260, 259]);
+    assert_eq!(folder.stop_strings, ["\n\n"]);
+    folder.add_stop_strings(["<|pad|>".to_string(), "User:".to_string(), "\n\n".to_string()]);
+    assert_eq!(folder.stop_tokens, [257, 9, 256, 260, 259, 261]);
+    assert_eq!(folder.stop_strings, ["\n\n", "User:"]);
+}
+
+#[test]
+fn missing_optional_files_are_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = HuginnConfig::tiny(VOCAB, 32, 4, (1, 2, 1)).init(&Device::flex(), 5);
+    model.save_burn(dir.path()).unwrap();
+    let folder = open(dir.path());
+    assert!(folder.tokenizer.is_none() && folder.chat_template.is_none());
+    assert!(folder.stop_tokens.is_empty() && folder.stop_strings.is_empty());
+    assert_eq!(folder.generation, Default::default());
+    let err = folder.encode("Hi").unwrap_err().to_string();
+    assert_eq!(err, "the model folder has no tokenizer (tokenizer.json)");
+    // A tokenizer without a tokenizer_config.json: no template, no BOS.
+    tokenizer(DEFAULT_IDS)
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    let folder = open(dir.path());
+    assert_eq!(folder.encode("Hi").unwrap().len(), 2);
+    assert_eq!(folder.stop_tokens, [256, 257, 260], "the reference's stops");
+    let err = folder.encode_chat(&[Message::new(Role::User, "Hi")]).unwrap_err();
+    assert!(err.to_string().contains("has no chat template"), "{err}");
+}
+
+#[test]
+fn malformed_files_are_one_line_errors_naming_the_file() {
+    let base = folder(DEFAULT_IDS);
+    let mut too_big = tokenizer(DEFAULT_IDS);
+    too_big
+        .add_special_tokens([AddedToken::from("<|extra|>", true)])
+        .unwrap();
+    let too_big = too_big.to_string(false).unwrap();
+    let cases: [(&str, &str, &str); 8] = [
+        ("tokenizer.json", "{\"model\": 1}", "invalid tokenizer"),
+        (
+            "tokenizer.json",
+            &too_big,
+            "token id 262 is outside the model's vocabulary of 262",
+        ),
+        ("tokenizer_config.json", "{", "invalid tokenizer config"),
+        (
+            "tokenizer_config.json",
+            "{\"bos_token\": 7}",
+            "invalid tokenizer config",
+        ),
+        (
+            "tokenizer_config.json",
+            "{\"chat_template\": \"{% for %}\"}",
+            "invalid chat template",
+        ),
+        (
+            "tokenizer_config.json",
+            "{\"chat_template\": [{\"name\": \"tool_use\", \"template\": \"x\"}]}",
+            "no template named \"default\"",
+        ),
+        ("chat_template.jinja", "{% if messages %}", "invalid chat template"),
+        (
+            "generation_config.json",
+            "{\"eos_token_id\": \"x\"}",
+            "invalid generation config",
+        ),
+    ];
+    for (file, content, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(base.path()).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        std::fs::write(dir.path().join(file), content).unwrap();
+        let err = ModelFolder::open(dir.path(), &Device::flex()).unwrap_err().to_string();
+        let path = dir.path().join(file).display().to_string();
+        assert!(err.starts_with(&format!("{path}: ")), "{file}: {err}");
+        assert!(err.contains(needle), "{file}: {err}");
+        assert!(!err.contains('\n'), "{file}: {err}");
+    }
+}
+
+#[test]
+fn huginns_end_of_turn_and_end_of_text_tokens_end_generation() {
+    // Which tokens the tiny model picks does not depend on the tokenizer: name the third new
+    // one <|end_turn|> (the reference's stop) or <|end_text|> (generation_config's eos).
+    let prompt = vec![40, 41, 42, 43];
+    let free = adaptive::generate(&open(folder(DEFAULT_IDS).path()).model, &prompt, 12, fixed())
+        .unwrap()
+        .tokens;
+    let k = (2..free.len())
+        .find(|&k| !free[..k].contains(&free[k]))
+        .expect("a new token");
+    let spare: Vec<u32> = (200..VOCAB as u32).filter(|i| !free.contains(i)).collect();
+    for named in [4, 1] {
+        let mut ids: [u32; 6] = spare[..6].try_into().unwrap();
+        ids[named] = free[k];
+        let folder = open(folder(ids).path());
+        let decoding = Decoding {
+            stop_tokens: folder.stop_tokens.clone(),
+            ..Default::default()
+        };
+        let out = adaptive::generate_batch_with(&folder.model, std::slice::from_ref(&prompt), 12, fixed(), &decoding)
+            .unwrap();
+        assert_eq!(out[0].tokens, free[..=k], "{}", SPECIALS[named]);
+    }
+}
+
+#[test]
+fn chat_generation_streams_the_text_of_the_greedy_tokens() {
+    // This model answers with two-byte characters, so characters span tokens.
+    let dir = folder_of_seed(DEFAULT_IDS, 7);
+    let model = dir.path().to_str().unwrap();
+    let out = huginn(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "What is 2+2?",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--steps",
+        "3",
+        "--max-new-tokens",
+        "10",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let folder = open(dir.path());
+    let prompt = folder
+        .encode_chat(&[
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "What is 2+2?"),
+        ])
+        .unwrap();
+    let decoding = Decoding {
+        stop_tokens: folder.stop_tokens.clone(),
+        ..Default::default()
+    };
+    let greedy = adaptive::generate_batch_with(&folder.model, &[prompt], 10, fixed(), &decoding).unwrap();
+    let text = folder
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .decode(&greedy[0].tokens, true)
+        .unwrap();
+    assert!(
+        text.chars()
+            .any(|c| c.len_utf8() > 1 && c != char::REPLACEMENT_CHARACTER),
+        "{text:?}"
+    );
+    assert_eq!(stdout, format!("{text}\n"));
+    let steps = vec!["3"; greedy[0].tokens.len()].join(",");
+    assert!(stderr.contains(&format!("steps per token: {steps} ")), "{stderr}");
+}
+
+#[test]
+fn stop_strings_cut_the_streamed_text() {
+    let dir = folder(DEFAULT_IDS);
+    let model = dir.path().to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "Once upon a time",
+        "--steps",
+        "3",
+        "--max-new-tokens",
+        "16",
+    ];
+    let full = String::from_utf8(huginn(&args).stdout).unwrap();
+    // Two characters from the middle of the text (each byte is one token, so the stop string
+    // spans tokens).
+    let chars: Vec<char> = full.trim_end_matches('\n').chars().collect();
+    let at = (chars.len() / 2).max(1);
+    let stop: String = chars[at..at + 2].iter().collect();
+    let out = huginn(&[&args[..], &["--stop", &stop, "--stop", "never said"]].concat());
+    assert!(out.status.success());
+    let cut = &full[..full.find(&stop).unwrap()];
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{cut}\n"),
+        "stop {stop:?} in {full:?}"
+    );
+}
+
+#[test]
+fn text_options_without_the_files_they_need_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    HuginnConfig::tiny(VOCAB, 32, 4, (1, 2, 1))
+        .init(&Device::flex(), 5)
+        .save_burn(dir.path())
+        .unwrap();
+    let model = dir.path().to_str().unwrap();
+    assert!(
+        !huginn(&["generate", "--chat", "--ids", "1"]).status.success(),
+        "--chat takes --prompt"
+    );
+    let cases: [(&[&str], &str); 3] = [
+        (&["--prompt", "Hi"], "no tokenizer (tokenizer.json)"),
+        (&["--ids", "1,2", "--stop", "x"], "--stop needs a tokenizer"),
+        (&["--prompt", "Hi", "--chat"], "no tokenizer"),
+    ];
+    for (args, needle) in cases {
+        let out = huginn(&[&["generate", "--model", model][..], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr.contains(needle) && stderr.trim().lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
+    }
+    // Without a tokenizer, ids stream; --stop-token ends generation after the token.
+    let ids_args = [
+        "generate",
+        "--model",
+        model,
+        "--ids",
+        "1,2,3",
+        "--steps",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ];
+    let ids = String::from_utf8(huginn(&ids_args).stdout).unwrap();
+    let ids: Vec<&str> = ids.trim().split(',').collect();
+    assert_eq!(ids.len(), 6);
+    let k = (1..6).find(|&k| !ids[..k].contains(&ids[k])).unwrap_or(0);
+    let out = huginn(&[&ids_args[..], &["--stop-token", ids[k]]].concat());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n", ids[..=k].join(","))
+    );
+    tokenizer(DEFAULT_IDS)
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    let out = huginn(&["generate", "--model", model, "--prompt", "Hi", "--chat"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has no chat template"), "{stderr}");
+}
