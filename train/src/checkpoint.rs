@@ -63,7 +63,11 @@ impl Checkpoints {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let path = entry.map_err(io(&dir))?.path();
-            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".partial-")) {
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".partial-"))
+            {
                 std::fs::remove_dir_all(&path).map_err(io(&path))?;
             }
         }
@@ -118,14 +122,18 @@ impl Checkpoints {
         std::fs::write(partial.join(STATE), json).map_err(io(&partial))?;
         for entry in std::fs::read_dir(&partial).map_err(io(&partial))? {
             let path = entry.map_err(io(&partial))?.path();
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
         }
         if done.exists() {
             // The same step saved again (a resumed run reaching it): replace.
             std::fs::remove_dir_all(&done).map_err(io(&done))?;
         }
         std::fs::rename(&partial, &done).map_err(io(&done))?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
         let all = self.list()?;
         for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
             std::fs::remove_dir_all(old).map_err(io(old))?;
@@ -148,9 +156,7 @@ pub fn load(
     let config = HuginnConfig::from_file(dir.join("config.json")).map_err(|e| corrupt(dir, e.to_string()))?;
     let model = Huginn::load_burn(&config, dir.join(MODEL), device).map_err(|e| corrupt(dir, e.to_string()))?;
     let path = dir.join(OPTIMIZER);
-    let optimizer = optim(&model)
-        .load(&path)
-        .map_err(|e| corrupt(&path, e.to_string()))?;
+    let optimizer = optim(&model).load(&path).map_err(|e| corrupt(&path, e.to_string()))?;
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let state = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;

@@ -221,10 +221,7 @@ mod tests {
     #[test]
     fn batches_are_pure_functions_of_their_index() {
         let device = Device::flex();
-        let data = Dataset::new(&DataConfig::Chains {
-            seed: 4,
-            curriculum: 0,
-        }, None).unwrap();
+        let data = Dataset::new(&DataConfig::Chains { seed: 4, curriculum: 0 }, None).unwrap();
         let ids = |b: &Batch| b.inputs.to_data().convert::<i64>().try_to_vec::<i64>().unwrap();
         let a = data.train_batch(1, 5, 4, &device);
         assert_eq!(ids(&a), ids(&data.train_batch(1, 5, 4, &device)));
@@ -242,7 +239,10 @@ mod tests {
         let data = Dataset::new(&text, None).unwrap();
         assert_eq!(data.vocab_size(), 300);
         let b = data.train_batch(1, 0, 2, &device);
-        let (inputs, labels) = (ids(&b), b.labels.to_data().convert::<i64>().try_to_vec::<i64>().unwrap());
+        let (inputs, labels) = (
+            ids(&b),
+            b.labels.to_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+        );
         assert_eq!(inputs[1..16], labels[..15], "labels are the inputs shifted by one");
         assert_eq!(data.eval_splits(3, &device)[0].batch.inputs.dims(), [3, 16]);
     }

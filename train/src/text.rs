@@ -50,7 +50,10 @@ pub fn read_documents(files: &[PathBuf], field: &str) -> Result<Vec<String>, Tex
         if path.extension().is_some_and(|e| e == "jsonl") {
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let value: serde_json::Value = serde_json::from_str(line).map_err(|_| jsonl_error(path, i, field))?;
-                let doc = value.get(field).and_then(|v| v.as_str()).ok_or_else(|| jsonl_error(path, i, field))?;
+                let doc = value
+                    .get(field)
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| jsonl_error(path, i, field))?;
                 documents.push(doc.to_string());
             }
         } else {
@@ -79,15 +82,20 @@ pub fn train_bpe(documents: &[String], vocab_size: usize) -> Result<Tokenizer, T
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
         .build();
-    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
-        TokenizerBuilder::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
-            .with_post_processor(None)
-            .with_decoder(Some(ByteLevel::new(false, true, true).into()))
-            .build()
-            .map_err(err)?;
+    let mut tokenizer: TokenizerImpl<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+        .with_post_processor(None)
+        .with_decoder(Some(ByteLevel::new(false, true, true).into()))
+        .build()
+        .map_err(err)?;
     tokenizer.train(&mut trainer, documents.iter()).map_err(err)?;
     Ok(Tokenizer::from(tokenizer))
 }
@@ -137,7 +145,11 @@ impl TextCorpus {
                 need,
             });
         }
-        Ok(Self { tokenizer, train, valid })
+        Ok(Self {
+            tokenizer,
+            train,
+            valid,
+        })
     }
 
     /// `rows` training windows of `seq_len + 1` tokens for batch `index` of a run seeded `seed`.
@@ -211,7 +223,10 @@ mod tests {
         let bad = dir.path().join("bad.jsonl");
         std::fs::write(&bad, "{\"text\": \"one\"}\n{\"body\": 1}\n").unwrap();
         let err = read_documents(&[bad], "text").unwrap_err().to_string();
-        assert!(err.ends_with("bad.jsonl:2: not a JSON object with a string field `text`"), "{err}");
+        assert!(
+            err.ends_with("bad.jsonl:2: not a JSON object with a string field `text`"),
+            "{err}"
+        );
         let err = read_documents(&[dir.path().join("missing.txt")], "text").unwrap_err();
         assert!(matches!(err, TextError::Io { .. }));
         let tiny = TextCorpus::new(train_bpe(&corpus(), 300).unwrap(), &["a b c".to_string()], 32);

@@ -131,7 +131,9 @@ fn a_new_run_refuses_an_existing_directory_and_resume_needs_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device).unwrap();
     t.run(None, false).unwrap();
-    let err = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device).err().unwrap();
+    let err = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device)
+        .err()
+        .unwrap();
     assert!(matches!(err, TrainError::Exists(_)), "{err}");
     let empty = tempfile::tempdir().unwrap();
     let err = Trainer::resume(empty.path(), &device).err().unwrap();
@@ -174,8 +176,25 @@ fn the_cli_trains_resumes_and_rejects_bad_flags() {
     let out = dir.path().join("run");
     let bin = env!("CARGO_BIN_EXE_huginn-train");
     let common = [
-        "--width", "16", "--heads", "2", "--layers", "1,1,1", "--batch-size", "4", "--eval-rows", "8",
-        "--eval-every", "2", "--checkpoint-every", "2", "--quiet", "--mean-depth", "2", "--backprop", "1",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "1,1,1",
+        "--batch-size",
+        "4",
+        "--eval-rows",
+        "8",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--mean-depth",
+        "2",
+        "--backprop",
+        "1",
     ];
     let status = Command::new(bin)
         .args(["--task", "addition", "--max-digits", "2", "--steps", "3", "--out"])
@@ -192,14 +211,22 @@ fn the_cli_trains_resumes_and_rejects_bad_flags() {
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("already holds a run; pass --resume"), "{stderr}");
-    let resumed = Command::new(bin).arg("--out").arg(&out).arg("--resume").output().unwrap();
+    let resumed = Command::new(bin)
+        .arg("--out")
+        .arg(&out)
+        .arg("--resume")
+        .output()
+        .unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
 
     for (flags, message) in [
         (vec!["--layers", "1,0,1"], "the core needs at least one"),
         (vec!["--lr=-1"], "--lr must be a positive number"),
         (vec!["--device", "tpu"], "tpu"),
-        (vec!["--task", "text", "--text-file", "/nonexistent.txt"], "/nonexistent.txt"),
+        (
+            vec!["--task", "text", "--text-file", "/nonexistent.txt"],
+            "/nonexistent.txt",
+        ),
         (vec!["--width", "30", "--heads", "4"], "model shape"),
     ] {
         let output = Command::new(bin)
@@ -209,7 +236,10 @@ fn the_cli_trains_resumes_and_rejects_bad_flags() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success() && stderr.contains(message), "{flags:?}: {stderr}");
+        assert!(
+            !output.status.success() && stderr.contains(message),
+            "{flags:?}: {stderr}"
+        );
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
