@@ -300,6 +300,7 @@ impl Trainer {
                 lr,
                 max_grad_norm: self.config.max_grad_norm,
                 state_seed: self.config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
+                state_scale: 1.0,
             };
             let model = self.model.take().expect("the model is always put back");
             let (model, report) = train_step(model, &mut self.optim, &batches, step_config);

@@ -44,6 +44,8 @@ pub struct StepConfig {
     pub max_grad_norm: Option<f64>,
     /// Seed of the random initial state ("like-init") of this step.
     pub state_seed: u64,
+    /// Scale of that random state (the reference's `init_scale`; 0 starts from zeros).
+    pub state_scale: f64,
 }
 
 /// Runs one optimizer step over `batches` (gradient accumulation when there are several) and
@@ -63,7 +65,7 @@ pub fn train_step(
     for (i, batch) in batches.iter().enumerate() {
         let init = InitialState::LikeInit {
             seed: config.state_seed.wrapping_add(i as u64),
-            scale: 1.0,
+            scale: config.state_scale,
         };
         let out = model.forward_truncated(
             batch.inputs.clone(),
@@ -126,6 +128,7 @@ mod tests {
                 lr: 3e-3,
                 max_grad_norm: Some(1.0),
                 state_seed: step,
+                state_scale: 1.0,
             };
             let batches = [batch(&model, &data[..1]), batch(&model, &data[1..])];
             let (next, report) = train_step(model, &mut optim, &batches, config);
@@ -148,6 +151,7 @@ mod tests {
             lr: 1e-3,
             max_grad_norm: None,
             state_seed: 0,
+            state_scale: 1.0,
         };
         let (_, report) = train_step(model, &mut optim, &[], config);
         assert_eq!(report, Err(StepError::NoData));

@@ -1,0 +1,432 @@
+//! The chains demo: randomized-depth training on k-hop variable chains against a non-recurrent
+//! baseline, accuracy against test-time depth, adaptive exit by difficulty, latent dynamics.
+//!
+//! Why chains rather than addition: the answer is one token whose difficulty (hops) is set
+//! independently of the sequence length, and each pass through the core can follow about one
+//! assignment, so the depth a question needs is known and the right answer is out of reach of
+//! a shallow pass (guessing among the context's digits gives 25-35%).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use infer::adaptive::{AdaptiveConfig, generate_batch};
+use infer::exit::Criterion;
+use infer::greedy::WarmStart;
+use infer::strategy::Strategy;
+use model::burn::prelude::*;
+use model::{Huginn, HuginnConfig};
+use serde_json::{Value, json};
+use train::batch::make_batch;
+use train::chains::{self, ChainTask, Split};
+use train::data::DataConfig;
+use train::depth::DepthScheme;
+use train::monitor::evaluate;
+use train::run::{OptimizerConfig, RunConfig, Trainer};
+use train::schedule::Schedule;
+
+use crate::report;
+
+/// The demo's sizes and recipe (experiments.md, task A).
+#[derive(Debug, Clone)]
+pub struct ChainsDemo {
+    pub seed: u64,
+    pub steps: u64,
+    pub width: usize,
+    pub heads: usize,
+    pub layers: (usize, usize, usize),
+    /// Training mean recurrence r̄ and backprop depth k.
+    pub mean_depth: usize,
+    pub backprop: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Batches over which the most hops of a training chain ramps from 1 to 6.
+    pub curriculum: u64,
+    /// Rows of each evaluation set, and per hop count for the difficulty curves.
+    pub eval_rows: usize,
+    pub rows_per_hop: usize,
+    pub depths: Vec<usize>,
+    /// Zero-shot exit rules compared; the first is the headline one.
+    pub exits: Vec<(Criterion, f64)>,
+    pub exit_max_steps: usize,
+}
+
+impl ChainsDemo {
+    pub fn full() -> Self {
+        Self {
+            seed: 0,
+            steps: 2000,
+            width: 64,
+            heads: 4,
+            layers: (1, 2, 1),
+            mean_depth: 6,
+            backprop: 3,
+            batch_size: 32,
+            lr: 2e-3,
+            curriculum: 800,
+            eval_rows: 512,
+            rows_per_hop: 128,
+            depths: vec![1, 2, 4, 8, 16, 32, 64],
+            exits: vec![(Criterion::LatentDiff, 0.03), (Criterion::Kl, 1e-3)],
+            exit_max_steps: 64,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            steps: 20,
+            width: 16,
+            heads: 2,
+            layers: (1, 1, 1),
+            mean_depth: 2,
+            backprop: 1,
+            batch_size: 8,
+            curriculum: 10,
+            eval_rows: 32,
+            rows_per_hop: 8,
+            depths: vec![1, 2, 4, 8, 16, 32, 64],
+            exit_max_steps: 16,
+            ..Self::full()
+        }
+    }
+
+    fn run_config(&self, depth: DepthScheme) -> RunConfig {
+        let mut model = HuginnConfig::tiny(chains::VOCAB_SIZE, self.width, self.heads, self.layers);
+        model.block_size = chains::LEN;
+        model.mean_recurrence = self.mean_depth;
+        model.mean_backprop_depth = self.backprop;
+        RunConfig {
+            model,
+            data: DataConfig::Chains {
+                seed: self.seed,
+                curriculum: self.curriculum,
+            },
+            seed: self.seed,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            accumulation: 1,
+            depth,
+            optimizer: OptimizerConfig::AdamW {
+                beta_1: 0.9,
+                beta_2: 0.95,
+                epsilon: 1e-8,
+                weight_decay: 0.01,
+            },
+            schedule: Schedule::Cosine {
+                peak_lr: self.lr,
+                warmup: (self.steps / 20).max(1),
+                total_steps: self.steps,
+                min_lr: self.lr / 10.0,
+            },
+            max_grad_norm: Some(1.0),
+            eval_every: (self.steps / 4).max(1),
+            eval_rows: self.eval_rows.min(256),
+            eval_depths: vec![1, self.mean_depth + 1, 4 * (self.mean_depth + 1)],
+            checkpoint_every: (self.steps / 4).max(1),
+            keep_checkpoints: 1,
+        }
+    }
+}
+
+/// Trains one model of the demo and returns it without autodiff.
+fn train(config: RunConfig, dir: &Path, device: &Device, progress: bool, label: &str) -> Result<Huginn> {
+    if progress {
+        eprintln!("training {label} ({} steps) → {}", config.steps, dir.display());
+    }
+    let mut trainer = Trainer::create(dir, config, &device.clone().autodiff())?;
+    trainer.run(None, progress)?;
+    Ok(trainer.model())
+}
+
+/// Accuracy of `model` on `examples` at each depth.
+fn accuracy_by_depth(model: &Huginn, examples: &[chains::Example], depths: &[usize], bar: &ProgressBar) -> Vec<f64> {
+    let batch = make_batch(examples, chains::PAD, &model.device());
+    depths
+        .iter()
+        .map(|&d| {
+            bar.inc(1);
+            evaluate(model, &batch, d, true).accuracy.expect("tasks are scored")
+        })
+        .collect()
+}
+
+/// Zero-shot adaptive exit on the answer token: each question runs until its own criterion
+/// fires (reference semantics, as `huginn generate` does). Returns steps used and correctness.
+fn adaptive(
+    model: &Huginn,
+    examples: &[chains::Example],
+    exit: (Criterion, f64),
+    max_steps: usize,
+) -> Result<Vec<(usize, bool)>> {
+    let config = AdaptiveConfig {
+        criterion: exit.0,
+        threshold: exit.1,
+        max_steps,
+        warm_start: WarmStart::Cold,
+        strategy: Strategy::default(),
+    };
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(128) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.tokens[..chains::LEN - 1].to_vec()).collect();
+        let rows = generate_batch(model, &prompts, 1, config).context("adaptive exit")?;
+        for (row, e) in rows.iter().zip(chunk) {
+            out.push((row.steps_per_token[0], row.tokens[0] == e.answer));
+        }
+    }
+    Ok(out)
+}
+
+/// Spearman's rank correlation (average ranks for ties).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for k in i..=j {
+                r[idx[k]] = (i + j) as f64 / 2.0 + 1.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(&rx), mean(&ry));
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let var = |v: &[f64], m: f64| v.iter().map(|a| (a - m).powi(2)).sum::<f64>();
+    let denominator = (var(&rx, mx) * var(&ry, my)).sqrt();
+    if denominator == 0.0 { 0.0 } else { cov / denominator }
+}
+
+fn by_depth(depths: &[usize], values: &[f64]) -> Value {
+    let map: BTreeMap<String, f64> = depths.iter().zip(values).map(|(d, v)| (d.to_string(), *v)).collect();
+    json!(map)
+}
+
+pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, started: Instant) -> Result<()> {
+    let recurrent_config = config.run_config(DepthScheme::PoissonLognormalFilling {
+        mean: config.mean_depth,
+        backprop: config.backprop,
+    });
+    let train_mean_depth = recurrent_config.depth.mean_depth();
+    let recurrent = train(
+        recurrent_config,
+        &out.join("recurrent"),
+        device,
+        progress,
+        "the recurrent model",
+    )?;
+    let baseline = train(
+        config.run_config(DepthScheme::NonRecurrent),
+        &out.join("baseline"),
+        device,
+        progress,
+        "the non-recurrent baseline",
+    )?;
+
+    // Held-out sets: unseen chains of the training depths, and deeper ones.
+    let task = ChainTask { seed: config.seed };
+    let rows = config.eval_rows as u64;
+    let test: Vec<_> = (0..rows).map(|i| task.example(Split::Test, i)).collect();
+    let harder: Vec<_> = (0..rows).map(|i| task.example(Split::Harder, i)).collect();
+    let per_hop: Vec<(usize, Vec<chains::Example>)> = (1..=10)
+        .map(|h| {
+            let split = if h <= 6 { Split::Test } else { Split::Harder };
+            let examples = (0..config.rows_per_hop as u64)
+                .map(|i| task.example_with_hops(split, h, i))
+                .collect();
+            (h, examples)
+        })
+        .collect();
+
+    let depths = &config.depths;
+    let bar = progress_bar(
+        progress,
+        (depths.len() * (4 + per_hop.len())) as u64,
+        "evaluating at each depth",
+    );
+    let accuracy = [&test, &harder].map(|set| accuracy_by_depth(&recurrent, set, depths, &bar));
+    let baseline_accuracy = [&test, &harder].map(|set| accuracy_by_depth(&baseline, set, depths, &bar));
+    let hop_accuracy: Vec<(usize, Vec<f64>)> = per_hop
+        .iter()
+        .map(|(h, set)| (*h, accuracy_by_depth(&recurrent, set, depths, &bar)))
+        .collect();
+    bar.finish_and_clear();
+
+    // Zero-shot adaptive exit, per difficulty and on the in-distribution test set.
+    let bar = progress_bar(
+        progress,
+        (config.exits.len() * (per_hop.len() + 1)) as u64,
+        "adaptive exit",
+    );
+    let mut exits = Vec::new();
+    for &exit in &config.exits {
+        let mut steps_by_hop = BTreeMap::new();
+        let mut all_steps = Vec::new();
+        for (h, set) in &per_hop {
+            let results = adaptive(&recurrent, set, exit, config.exit_max_steps)?;
+            let mean = results.iter().map(|r| r.0 as f64).sum::<f64>() / results.len() as f64;
+            steps_by_hop.insert(*h, mean);
+            all_steps.extend(results.iter().map(|r| r.0));
+            bar.inc(1);
+        }
+        let on_test = adaptive(&recurrent, &test, exit, config.exit_max_steps)?;
+        bar.inc(1);
+        let accuracy = on_test.iter().filter(|r| r.1).count() as f64 / on_test.len() as f64;
+        let mean_steps = on_test.iter().map(|r| r.0 as f64).sum::<f64>() / on_test.len() as f64;
+        let levels: Vec<f64> = steps_by_hop.keys().map(|h| *h as f64).collect();
+        let means: Vec<f64> = steps_by_hop.values().copied().collect();
+        exits.push(ExitResult {
+            criterion: exit.0,
+            threshold: exit.1,
+            accuracy,
+            mean_steps,
+            steps_by_hop,
+            spearman: spearman(&levels, &means),
+            all_steps,
+        });
+    }
+    bar.finish_and_clear();
+
+    let fixed32 = depths
+        .iter()
+        .position(|d| *d == 32)
+        .map(|i| accuracy[0][i])
+        .unwrap_or(f64::NAN);
+    let exit_json = |e: &ExitResult| {
+        json!({
+            "criterion": e.criterion.name(),
+            "threshold": e.threshold,
+            "accuracy": e.accuracy,
+            "fixed32_accuracy": fixed32,
+            "mean_steps": e.mean_steps,
+            "mean_steps_by_difficulty": e.steps_by_hop.iter().map(|(h, m)| (h.to_string(), *m)).collect::<BTreeMap<_, _>>(),
+            "spearman_steps_vs_difficulty": e.spearman,
+        })
+    };
+    let mut report = json!({
+        "task": "chains",
+        "accuracy_by_depth": {
+            "in_distribution": by_depth(depths, &accuracy[0]),
+            "harder": by_depth(depths, &accuracy[1]),
+        },
+        "baseline_accuracy_by_depth": {
+            "in_distribution": by_depth(depths, &baseline_accuracy[0]),
+            "harder": by_depth(depths, &baseline_accuracy[1]),
+        },
+        "accuracy_by_hops_and_depth": hop_accuracy.iter().map(|(h, a)| (h.to_string(), by_depth(depths, a))).collect::<BTreeMap<_, _>>(),
+        "adaptive_exit": exit_json(&exits[0]),
+        "adaptive_exit_rules": exits.iter().map(exit_json).collect::<Vec<_>>(),
+        "train_mean_depth": train_mean_depth,
+        "config": {
+            "steps": config.steps, "width": config.width, "heads": config.heads,
+            "layers": [config.layers.0, config.layers.1, config.layers.2],
+            "mean_depth": config.mean_depth, "backprop": config.backprop,
+            "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+            "eval_rows": config.eval_rows, "rows_per_hop": config.rows_per_hop,
+        },
+    });
+
+    report::chains_figures(
+        out,
+        &recurrent,
+        &task,
+        &hop_accuracy,
+        depths,
+        &accuracy,
+        &baseline_accuracy,
+        &exits,
+        progress,
+        &mut report,
+    )?;
+    report["wall_seconds"] = json!(started.elapsed().as_secs_f64());
+    report::write_json(out, &report)?;
+    print_summary(depths, &accuracy, &baseline_accuracy, &exits, fixed32);
+    Ok(())
+}
+
+/// One exit rule's results.
+pub struct ExitResult {
+    pub criterion: Criterion,
+    pub threshold: f64,
+    pub accuracy: f64,
+    pub mean_steps: f64,
+    pub steps_by_hop: BTreeMap<usize, f64>,
+    pub spearman: f64,
+    /// Steps used by every question of every hop count (for histograms).
+    pub all_steps: Vec<usize>,
+}
+
+fn progress_bar(visible: bool, len: u64, message: &'static str) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len).with_message(message);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} · ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn print_summary(
+    depths: &[usize],
+    accuracy: &[Vec<f64>; 2],
+    baseline: &[Vec<f64>; 2],
+    exits: &[ExitResult],
+    fixed32: f64,
+) {
+    println!("\naccuracy (exact match) by test-time depth r");
+    println!(
+        "{:>5} {:>12} {:>12} {:>14} {:>14}",
+        "r", "recurrent", "rec. harder", "baseline", "base. harder"
+    );
+    for (i, d) in depths.iter().enumerate() {
+        println!(
+            "{:>5} {:>11.1}% {:>11.1}% {:>13.1}% {:>13.1}%",
+            d,
+            100.0 * accuracy[0][i],
+            100.0 * accuracy[1][i],
+            100.0 * baseline[0][i],
+            100.0 * baseline[1][i]
+        );
+    }
+    for e in exits {
+        println!(
+            "adaptive exit {} < {}: accuracy {:.1}% (fixed r=32: {:.1}%), mean steps {:.1}, by hops {}, Spearman ρ {:.2}",
+            e.criterion.name(),
+            e.threshold,
+            100.0 * e.accuracy,
+            100.0 * fixed32,
+            e.mean_steps,
+            e.steps_by_hop
+                .iter()
+                .map(|(h, m)| format!("{h}:{m:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            e.spearman
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spearman;
+
+    #[test]
+    fn spearman_ranks_with_ties() {
+        assert_eq!(spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 25.0, 90.0]), 1.0);
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), -1.0);
+        let rho = spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 2.0, 3.0]);
+        assert!((rho - 0.9486832980505138).abs() < 1e-12, "{rho}");
+    }
+}

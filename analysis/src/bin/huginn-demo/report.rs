@@ -1,0 +1,288 @@
+//! The demo's pictures and pages: the analysis report of the trained model (trajectories,
+//! convergence, exit steps, training curves) in `analysis/`, plus the demo's own figures
+//! (accuracy against depth for both models and every difficulty, exit-step histograms) and an
+//! `index.html` that shows them all with the measured table.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use analysis::curves::TrainingCurves;
+use analysis::plot::depth::plot_depth_curves;
+use analysis::plot::histogram::plot_exit_histogram;
+use analysis::plot::training::plot_training_curves;
+use analysis::report::{PromptInput, ReportOptions, write_report};
+use anyhow::{Context, Result};
+use indicatif::ProgressBar;
+use model::Huginn;
+use serde_json::{Value, json};
+use tokenizers::Tokenizer;
+use train::chains::{self, ChainTask, Split};
+
+use crate::chains::ExitResult;
+
+/// A figure of the gallery: file stem (PNG and SVG beside each other) and caption.
+struct Figure {
+    stem: String,
+    caption: String,
+}
+
+fn series(depths: &[usize], values: &[f64]) -> Vec<(usize, f64)> {
+    depths.iter().copied().zip(values.iter().copied()).collect()
+}
+
+/// The analysis report of `out/recurrent` in `out/analysis`, with `prompt`.
+fn analysis_report(out: &Path, model: &Huginn, prompt: PromptInput, progress: bool) -> Result<Value> {
+    let bar = if progress {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    let options = ReportOptions {
+        prompt,
+        ..ReportOptions::default()
+    };
+    let report = write_report(
+        &out.join("recurrent"),
+        &out.join("analysis"),
+        &options,
+        &model.device(),
+        &bar,
+    )
+    .context("analysing the trained model")?;
+    bar.finish_and_clear();
+    Ok(json!({
+        "dynamics": report.dynamics.counts,
+        "pca_explained_ratio": report.pca.explained_ratio,
+        "exit_steps": report.exits.iter().map(|e| json!({"rule": e.rule, "mean": e.mean, "min": e.min, "max": e.max})).collect::<Vec<_>>(),
+        "final_distance_max": report.final_distance.iter().cloned().fold(0.0f32, f32::max),
+        "figures": report.figures.iter().map(|f| format!("analysis/{}", f.png)).collect::<Vec<_>>(),
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn chains_figures(
+    out: &Path,
+    model: &Huginn,
+    task: &ChainTask,
+    hop_accuracy: &[(usize, Vec<f64>)],
+    depths: &[usize],
+    accuracy: &[Vec<f64>; 2],
+    baseline: &[Vec<f64>; 2],
+    exits: &[ExitResult],
+    progress: bool,
+    report: &mut Value,
+) -> Result<()> {
+    let plots = out.join("plots");
+    let mut figures = Vec::new();
+    plot_depth_curves(
+        &plots.join("accuracy-by-depth"),
+        "Exact-match accuracy against test-time recurrence",
+        "accuracy",
+        &[
+            (
+                "recurrent, hops 1-6 (trained)".to_string(),
+                series(depths, &accuracy[0]),
+            ),
+            (
+                "recurrent, hops 7-10 (harder)".to_string(),
+                series(depths, &accuracy[1]),
+            ),
+            (
+                "non-recurrent baseline, hops 1-6".to_string(),
+                series(depths, &baseline[0]),
+            ),
+            (
+                "non-recurrent baseline, hops 7-10".to_string(),
+                series(depths, &baseline[1]),
+            ),
+        ],
+    )?;
+    figures.push(Figure {
+        stem: "plots/accuracy-by-depth".into(),
+        caption: "Accuracy against the number of recurrence steps at test time. The recurrent model \
+                  (trained with randomized depth) improves as it iterates longer, also on chains deeper \
+                  than any it saw; the same-size baseline trained at depth 1 does not."
+            .into(),
+    });
+    let by_hops: Vec<(String, Vec<(usize, f64)>)> = hop_accuracy
+        .iter()
+        .map(|(h, a)| (format!("{h} hop{}", if *h == 1 { "" } else { "s" }), series(depths, a)))
+        .collect();
+    plot_depth_curves(
+        &plots.join("accuracy-by-hops"),
+        "Accuracy against recurrence, one curve per chain length",
+        "accuracy",
+        &by_hops,
+    )?;
+    figures.push(Figure {
+        stem: "plots/accuracy-by-hops".into(),
+        caption: "Each chain length needs its own depth: longer chains start to be solved only after \
+                  more iterations (hops above 6 were never trained)."
+            .into(),
+    });
+    let histograms: Vec<(String, Vec<usize>)> = exits
+        .iter()
+        .map(|e| (format!("{} < {}", e.criterion.name(), e.threshold), e.all_steps.clone()))
+        .collect();
+    plot_exit_histogram(
+        &plots.join("exit-steps"),
+        "Recurrence steps used per answer under zero-shot adaptive exit (hops 1-10)",
+        &histograms,
+    )?;
+    figures.push(Figure {
+        stem: "plots/exit-steps".into(),
+        caption: "How many steps each question takes before the exit criterion fires, over all chain \
+                  lengths; the mean is in the legend."
+            .into(),
+    });
+    for (run, title) in [("recurrent", "Recurrent model"), ("baseline", "Non-recurrent baseline")] {
+        let curves = TrainingCurves::read(&out.join(run)).context("reading the training metrics")?;
+        plot_training_curves(
+            &plots.join(format!("training-{run}")),
+            &format!("{title}: training"),
+            &curves,
+        )?;
+        figures.push(Figure {
+            stem: format!("plots/training-{run}"),
+            caption: format!("{title}: training loss and held-out evaluations at several depths."),
+        });
+    }
+
+    // The latent dynamics of one deep, held-out question.
+    let example = task.example_with_hops(Split::Harder, 8, 0);
+    report["analysis"] = analysis_report(
+        out,
+        model,
+        PromptInput::Ids(example.tokens[..chains::LEN - 1].to_vec()),
+        progress,
+    )?;
+    report["figures"] = json!(figures.iter().map(|f| format!("{}.png", f.stem)).collect::<Vec<_>>());
+    write_index(
+        out,
+        "Recurrent depth on k-hop variable chains",
+        &chains_table(depths, accuracy, baseline, exits),
+        &figures,
+    )
+}
+
+fn chains_table(depths: &[usize], accuracy: &[Vec<f64>; 2], baseline: &[Vec<f64>; 2], exits: &[ExitResult]) -> String {
+    let mut html = String::from(
+        "<table><tr><th>r</th><th>recurrent, hops 1-6</th><th>recurrent, hops 7-10</th>\
+         <th>baseline, hops 1-6</th><th>baseline, hops 7-10</th></tr>",
+    );
+    for (i, d) in depths.iter().enumerate() {
+        let _ = write!(
+            html,
+            "<tr><td>{d}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.1}%</td></tr>",
+            100.0 * accuracy[0][i],
+            100.0 * accuracy[1][i],
+            100.0 * baseline[0][i],
+            100.0 * baseline[1][i]
+        );
+    }
+    html.push_str("</table><table><tr><th>exit rule</th><th>accuracy</th><th>mean steps</th><th>mean steps by hops</th><th>Spearman ρ</th></tr>");
+    for e in exits {
+        let by_hops: Vec<String> = e.steps_by_hop.iter().map(|(h, m)| format!("{h}: {m:.1}")).collect();
+        let _ = write!(
+            html,
+            "<tr><td>{} &lt; {}</td><td>{:.1}%</td><td>{:.1}</td><td>{}</td><td>{:.2}</td></tr>",
+            e.criterion.name(),
+            e.threshold,
+            100.0 * e.accuracy,
+            e.mean_steps,
+            by_hops.join(", "),
+            e.spearman
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn text_figures(
+    out: &Path,
+    model: &Huginn,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    depths: &[usize],
+    losses: &[(usize, f64)],
+    progress: bool,
+    report: &mut Value,
+) -> Result<()> {
+    let plots = out.join("plots");
+    plot_depth_curves(
+        &plots.join("loss-by-depth"),
+        "Validation loss against test-time recurrence",
+        "cross-entropy (nats per token)",
+        &[("validation".to_string(), losses.to_vec())],
+    )?;
+    let curves = TrainingCurves::read(&out.join("recurrent")).context("reading the training metrics")?;
+    plot_training_curves(&plots.join("training"), "Language model: training", &curves)?;
+    let figures = vec![
+        Figure {
+            stem: "plots/loss-by-depth".into(),
+            caption: format!(
+                "Validation loss at depths {depths:?}: more iterations at test time lower the loss up \
+                 to around the training mean and hold it beyond."
+            ),
+        },
+        Figure {
+            stem: "plots/training".into(),
+            caption: "Training loss and validation loss at several depths.".into(),
+        },
+    ];
+    let text = tokenizer
+        .decode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    report["analysis"] = analysis_report(out, model, PromptInput::Text(text), progress)?;
+    report["figures"] = json!(figures.iter().map(|f| format!("{}.png", f.stem)).collect::<Vec<_>>());
+    let sample = report["sample"]["text"].as_str().unwrap_or_default().to_string();
+    let table = format!(
+        "<p>Sample with per-token adaptive exit (KL &lt; 10⁻³, continuous CoT):</p><pre>{}{}</pre>",
+        escape(report["sample"]["prompt"].as_str().unwrap_or_default()),
+        escape(&sample)
+    );
+    write_index(
+        out,
+        "A small recurrent-depth language model on Shakespeare",
+        &table,
+        &figures,
+    )
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// `out/index.html`: the measured table, every figure with its caption, and a link to the
+/// analysis report's own gallery.
+fn write_index(out: &Path, title: &str, table: &str, figures: &[Figure]) -> Result<()> {
+    let mut html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title><style>\
+         body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}\
+         table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}\
+         figure{{margin:2em 0}}img{{max-width:100%;border:1px solid #eee}}</style></head><body>\
+         <h1>{title}</h1>{table}"
+    );
+    for f in figures {
+        let _ = write!(
+            html,
+            "<figure><a href=\"{0}.svg\"><img src=\"{0}.png\" alt=\"{1}\"></a><figcaption>{1}</figcaption></figure>",
+            f.stem,
+            escape(&f.caption)
+        );
+    }
+    html.push_str(
+        "<p>Latent dynamics of the trained model (PCA trajectories, convergence heat map, exit steps \
+         per token): <a href=\"analysis/index.html\">analysis/index.html</a>. All numbers: \
+         <a href=\"report.json\">report.json</a>.</p></body></html>",
+    );
+    let path = out.join("index.html");
+    std::fs::write(&path, html).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn write_json(out: &Path, report: &Value) -> Result<()> {
+    let path = out.join("report.json");
+    let text = serde_json::to_string_pretty(report).expect("JSON values serialize");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,410 @@
+//! `huginn-analysis`: latent dynamics of recurrent-depth models from the command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use analysis::capture::{Capture, CaptureOptions, Init};
+use analysis::curves::{Metric, TrainingCurves};
+use analysis::dynamics::{self, Motif, classify};
+use analysis::pca::{Pca, PcaOptions};
+use analysis::plot::depth::plot_depth_curves;
+use analysis::plot::heatmap::plot_convergence;
+use analysis::plot::training::plot_training_curves;
+use analysis::plot::trajectories::{TokenTrajectory, component_pairs, plot_trajectories};
+use analysis::prompt::Prompt;
+use analysis::report::{PromptInput, ReportOptions, project_capture, select_tokens, write_report};
+use analysis::with_suffix;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use model::burn::prelude::Tensor;
+use model::{Backend, Huginn};
+
+#[derive(Parser)]
+#[command(
+    name = "huginn-analysis",
+    version,
+    about = "Latent dynamics of recurrent-depth models: captures, PCA, trajectory plots, reports"
+)]
+struct Cli {
+    /// Compute backend: cpu, wgpu or cuda (those compiled into this binary).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: Backend,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a prompt for R iterations and store every normalised state and read-out
+    /// (<OUT>.safetensors + <OUT>.json).
+    Capture {
+        /// Model folder: a training run's final/ (model.bpk + config.json) or a Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        /// tokenizer.json for --text and token labels (default: the model folder's, or its parent's).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// R: recurrence steps to record.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        /// Also run on to this many steps and keep that state as s* (for the heat map).
+        #[arg(long)]
+        reference_steps: Option<usize>,
+        #[command(flatten)]
+        init: InitArgs,
+        /// Keep the raw states s_i too.
+        #[arg(long)]
+        raw: bool,
+        /// Output base path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fit a PCA basis to the states of one or more captures (shared axes for all of them).
+    Pca {
+        /// Captures (base paths or their .safetensors/.json files).
+        #[arg(required = true)]
+        captures: Vec<PathBuf>,
+        #[arg(long, default_value_t = 6)]
+        components: usize,
+        /// Fit on this many states drawn at random instead of all.
+        #[arg(long)]
+        subsample: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        power_iterations: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Draw per-token trajectories in PCA space, with each token's dynamics motif.
+    PlotTrajectories {
+        capture: PathBuf,
+        /// A basis from `pca` (default: fit one to this capture).
+        #[arg(long)]
+        basis: Option<PathBuf>,
+        /// Positions to draw (default: a spread of up to --shown, one of each motif first).
+        #[arg(long, value_delimiter = ',')]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 6)]
+        shown: usize,
+        #[arg(long, default_value_t = 6)]
+        components: usize,
+        /// Output base path (writes .png and .svg).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Draw the convergence heat map of a capture (distance to s*, or to the last iterate).
+    Heatmap {
+        capture: PathBuf,
+        /// Output base path (writes .png and .svg).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Draw training curves (and final metric against depth) from a run's metrics.jsonl.
+    TrainingCurves {
+        /// A run directory or a metrics.jsonl file.
+        metrics: PathBuf,
+        /// Output base path: <OUT>.png|svg, and <OUT>-depth.png|svg when there are evaluations.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Every figure for a training run, with index.html and report.json.
+    Report {
+        run: PathBuf,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        #[arg(long, default_value_t = 256)]
+        reference_steps: usize,
+        #[command(flatten)]
+        init: InitArgs,
+        #[arg(long, default_value_t = 6)]
+        components: usize,
+        /// Tokens drawn in the trajectory figure.
+        #[arg(long, default_value_t = 6)]
+        shown: usize,
+        /// Output folder (default: RUN/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// Prompt text (needs a tokenizer).
+    #[arg(long, conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Prompt token ids, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Vec<u32>,
+}
+
+impl PromptArgs {
+    fn input(&self) -> PromptInput {
+        match (&self.prompt, self.ids.is_empty()) {
+            (Some(text), _) => PromptInput::Text(text.clone()),
+            (None, false) => PromptInput::Ids(self.ids.clone()),
+            (None, true) => PromptInput::Default,
+        }
+    }
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Seed of the random initial state (the reference's like-init).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Scale of the random initial state.
+    #[arg(long, default_value_t = 1.0)]
+    init_scale: f64,
+    /// Start from zeros instead.
+    #[arg(long)]
+    zeros: bool,
+}
+
+impl InitArgs {
+    fn init(&self) -> Init {
+        if self.zeros {
+            Init::Zeros
+        } else {
+            Init::Random {
+                seed: self.seed,
+                scale: self.init_scale,
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device = cli.device.device()?;
+    match cli.command {
+        Command::Capture {
+            model,
+            prompt,
+            tokenizer,
+            steps,
+            reference_steps,
+            init,
+            raw,
+            out,
+        } => {
+            let tokenizer = tokenizer.or_else(|| find_tokenizer(&model));
+            let prompt = match (prompt.input(), &tokenizer) {
+                (PromptInput::Text(text), Some(path)) => Prompt::from_text(&text, path)?,
+                (PromptInput::Text(_), None) => bail!("--prompt needs a tokenizer: pass --tokenizer or use --ids"),
+                (PromptInput::Ids(ids), tokenizer) => {
+                    let mut prompt = Prompt::from_ids(ids);
+                    if let Some(path) = tokenizer {
+                        prompt.decode_with(path)?;
+                    }
+                    prompt
+                }
+                (PromptInput::Default, _) => bail!("give a prompt: --prompt TEXT or --ids 1,2,3"),
+            };
+            let huginn = Huginn::from_pretrained(&model, &device)?;
+            let options = CaptureOptions {
+                steps,
+                init: init.init(),
+                raw,
+                reference_steps,
+            };
+            let bar = progress();
+            let capture = Capture::run(&huginn, &model.display().to_string(), prompt, &options, &bar)?;
+            bar.finish_and_clear();
+            capture.save(&out)?;
+            eprintln!(
+                "wrote {} and {}",
+                with_suffix(&out, ".safetensors").display(),
+                with_suffix(&out, ".json").display()
+            );
+        }
+        Command::Pca {
+            captures,
+            components,
+            subsample,
+            power_iterations,
+            seed,
+            out,
+        } => {
+            let mut states = Vec::new();
+            for path in &captures {
+                let capture = Capture::load(path)?;
+                if let Some(first) = states.first().map(|t: &Tensor<2>| t.dims()[1])
+                    && first != capture.width()
+                {
+                    bail!(
+                        "{}: width {} differs from the first capture's {first}",
+                        path.display(),
+                        capture.width()
+                    );
+                }
+                states.push(capture.latents_tensor(&device));
+            }
+            let options = PcaOptions {
+                components,
+                power_iterations,
+                seed,
+                subsample,
+                ..PcaOptions::default()
+            };
+            let pca = Pca::fit(Tensor::cat(states, 0), &options)?;
+            pca.save(&out)?;
+            let ratios: Vec<String> = pca
+                .explained_ratio()
+                .iter()
+                .map(|r| format!("{:.1}%", 100.0 * r))
+                .collect();
+            eprintln!("wrote {} (explained: {})", out.display(), ratios.join(", "));
+        }
+        Command::PlotTrajectories {
+            capture,
+            basis,
+            tokens,
+            shown,
+            components,
+            out,
+        } => {
+            let capture = Capture::load(&capture)?;
+            let pca = match basis {
+                Some(path) => Pca::load(&path)?,
+                None => {
+                    let rows = capture.iterations() * capture.positions();
+                    let options = PcaOptions {
+                        components: components.min(capture.width()).min(rows.saturating_sub(1)),
+                        ..PcaOptions::default()
+                    };
+                    Pca::fit(capture.latents_tensor(&device), &options)?
+                }
+            };
+            let trajectories = project_capture(&pca, &capture, &device)?;
+            let motifs: Vec<_> = trajectories.iter().map(|p| classify(p)).collect();
+            if let Some(bad) = tokens.iter().find(|t| **t >= capture.positions()) {
+                bail!("position {bad} is past the prompt's {} tokens", capture.positions());
+            }
+            let shown = if tokens.is_empty() {
+                select_tokens(&motifs, shown)
+            } else {
+                tokens
+            };
+            let drawn: Vec<TokenTrajectory> = shown
+                .iter()
+                .map(|&t| TokenTrajectory {
+                    label: capture.meta.prompt.label(t),
+                    points: trajectories[t].clone(),
+                    dynamics: Some(motifs[t]),
+                })
+                .collect();
+            let pairs = component_pairs(pca.components.len());
+            let counts = dynamics::summary(&dynamics::counts(motifs.iter().map(|d| d.motif)));
+            let title = format!("Latent trajectories in PCA space ({counts})");
+            let images = plot_trajectories(&out, &title, &drawn, &pairs)?;
+            eprintln!("{counts}; wrote {} and {}", images.png.display(), images.svg.display());
+        }
+        Command::Heatmap { capture, out } => {
+            let capture = Capture::load(&capture)?;
+            let labels: Vec<String> = (0..capture.positions()).map(|t| capture.meta.prompt.label(t)).collect();
+            let title = match capture.meta.reference_steps {
+                Some(n) => format!("Distance to the state after {n} iterations"),
+                None => format!("Distance to the last captured iterate ({})", capture.meta.steps),
+            };
+            let images = plot_convergence(&out, &title, &labels, &capture.distances_to_target())?;
+            eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
+        }
+        Command::TrainingCurves { metrics, out } => {
+            let curves = TrainingCurves::read(&metrics)?;
+            let images = plot_training_curves(&out, "Training curves", &curves)?;
+            eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
+            let metric = if curves.has_accuracy() {
+                Metric::Accuracy
+            } else {
+                Metric::Loss
+            };
+            let by_depth = curves.by_depth(metric);
+            if !by_depth.is_empty() {
+                let title = format!("Final {} against test-time depth", metric.name());
+                let images = plot_depth_curves(&with_suffix(&out, "-depth"), &title, metric.name(), &by_depth)?;
+                eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
+            }
+        }
+        Command::Report {
+            run,
+            prompt,
+            steps,
+            reference_steps,
+            init,
+            components,
+            shown,
+            out,
+        } => {
+            let out = out.unwrap_or_else(|| run.join("report"));
+            let options = ReportOptions {
+                prompt: prompt.input(),
+                steps,
+                reference_steps,
+                init: init.init(),
+                components,
+                shown,
+                ..ReportOptions::default()
+            };
+            let report = write_report(&run, &out, &options, &device, &progress())
+                .with_context(|| format!("report of {}", run.display()))?;
+            let counts: Vec<(Motif, usize)> = report.dynamics.counts.into_iter().collect();
+            eprintln!(
+                "{}; wrote {} figures and {}",
+                dynamics::summary(&counts),
+                report.figures.len(),
+                out.join("index.html").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The error and its causes on one line, each cause only when the text before does not already
+/// say it (many errors quote their source).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// `tokenizer.json` in the model folder, or in its parent (a run's `final/` sits in the run).
+fn find_tokenizer(model: &Path) -> Option<PathBuf> {
+    [model.join("tokenizer.json"), model.join("../tokenizer.json")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// A step counter on stderr, hidden when stderr is not a terminal.
+fn progress() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} steps ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}

@@ -1,0 +1,275 @@
+//! `huginn-analysis` end to end on a tiny model: every subcommand, the report of a hand-made
+//! run directory, and one-line errors on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use analysis::capture::Capture;
+use analysis::pca::Pca;
+use common::{check_saved, decode_png, scratch_dir};
+use model::HuginnConfig;
+use model::burn::prelude::Device;
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_huginn-analysis"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    stderr
+}
+
+/// The one-line error of a failing command.
+fn fails(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// A run directory as `huginn-train` leaves it: a tiny addition model in `final/`, the data
+/// part of `run.json`, and a metrics log with training and evaluation records.
+fn tiny_run(dir: &Path) {
+    let model = HuginnConfig::tiny(train::addition::VOCAB_SIZE, 16, 2, (1, 2, 1)).init(&Device::flex(), 3);
+    model.save_burn(dir.join("final")).unwrap();
+    let run = r#"{"data": {"kind": "addition", "seed": 1, "max_digits": 3, "padded": false}}"#;
+    std::fs::write(dir.join("run.json"), run).unwrap();
+    let mut metrics = String::new();
+    for step in 1..=6u64 {
+        metrics.push_str(&format!(
+            "{{\"kind\":\"train\",\"step\":{step},\"loss\":{},\"lr\":0.001,\"grad_norm\":1.0,\"recurrence\":4,\
+             \"backprop\":2,\"tokens_per_second\":100.0,\"elapsed_seconds\":{step}.0}}\n",
+            3.0 / step as f64
+        ));
+        if step % 3 == 0 {
+            for depth in [1, 2, 4, 8] {
+                for split in ["test", "harder"] {
+                    let accuracy = (step * depth) as f64 / 60.0;
+                    metrics.push_str(&format!(
+                        "{{\"kind\":\"eval\",\"step\":{step},\"split\":\"{split}\",\"depth\":{depth},\"loss\":{},\
+                         \"accuracy\":{accuracy}}}\n",
+                        2.0 / depth as f64
+                    ));
+                }
+            }
+            metrics.push_str(&format!(
+                "{{\"kind\":\"monitor\",\"step\":{step},\"depth\":4,\"relative_residual\":0.1,\"token_correlation\":0.2}}\n"
+            ));
+        }
+    }
+    std::fs::write(dir.join("metrics.jsonl"), metrics).unwrap();
+}
+
+#[test]
+fn report_writes_every_figure_a_gallery_and_the_numbers() {
+    let dir = scratch_dir("report");
+    let run = dir.join("run");
+    tiny_run(&run);
+    let run_s = run.to_str().unwrap();
+    let stderr = ok(&[
+        "report",
+        run_s,
+        "--steps",
+        "12",
+        "--reference-steps",
+        "40",
+        "--shown",
+        "3",
+    ]);
+    assert!(stderr.contains("wrote 5 figures"), "{stderr}");
+    let out = run.join("report");
+    for name in ["trajectories", "convergence", "exit-steps", "depth", "training"] {
+        let (w, h, _) = decode_png(&out.join(format!("{name}.png")));
+        check_saved(&out.join(name), (w, h));
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    // The default prompt: the run's first test example of addition, with named tokens.
+    let example = train::addition::AdditionTask {
+        seed: 1,
+        max_digits: 3,
+        padded: false,
+    }
+    .example(train::addition::Split::Test, 0);
+    let tokens: Vec<u64> = report["prompt"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, example.tokens.iter().map(|&t| t as u64).collect::<Vec<_>>());
+    assert!(
+        report["prompt"]["token_text"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "+")
+    );
+    let s = tokens.len() as u64;
+    let counts = report["dynamics"]["counts"].as_object().unwrap();
+    assert_eq!(counts.values().map(|c| c.as_u64().unwrap()).sum::<u64>(), s);
+    assert_eq!(report["dynamics"]["tokens"].as_array().unwrap().len() as u64, s);
+    assert_eq!(report["pca"]["components"], 6);
+    let ratios = report["pca"]["explained_ratio"].as_array().unwrap();
+    assert!(ratios.windows(2).all(|w| w[0].as_f64() >= w[1].as_f64()));
+    assert_eq!(report["exits"].as_array().unwrap().len(), 4);
+    for exit in report["exits"].as_array().unwrap() {
+        let steps = exit["steps"].as_array().unwrap();
+        assert_eq!(steps.len() as u64, s);
+        assert!(steps.iter().all(|x| (1..=12).contains(&x.as_u64().unwrap())));
+    }
+    assert_eq!(report["final_distance"].as_array().unwrap().len() as u64, s);
+    let depth = &report["depth_curves"][0];
+    assert_eq!(depth["metric"], "accuracy");
+    assert_eq!(depth["points"][3], serde_json::json!([8, 48.0 / 60.0]));
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    for figure in report["figures"].as_array().unwrap() {
+        for key in ["png", "svg"] {
+            assert!(html.contains(figure[key].as_str().unwrap()));
+        }
+        assert!(!figure["caption"].as_str().unwrap().is_empty());
+        assert!(html.contains("<figcaption>"));
+    }
+    // The stored capture and basis are usable on their own.
+    let capture = Capture::load(&out.join("capture")).unwrap();
+    assert_eq!((capture.meta.steps, capture.meta.reference_steps), (12, Some(40)));
+    assert_eq!(Pca::load(&out.join("pca.safetensors")).unwrap().components.len(), 6);
+}
+
+#[test]
+fn subcommands_capture_fit_and_draw() {
+    let dir = scratch_dir("subcommands");
+    let run = dir.join("run");
+    tiny_run(&run);
+    let model = run.join("final");
+    let (model_s, d) = (model.to_str().unwrap(), dir.to_str().unwrap());
+    let a = format!("{d}/a");
+    let b = format!("{d}/b");
+    ok(&[
+        "capture",
+        "--model",
+        model_s,
+        "--ids",
+        "1,2,10,3,4,11",
+        "--steps",
+        "10",
+        "--reference-steps",
+        "30",
+        "--out",
+        &a,
+    ]);
+    ok(&[
+        "capture",
+        "--model",
+        model_s,
+        "--ids",
+        "5,6,10,7,11",
+        "--steps",
+        "10",
+        "--zeros",
+        "--raw",
+        "--out",
+        &b,
+    ]);
+    let capture = Capture::load(Path::new(&b)).unwrap();
+    assert!(capture.raw.is_some() && capture.reference.is_none());
+    let basis = format!("{d}/basis.safetensors");
+    let stderr = ok(&[
+        "pca",
+        &a,
+        &format!("{b}.safetensors"),
+        "--components",
+        "4",
+        "--out",
+        &basis,
+    ]);
+    assert!(stderr.contains("explained"), "{stderr}");
+    assert_eq!(Pca::load(Path::new(&basis)).unwrap().samples, 11 * 6 + 11 * 5);
+    let traj = format!("{d}/traj");
+    let stderr = ok(&[
+        "plot-trajectories",
+        &a,
+        "--basis",
+        &basis,
+        "--tokens",
+        "0,2,5",
+        "--out",
+        &traj,
+    ]);
+    assert!(stderr.contains("fixed point"), "{stderr}");
+    let (w, h, _) = decode_png(Path::new(&format!("{traj}.png")));
+    assert_eq!((w, h), (2 * 330 + 120, 3 * 290 + 44), "3 tokens × 2 pairs");
+    check_saved(Path::new(&traj), (w, h));
+    let own = format!("{d}/own");
+    ok(&["plot-trajectories", &b, "--out", &own]);
+    let heat = format!("{d}/heat");
+    ok(&["heatmap", &a, "--out", &heat]);
+    let (w, h, _) = decode_png(Path::new(&format!("{heat}.png")));
+    let svg = check_saved(Path::new(&heat), (w, h));
+    assert!(svg.contains("after 30 iterations"));
+    let curves = format!("{d}/curves");
+    ok(&["training-curves", run.to_str().unwrap(), "--out", &curves]);
+    for base in [curves.clone(), format!("{curves}-depth")] {
+        let (w, h, _) = decode_png(Path::new(&format!("{base}.png")));
+        check_saved(Path::new(&base), (w, h));
+    }
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let dir = scratch_dir("errors");
+    let run = dir.join("run");
+    tiny_run(&run);
+    let model = run.join("final");
+    let (model_s, d) = (model.to_str().unwrap(), dir.to_str().unwrap());
+    let out = format!("{d}/x");
+    let err = fails(&[
+        "capture",
+        "--model",
+        &format!("{d}/missing"),
+        "--ids",
+        "1",
+        "--out",
+        &out,
+    ]);
+    assert!(err.contains("missing"), "{err}");
+    let err = fails(&["capture", "--model", model_s, "--ids", "1,99", "--out", &out]);
+    assert!(err.contains("99"), "{err}");
+    let err = fails(&["capture", "--model", model_s, "--prompt", "hello", "--out", &out]);
+    assert!(err.contains("tokenizer"), "{err}");
+    let err = fails(&[
+        "capture",
+        "--model",
+        model_s,
+        "--ids",
+        "1",
+        "--steps",
+        "8",
+        "--reference-steps",
+        "4",
+        "--out",
+        &out,
+    ]);
+    assert!(err.contains("at least as long"), "{err}");
+    let err = fails(&["report", d]);
+    assert!(err.contains("final/"), "{err}");
+    let err = fails(&["heatmap", &format!("{d}/nothing"), "--out", &out]);
+    assert!(err.contains("nothing.json"), "{err}");
+    let err = fails(&["--device", "cuda", "heatmap", "x", "--out", &out]);
+    assert!(err.contains("cuda"), "{err}");
+    std::fs::write(dir.join("empty.jsonl"), "").unwrap();
+    let err = fails(&["training-curves", &format!("{d}/empty.jsonl"), "--out", &out]);
+    assert!(err.contains("no training or evaluation records"), "{err}");
+}
