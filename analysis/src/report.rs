@@ -453,7 +453,7 @@ fn default_prompt(run: &Path, tokenizer: Option<&Path>) -> Result<Prompt, Analys
             let tokens = train::chains::ChainTask { seed }
                 .example(train::chains::Split::Test, 0)
                 .tokens;
-            let names = tokens.iter().map(|&t| chain_name(t)).collect();
+            let names = tokens.iter().map(|&t| train::chains::token_name(t)).collect();
             Ok(named(tokens, names))
         }
         DataConfig::Text { .. } => match tokenizer {
@@ -479,19 +479,6 @@ fn addition_name(t: u32) -> String {
         PLUS => "+".into(),
         EQUALS => "=".into(),
         NEWLINE => "\n".into(),
-        _ => "<pad>".into(),
-    }
-}
-
-fn chain_name(t: u32) -> String {
-    use train::chains::{BOS, FIRST_VARIABLE, QUERY, VARIABLES};
-    match t {
-        0..=9 => t.to_string(),
-        _ if (FIRST_VARIABLE..FIRST_VARIABLE + VARIABLES).contains(&t) => {
-            char::from(b'a' + (t - FIRST_VARIABLE) as u8).to_string()
-        }
-        QUERY => "?".into(),
-        BOS => "<s>".into(),
         _ => "<pad>".into(),
     }
 }
@@ -592,11 +579,9 @@ mod tests {
     }
 
     #[test]
-    fn task_tokens_have_names_and_html_is_escaped() {
+    fn addition_tokens_have_names_and_html_is_escaped() {
         assert_eq!(addition_name(7), "7");
         assert_eq!(addition_name(train::addition::PLUS), "+");
-        assert_eq!(chain_name(train::chains::FIRST_VARIABLE + 2), "c");
-        assert_eq!(chain_name(train::chains::QUERY), "?");
         assert_eq!(escape("<a & \"b\">"), "&lt;a &amp; &quot;b&quot;&gt;");
     }
 }

@@ -9,18 +9,18 @@ use model::Huginn;
 
 use crate::{addition, chains};
 
-/// A generated example: its tokens and where its answer starts.
+/// A generated example: its tokens and which of them are answers (the only ones scored).
 pub trait TaskExample {
     fn tokens(&self) -> &[u32];
-    fn answer_start(&self) -> usize;
+    fn is_answer(&self, i: usize) -> bool;
 }
 
 impl TaskExample for addition::Example {
     fn tokens(&self) -> &[u32] {
         &self.tokens
     }
-    fn answer_start(&self) -> usize {
-        self.answer_start
+    fn is_answer(&self, i: usize) -> bool {
+        i >= self.answer_start
     }
 }
 
@@ -28,8 +28,8 @@ impl TaskExample for chains::Example {
     fn tokens(&self) -> &[u32] {
         &self.tokens
     }
-    fn answer_start(&self) -> usize {
-        chains::LEN - 1
+    fn is_answer(&self, i: usize) -> bool {
+        chains::Example::is_answer(self, i)
     }
 }
 
@@ -49,7 +49,7 @@ pub fn make_batch<E: TaskExample>(examples: &[E], pad: u32, device: &Device) -> 
         for i in 0..width {
             inputs.push(t.get(i).copied().unwrap_or(pad) as i64);
             let target = i + 1;
-            labels.push(if target >= e.answer_start() && target < t.len() {
+            labels.push(if target < t.len() && e.is_answer(target) {
                 t[target] as i64
             } else {
                 -100

@@ -123,7 +123,7 @@ impl Dataset {
     /// The longest input row (the context a model needs).
     pub fn max_len(&self) -> usize {
         match self {
-            Dataset::Chains { .. } => chains::LEN - 1,
+            Dataset::Chains { .. } => chains::TRAIN_LEN - 1,
             Dataset::Addition(task) => task.max_len(addition::Split::Harder) - 1,
             Dataset::Text { seq_len, .. } => *seq_len,
         }

@@ -94,7 +94,7 @@ impl ChainsDemo {
 
     fn run_config(&self, depth: DepthScheme) -> RunConfig {
         let mut model = HuginnConfig::tiny(chains::VOCAB_SIZE, self.width, self.heads, self.layers);
-        model.block_size = chains::LEN;
+        model.block_size = chains::TRAIN_LEN;
         model.mean_recurrence = self.mean_depth;
         model.mean_backprop_depth = self.backprop;
         RunConfig {
