@@ -39,7 +39,7 @@ enum Command {
     /// Run a prompt for R iterations and store every normalised state and read-out
     /// (<OUT>.safetensors + <OUT>.json).
     Capture {
-        /// Model folder: a training run's final/ (model.bpk + config.json) or a Hugging Face folder.
+        /// Model folder: a training run's final/, any Hugging Face folder, or a Burn record (model.bpk).
         #[arg(long)]
         model: PathBuf,
         #[command(flatten)]

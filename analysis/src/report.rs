@@ -12,7 +12,7 @@
 //! ```
 //!
 //! The last two figures need `RUN/metrics.jsonl` with evaluation and training records; the
-//! others need only `RUN/final/` (a model saved by `save_burn`, or any Hugging Face folder).
+//! others need only `RUN/final/` (any model folder `Huginn::from_pretrained` reads).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

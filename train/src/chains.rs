@@ -4,30 +4,32 @@
 //! distractor chains ending in other digits. Each attention pass resolves about one hop, so the
 //! answer needs depth, while the sequence length stays fixed.
 //!
-//! A variable has two tokens: `x:` where it is assigned (the `dst` of a pair) and `x` where it
-//! is read (a `src`, or the query). With one token for both, a pair's two halves can only be
-//! told apart by the parity of their position, which relative position encodings barely
-//! expose; measured here, a small model then stays at the guessing level for thousands of
-//! steps even on one-hop chains. With the assignment form, a source token's predecessor says
-//! which variable it defines, and each hop is one attention lookup.
+//! Each assignment is followed by a separator, `x y ,`, so its two halves are told apart by
+//! what precedes them (a separator or the start before a target, the target before a source),
+//! not by the parity of their position, which relative position encodings barely expose. A
+//! variable is one token wherever it appears, so following a hop is an identity match between
+//! the query and an assignment's target. Measured here, both alternatives stall a small model
+//! at the guessing level for thousands of steps: bare `x y` pairs (parity), and a separate
+//! token for an assigned variable (the model must first learn which assigned token matches
+//! which read one).
 
 use crate::rng::SplitMix64;
 
-/// Token ids: digits 0-9 are themselves, then the variables as read, then as assigned.
+/// Token ids: digits 0-9 are themselves, the variables follow.
 pub const VARIABLES: u32 = 16;
 pub const FIRST_VARIABLE: u32 = 10;
-pub const FIRST_ASSIGNED: u32 = FIRST_VARIABLE + VARIABLES;
-pub const QUERY: u32 = FIRST_ASSIGNED + VARIABLES;
-pub const BOS: u32 = QUERY + 1;
-pub const PAD: u32 = QUERY + 2;
+pub const QUERY: u32 = FIRST_VARIABLE + VARIABLES;
+pub const SEPARATOR: u32 = QUERY + 1;
+pub const BOS: u32 = QUERY + 2;
+pub const PAD: u32 = QUERY + 3;
 pub const VOCAB_SIZE: usize = PAD as usize + 1;
 /// Assignments per example.
 pub const PAIRS: usize = 12;
-/// Tokens per example: BOS, the pairs, `? q`, the answer.
-pub const LEN: usize = 1 + 2 * PAIRS + 2 + 1;
+/// Tokens per example: BOS, the assignments `x y ,`, `? q`, the answer.
+pub const LEN: usize = 1 + 3 * PAIRS + 2 + 1;
 /// Training examples ask this many more questions after the first, `? v value` each, about
-/// other assigned variables (any hop count). A question costs three tokens against the 27 of
-/// the assignments, so each example teaches four answers for 1.3 times the compute; the first
+/// other assigned variables (any hop count). A question costs three tokens against the 40 of
+/// the assignments, so each example teaches four answers for 1.2 times the compute; the first
 /// question alone is scored in evaluation and sets the example's hop count.
 pub const EXTRA_QUERIES: usize = 3;
 /// Tokens of a training example.
@@ -134,7 +136,7 @@ impl ChainTask {
         }
         rng.shuffle(&mut pairs);
         let mut tokens = vec![BOS];
-        tokens.extend(pairs.iter().flat_map(|(d, s, _)| [assigned(*d), *s]));
+        tokens.extend(pairs.iter().flat_map(|(d, s, _)| [*d, *s, SEPARATOR]));
         tokens.extend([QUERY, query, answer]);
         if extra_queries {
             let mut others: Vec<(u32, u32)> = pairs
@@ -151,22 +153,16 @@ impl ChainTask {
     }
 }
 
-/// A readable name of a token: digits, variables `a`..`p`, their assignment forms `a:`..`p:`.
+/// A readable name of a token: digits, variables `a`..`p`, `?`, `,`.
 pub fn token_name(t: u32) -> String {
-    let letter = |v: u32| char::from(b'a' + v as u8);
     match t {
         0..=9 => t.to_string(),
-        _ if (FIRST_VARIABLE..FIRST_ASSIGNED).contains(&t) => letter(t - FIRST_VARIABLE).to_string(),
-        _ if (FIRST_ASSIGNED..QUERY).contains(&t) => format!("{}:", letter(t - FIRST_ASSIGNED)),
+        _ if (FIRST_VARIABLE..QUERY).contains(&t) => char::from(b'a' + (t - FIRST_VARIABLE) as u8).to_string(),
         QUERY => "?".into(),
+        SEPARATOR => ",".into(),
         BOS => "<s>".into(),
         _ => "<pad>".into(),
     }
-}
-
-/// The assignment form `x:` of variable `x`.
-fn assigned(variable: u32) -> u32 {
-    variable - FIRST_VARIABLE + FIRST_ASSIGNED
 }
 
 #[cfg(test)]
@@ -176,14 +172,11 @@ mod tests {
 
     /// Resolves the variable at `tokens[at]` by following assignments, counting hops.
     fn solve(tokens: &[u32], at: usize) -> (u32, usize) {
-        let pairs: HashMap<u32, u32> = tokens[1..1 + 2 * PAIRS]
-            .chunks(2)
+        let pairs: HashMap<u32, u32> = tokens[1..1 + 3 * PAIRS]
+            .chunks(3)
             .map(|p| {
-                assert!(
-                    (FIRST_ASSIGNED..QUERY).contains(&p[0]),
-                    "a pair starts with an assignment"
-                );
-                (p[0] - FIRST_ASSIGNED + FIRST_VARIABLE, p[1])
+                assert_eq!(p[2], SEPARATOR);
+                (p[0], p[1])
             })
             .collect();
         assert_eq!(pairs.len(), PAIRS, "each variable is assigned once");
@@ -228,7 +221,7 @@ mod tests {
         assert!((500..600).any(|i| task.curriculum_example(i, 600).hops == 6));
         assert_eq!(task.curriculum_example(600, 600), task.example(Split::Train, 600));
         assert_eq!(token_name(FIRST_VARIABLE + 2), "c");
-        assert_eq!(token_name(assigned(FIRST_VARIABLE + 2)), "c:");
+        assert_eq!(token_name(SEPARATOR), ",");
         let e = task.example_with_hops(Split::Test, 9, 0);
         assert_eq!(solve(&e.tokens, LEN - 2).1, 9);
     }
@@ -239,7 +232,7 @@ mod tests {
         let mut guess_right = 0;
         for i in 0..1000 {
             let e = task.example(Split::Train, i);
-            let digits: Vec<u32> = e.tokens[1..1 + 2 * PAIRS].iter().copied().filter(|t| *t < 10).collect();
+            let digits: Vec<u32> = e.tokens[1..1 + 3 * PAIRS].iter().copied().filter(|t| *t < 10).collect();
             assert_eq!(
                 digits.iter().filter(|d| **d == e.answer).count(),
                 1,

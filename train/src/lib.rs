@@ -1,20 +1,25 @@
 //! # train: small-scale training of recurrent-depth models
 //!
-//! Built on `model`'s steps. So far: the paper's randomized depth ([`depth`]), its Adam variant
+//! Built on `model`'s steps: the paper's randomized depth ([`depth`]), its Adam variant
 //! ([`optim`]), learning-rate schedules ([`schedule`]), global-norm clipping ([`clip`]) and one
 //! optimizer step with gradient accumulation ([`step`]); the reasoning tasks: reversed-digit
 //! addition ([`addition`]) and k-hop variable chains ([`chains`]), batched and scored by exact match
-//! ([`batch`]).
+//! ([`batch`]), and text ([`text`]), behind one [`data`] interface; whole runs with metrics,
+//! checkpoints and a Hugging Face export ([`run`]), configured by TOML files ([`config_file`]);
+//! the training benchmark ([`bench`]).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
 //! the reference's gradients.
 
 pub mod addition;
 pub mod batch;
+pub mod bench;
 pub mod chains;
 pub mod checkpoint;
 pub mod clip;
+pub mod config_file;
 pub mod data;
 pub mod depth;
+pub mod layout;
 pub mod metrics;
 pub mod monitor;
 pub mod optim;

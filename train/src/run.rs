@@ -1,12 +1,15 @@
-//! A training run: its configuration (`run.json`), the loop, evaluation at fixed depths, the
-//! metrics log and crash-safe checkpoints, all under one run directory:
+//! A training run: its configuration (`run.json`, and `run.toml` for `--config`), the loop,
+//! evaluation at fixed depths, the metrics log and crash-safe checkpoints, all under one run
+//! directory:
 //!
 //! ```text
-//! RUN/run.json            the configuration, written once
+//! RUN/run.json            the configuration, written once (what `Trainer::resume` reads)
+//! RUN/run.toml            the same configuration as TOML (see `config_file`)
 //! RUN/tokenizer.json      text runs: the tokenizer, trained or copied at the start
 //! RUN/metrics.jsonl|csv   every record (see `metrics`)
 //! RUN/checkpoints/step-N  the newest checkpoints (see `checkpoint`)
-//! RUN/final/              the model at the end (`model.bpk` + `config.json`)
+//! RUN/final/              the model at the end, in the Hugging Face layout (`config.json` +
+//!                         `model.safetensors`), which `infer`, `analysis` and the reference load
 //! ```
 //!
 //! `Trainer::resume` continues from the newest checkpoint bit-exactly: depth, initial state and
@@ -30,6 +33,10 @@ use crate::optim::{EllisAdamConfig, no_decay_group};
 use crate::schedule::Schedule;
 use crate::step::{MicroBatch, StepConfig, StepError, train_step};
 use crate::text::TextError;
+
+/// Safetensors shard size of the final model: one file for any model this crate trains, shards
+/// (with an index) only for Huginn-scale ones.
+const FINAL_SHARD_BYTES: usize = 2 << 30;
 
 /// Which optimizer, with its hyperparameters (the learning rate comes from the schedule).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +120,55 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Checks what the types do not, so that bad values from a file or a caller are one error
+    /// here rather than a panic or a meaningless run later.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |reason: String| Err(TrainError::InvalidConfig(reason));
+        if self.steps == 0 || self.batch_size == 0 || self.accumulation == 0 {
+            return bad("steps, batch_size and accumulation must be positive".into());
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 || self.eval_rows == 0 {
+            return bad("eval_every, checkpoint_every and eval_rows must be positive".into());
+        }
+        if self.eval_depths.contains(&0) {
+            return bad("eval_depths must be positive".into());
+        }
+        match self.depth {
+            DepthScheme::PoissonLognormalFilling { mean, backprop } | DepthScheme::Fixed { steps: mean, backprop }
+                if mean == 0 || backprop == 0 =>
+            {
+                return bad("depth: the mean (or fixed) depth and backprop must be positive".into());
+            }
+            _ => {}
+        }
+        let peak = self.schedule.peak_lr();
+        if !(peak.is_finite() && peak > 0.0) {
+            return bad(format!("schedule.peak_lr must be a positive number, not {peak}"));
+        }
+        if let Schedule::Cosine { min_lr, .. } | Schedule::Trapezoid { min_lr, .. } = self.schedule
+            && !(0.0..=peak).contains(&min_lr)
+        {
+            return bad(format!("schedule.min_lr must lie in [0, peak_lr], not {min_lr}"));
+        }
+        if let Some(norm) = self.max_grad_norm
+            && !(norm.is_finite() && norm > 0.0)
+        {
+            return bad(format!(
+                "max_grad_norm must be a positive number, not {norm} (leave it out to turn clipping off)"
+            ));
+        }
+        let (beta_1, beta_2) = match self.optimizer {
+            OptimizerConfig::EllisAdam { beta_1, beta_2, .. } => (beta_1, beta_2),
+            OptimizerConfig::AdamW { beta_1, beta_2, .. } => (beta_1 as f64, beta_2 as f64),
+        };
+        if !((0.0..1.0).contains(&beta_1) && (0.0..1.0).contains(&beta_2)) {
+            return bad(format!("optimizer betas must lie in [0, 1), not ({beta_1}, {beta_2})"));
+        }
+        self.model
+            .validate()
+            .map_err(|e| TrainError::InvalidConfig(format!("model: {e}")))
+    }
+
     /// Powers of two from 1 to four times the training mean depth.
     pub fn default_eval_depths(depth: &DepthScheme) -> Vec<usize> {
         let top = (4.0 * depth.mean_depth()).ceil() as usize;
@@ -128,6 +184,8 @@ pub enum TrainError {
     Exists(PathBuf),
     #[error("{0} holds no run (no run.json)")]
     NoRun(PathBuf),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -180,6 +238,8 @@ impl Trainer {
         if dir.join("run.json").exists() {
             return Err(TrainError::Exists(dir.to_path_buf()));
         }
+        config.validate()?;
+        let toml = config.to_toml().map_err(TrainError::InvalidConfig)?;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let data = Dataset::new(&config.data, None)?;
         check_fits(&config.model, &data)?;
@@ -190,6 +250,9 @@ impl Trainer {
                 reason: e.to_string(),
             })?;
         }
+        let path = dir.join("run.toml");
+        write_atomically(&path, toml.as_bytes()).map_err(io_error(&path))?;
+        // Written last: its presence is what marks the directory as holding a run.
         let json = serde_json::to_string_pretty(&config).expect("plain data serializes");
         let path = dir.join("run.json");
         write_atomically(&path, json.as_bytes()).map_err(io_error(&path))?;
@@ -273,7 +336,7 @@ impl Trainer {
 
     /// Trains until step `config.steps`, or until `stop_at` if that comes first (a planned
     /// interruption, as a test of resuming does); saves a checkpoint where it stops and, at the
-    /// end, the final model in `RUN/final`.
+    /// end, the final model in `RUN/final` in the Hugging Face layout.
     pub fn run(&mut self, stop_at: Option<u64>, progress: bool) -> Result<(), TrainError> {
         let end = stop_at.map_or(self.config.steps, |s| s.min(self.config.steps));
         let bar = progress_bar(progress, self.config.steps, self.state.step);
@@ -354,10 +417,12 @@ impl Trainer {
         bar.finish_and_clear();
         if self.state.step == self.config.steps {
             let dir = self.dir.join("final");
-            self.model().save_burn(&dir).map_err(|e| TrainError::Io {
-                path: dir,
-                reason: e.to_string(),
-            })?;
+            self.model()
+                .export_hf(&dir, FINAL_SHARD_BYTES)
+                .map_err(|e| TrainError::Io {
+                    path: dir,
+                    reason: e.to_string(),
+                })?;
         }
         Ok(())
     }

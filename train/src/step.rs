@@ -2,6 +2,42 @@
 //! forward pass (the depth drawn once for the whole step, as the paper's lock-step sampling),
 //! the loss and its gradients, accumulated; then global-norm clipping and the update. A
 //! non-finite loss or gradient norm stops the step before the model changes.
+//!
+//! # Scale-out across devices (Burn 0.22.1, read in its sources; not implemented here)
+//!
+//! What Burn provides:
+//! * `burn-train`'s `Learner` runs on one device, on several local ones (`MultiDevice`: a thread
+//!   and a `fork`ed replica per device each step; the gradients are either moved to the first
+//!   device and accumulated there, `OptimMainDevice`, or combined per parameter on a device
+//!   picked by its id, `OptimSharded` through `MultiGradientsParams` and
+//!   `ModuleOptimizer::step_multi`), or as DDP (`DistributedDataParallel`: a thread and replica
+//!   per device, parameters marked with `Tensor::set_distributed`, and `backward()` all-reduces
+//!   each parameter's gradient as soon as it is final, then waits for the collective). These
+//!   strategies belong to the `Learner` and its data loaders (the `train` feature, with its TUI),
+//!   but what they are built from is public and fits a custom loop: `Module::fork`,
+//!   `GradientsParams::to_device`, `GradientsAccumulator`, `MultiGradientsParams`, and
+//!   `burn::tensor::distributed` (`DistributedContext::init(devices, DistributedConfig {
+//!   all_reduce_op: Mean | Sum })`, `all_reduce`).
+//! * All-reduce exists only on CUDA (NCCL, in `cubecl-cuda`); on wgpu and the CPU backends a
+//!   collective panics (`burn-backend-extension`'s catalog says so). The NCCL communicator id is
+//!   minted in-process, so DDP spans the GPUs of one process: nothing in 0.22.1 joins machines
+//!   (there is no `burn-collective` crate any more; the DDP README leaves other nodes to the
+//!   user). Our CUDA backend does not build offline, so today no collective is reachable here.
+//!
+//! How [`train_step`] would take it without a rewrite: its micro-batches are already the unit to
+//! spread, the depth is drawn once per optimizer step (every replica runs the same graph), and
+//! each micro-batch's initial state is seeded by its index (keep the global index).
+//! * Any backend, one machine (`OptimMainDevice`): each step, `fork` the model to every device,
+//!   run the micro-batches' forward and backward there in threads (micro-batch `i` on device
+//!   `i mod D`), bring each `GradientsParams` to the main device with `to_device` and feed the
+//!   existing accumulator; clipping, the finite checks and `optim.step` stay as they are.
+//!   Between wgpu devices the gradients travel through host memory.
+//! * CUDA, DDP: mark the parameters with `set_distributed` (a `ModuleMapper`, as burn-train's
+//!   `ModuleSharder`), hold a `DistributedContext` with `Mean`, and call `train_step` unchanged
+//!   from one thread per device, each with its replica, its optimizer and `1/D` of the
+//!   micro-batches: every `backward()` then averages the gradient over the devices, so every
+//!   replica clips and applies the same update. The all-reduce runs per micro-batch, not once per
+//!   optimizer step (as in burn-train's DDP epoch).
 
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;

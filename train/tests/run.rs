@@ -1,11 +1,12 @@
 //! Whole runs on tiny models: resuming is bit-exact, checkpoints are complete and pruned, a
-//! diverging run stops with its last good checkpoint, the CLI refuses bad input.
+//! diverging run stops with its last good checkpoint, the final model is a Hugging Face folder,
+//! a configuration file trains with flags overriding it, the CLI refuses bad input.
 
 use std::path::Path;
 use std::process::Command;
 
 use burn::prelude::*;
-use model::HuginnConfig;
+use model::{Huginn, HuginnConfig};
 use train::chains;
 use train::checkpoint::Checkpoints;
 use train::data::DataConfig;
@@ -16,7 +17,7 @@ use train::schedule::Schedule;
 
 fn config(steps: u64, optimizer: OptimizerConfig, peak_lr: f64) -> RunConfig {
     let mut model = HuginnConfig::tiny(chains::VOCAB_SIZE, 16, 2, (1, 1, 1));
-    model.block_size = 32;
+    model.block_size = chains::TRAIN_LEN;
     RunConfig {
         model,
         data: DataConfig::Chains { seed: 3, curriculum: 2 },
@@ -95,7 +96,7 @@ fn resuming_continues_bit_exactly() {
         t.run(None, false).unwrap();
         let expected = losses(straight.path());
         assert_eq!(expected.len(), 8);
-        assert!(straight.path().join("final/model.bpk").exists());
+        assert!(straight.path().join("final/model.safetensors").exists());
 
         let split = tempfile::tempdir().unwrap();
         let mut t = Trainer::create(split.path(), config(8, optimizer.clone(), 3e-3), &device).unwrap();
@@ -171,6 +172,74 @@ fn a_diverging_run_stops_with_its_last_good_checkpoint() {
 }
 
 #[test]
+fn the_final_model_is_a_hugging_face_folder() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device).unwrap();
+    t.run(None, false).unwrap();
+    let folder = dir.path().join("final");
+    assert!(folder.join("config.json").exists() && folder.join("model.safetensors").exists());
+    let loaded = Huginn::from_pretrained(&folder, &Device::flex()).unwrap();
+    let ids = loaded.tokens(&[vec![1, 2, 3, 4, 5]]).unwrap();
+    let logits = |m: &Huginn| {
+        m.forward(ids.clone(), 3)
+            .logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(logits(&loaded), logits(&t.model()));
+}
+
+#[test]
+fn a_config_file_trains_with_a_flag_overriding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(50, ellis(), 1e-3);
+    let path = dir.path().join("experiment.toml");
+    std::fs::write(&path, file.to_toml().unwrap()).unwrap();
+    let out = dir.path().join("run");
+    let output = Command::new(env!("CARGO_BIN_EXE_huginn-train"))
+        .arg("--config")
+        .arg(&path)
+        .args(["--steps", "2", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The flag changed the steps and the schedule's length; everything else is the file's.
+    let expected = RunConfig {
+        steps: 2,
+        schedule: Schedule::Cosine {
+            peak_lr: 1e-3,
+            warmup: 2,
+            total_steps: 2,
+            min_lr: 1e-4,
+        },
+        ..file
+    };
+    assert_eq!(RunConfig::from_toml_file(&out.join("run.toml")).unwrap(), expected);
+    let json: RunConfig = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(json, expected);
+    assert_eq!(losses(&out).len(), 2);
+    assert!(Huginn::from_pretrained(out.join("final"), &Device::flex()).is_ok());
+}
+
+#[test]
+fn the_sample_config_is_the_default_run() {
+    let print = |flags: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_huginn-train"))
+            .args(flags)
+            .arg("--print-config")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/chains.toml");
+    assert_eq!(print(&["--config", sample]), print(&[]));
+}
+
+#[test]
 fn the_cli_trains_resumes_and_rejects_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
@@ -219,7 +288,25 @@ fn the_cli_trains_resumes_and_rejects_bad_flags() {
         .unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
 
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        crate::config(2, ellis(), 1e-3)
+            .to_toml()
+            .unwrap()
+            .replace("n_embd", "n_emdb"),
+    )
+    .unwrap();
+    let mistyped = dir.path().join("mistyped.toml");
+    std::fs::write(&mistyped, "steps = \"many\"\n").unwrap();
+    let (typo, mistyped) = (typo.to_str().unwrap(), mistyped.to_str().unwrap());
     for (flags, message) in [
+        (vec!["--config", typo], "typo.toml: unknown key `model.n_emdb`"),
+        (
+            vec!["--config", mistyped],
+            "mistyped.toml: line 1: invalid type: string",
+        ),
+        (vec!["--config", typo, "--resume"], "cannot be used with"),
         (vec!["--layers", "1,0,1"], "the core needs at least one"),
         (vec!["--lr=-1"], "--lr must be a positive number"),
         (vec!["--device", "tpu"], "tpu"),

@@ -40,6 +40,11 @@ enum Task {
     },
     /// Everything CI checks: formatting, clippy, the test suite, the fixture check.
     Ci,
+    /// Benchmarks, built with CI's features so nothing is compiled twice.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
     /// Check reference fixture folders (default: every folder under fixtures/reference).
     CheckFixture {
         dirs: Vec<PathBuf>,
@@ -50,6 +55,17 @@ enum Task {
         /// Cargo features to build with (e.g. model/wgpu).
         #[arg(long, default_value = "")]
         features: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Training tokens/s and peak memory of a model and depth on a device (huginn-bench; its
+    /// flags: `cargo xtask bench train --help`).
+    #[command(disable_help_flag = true)]
+    Train {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -68,6 +84,9 @@ fn main() -> ExitCode {
                 demo(&device, quick, text, &out, false)
             }
             Task::Ci => ci(),
+            Task::Bench {
+                what: Bench::Train { args },
+            } => bench_train(&args),
             Task::CheckFixture {
                 dirs,
                 json,
@@ -134,6 +153,25 @@ fn demo(device: &str, quick: bool, text: bool, out: &Path, quiet: bool) -> Resul
     args.extend(text.then_some("--text"));
     args.extend(quiet.then_some("--quiet"));
     cargo(&args)
+}
+
+fn bench_train(args: &[String]) -> Result<()> {
+    let cuda =
+        args.windows(2).any(|w| w[0] == "--device" && w[1] == "cuda") || args.iter().any(|a| a == "--device=cuda");
+    let features = device_features(if cuda { "cuda" } else { "cpu" });
+    let mut cargo_args = vec![
+        "run",
+        "--quiet",
+        "-p",
+        "train",
+        "--features",
+        features,
+        "--bin",
+        "huginn-bench",
+        "--",
+    ];
+    cargo_args.extend(args.iter().map(String::as_str));
+    cargo(&cargo_args)
 }
 
 fn fixture_dirs() -> Result<Vec<PathBuf>> {

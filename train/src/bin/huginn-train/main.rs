@@ -5,16 +5,22 @@
 //! huginn-train --task chains --out runs/chains --steps 2500
 //! huginn-train --out runs/chains --resume          # after a crash or Ctrl-C
 //! huginn-train --task text --text-file book.txt --vocab-size 4096 --seq-len 128 --out runs/lm
+//! huginn-train --config train/configs/chains.toml --steps 500 --out runs/short   # a file, one flag changed
+//! huginn-train --task text --width 128 --print-config > lm.toml                  # start a file
 //! ```
+
+mod overrides;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use model::{Backend, HuginnConfig};
 use train::data::{DataConfig, Dataset, TokenizerSource};
 use train::depth::DepthScheme;
+use train::layout::parse_layers;
 use train::run::{OptimizerConfig, RunConfig, Trainer};
 use train::schedule::Schedule;
 
@@ -27,6 +33,13 @@ struct Args {
     /// Continue the run in --out from its newest checkpoint (its run.json decides everything).
     #[arg(long)]
     resume: bool,
+    /// A run configuration in TOML (the form of a run's run.toml); flags given as well override
+    /// its values, flags not given keep them.
+    #[arg(long, conflicts_with = "resume")]
+    config: Option<PathBuf>,
+    /// Print the run's configuration as TOML and exit, training nothing.
+    #[arg(long, conflicts_with = "resume")]
+    print_config: bool,
     #[arg(long, default_value = "cpu")]
     device: Backend,
     /// Hide the progress bar.
@@ -125,47 +138,53 @@ struct Args {
     keep: usize,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum Task {
     Chains,
     Addition,
     Text,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum Scheme {
     PoissonLognormalFilling,
     Fixed,
     NonRecurrent,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum Optimizer {
     EllisAdam,
     Adamw,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum ScheduleKind {
     Constant,
     Cosine,
     Trapezoid,
 }
 
-fn parse_layers(s: &str) -> Result<(usize, usize, usize), String> {
-    let parts: Vec<usize> = s
-        .split(',')
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("layers are three counts like 1,2,1: {e}"))?;
-    match parts[..] {
-        [p, c, o] if c > 0 => Ok((p, c, o)),
-        _ => Err("layers are three counts like 1,2,1 (the core needs at least one)".to_string()),
-    }
-}
-
 impl Args {
-    fn run_config(&self) -> Result<RunConfig> {
+    /// The run's configuration: the file's with the flags typed on the command line applied on
+    /// top, or, without a file, the flags' (given or default).
+    fn run_config(&self, matches: &ArgMatches) -> Result<RunConfig> {
+        self.check_flags()?;
+        let config = match &self.config {
+            Some(path) => {
+                let mut config = RunConfig::from_toml_file(path)?;
+                let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+                overrides::apply(&mut config, self, &given)?;
+                config
+            }
+            None => self.flags_config()?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the flags' own values (defaults pass), so an error names the flag.
+    fn check_flags(&self) -> Result<()> {
         if self.steps == 0 || self.batch_size == 0 || self.accumulation == 0 {
             bail!("--steps, --batch-size and --accumulation must be positive");
         }
@@ -181,80 +200,17 @@ impl Args {
         if self.mean_depth == 0 || self.backprop == 0 {
             bail!("--mean-depth and --backprop must be positive");
         }
-        let data = match self.task {
-            Task::Chains => DataConfig::Chains {
-                seed: self.seed,
-                curriculum: self.curriculum,
-            },
-            Task::Addition => DataConfig::Addition {
-                seed: self.seed,
-                max_digits: self.max_digits,
-                padded: self.padded,
-            },
-            Task::Text => DataConfig::Text {
-                files: self.text_files.clone(),
-                field: self.jsonl_field.clone(),
-                tokenizer: match &self.tokenizer {
-                    Some(path) => TokenizerSource::File { path: path.clone() },
-                    None => TokenizerSource::Train {
-                        vocab_size: self.vocab_size,
-                    },
-                },
-                seq_len: self.seq_len,
-            },
-        };
-        // The data decides vocabulary and context; building it here also checks the files.
-        let dataset = Dataset::new(&data, None).context("reading the training data")?;
-        let depth = match self.depth_scheme {
-            Scheme::PoissonLognormalFilling => DepthScheme::PoissonLognormalFilling {
-                mean: self.mean_depth,
-                backprop: self.backprop,
-            },
-            Scheme::Fixed => DepthScheme::Fixed {
-                steps: self.mean_depth,
-                backprop: self.backprop,
-            },
-            Scheme::NonRecurrent => DepthScheme::NonRecurrent,
-        };
-        let mut model = HuginnConfig::tiny(dataset.vocab_size(), self.width, self.heads, self.layers);
-        model.block_size = dataset.context();
-        model.mean_recurrence = depth.mean_depth().round() as usize;
-        model.mean_backprop_depth = self.backprop;
+        Ok(())
+    }
+
+    /// The configuration of the flags alone (no file).
+    fn flags_config(&self) -> Result<RunConfig> {
+        let data = self.data(self.seed);
+        let depth = depth_scheme(self.depth_scheme, self.mean_depth, self.backprop);
+        let mut model = HuginnConfig::tiny(0, self.width, self.heads, self.layers);
+        fit_to_data(&mut model, &data)?;
+        fit_to_depth(&mut model, &depth, self.backprop);
         model.validate().context("model shape")?;
-        let min_lr = self.lr * self.min_lr_fraction;
-        let schedule = match self.schedule {
-            ScheduleKind::Constant => Schedule::Constant {
-                peak_lr: self.lr,
-                warmup: self.warmup,
-            },
-            ScheduleKind::Cosine => Schedule::Cosine {
-                peak_lr: self.lr,
-                warmup: self.warmup,
-                total_steps: self.steps,
-                min_lr,
-            },
-            ScheduleKind::Trapezoid => Schedule::Trapezoid {
-                peak_lr: self.lr,
-                warmup: self.warmup,
-                total_steps: self.steps,
-                cooldown: self.cooldown,
-                min_lr,
-            },
-        };
-        let optimizer = match self.optimizer {
-            Optimizer::EllisAdam => OptimizerConfig::EllisAdam {
-                beta_1: 0.9,
-                beta_2: 0.95,
-                weight_decay: self.weight_decay,
-                update_clipping: true,
-            },
-            Optimizer::Adamw => OptimizerConfig::AdamW {
-                beta_1: 0.9,
-                beta_2: 0.95,
-                epsilon: 1e-8,
-                weight_decay: self.weight_decay as f32,
-            },
-        };
         let eval_depths = if self.eval_depths.is_empty() {
             RunConfig::default_eval_depths(&depth)
         } else {
@@ -268,9 +224,16 @@ impl Args {
             batch_size: self.batch_size,
             accumulation: self.accumulation,
             depth,
-            optimizer,
-            schedule,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            optimizer: optimizer(self.optimizer, self.weight_decay),
+            schedule: schedule(
+                self.schedule,
+                self.lr,
+                self.warmup,
+                self.steps,
+                self.cooldown,
+                self.lr * self.min_lr_fraction,
+            ),
+            max_grad_norm: self.max_grad_norm(),
             eval_every: self.eval_every,
             eval_rows: self.eval_rows,
             eval_depths,
@@ -278,16 +241,114 @@ impl Args {
             keep_checkpoints: self.keep,
         })
     }
+
+    /// The data the flags describe, the generated tasks seeded with `seed`.
+    fn data(&self, seed: u64) -> DataConfig {
+        match self.task {
+            Task::Chains => DataConfig::Chains {
+                seed,
+                curriculum: self.curriculum,
+            },
+            Task::Addition => DataConfig::Addition {
+                seed,
+                max_digits: self.max_digits,
+                padded: self.padded,
+            },
+            Task::Text => DataConfig::Text {
+                files: self.text_files.clone(),
+                field: self.jsonl_field.clone(),
+                tokenizer: self.tokenizer_source(),
+                seq_len: self.seq_len,
+            },
+        }
+    }
+
+    fn tokenizer_source(&self) -> TokenizerSource {
+        match &self.tokenizer {
+            Some(path) => TokenizerSource::File { path: path.clone() },
+            None => TokenizerSource::Train {
+                vocab_size: self.vocab_size,
+            },
+        }
+    }
+
+    fn max_grad_norm(&self) -> Option<f64> {
+        (self.max_grad_norm > 0.0).then_some(self.max_grad_norm)
+    }
 }
 
-fn run(args: Args) -> Result<()> {
+/// Sizes the model's vocabulary and context to what `data` needs; building the data here also
+/// checks its files.
+fn fit_to_data(model: &mut HuginnConfig, data: &DataConfig) -> Result<()> {
+    let dataset = Dataset::new(data, None).context("reading the training data")?;
+    model.vocab_size = dataset.vocab_size();
+    model.block_size = dataset.context();
+    Ok(())
+}
+
+/// Records the training depth in the model's config (its default depth at inference, and its
+/// initialisation through the unrolled depth).
+fn fit_to_depth(model: &mut HuginnConfig, depth: &DepthScheme, backprop: usize) {
+    model.mean_recurrence = depth.mean_depth().round() as usize;
+    model.mean_backprop_depth = backprop;
+}
+
+fn depth_scheme(scheme: Scheme, mean: usize, backprop: usize) -> DepthScheme {
+    match scheme {
+        Scheme::PoissonLognormalFilling => DepthScheme::PoissonLognormalFilling { mean, backprop },
+        Scheme::Fixed => DepthScheme::Fixed { steps: mean, backprop },
+        Scheme::NonRecurrent => DepthScheme::NonRecurrent,
+    }
+}
+
+fn optimizer(kind: Optimizer, weight_decay: f64) -> OptimizerConfig {
+    match kind {
+        Optimizer::EllisAdam => OptimizerConfig::EllisAdam {
+            beta_1: 0.9,
+            beta_2: 0.95,
+            weight_decay,
+            update_clipping: true,
+        },
+        Optimizer::Adamw => OptimizerConfig::AdamW {
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+            weight_decay: weight_decay as f32,
+        },
+    }
+}
+
+fn schedule(kind: ScheduleKind, peak_lr: f64, warmup: u64, total_steps: u64, cooldown: u64, min_lr: f64) -> Schedule {
+    match kind {
+        ScheduleKind::Constant => Schedule::Constant { peak_lr, warmup },
+        ScheduleKind::Cosine => Schedule::Cosine {
+            peak_lr,
+            warmup,
+            total_steps,
+            min_lr,
+        },
+        ScheduleKind::Trapezoid => Schedule::Trapezoid {
+            peak_lr,
+            warmup,
+            total_steps,
+            cooldown,
+            min_lr,
+        },
+    }
+}
+
+fn run(args: Args, matches: &ArgMatches) -> Result<()> {
+    if args.print_config {
+        print!("{}", args.run_config(matches)?.to_toml().map_err(anyhow::Error::msg)?);
+        return Ok(());
+    }
     let device = args.device.device()?.autodiff();
     let mut trainer = if args.resume {
         let t = Trainer::resume(&args.out, &device)?;
         eprintln!("resuming {} at step {}", args.out.display(), t.state().step);
         t
     } else {
-        Trainer::create(&args.out, args.run_config()?, &device)?
+        Trainer::create(&args.out, args.run_config(matches)?, &device)?
     };
     trainer.run(None, !args.quiet)?;
     let state = trainer.state();
@@ -302,8 +363,11 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
+    let parsed = Args::command()
+        .try_get_matches()
+        .and_then(|matches| Args::from_arg_matches(&matches).map(|args| (args, matches)));
+    let (args, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             // clap's first line says what is wrong; the rest is a pointer to --help.
@@ -312,7 +376,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args) {
+    match run(args, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

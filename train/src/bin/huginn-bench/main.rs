@@ -1,0 +1,314 @@
+//! `huginn-bench`: training tokens/s and peak memory of a model shape and depth on a device, and
+//! the memory of a shallow and a deep fixed recurrence with the same backprop depth k, which
+//! should be about equal: the first `r − k` iterations run on a copy of the model without
+//! autodiff, so they record no graph.
+//!
+//! ```text
+//! huginn-bench --device cpu --width 256 --layers 2,4,2 --mean-depth 8 --backprop 4 --seq-len 256 --batch-size 8
+//! ```
+//!
+//! Each measurement runs in a fresh child process (this binary with `--child`), so each peak
+//! RSS belongs to one configuration alone.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use model::{Backend, HuginnConfig};
+use serde_json::json;
+use train::bench::{BenchConfig, BenchResult, measure};
+use train::depth::DepthScheme;
+use train::layout::parse_layers;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "huginn-bench",
+    version,
+    about = "Training speed and memory of a recurrent-depth model on a device."
+)]
+struct Args {
+    #[arg(long, default_value = "cpu")]
+    device: Backend,
+    #[arg(long, default_value_t = 256)]
+    width: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Prelude, core and coda layers.
+    #[arg(long, default_value = "2,4,2", value_parser = parse_layers)]
+    layers: (usize, usize, usize),
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    /// Mean recurrence r̄ of the randomized (Poisson log-normal) depth.
+    #[arg(long, default_value_t = 8)]
+    mean_depth: usize,
+    /// Recurrence steps with gradient, k.
+    #[arg(long, default_value_t = 4)]
+    backprop: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Rows per step (one micro-batch); 8 takes about a minute per measurement on 2 CPU cores.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Timed optimizer steps of the randomized-depth measurement (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: u64,
+    /// Fixed total depths whose memory is compared.
+    #[arg(long, value_delimiter = ',', default_value = "8,64")]
+    memory_depths: Vec<usize>,
+    /// Timed steps of each fixed-depth measurement.
+    #[arg(long, default_value_t = 1)]
+    memory_steps: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Measure one depth (`random`, or `fixed:R`) in this process and print its result as JSON:
+    /// what the parent runs in each child.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+/// A depth to measure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Depth {
+    /// The paper's Poisson log-normal depth with mean `--mean-depth`.
+    Random,
+    /// Always `r` iterations, the last `--backprop` with gradient.
+    Fixed(usize),
+}
+
+impl Depth {
+    fn parse(s: &str) -> Result<Self> {
+        match s.strip_prefix("fixed:") {
+            Some(r) => Ok(Depth::Fixed(r.parse().context("--child fixed:R needs a depth")?)),
+            None if s == "random" => Ok(Depth::Random),
+            None => bail!("--child takes random or fixed:R, not {s}"),
+        }
+    }
+
+    fn arg(self) -> String {
+        match self {
+            Depth::Random => "random".into(),
+            Depth::Fixed(r) => format!("fixed:{r}"),
+        }
+    }
+
+    fn label(self, args: &Args) -> String {
+        match self {
+            Depth::Random => format!("random r̄={} k={}", args.mean_depth, args.backprop),
+            Depth::Fixed(r) => format!("fixed r={r} k={}", args.backprop),
+        }
+    }
+}
+
+impl Args {
+    fn check(&self) -> Result<()> {
+        let counts = [
+            self.width,
+            self.heads,
+            self.vocab_size,
+            self.mean_depth,
+            self.backprop,
+            self.seq_len,
+            self.batch_size,
+        ];
+        if counts.contains(&0) || self.steps == 0 || self.memory_steps == 0 || self.memory_depths.contains(&0) {
+            bail!("every size, depth and step count must be positive");
+        }
+        HuginnConfig::tiny(self.vocab_size, self.width, self.heads, self.layers)
+            .validate()
+            .context("model shape")?;
+        Ok(())
+    }
+
+    fn config(&self, depth: Depth, steps: u64) -> BenchConfig {
+        BenchConfig {
+            width: self.width,
+            heads: self.heads,
+            layers: self.layers,
+            vocab_size: self.vocab_size,
+            seq_len: self.seq_len,
+            batch_size: self.batch_size,
+            depth: match depth {
+                Depth::Random => DepthScheme::PoissonLognormalFilling {
+                    mean: self.mean_depth,
+                    backprop: self.backprop,
+                },
+                Depth::Fixed(r) => DepthScheme::Fixed {
+                    steps: r,
+                    backprop: self.backprop,
+                },
+            },
+            steps,
+        }
+    }
+
+    /// The measurements: the randomized depth for speed, then each fixed depth for memory.
+    fn runs(&self) -> Vec<(Depth, u64)> {
+        std::iter::once((Depth::Random, self.steps))
+            .chain(self.memory_depths.iter().map(|&r| (Depth::Fixed(r), self.memory_steps)))
+            .collect()
+    }
+
+    /// Runs one measurement in a child process and reads its result.
+    fn spawn(&self, depth: Depth, steps: u64) -> Result<BenchResult> {
+        let (p, c, o) = self.layers;
+        let exe = std::env::current_exe().context("finding this binary to run a measurement")?;
+        let output = Command::new(exe)
+            .args(["--device", self.device.name()])
+            .args(["--width", &self.width.to_string(), "--heads", &self.heads.to_string()])
+            .args(["--layers", &format!("{p},{c},{o}")])
+            .args(["--vocab-size", &self.vocab_size.to_string()])
+            .args(["--mean-depth", &self.mean_depth.to_string()])
+            .args(["--backprop", &self.backprop.to_string()])
+            .args(["--seq-len", &self.seq_len.to_string()])
+            .args(["--batch-size", &self.batch_size.to_string()])
+            .args(["--steps", &steps.to_string(), "--child", &depth.arg()])
+            .output()
+            .context("starting a measurement")?;
+        let label = depth.label(self);
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let reason = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no message");
+            bail!("{label}: {}", reason.trim_start_matches("error: "));
+        }
+        // The result is the last line: anything a backend prints before it is not ours.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        serde_json::from_str(last).with_context(|| format!("{label}: unreadable result {last:?}"))
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+}
+
+/// The relative change from `a` to `b`, where both are known.
+fn change(a: Option<u64>, b: Option<u64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if a > 0 => format!("{:+.1}%", 100.0 * (b as f64 - a as f64) / a as f64),
+        _ => "n/a".into(),
+    }
+}
+
+fn report(args: &Args, results: &[(Depth, u64, BenchResult)]) {
+    let (p, c, o) = args.layers;
+    let tokens = args.batch_size * args.seq_len;
+    if args.json {
+        let runs: Vec<_> = results
+            .iter()
+            .map(|(depth, steps, r)| {
+                json!({
+                    "depth": depth.label(args),
+                    "steps": steps,
+                    "mean_depth": r.mean_depth,
+                    "seconds_per_step": r.seconds_per_step,
+                    "tokens_per_second": r.tokens_per_second,
+                    "peak_rss_bytes": r.peak_rss_bytes,
+                    "device_reserved_bytes": r.device_reserved_bytes,
+                })
+            })
+            .collect();
+        let out = json!({
+            "device": args.device.name(),
+            "width": args.width,
+            "heads": args.heads,
+            "layers": [p, c, o],
+            "vocab_size": args.vocab_size,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "tokens_per_step": tokens,
+            "runs": runs,
+        });
+        println!("{out}");
+        return;
+    }
+    println!(
+        "{} · width {} · heads {} · layers {p},{c},{o} · vocab {} · seq {} × batch {} = {tokens} tokens/step",
+        args.device.name(),
+        args.width,
+        args.heads,
+        args.vocab_size,
+        args.seq_len,
+        args.batch_size
+    );
+    println!(
+        "{:<20} {:>7} {:>6} {:>9} {:>10} {:>12} {:>12}",
+        "depth", "mean r", "steps", "s/step", "tokens/s", "peak RSS", "device pool"
+    );
+    for (depth, steps, r) in results {
+        println!(
+            "{:<20} {:>7.1} {:>6} {:>9.3} {:>10.1} {:>12} {:>12}",
+            depth.label(args),
+            r.mean_depth,
+            steps,
+            r.seconds_per_step,
+            r.tokens_per_second,
+            mib(r.peak_rss_bytes),
+            mib(r.device_reserved_bytes)
+        );
+    }
+    let fixed: Vec<_> = results.iter().filter(|(d, ..)| matches!(d, Depth::Fixed(_))).collect();
+    if let [(Depth::Fixed(shallow), _, a), .., (Depth::Fixed(deep), _, b)] = fixed[..] {
+        let device = match (a.device_reserved_bytes, b.device_reserved_bytes) {
+            (Some(_), Some(_)) => format!(
+                "device pool {} → {} ({})",
+                mib(a.device_reserved_bytes),
+                mib(b.device_reserved_bytes),
+                change(a.device_reserved_bytes, b.device_reserved_bytes)
+            ),
+            _ => format!(
+                "no device pool reported by the {} backend: RSS only",
+                args.device.name()
+            ),
+        };
+        println!(
+            "memory r={deep} vs r={shallow}: peak RSS {} → {} ({}); {device}",
+            mib(a.peak_rss_bytes),
+            mib(b.peak_rss_bytes),
+            change(a.peak_rss_bytes, b.peak_rss_bytes)
+        );
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    args.check()?;
+    if let Some(depth) = &args.child {
+        let depth = Depth::parse(depth)?;
+        let device = args.device.device()?.autodiff();
+        let result = measure(&args.config(depth, args.steps), &device)?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    let mut results = Vec::new();
+    for (depth, steps) in args.runs() {
+        if !args.json {
+            eprintln!("measuring {} ({steps} timed steps)…", depth.label(args));
+        }
+        results.push((depth, steps, args.spawn(depth, steps)?));
+    }
+    report(args, &results);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
