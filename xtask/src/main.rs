@@ -31,6 +31,9 @@ enum Task {
         /// Tiny sizes: the whole pipeline in about a minute (wiring, not accuracy).
         #[arg(long)]
         quick: bool,
+        /// The reasoning task: chains or addition.
+        #[arg(long, default_value = "chains")]
+        task: String,
         /// A small language model on the embedded Shakespeare slice instead.
         #[arg(long)]
         text: bool,
@@ -77,11 +80,12 @@ fn main() -> ExitCode {
             Task::Demo {
                 device,
                 quick,
+                task,
                 text,
                 out,
             } => {
                 let out = out.unwrap_or_else(|| PathBuf::from(if text { "runs/demo-text" } else { "runs/demo" }));
-                demo(&device, quick, text, &out, false)
+                demo(&device, quick, &task, text, &out, false)
             }
             Task::Ci => ci(),
             Task::Bench {
@@ -132,7 +136,7 @@ fn device_features(device: &str) -> &'static str {
     }
 }
 
-fn demo(device: &str, quick: bool, text: bool, out: &Path, quiet: bool) -> Result<()> {
+fn demo(device: &str, quick: bool, task: &str, text: bool, out: &Path, quiet: bool) -> Result<()> {
     let out = out.display().to_string();
     let mut args = vec![
         "run",
@@ -148,6 +152,8 @@ fn demo(device: &str, quick: bool, text: bool, out: &Path, quiet: bool) -> Resul
         device,
         "--out",
         &out,
+        "--task",
+        task,
     ];
     args.extend(quick.then_some("--quick"));
     args.extend(text.then_some("--text"));
@@ -234,6 +240,7 @@ fn ci() -> Result<()> {
     check_fixture(&[], false, "cpu", CI_FEATURES)?;
     // The main job's whole pipeline on tiny sizes, both tasks.
     let scratch = std::env::temp_dir().join("huginn-ci-demo");
-    demo("cpu", true, false, &scratch.join("chains"), true)?;
-    demo("cpu", true, true, &scratch.join("text"), true)
+    demo("cpu", true, "addition", false, &scratch.join("addition"), true)?;
+    demo("cpu", true, "chains", false, &scratch.join("chains"), true)?;
+    demo("cpu", true, "chains", true, &scratch.join("text"), true)
 }

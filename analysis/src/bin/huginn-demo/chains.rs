@@ -206,7 +206,7 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
     if denominator == 0.0 { 0.0 } else { cov / denominator }
 }
 
-fn by_depth(depths: &[usize], values: &[f64]) -> Value {
+pub fn by_depth(depths: &[usize], values: &[f64]) -> Value {
     let map: BTreeMap<String, f64> = depths.iter().zip(values).map(|(d, v)| (d.to_string(), *v)).collect();
     json!(map)
 }
@@ -269,12 +269,12 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
     );
     let mut exits = Vec::new();
     for &exit in &config.exits {
-        let mut steps_by_hop = BTreeMap::new();
+        let mut steps_by_level = BTreeMap::new();
         let mut all_steps = Vec::new();
         for (h, set) in &per_hop {
             let results = adaptive(&recurrent, set, exit, config.exit_max_steps)?;
             let mean = results.iter().map(|r| r.0 as f64).sum::<f64>() / results.len() as f64;
-            steps_by_hop.insert(*h, mean);
+            steps_by_level.insert(*h, mean);
             all_steps.extend(results.iter().map(|r| r.0));
             bar.inc(1);
         }
@@ -282,14 +282,14 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         bar.inc(1);
         let accuracy = on_test.iter().filter(|r| r.1).count() as f64 / on_test.len() as f64;
         let mean_steps = on_test.iter().map(|r| r.0 as f64).sum::<f64>() / on_test.len() as f64;
-        let levels: Vec<f64> = steps_by_hop.keys().map(|h| *h as f64).collect();
-        let means: Vec<f64> = steps_by_hop.values().copied().collect();
+        let levels: Vec<f64> = steps_by_level.keys().map(|h| *h as f64).collect();
+        let means: Vec<f64> = steps_by_level.values().copied().collect();
         exits.push(ExitResult {
             criterion: exit.0,
             threshold: exit.1,
             accuracy,
             mean_steps,
-            steps_by_hop,
+            steps_by_level,
             spearman: spearman(&levels, &means),
             all_steps,
         });
@@ -308,7 +308,7 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
             "accuracy": e.accuracy,
             "fixed32_accuracy": fixed32,
             "mean_steps": e.mean_steps,
-            "mean_steps_by_difficulty": e.steps_by_hop.iter().map(|(h, m)| (h.to_string(), *m)).collect::<BTreeMap<_, _>>(),
+            "mean_steps_by_difficulty": e.steps_by_level.iter().map(|(h, m)| (h.to_string(), *m)).collect::<BTreeMap<_, _>>(),
             "spearman_steps_vs_difficulty": e.spearman,
         })
     };
@@ -335,10 +335,19 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         },
     });
 
-    report::chains_figures(
+    // The latent dynamics of one deep, held-out question.
+    let example = task.example_with_hops(Split::Harder, 8, 0);
+    let names = report::Figures {
+        title: "Recurrent depth on k-hop variable chains",
+        level: "hops",
+        trained: "hops 1-6".into(),
+        harder: "hops 7-10".into(),
+        prompt: example.tokens[..chains::LEN - 1].to_vec(),
+    };
+    report::task_figures(
+        &names,
         out,
         &recurrent,
-        &task,
         &hop_accuracy,
         depths,
         &accuracy,
@@ -359,13 +368,14 @@ pub struct ExitResult {
     pub threshold: f64,
     pub accuracy: f64,
     pub mean_steps: f64,
-    pub steps_by_hop: BTreeMap<usize, f64>,
+    /// Mean steps per answer by difficulty level (hops, carry-chain length).
+    pub steps_by_level: BTreeMap<usize, f64>,
     pub spearman: f64,
-    /// Steps used by every question of every hop count (for histograms).
+    /// Steps used by every question of every difficulty (for histograms).
     pub all_steps: Vec<usize>,
 }
 
-fn progress_bar(visible: bool, len: u64, message: &'static str) -> ProgressBar {
+pub fn progress_bar(visible: bool, len: u64, message: &'static str) -> ProgressBar {
     if !visible {
         return ProgressBar::hidden();
     }
@@ -378,7 +388,7 @@ fn progress_bar(visible: bool, len: u64, message: &'static str) -> ProgressBar {
     bar
 }
 
-fn print_summary(
+pub fn print_summary(
     depths: &[usize],
     accuracy: &[Vec<f64>; 2],
     baseline: &[Vec<f64>; 2],
@@ -402,13 +412,13 @@ fn print_summary(
     }
     for e in exits {
         println!(
-            "adaptive exit {} < {}: accuracy {:.1}% (fixed r=32: {:.1}%), mean steps {:.1}, by hops {}, Spearman ρ {:.2}",
+            "adaptive exit {} < {}: accuracy {:.1}% (fixed r=32: {:.1}%), mean steps {:.1}, by difficulty {}, Spearman ρ {:.2}",
             e.criterion.name(),
             e.threshold,
             100.0 * e.accuracy,
             100.0 * fixed32,
             e.mean_steps,
-            e.steps_by_hop
+            e.steps_by_level
                 .iter()
                 .map(|(h, m)| format!("{h}:{m:.1}"))
                 .collect::<Vec<_>>()

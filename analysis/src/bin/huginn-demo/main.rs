@@ -16,10 +16,12 @@ use anyhow::Result;
 use clap::Parser;
 use model::Backend;
 
+mod addition;
 mod chains;
 mod report;
 mod text;
 
+use addition::AdditionDemo;
 use chains::ChainsDemo;
 use text::TextDemo;
 
@@ -38,7 +40,11 @@ struct Args {
     /// Tiny sizes: the whole pipeline in about a minute (wiring, not accuracy).
     #[arg(long)]
     quick: bool,
-    /// A small language model on the embedded Shakespeare slice instead of the chains task.
+    /// The reasoning task: k-hop variable chains (built to need depth, not yet learned within
+    /// the CPU budget) or reversed-digit addition (learned, but solved at depth 1; see the README).
+    #[arg(long, value_enum, default_value_t = Task::Chains)]
+    task: Task,
+    /// A small language model on the embedded Shakespeare slice instead of a reasoning task.
     #[arg(long)]
     text: bool,
     /// Override the number of training steps.
@@ -49,6 +55,12 @@ struct Args {
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Task {
+    Addition,
+    Chains,
 }
 
 fn run(args: Args) -> Result<()> {
@@ -64,7 +76,7 @@ fn run(args: Args) -> Result<()> {
         config.seed = args.seed;
         config.steps = args.steps.unwrap_or(config.steps);
         text::run(&config, &args.out, &device, !args.quiet, started)?;
-    } else {
+    } else if args.task == Task::Chains {
         let mut config = if args.quick {
             ChainsDemo::quick()
         } else {
@@ -73,6 +85,15 @@ fn run(args: Args) -> Result<()> {
         config.seed = args.seed;
         config.steps = args.steps.unwrap_or(config.steps);
         chains::run(&config, &args.out, &device, !args.quiet, started)?;
+    } else {
+        let mut config = if args.quick {
+            AdditionDemo::quick()
+        } else {
+            AdditionDemo::full()
+        };
+        config.seed = args.seed;
+        config.steps = args.steps.unwrap_or(config.steps);
+        addition::run(&config, &args.out, &device, !args.quiet, started)?;
     }
     eprintln!(
         "report: {} (open {} in a browser) · {:.0} s",

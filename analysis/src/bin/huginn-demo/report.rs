@@ -16,7 +16,6 @@ use indicatif::ProgressBar;
 use model::Huginn;
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
-use train::chains::{self, ChainTask, Split};
 
 use crate::chains::ExitResult;
 
@@ -59,12 +58,24 @@ fn analysis_report(out: &Path, model: &Huginn, prompt: PromptInput, progress: bo
     }))
 }
 
+/// What names a task's figures.
+pub struct Figures {
+    pub title: &'static str,
+    /// The difficulty knob ("hops", "carry chain").
+    pub level: &'static str,
+    /// The trained and the harder split.
+    pub trained: String,
+    pub harder: String,
+    /// The prompt whose latent dynamics are drawn.
+    pub prompt: Vec<u32>,
+}
+
 #[allow(clippy::too_many_arguments)]
-pub fn chains_figures(
+pub fn task_figures(
+    names: &Figures,
     out: &Path,
     model: &Huginn,
-    task: &ChainTask,
-    hop_accuracy: &[(usize, Vec<f64>)],
+    level_accuracy: &[(usize, Vec<f64>)],
     depths: &[usize],
     accuracy: &[Vec<f64>; 2],
     baseline: &[Vec<f64>; 2],
@@ -100,25 +111,25 @@ pub fn chains_figures(
     figures.push(Figure {
         stem: "plots/accuracy-by-depth".into(),
         caption: "Accuracy against the number of recurrence steps at test time. The recurrent model \
-                  (trained with randomized depth) improves as it iterates longer, also on chains deeper \
-                  than any it saw; the same-size baseline trained at depth 1 does not."
+                  is trained with randomized depth, the same-size baseline at depth 1."
             .into(),
     });
-    let by_hops: Vec<(String, Vec<(usize, f64)>)> = hop_accuracy
+    let by_level: Vec<(String, Vec<(usize, f64)>)> = level_accuracy
         .iter()
-        .map(|(h, a)| (format!("{h} hop{}", if *h == 1 { "" } else { "s" }), series(depths, a)))
+        .map(|(h, a)| (format!("{} {h}", names.level), series(depths, a)))
         .collect();
     plot_depth_curves(
-        &plots.join("accuracy-by-hops"),
-        "Accuracy against recurrence, one curve per chain length",
+        &plots.join("accuracy-by-difficulty"),
+        &format!("Accuracy against recurrence, one curve per {}", names.level),
         "accuracy",
-        &by_hops,
+        &by_level,
     )?;
     figures.push(Figure {
-        stem: "plots/accuracy-by-hops".into(),
-        caption: "Each chain length needs its own depth: longer chains start to be solved only after \
-                  more iterations (hops above 6 were never trained)."
-            .into(),
+        stem: "plots/accuracy-by-difficulty".into(),
+        caption: format!(
+            "Accuracy against recurrence for each difficulty level ({}).",
+            names.level
+        ),
     });
     let histograms: Vec<(String, Vec<usize>)> = exits
         .iter()
@@ -126,13 +137,13 @@ pub fn chains_figures(
         .collect();
     plot_exit_histogram(
         &plots.join("exit-steps"),
-        "Recurrence steps used per answer under zero-shot adaptive exit (hops 1-10)",
+        "Recurrence steps used per answer under zero-shot adaptive exit",
         &histograms,
     )?;
     figures.push(Figure {
         stem: "plots/exit-steps".into(),
-        caption: "How many steps each question takes before the exit criterion fires, over all chain \
-                  lengths; the mean is in the legend."
+        caption: "How many steps each answer takes before the exit criterion fires, over all \
+                  difficulty levels; the mean is in the legend."
             .into(),
     });
     for (run, title) in [("recurrent", "Recurrent model"), ("baseline", "Non-recurrent baseline")] {
@@ -148,27 +159,27 @@ pub fn chains_figures(
         });
     }
 
-    // The latent dynamics of one deep, held-out question.
-    let example = task.example_with_hops(Split::Harder, 8, 0);
-    report["analysis"] = analysis_report(
-        out,
-        model,
-        PromptInput::Ids(example.tokens[..chains::LEN - 1].to_vec()),
-        progress,
-    )?;
+    report["analysis"] = analysis_report(out, model, PromptInput::Ids(names.prompt.clone()), progress)?;
     report["figures"] = json!(figures.iter().map(|f| format!("{}.png", f.stem)).collect::<Vec<_>>());
     write_index(
         out,
-        "Recurrent depth on k-hop variable chains",
-        &chains_table(depths, accuracy, baseline, exits),
+        names.title,
+        &table(names, depths, accuracy, baseline, exits),
         &figures,
     )
 }
 
-fn chains_table(depths: &[usize], accuracy: &[Vec<f64>; 2], baseline: &[Vec<f64>; 2], exits: &[ExitResult]) -> String {
-    let mut html = String::from(
-        "<table><tr><th>r</th><th>recurrent, hops 1-6</th><th>recurrent, hops 7-10</th>\
-         <th>baseline, hops 1-6</th><th>baseline, hops 7-10</th></tr>",
+fn table(
+    names: &Figures,
+    depths: &[usize],
+    accuracy: &[Vec<f64>; 2],
+    baseline: &[Vec<f64>; 2],
+    exits: &[ExitResult],
+) -> String {
+    let mut html = format!(
+        "<table><tr><th>r</th><th>recurrent, {0}</th><th>recurrent, {1}</th>\
+         <th>baseline, {0}</th><th>baseline, {1}</th></tr>",
+        names.trained, names.harder
     );
     for (i, d) in depths.iter().enumerate() {
         let _ = write!(
@@ -180,9 +191,13 @@ fn chains_table(depths: &[usize], accuracy: &[Vec<f64>; 2], baseline: &[Vec<f64>
             100.0 * baseline[1][i]
         );
     }
-    html.push_str("</table><table><tr><th>exit rule</th><th>accuracy</th><th>mean steps</th><th>mean steps by hops</th><th>Spearman ρ</th></tr>");
+    let _ = write!(
+        html,
+        "</table><table><tr><th>exit rule</th><th>accuracy</th><th>mean steps</th><th>mean steps by {}</th><th>Spearman ρ</th></tr>",
+        names.level
+    );
     for e in exits {
-        let by_hops: Vec<String> = e.steps_by_hop.iter().map(|(h, m)| format!("{h}: {m:.1}")).collect();
+        let by_hops: Vec<String> = e.steps_by_level.iter().map(|(h, m)| format!("{h}: {m:.1}")).collect();
         let _ = write!(
             html,
             "<tr><td>{} &lt; {}</td><td>{:.1}%</td><td>{:.1}</td><td>{}</td><td>{:.2}</td></tr>",
