@@ -16,36 +16,24 @@ use infer::adaptive::{AdaptiveConfig, generate_batch};
 use infer::exit::Criterion;
 use infer::greedy::WarmStart;
 use infer::strategy::Strategy;
+use model::Huginn;
 use model::burn::prelude::*;
-use model::{Huginn, HuginnConfig};
 use serde_json::{Value, json};
 use train::batch::make_batch;
 use train::chains::{self, ChainTask, Split};
 use train::data::DataConfig;
-use train::depth::DepthScheme;
 use train::monitor::evaluate;
-use train::run::{OptimizerConfig, RunConfig, Trainer};
-use train::schedule::Schedule;
 
+use crate::common::{Accuracies, Recipe, task_report, train_both};
 use crate::report;
 
 /// The demo's sizes and recipe (experiments.md, task A).
 #[derive(Debug, Clone)]
 pub struct ChainsDemo {
-    pub seed: u64,
-    pub steps: u64,
-    pub width: usize,
-    pub heads: usize,
-    pub layers: (usize, usize, usize),
-    /// Training mean recurrence r̄ and backprop depth k.
-    pub mean_depth: usize,
-    pub backprop: usize,
-    pub batch_size: usize,
-    pub lr: f64,
+    pub recipe: Recipe,
     /// Batches over which the most hops of a training chain ramps from 1 to 6.
     pub curriculum: u64,
-    /// Rows of each evaluation set, and per hop count for the difficulty curves.
-    pub eval_rows: usize,
+    /// Rows per hop count for the difficulty curves.
     pub rows_per_hop: usize,
     pub depths: Vec<usize>,
     /// Zero-shot exit rules compared; the first is the headline one.
@@ -56,17 +44,19 @@ pub struct ChainsDemo {
 impl ChainsDemo {
     pub fn full() -> Self {
         Self {
-            seed: 0,
-            steps: 2000,
-            width: 64,
-            heads: 4,
-            layers: (1, 2, 1),
-            mean_depth: 6,
-            backprop: 3,
-            batch_size: 32,
-            lr: 2e-3,
+            recipe: Recipe {
+                seed: 0,
+                steps: 2000,
+                width: 64,
+                heads: 4,
+                layers: (1, 2, 1),
+                mean_depth: 6,
+                backprop: 3,
+                batch_size: 32,
+                lr: 2e-3,
+                eval_rows: 512,
+            },
             curriculum: 800,
-            eval_rows: 512,
             rows_per_hop: 128,
             depths: vec![1, 2, 4, 8, 16, 32, 64],
             exits: vec![(Criterion::LatentDiff, 0.03), (Criterion::Kl, 1e-3)],
@@ -75,69 +65,15 @@ impl ChainsDemo {
     }
 
     pub fn quick() -> Self {
+        let full = Self::full();
         Self {
-            steps: 20,
-            width: 16,
-            heads: 2,
-            layers: (1, 1, 1),
-            mean_depth: 2,
-            backprop: 1,
-            batch_size: 8,
+            recipe: full.recipe.clone().quick(),
             curriculum: 10,
-            eval_rows: 32,
             rows_per_hop: 8,
-            depths: vec![1, 2, 4, 8, 16, 32, 64],
             exit_max_steps: 16,
-            ..Self::full()
+            ..full
         }
     }
-
-    fn run_config(&self, depth: DepthScheme) -> RunConfig {
-        let mut model = HuginnConfig::tiny(chains::VOCAB_SIZE, self.width, self.heads, self.layers);
-        model.block_size = chains::TRAIN_LEN;
-        model.mean_recurrence = self.mean_depth;
-        model.mean_backprop_depth = self.backprop;
-        RunConfig {
-            model,
-            data: DataConfig::Chains {
-                seed: self.seed,
-                curriculum: self.curriculum,
-            },
-            seed: self.seed,
-            steps: self.steps,
-            batch_size: self.batch_size,
-            accumulation: 1,
-            depth,
-            optimizer: OptimizerConfig::AdamW {
-                beta_1: 0.9,
-                beta_2: 0.95,
-                epsilon: 1e-8,
-                weight_decay: 0.01,
-            },
-            schedule: Schedule::Cosine {
-                peak_lr: self.lr,
-                warmup: (self.steps / 20).max(1),
-                total_steps: self.steps,
-                min_lr: self.lr / 10.0,
-            },
-            max_grad_norm: Some(1.0),
-            eval_every: (self.steps / 4).max(1),
-            eval_rows: self.eval_rows.min(256),
-            eval_depths: vec![1, self.mean_depth + 1, 4 * (self.mean_depth + 1)],
-            checkpoint_every: (self.steps / 4).max(1),
-            keep_checkpoints: 1,
-        }
-    }
-}
-
-/// Trains one model of the demo and returns it without autodiff.
-fn train(config: RunConfig, dir: &Path, device: &Device, progress: bool, label: &str) -> Result<Huginn> {
-    if progress {
-        eprintln!("training {label} ({} steps) → {}", config.steps, dir.display());
-    }
-    let mut trainer = Trainer::create(dir, config, &device.clone().autodiff())?;
-    trainer.run(None, progress)?;
-    Ok(trainer.model())
 }
 
 /// Accuracy of `model` on `examples` at each depth.
@@ -212,29 +148,23 @@ pub fn by_depth(depths: &[usize], values: &[f64]) -> Value {
 }
 
 pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, started: Instant) -> Result<()> {
-    let recurrent_config = config.run_config(DepthScheme::PoissonLognormalFilling {
-        mean: config.mean_depth,
-        backprop: config.backprop,
-    });
-    let train_mean_depth = recurrent_config.depth.mean_depth();
-    let recurrent = train(
-        recurrent_config,
-        &out.join("recurrent"),
+    let recipe = &config.recipe;
+    let data = DataConfig::Chains {
+        seed: recipe.seed,
+        curriculum: config.curriculum,
+    };
+    let trained = train_both(
+        recipe,
+        (chains::VOCAB_SIZE, chains::TRAIN_LEN, data),
+        out,
         device,
         progress,
-        "the recurrent model",
     )?;
-    let baseline = train(
-        config.run_config(DepthScheme::NonRecurrent),
-        &out.join("baseline"),
-        device,
-        progress,
-        "the non-recurrent baseline",
-    )?;
+    let (recurrent, baseline) = (&trained.recurrent, &trained.baseline);
 
     // Held-out sets: unseen chains of the training depths, and deeper ones.
-    let task = ChainTask { seed: config.seed };
-    let rows = config.eval_rows as u64;
+    let task = ChainTask { seed: recipe.seed };
+    let rows = recipe.eval_rows as u64;
     let test: Vec<_> = (0..rows).map(|i| task.example(Split::Test, i)).collect();
     let harder: Vec<_> = (0..rows).map(|i| task.example(Split::Harder, i)).collect();
     let per_hop: Vec<(usize, Vec<chains::Example>)> = (1..=10)
@@ -253,11 +183,11 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         (depths.len() * (4 + per_hop.len())) as u64,
         "evaluating at each depth",
     );
-    let accuracy = [&test, &harder].map(|set| accuracy_by_depth(&recurrent, set, depths, &bar));
-    let baseline_accuracy = [&test, &harder].map(|set| accuracy_by_depth(&baseline, set, depths, &bar));
+    let accuracy = [&test, &harder].map(|set| accuracy_by_depth(recurrent, set, depths, &bar));
+    let baseline_accuracy = [&test, &harder].map(|set| accuracy_by_depth(baseline, set, depths, &bar));
     let hop_accuracy: Vec<(usize, Vec<f64>)> = per_hop
         .iter()
-        .map(|(h, set)| (*h, accuracy_by_depth(&recurrent, set, depths, &bar)))
+        .map(|(h, set)| (*h, accuracy_by_depth(recurrent, set, depths, &bar)))
         .collect();
     bar.finish_and_clear();
 
@@ -272,13 +202,13 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         let mut steps_by_level = BTreeMap::new();
         let mut all_steps = Vec::new();
         for (h, set) in &per_hop {
-            let results = adaptive(&recurrent, set, exit, config.exit_max_steps)?;
+            let results = adaptive(recurrent, set, exit, config.exit_max_steps)?;
             let mean = results.iter().map(|r| r.0 as f64).sum::<f64>() / results.len() as f64;
             steps_by_level.insert(*h, mean);
             all_steps.extend(results.iter().map(|r| r.0));
             bar.inc(1);
         }
-        let on_test = adaptive(&recurrent, &test, exit, config.exit_max_steps)?;
+        let on_test = adaptive(recurrent, &test, exit, config.exit_max_steps)?;
         bar.inc(1);
         let accuracy = on_test.iter().filter(|r| r.1).count() as f64 / on_test.len() as f64;
         let mean_steps = on_test.iter().map(|r| r.0 as f64).sum::<f64>() / on_test.len() as f64;
@@ -296,44 +226,21 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
     }
     bar.finish_and_clear();
 
-    let fixed32 = depths
-        .iter()
-        .position(|d| *d == 32)
-        .map(|i| accuracy[0][i])
-        .unwrap_or(f64::NAN);
-    let exit_json = |e: &ExitResult| {
-        json!({
-            "criterion": e.criterion.name(),
-            "threshold": e.threshold,
-            "accuracy": e.accuracy,
-            "fixed32_accuracy": fixed32,
-            "mean_steps": e.mean_steps,
-            "mean_steps_by_difficulty": e.steps_by_level.iter().map(|(h, m)| (h.to_string(), *m)).collect::<BTreeMap<_, _>>(),
-            "spearman_steps_vs_difficulty": e.spearman,
-        })
+    let accuracies = Accuracies {
+        depths,
+        recurrent: accuracy,
+        baseline: baseline_accuracy,
+        by_level: hop_accuracy,
     };
-    let mut report = json!({
-        "task": "chains",
-        "accuracy_by_depth": {
-            "in_distribution": by_depth(depths, &accuracy[0]),
-            "harder": by_depth(depths, &accuracy[1]),
-        },
-        "baseline_accuracy_by_depth": {
-            "in_distribution": by_depth(depths, &baseline_accuracy[0]),
-            "harder": by_depth(depths, &baseline_accuracy[1]),
-        },
-        "accuracy_by_hops_and_depth": hop_accuracy.iter().map(|(h, a)| (h.to_string(), by_depth(depths, a))).collect::<BTreeMap<_, _>>(),
-        "adaptive_exit": exit_json(&exits[0]),
-        "adaptive_exit_rules": exits.iter().map(exit_json).collect::<Vec<_>>(),
-        "train_mean_depth": train_mean_depth,
-        "config": {
-            "steps": config.steps, "width": config.width, "heads": config.heads,
-            "layers": [config.layers.0, config.layers.1, config.layers.2],
-            "mean_depth": config.mean_depth, "backprop": config.backprop,
-            "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
-            "eval_rows": config.eval_rows, "rows_per_hop": config.rows_per_hop,
-        },
-    });
+    let mut report = task_report(
+        "chains",
+        "hops",
+        &accuracies,
+        &exits,
+        &trained,
+        recipe,
+        json!({"curriculum": config.curriculum, "rows_per_hop": config.rows_per_hop}),
+    );
 
     // The latent dynamics of one deep, held-out question.
     let example = task.example_with_hops(Split::Harder, 8, 0);
@@ -344,21 +251,10 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         harder: "hops 7-10".into(),
         prompt: example.tokens[..chains::LEN - 1].to_vec(),
     };
-    report::task_figures(
-        &names,
-        out,
-        &recurrent,
-        &hop_accuracy,
-        depths,
-        &accuracy,
-        &baseline_accuracy,
-        &exits,
-        progress,
-        &mut report,
-    )?;
+    report::task_figures(&names, out, recurrent, &accuracies, &exits, progress, &mut report)?;
     report["wall_seconds"] = json!(started.elapsed().as_secs_f64());
     report::write_json(out, &report)?;
-    print_summary(depths, &accuracy, &baseline_accuracy, &exits, fixed32);
+    print_summary(&accuracies, &exits);
     Ok(())
 }
 
@@ -388,13 +284,8 @@ pub fn progress_bar(visible: bool, len: u64, message: &'static str) -> ProgressB
     bar
 }
 
-pub fn print_summary(
-    depths: &[usize],
-    accuracy: &[Vec<f64>; 2],
-    baseline: &[Vec<f64>; 2],
-    exits: &[ExitResult],
-    fixed32: f64,
-) {
+pub fn print_summary(accuracies: &Accuracies, exits: &[ExitResult]) {
+    let (depths, accuracy, baseline) = (accuracies.depths, &accuracies.recurrent, &accuracies.baseline);
     println!("\naccuracy (exact match) by test-time depth r");
     println!(
         "{:>5} {:>12} {:>12} {:>14} {:>14}",
@@ -416,7 +307,7 @@ pub fn print_summary(
             e.criterion.name(),
             e.threshold,
             100.0 * e.accuracy,
-            100.0 * fixed32,
+            100.0 * accuracies.fixed32(),
             e.mean_steps,
             e.steps_by_level
                 .iter()

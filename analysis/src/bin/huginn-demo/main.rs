@@ -18,6 +18,7 @@ use model::Backend;
 
 mod addition;
 mod chains;
+mod common;
 mod report;
 mod text;
 
@@ -82,8 +83,8 @@ fn run(args: Args) -> Result<()> {
         } else {
             ChainsDemo::full()
         };
-        config.seed = args.seed;
-        config.steps = args.steps.unwrap_or(config.steps);
+        config.recipe.seed = args.seed;
+        config.recipe.steps = args.steps.unwrap_or(config.recipe.steps);
         chains::run(&config, &args.out, &device, !args.quiet, started)?;
     } else {
         let mut config = if args.quick {
@@ -91,8 +92,8 @@ fn run(args: Args) -> Result<()> {
         } else {
             AdditionDemo::full()
         };
-        config.seed = args.seed;
-        config.steps = args.steps.unwrap_or(config.steps);
+        config.recipe.seed = args.seed;
+        config.recipe.steps = args.steps.unwrap_or(config.recipe.steps);
         addition::run(&config, &args.out, &device, !args.quiet, started)?;
     }
     eprintln!(

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
 use crate::chains::ExitResult;
+use crate::common::Accuracies;
 
 /// A figure of the gallery: file stem (PNG and SVG beside each other) and caption.
 struct Figure {
@@ -70,19 +71,17 @@ pub struct Figures {
     pub prompt: Vec<u32>,
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn task_figures(
     names: &Figures,
     out: &Path,
     model: &Huginn,
-    level_accuracy: &[(usize, Vec<f64>)],
-    depths: &[usize],
-    accuracy: &[Vec<f64>; 2],
-    baseline: &[Vec<f64>; 2],
+    accuracies: &Accuracies,
     exits: &[ExitResult],
     progress: bool,
     report: &mut Value,
 ) -> Result<()> {
+    let (depths, accuracy, baseline) = (accuracies.depths, &accuracies.recurrent, &accuracies.baseline);
+    let level_accuracy = &accuracies.by_level;
     let plots = out.join("plots");
     let mut figures = Vec::new();
     plot_depth_curves(
