@@ -16,12 +16,10 @@ use model::Huginn;
 use model::burn::prelude::*;
 use serde_json::json;
 use train::addition::{self, AdditionTask, Example, Split};
-use train::batch::make_batch;
 use train::data::DataConfig;
-use train::monitor::evaluate;
 
 use crate::chains::{ExitResult, print_summary, progress_bar, spearman};
-use crate::common::{Accuracies, Recipe, task_report, train_both};
+use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, task_report, train_both};
 use crate::report;
 
 #[derive(Debug, Clone)]
@@ -29,9 +27,7 @@ pub struct AdditionDemo {
     pub recipe: Recipe,
     /// Most digits of a training operand; the harder split has up to twice as many.
     pub max_digits: usize,
-    pub depths: Vec<usize>,
-    pub exits: Vec<(Criterion, f64)>,
-    pub exit_max_steps: usize,
+    pub probe: Probe,
 }
 
 impl AdditionDemo {
@@ -50,18 +46,16 @@ impl AdditionDemo {
                 eval_rows: 512,
             },
             max_digits: 3,
-            depths: vec![1, 2, 4, 8, 16, 32, 64],
-            exits: vec![(Criterion::LatentDiff, 0.03), (Criterion::Kl, 1e-3)],
-            exit_max_steps: 64,
+            probe: Probe::standard(),
         }
     }
 
     pub fn quick() -> Self {
         let full = Self::full();
         Self {
-            recipe: full.recipe.clone().quick(),
-            exit_max_steps: 16,
-            ..full
+            recipe: full.recipe.quick(),
+            probe: full.probe.quick(),
+            max_digits: full.max_digits,
         }
     }
 
@@ -72,11 +66,6 @@ impl AdditionDemo {
             padded: true,
         }
     }
-}
-
-fn accuracy(model: &Huginn, examples: &[Example], depth: usize) -> f64 {
-    let batch = make_batch(examples, addition::PAD, &model.device());
-    evaluate(model, &batch, depth, true).accuracy.expect("tasks are scored")
 }
 
 /// Greedy answers under an exit rule: each answer digit (and the newline) exits on its own.
@@ -128,21 +117,13 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
         by_chain.entry(e.carry_chain).or_default().push(e.clone());
     }
 
-    let depths = &config.depths;
+    let depths = &config.probe.depths;
     let bar = progress_bar(
         progress,
         (depths.len() * (4 + by_chain.len())) as u64,
         "evaluating at each depth",
     );
-    let at_depths = |model: &Huginn, set: &[Example]| -> Vec<f64> {
-        depths
-            .iter()
-            .map(|&d| {
-                bar.inc(1);
-                accuracy(model, set, d)
-            })
-            .collect()
-    };
+    let at_depths = |model: &Huginn, set: &[Example]| accuracy_by_depth(model, set, addition::PAD, depths, &bar);
     let accuracy = [at_depths(recurrent, &test), at_depths(recurrent, &harder)];
     let baseline_accuracy = [at_depths(baseline, &test), at_depths(baseline, &harder)];
     let level_accuracy: Vec<(usize, Vec<f64>)> = by_chain
@@ -151,14 +132,18 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
         .collect();
     bar.finish_and_clear();
 
-    let bar = progress_bar(progress, (config.exits.len() * by_chain.len()) as u64, "adaptive exit");
+    let bar = progress_bar(
+        progress,
+        (config.probe.exits.len() * by_chain.len()) as u64,
+        "adaptive exit",
+    );
     let mut exits = Vec::new();
-    for &exit in &config.exits {
+    for &exit in &config.probe.exits {
         let mut steps_by_level = BTreeMap::new();
         let mut all_steps = Vec::new();
         let (mut right, mut steps_sum, mut count) = (0usize, 0.0, 0usize);
         for (c, set) in &by_chain {
-            let results = adaptive(recurrent, set, exit, config.exit_max_steps)?;
+            let results = adaptive(recurrent, set, exit, config.probe.exit_max_steps)?;
             let mean = results.iter().map(|r| r.0).sum::<f64>() / results.len() as f64;
             steps_by_level.insert(*c, mean);
             all_steps.extend(results.iter().map(|r| r.0.round() as usize));

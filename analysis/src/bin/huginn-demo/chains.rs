@@ -19,12 +19,10 @@ use infer::strategy::Strategy;
 use model::Huginn;
 use model::burn::prelude::*;
 use serde_json::{Value, json};
-use train::batch::make_batch;
 use train::chains::{self, ChainTask, Split};
 use train::data::DataConfig;
-use train::monitor::evaluate;
 
-use crate::common::{Accuracies, Recipe, task_report, train_both};
+use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, task_report, train_both};
 use crate::report;
 
 /// The demo's sizes and recipe (experiments.md, task A).
@@ -35,10 +33,7 @@ pub struct ChainsDemo {
     pub curriculum: u64,
     /// Rows per hop count for the difficulty curves.
     pub rows_per_hop: usize,
-    pub depths: Vec<usize>,
-    /// Zero-shot exit rules compared; the first is the headline one.
-    pub exits: Vec<(Criterion, f64)>,
-    pub exit_max_steps: usize,
+    pub probe: Probe,
 }
 
 impl ChainsDemo {
@@ -58,34 +53,19 @@ impl ChainsDemo {
             },
             curriculum: 800,
             rows_per_hop: 128,
-            depths: vec![1, 2, 4, 8, 16, 32, 64],
-            exits: vec![(Criterion::LatentDiff, 0.03), (Criterion::Kl, 1e-3)],
-            exit_max_steps: 64,
+            probe: Probe::standard(),
         }
     }
 
     pub fn quick() -> Self {
         let full = Self::full();
         Self {
-            recipe: full.recipe.clone().quick(),
+            recipe: full.recipe.quick(),
             curriculum: 10,
             rows_per_hop: 8,
-            exit_max_steps: 16,
-            ..full
+            probe: full.probe.quick(),
         }
     }
-}
-
-/// Accuracy of `model` on `examples` at each depth.
-fn accuracy_by_depth(model: &Huginn, examples: &[chains::Example], depths: &[usize], bar: &ProgressBar) -> Vec<f64> {
-    let batch = make_batch(examples, chains::PAD, &model.device());
-    depths
-        .iter()
-        .map(|&d| {
-            bar.inc(1);
-            evaluate(model, &batch, d, true).accuracy.expect("tasks are scored")
-        })
-        .collect()
 }
 
 /// Zero-shot adaptive exit on the answer token: each question runs until its own criterion
@@ -177,38 +157,38 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         })
         .collect();
 
-    let depths = &config.depths;
+    let depths = &config.probe.depths;
     let bar = progress_bar(
         progress,
         (depths.len() * (4 + per_hop.len())) as u64,
         "evaluating at each depth",
     );
-    let accuracy = [&test, &harder].map(|set| accuracy_by_depth(recurrent, set, depths, &bar));
-    let baseline_accuracy = [&test, &harder].map(|set| accuracy_by_depth(baseline, set, depths, &bar));
+    let accuracy = [&test, &harder].map(|set| accuracy_by_depth(recurrent, set, chains::PAD, depths, &bar));
+    let baseline_accuracy = [&test, &harder].map(|set| accuracy_by_depth(baseline, set, chains::PAD, depths, &bar));
     let hop_accuracy: Vec<(usize, Vec<f64>)> = per_hop
         .iter()
-        .map(|(h, set)| (*h, accuracy_by_depth(recurrent, set, depths, &bar)))
+        .map(|(h, set)| (*h, accuracy_by_depth(recurrent, set, chains::PAD, depths, &bar)))
         .collect();
     bar.finish_and_clear();
 
     // Zero-shot adaptive exit, per difficulty and on the in-distribution test set.
     let bar = progress_bar(
         progress,
-        (config.exits.len() * (per_hop.len() + 1)) as u64,
+        (config.probe.exits.len() * (per_hop.len() + 1)) as u64,
         "adaptive exit",
     );
     let mut exits = Vec::new();
-    for &exit in &config.exits {
+    for &exit in &config.probe.exits {
         let mut steps_by_level = BTreeMap::new();
         let mut all_steps = Vec::new();
         for (h, set) in &per_hop {
-            let results = adaptive(recurrent, set, exit, config.exit_max_steps)?;
+            let results = adaptive(recurrent, set, exit, config.probe.exit_max_steps)?;
             let mean = results.iter().map(|r| r.0 as f64).sum::<f64>() / results.len() as f64;
             steps_by_level.insert(*h, mean);
             all_steps.extend(results.iter().map(|r| r.0));
             bar.inc(1);
         }
-        let on_test = adaptive(recurrent, &test, exit, config.exit_max_steps)?;
+        let on_test = adaptive(recurrent, &test, exit, config.probe.exit_max_steps)?;
         bar.inc(1);
         let accuracy = on_test.iter().filter(|r| r.1).count() as f64 / on_test.len() as f64;
         let mean_steps = on_test.iter().map(|r| r.0 as f64).sum::<f64>() / on_test.len() as f64;

@@ -5,11 +5,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
+use indicatif::ProgressBar;
+use infer::exit::Criterion;
 use model::burn::prelude::*;
 use model::{Huginn, HuginnConfig};
 use serde_json::{Value, json};
+use train::batch::{TaskExample, make_batch};
 use train::data::DataConfig;
 use train::depth::DepthScheme;
+use train::monitor::evaluate;
 use train::run::{OptimizerConfig, RunConfig, Trainer};
 use train::schedule::Schedule;
 
@@ -90,6 +94,52 @@ impl Recipe {
             "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "eval_rows": self.eval_rows,
         })
     }
+}
+
+/// How a trained model is measured: the test-time depths and the zero-shot exit rules (the
+/// first is the headline one), each allowed up to `exit_max_steps` steps per token.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub depths: Vec<usize>,
+    pub exits: Vec<(Criterion, f64)>,
+    pub exit_max_steps: usize,
+}
+
+impl Probe {
+    /// Depths 1-64 and the reference's latent-diff (0.03) and KL (10⁻³) rules.
+    pub fn standard() -> Self {
+        Self {
+            depths: vec![1, 2, 4, 8, 16, 32, 64],
+            exits: vec![(Criterion::LatentDiff, 0.03), (Criterion::Kl, 1e-3)],
+            exit_max_steps: 64,
+        }
+    }
+
+    /// Fewer exit steps for `--quick`.
+    pub fn quick(self) -> Self {
+        Self {
+            exit_max_steps: 16,
+            ..self
+        }
+    }
+}
+
+/// Exact-match accuracy of `model` on `examples` (padded with `pad`) at each depth.
+pub fn accuracy_by_depth<E: TaskExample>(
+    model: &Huginn,
+    examples: &[E],
+    pad: u32,
+    depths: &[usize],
+    bar: &ProgressBar,
+) -> Vec<f64> {
+    let batch = make_batch(examples, pad, &model.device());
+    depths
+        .iter()
+        .map(|&d| {
+            bar.inc(1);
+            evaluate(model, &batch, d, true).accuracy.expect("tasks are scored")
+        })
+        .collect()
 }
 
 /// The two trained models of a demo, without autodiff.
