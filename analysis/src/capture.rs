@@ -454,7 +454,8 @@ mod tests {
         assert!(c.raw.is_none() && c.reference.is_none());
         // Without a reference, the target is the last iterate.
         assert!(c.distances_to_target().iter().all(|row| row[3] == 0.0));
-        let dir = crate::testing::scratch_dir("capture");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let base = dir.join("run.v1");
         c.save(&base).unwrap();
         assert!(dir.join("run.v1.safetensors").is_file() && dir.join("run.v1.json").is_file());

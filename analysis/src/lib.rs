@@ -35,8 +35,6 @@ pub mod plot;
 pub mod prompt;
 pub mod report;
 pub mod store;
-#[cfg(test)]
-mod testing;
 
 use std::path::{Path, PathBuf};
 

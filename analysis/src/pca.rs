@@ -379,7 +379,8 @@ mod tests {
                 assert!((coords[r * 6 + j] - want).abs() < 1e-3);
             }
         }
-        let dir = crate::testing::scratch_dir("pca");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("basis.safetensors");
         pca.save(&path).unwrap();
         assert_eq!(Pca::load(&path).unwrap(), pca);

@@ -89,7 +89,8 @@ mod tests {
 
     #[test]
     fn text_prompts_tokenize_and_decode_per_token() {
-        let dir = crate::testing::scratch_dir("prompt");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let tokenizer = train::text::train_bpe(&[train::text::SHAKESPEARE[..20_000].to_string()], 300).unwrap();
         let path = dir.join("tokenizer.json");
         tokenizer.save(&path, false).unwrap();

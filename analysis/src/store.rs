@@ -148,7 +148,8 @@ mod tests {
 
     #[test]
     fn round_trips_arrays_and_metadata_and_names_what_is_wrong() {
-        let dir = crate::testing::scratch_dir("store");
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         let path = dir.join("a.safetensors");
         let floats = [1.5f32, -2.0, 3.25, 0.0, 7.0, 8.0];
         let ints = [4u32, 5, 6];

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use analysis::capture::Capture;
 use analysis::pca::Pca;
-use common::{check_saved, decode_png, scratch_dir};
+use common::{check_saved, decode_png};
 use model::HuginnConfig;
 use model::burn::prelude::Device;
 
@@ -74,7 +74,8 @@ fn tiny_run(dir: &Path) {
 
 #[test]
 fn report_writes_every_figure_a_gallery_and_the_numbers() {
-    let dir = scratch_dir("report");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let run = dir.join("run");
     tiny_run(&run);
     let run_s = run.to_str().unwrap();
@@ -150,7 +151,8 @@ fn report_writes_every_figure_a_gallery_and_the_numbers() {
 
 #[test]
 fn subcommands_capture_fit_and_draw() {
-    let dir = scratch_dir("subcommands");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let run = dir.join("run");
     tiny_run(&run);
     let model = run.join("final");
@@ -229,7 +231,8 @@ fn subcommands_capture_fit_and_draw() {
 
 #[test]
 fn bad_input_is_a_one_line_error() {
-    let dir = scratch_dir("errors");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let run = dir.join("run");
     tiny_run(&run);
     let model = run.join("final");

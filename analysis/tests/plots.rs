@@ -12,7 +12,7 @@ use analysis::plot::histogram::{ExitHistogram, plot_exit_histogram};
 use analysis::plot::training::{TrainingFigure, plot_training_curves};
 use analysis::plot::trajectories::{TokenTrajectory, TrajectoryFigure, plot_trajectories};
 use analysis::plot::{Figure, render};
-use common::{assert_drawn, check_saved, contains_colour, scratch_dir, svg_texts};
+use common::{assert_drawn, check_saved, contains_colour, svg_texts};
 use train::metrics::Record;
 
 fn trajectories() -> Vec<TokenTrajectory> {
@@ -50,7 +50,8 @@ fn trajectory_grid_shows_paths_centres_and_motifs() {
     assert!(contains_colour(&pixels, (255, 0, 0)), "centre-of-mass markers");
     // Both ends of the iteration colour scale (viridis' first and last colours).
     assert!(contains_colour(&pixels, (68, 1, 84)) && contains_colour(&pixels, (254, 232, 37)));
-    let dir = scratch_dir("trajectories");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let base = dir.join("traj");
     let images = plot_trajectories(&base, "Trajectories", &tokens, &pairs).unwrap();
     assert!(images.png.ends_with("traj.png") && images.svg.ends_with("traj.svg"));
@@ -94,7 +95,8 @@ fn heat_map_colours_log_distances() {
     );
     let pixels = render(&figure).unwrap();
     assert_drawn(&pixels, "heat map");
-    let dir = scratch_dir("heatmap");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let base = dir.join("heat");
     plot_convergence(&base, "Convergence", &labels, &distances).unwrap();
     let svg = check_saved(&base, figure.size());
@@ -115,7 +117,8 @@ fn exit_histograms_overlay_series_with_their_means() {
         series: &series,
     };
     assert_drawn(&render(&figure).unwrap(), "histogram");
-    let dir = scratch_dir("histogram");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let base = dir.join("exits");
     plot_exit_histogram(&base, "Steps to exit", &series).unwrap();
     let svg = check_saved(&base, figure.size());
@@ -142,7 +145,8 @@ fn depth_curves_use_a_log2_axis() {
         series: &series,
     };
     assert_drawn(&render(&figure).unwrap(), "depth");
-    let dir = scratch_dir("depth");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let base = dir.join("depth");
     plot_depth_curves(&base, "Accuracy by depth", "accuracy", &series).unwrap();
     let svg = check_saved(&base, figure.size());
@@ -194,7 +198,8 @@ fn training_curves_show_loss_and_accuracy_per_split() {
     };
     assert_eq!(figure.size(), (1280, 844), "two splits × (loss, accuracy)");
     assert_drawn(&render(&figure).unwrap(), "training");
-    let dir = scratch_dir("training");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     let base = dir.join("training");
     plot_training_curves(&base, "Training", &curves).unwrap();
     let svg = check_saved(&base, figure.size());

@@ -1,36 +1,8 @@
-//! Helpers of the integration tests: scratch directories and image checks.
+//! Helpers of the integration tests: image checks.
 
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// A fresh, empty directory under the system's temporary directory, unique to this process and
-/// call (tests run in parallel threads), removed with everything in it when dropped.
-pub struct Scratch(PathBuf);
-
-pub fn scratch_dir(name: &str) -> Scratch {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("huginn-analysis-it-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Decodes a PNG file: `(width, height, RGB pixels)`.
 pub fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
