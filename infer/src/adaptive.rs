@@ -1,138 +1,18 @@
-//! Greedy generation with per-token adaptive exit through a cache keyed by (unrolled layer,
-//! position), the reference's `generate_with_adaptive_compute` with the `full` lookup: a token
-//! that exited early has no entry in the deeper iterations' slots, so later tokens attend there
-//! only to the positions that reached them; each exit check rewrites the token's coda entries,
-//! so a position keeps the coda entry of its exit step. This is the plain oracle for the
-//! engine's strategies.
+//! The generation engine: the reference's `generate_with_adaptive_compute` for batches of
+//! rows, through a [`StrategyCache`]. Each token iterates the core until its row's exit
+//! criterion fires (or the most steps); each exit check rewrites the token's coda entries, so a
+//! position keeps the coda entry of its exit step. Rows sample and end on their own.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use model::burn::prelude::*;
-use model::{Attend, Huginn, InitialState, InputError, KvCache, LayerSlot};
+use model::{Huginn, InitialState, InputError};
 
+use crate::cache::{StrategyCache, row_index};
 use crate::exit::{Criterion, ExitTracker};
 use crate::greedy::WarmStart;
 use crate::sampling::{Sampler, SamplingConfig};
-use crate::strategy::{Layout, Strategy};
-
-/// Entries keyed by unrolled layer (the reference's `step_idx`) and position; writing a position
-/// again replaces its entry. Reads follow a [`Strategy`].
-pub struct PositionCache {
-    strategy: Strategy,
-    layout: Layout,
-    /// Position of the first token of the chunk being run.
-    start: usize,
-    /// Left padding of each row: columns before it hold no token and are never attended to.
-    pads: Vec<usize>,
-    slots: BTreeMap<i64, BTreeMap<usize, (Tensor<4>, Tensor<4>)>>,
-}
-
-impl PositionCache {
-    pub fn new(strategy: Strategy, model: &Huginn) -> Self {
-        let config = model.config();
-        let layout = Layout {
-            prelude: config.n_layers_in_prelude,
-            core: config.n_layers_in_recurrent_block,
-        };
-        Self {
-            strategy,
-            layout,
-            start: 0,
-            pads: Vec::new(),
-            slots: BTreeMap::new(),
-        }
-    }
-
-    /// Sets the position of the chunk the next calls belong to.
-    pub fn at(&mut self, start: usize) {
-        self.start = start;
-    }
-
-    /// Declares the rows' left padding (columns to hide from every query of the row).
-    pub fn pad(&mut self, pads: Vec<usize>) {
-        self.pads = pads;
-    }
-
-    /// Drops every entry at position `len` or later (rollback after speculation).
-    pub fn truncate(&mut self, len: usize) {
-        for entries in self.slots.values_mut() {
-            entries.retain(|p, _| *p < len);
-        }
-    }
-}
-
-impl KvCache for PositionCache {
-    fn update(&mut self, slot: LayerSlot, keys: Tensor<4>, values: Tensor<4>) -> Attend {
-        let sigma = self
-            .strategy
-            .compress(slot.reference_index(self.layout.prelude, self.layout.core), self.layout);
-        let entries = self.slots.entry(sigma).or_default();
-        let len = keys.dims()[2];
-        for j in 0..len {
-            entries.insert(
-                self.start + j,
-                (keys.clone().narrow(2, j, 1), values.clone().narrow(2, j, 1)),
-            );
-        }
-        // Every position has a first-layer entry: it lists the positions seen so far.
-        let last = self.start + len;
-        let positions: Vec<usize> = match self.slots.get(&0) {
-            Some(first) => first.keys().copied().filter(|p| *p < last).collect(),
-            None => (self.start..last).collect(),
-        };
-        // As the reference: when every position has σ, σ is read as is; the strategy decides
-        // only for positions that lack it (this matters for `always-last`).
-        let complete = positions.iter().all(|p| self.slots[&sigma].contains_key(p));
-        let mut picked_keys = Vec::new();
-        let mut picked_values = Vec::new();
-        let mut picked_columns = Vec::new();
-        for p in positions {
-            let from = if complete {
-                Some(sigma)
-            } else {
-                let has: Vec<i64> = self
-                    .slots
-                    .iter()
-                    .filter(|(_, e)| e.contains_key(&p))
-                    .map(|(s, _)| *s)
-                    .collect();
-                self.strategy.lookup(sigma, &has, self.layout)
-            };
-            if let Some(from) = from {
-                let (k, v) = &self.slots[&from][&p];
-                picked_keys.push(k.clone());
-                picked_values.push(v.clone());
-                picked_columns.push(p);
-            }
-        }
-        let keys = Tensor::cat(picked_keys, 2);
-        let mask = self
-            .pads
-            .iter()
-            .any(|p| *p > 0)
-            .then(|| padding_mask(&self.pads, self.start, len, &picked_columns, &keys.device()));
-        // Without padding the chunk is always the latest positions, so the attention's
-        // bottom-right causal masking is right.
-        Attend {
-            keys,
-            values: Tensor::cat(picked_values, 2),
-            mask,
-        }
-    }
-}
-
-/// `[B, 1, S, T]`, true = hidden: causal over columns, and a row's padding columns hidden from
-/// all its queries (a padding query sees only itself, so nothing divides by zero).
-fn padding_mask(pads: &[usize], start: usize, len: usize, columns: &[usize], device: &Device) -> Tensor<4, Bool> {
-    let mut hidden = Vec::with_capacity(pads.len() * len * columns.len());
-    for &pad in pads {
-        for q in start..start + len {
-            hidden.extend(columns.iter().map(|&k| k > q || (k < pad && k != q)));
-        }
-    }
-    Tensor::from_data(TensorData::new(hidden, [pads.len(), 1, len, columns.len()]), device)
-}
+use crate::strategy::Strategy;
 
 /// How adaptive generation runs.
 #[derive(Debug, Clone, Copy)]
@@ -211,7 +91,7 @@ pub fn generate_batch_with(
     config: AdaptiveConfig,
     decoding: &Decoding,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
-    run(model, prompts, max_new, config, decoding, |_, _, _| {
+    generate_rows(model, &rows_of(prompts, max_new, decoding), config, |_, _, _| {
         ControlFlow::Continue(())
     })
 }
@@ -227,14 +107,8 @@ pub fn generate_streaming(
     decoding: &Decoding,
     mut on_token: impl FnMut(u32, usize) -> ControlFlow<()>,
 ) -> Result<AdaptiveGeneration, InputError> {
-    let mut rows = run(
-        model,
-        &[prompt.to_vec()],
-        max_new,
-        config,
-        decoding,
-        |_, token, steps| on_token(token, steps),
-    )?;
+    let rows = rows_of(&[prompt.to_vec()], max_new, decoding);
+    let mut rows = generate_rows(model, &rows, config, |_, token, steps| on_token(token, steps))?;
     Ok(rows.pop().expect("one row"))
 }
 
@@ -258,36 +132,40 @@ pub fn try_generate_streaming<E: From<InputError>>(
     failed.map_or(Ok(generation), Err)
 }
 
-/// The generation loop; `on_token(row, token, steps)` sees every new token of every row.
-fn run(
+/// One sequence of a batch: its prompt, how many tokens it may add and how it picks them.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub prompt: Vec<u32>,
+    pub max_new: usize,
+    pub decoding: Decoding,
+}
+
+/// Generation for rows that each sample, stop and end on their own: a row ends after
+/// `max_new` tokens, a stop token, or `Break` from `on_token(row, token, steps)`, and then
+/// leaves the batch at once with its cache entries, so the others run on without it. Ragged
+/// prompts are left-padded and masked, so with a fixed depth each row computes what it would
+/// alone. With an exit criterion every row exits on its own, but the batch iterates each token
+/// until its last row exits, and those extra steps stay in the cache that the row's later
+/// tokens read (as the reference's batched generation).
+pub fn generate_rows(
     model: &Huginn,
-    prompts: &[Vec<u32>],
-    max_new: usize,
+    rows: &[Row],
     config: AdaptiveConfig,
-    decoding: &Decoding,
     mut on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
-    let prompt_len = prompts.first().map_or(0, Vec::len);
-    if prompt_len + max_new > context {
+    if let Some(row) = rows.iter().find(|r| r.prompt.len() + r.max_new > context) {
         return Err(InputError::TooLong {
-            len: prompt_len + max_new,
+            len: row.prompt.len() + row.max_new,
             context,
         });
     }
-    let mut samplers: Vec<Sampler> = (0..prompts.len())
-        .map(|b| {
-            Sampler::new(SamplingConfig {
-                seed: decoding.sampling.seed.wrapping_add(b as u64),
-                ..decoding.sampling
-            })
-        })
-        .collect();
-    let mut history: Vec<Vec<u32>> = prompts.to_vec();
+    let mut samplers: Vec<Sampler> = rows.iter().map(|r| Sampler::new(r.decoding.sampling)).collect();
+    let mut history: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
     // Ragged prompts are left-padded; padding is masked out and positions count from each
     // row's first real token, so every row computes what it would alone.
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let pads: Vec<usize> = rows.iter().map(|r| width - r.prompt.len()).collect();
     let mut session = Session::new(model, config);
     session.pad(pads.clone());
     let mut out = vec![
@@ -296,33 +174,61 @@ fn run(
             steps_per_token: vec![],
             exit_values: vec![]
         };
-        prompts.len()
+        rows.len()
     ];
-    let mut done = vec![max_new == 0; prompts.len()];
-    let mut input: Vec<Vec<u32>> = prompts
+    // The rows still running, by their index in `rows`.
+    let mut active: Vec<usize> = (0..rows.len()).filter(|&b| rows[b].max_new > 0).collect();
+    if active.len() < rows.len() {
+        session.retain(&active);
+    }
+    let mut input: Vec<Vec<u32>> = active
         .iter()
-        .zip(&pads)
-        .map(|(p, &pad)| [vec![PAD_TOKEN; pad], p.clone()].concat())
+        .map(|&b| [vec![PAD_TOKEN; pads[b]], rows[b].prompt.clone()].concat())
         .collect();
-    while !done.iter().all(|d| *d) {
-        let rows = session.chunk(&input)?;
-        input = Vec::with_capacity(rows.len());
-        for (b, exited) in rows.into_iter().enumerate() {
+    while !active.is_empty() {
+        let exits = session.chunk(&input)?;
+        let mut keep = Vec::with_capacity(active.len());
+        input.clear();
+        for (i, (b, exited)) in active.iter().copied().zip(exits).enumerate() {
             let next = samplers[b].sample(&exited.logits, &history[b]);
-            input.push(vec![next]);
-            if done[b] {
-                continue;
-            }
             history[b].push(next);
             let row = &mut out[b];
             row.tokens.push(next);
             row.steps_per_token.push(exited.steps);
             row.exit_values.push(exited.values);
             let flow = on_token(b, next, exited.steps);
-            done[b] = row.tokens.len() >= max_new || decoding.stop_tokens.contains(&next) || flow.is_break();
+            let ended =
+                row.tokens.len() >= rows[b].max_new || rows[b].decoding.stop_tokens.contains(&next) || flow.is_break();
+            if !ended {
+                keep.push(i);
+                input.push(vec![next]);
+            }
         }
+        if keep.len() < active.len() && !keep.is_empty() {
+            session.retain(&keep);
+        }
+        active = keep.iter().map(|&i| active[i]).collect();
     }
     Ok(out)
+}
+
+/// Rows for prompts that share one decoding; row b samples with seed + b.
+fn rows_of(prompts: &[Vec<u32>], max_new: usize, decoding: &Decoding) -> Vec<Row> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(b, prompt)| Row {
+            prompt: prompt.clone(),
+            max_new,
+            decoding: Decoding {
+                sampling: SamplingConfig {
+                    seed: decoding.sampling.seed.wrapping_add(b as u64),
+                    ..decoding.sampling
+                },
+                stop_tokens: decoding.stop_tokens.clone(),
+            },
+        })
+        .collect()
 }
 
 /// The reference's `forward_with_adaptive_compute`: the given tokens fed one at a time, each
@@ -366,7 +272,7 @@ struct Exited {
 struct Session<'a> {
     model: &'a Huginn,
     config: AdaptiveConfig,
-    cache: PositionCache,
+    cache: StrategyCache,
     position: usize,
     carried: Option<Tensor<3>>,
     /// Left padding per row (empty: none).
@@ -379,11 +285,24 @@ impl<'a> Session<'a> {
         self.pads = pads;
     }
 
+    /// Keeps only the batch rows `keep`: the others' cache entries, padding and carried states
+    /// go.
+    fn retain(&mut self, keep: &[usize]) {
+        self.cache.retain_rows(keep);
+        if !self.pads.is_empty() {
+            self.pads = keep.iter().map(|&b| self.pads[b]).collect();
+        }
+        if let Some(carried) = self.carried.take() {
+            let index = row_index(keep, &carried.device());
+            self.carried = Some(carried.select(0, index));
+        }
+    }
+
     fn new(model: &'a Huginn, config: AdaptiveConfig) -> Self {
         Self {
             model,
             config,
-            cache: PositionCache::new(config.strategy, model),
+            cache: StrategyCache::new(config.strategy, model),
             position: 0,
             carried: None,
             pads: Vec::new(),
@@ -543,6 +462,42 @@ mod tests {
         .unwrap_err();
         assert_eq!((err, calls), (InputError::Empty, 2));
         assert!(generate(&model, &prompt, 0, config).unwrap().tokens.is_empty());
+    }
+
+    /// Rows that end early (their length, or their caller) leave the batch with their cache;
+    /// the rows left run on exactly as they would alone, warm-started or not.
+    #[test]
+    fn rows_that_end_leave_the_batch_and_the_rest_run_on_as_alone() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 47);
+        let prompts = [vec![5, 9, 2, 44], vec![30, 1], vec![7, 7, 60, 12, 3], vec![8, 1, 1]];
+        for warm_start in [WarmStart::Cold, WarmStart::Raw] {
+            let config = AdaptiveConfig::fixed(3, warm_start, Strategy::default());
+            let rows: Vec<Row> = prompts
+                .iter()
+                .zip([2, 7, 6, 0])
+                .map(|(prompt, max_new)| Row {
+                    prompt: prompt.clone(),
+                    max_new,
+                    decoding: Decoding::default(),
+                })
+                .collect();
+            let mut seen = [0; 4];
+            let out = generate_rows(&model, &rows, config, |b, _, _| {
+                seen[b] += 1;
+                // The caller ends row 2 after its third token.
+                if b == 2 && seen[b] == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+            assert_eq!(seen, [2, 7, 3, 0]);
+            for ((row, got), len) in rows.iter().zip(&out).zip([2, 7, 3, 0]) {
+                let alone = generate(&model, &row.prompt, 7, config).unwrap();
+                assert_eq!(got.tokens, alone.tokens[..len], "{:?} {warm_start:?}", row.prompt);
+            }
+        }
     }
 
     /// Left-padded rows compute exactly what they compute alone (the reference attends to

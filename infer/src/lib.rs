@@ -6,6 +6,7 @@
 //! all on the same `model` steps.
 
 pub mod adaptive;
+pub mod cache;
 pub mod chat;
 pub mod depths;
 pub mod exit;
@@ -14,6 +15,7 @@ pub mod folder;
 pub mod generation_config;
 pub mod greedy;
 pub mod sampling;
+pub mod serve;
 pub mod speculative;
 pub mod stop;
 pub mod strategy;

@@ -1,9 +1,12 @@
 //! `huginn`: the command line for recurrent-depth models.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -15,6 +18,9 @@ use infer::fixture_report::{Summary, check_dir};
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::sampling::SamplingConfig;
+use infer::serve::api::ServerDefaults;
+use infer::serve::engine::EngineLimits;
+use infer::serve::{App, serve};
 use infer::strategy::Strategy;
 use infer::text::TextStream;
 use model::burn::prelude::Device;
@@ -125,6 +131,47 @@ enum Command {
         /// Where each new token's recurrence starts.
         #[arg(long, value_enum, default_value_t = WarmStart::Cold)]
         warm_start: WarmStart,
+    },
+    /// An OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health) with per-request recurrence steps, exit criterion, cache strategy and warm
+    /// start. Stops on Ctrl-C or SIGTERM, finishing running requests first.
+    Serve {
+        /// Model folder, as for `generate`. Without it, a random tiny model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Address to listen on. Binding beyond loopback needs --api-key (or --no-auth).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+        /// The model's name in the API (default: the folder's name).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Recurrence steps per token when a request does not say (`num_steps`).
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// The most recurrence steps a request may ask for.
+        #[arg(long, default_value_t = 256)]
+        max_steps: usize,
+        /// Most requests decoded together.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Most requests waiting to start; more get 503.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// KV-cache budget of the running batch, in bytes (suffixes K, M, G, KiB, MiB, GiB).
+        /// A request that alone needs more is refused.
+        #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+        kv_budget: usize,
+        /// Require `Authorization: Bearer KEY` on /v1 routes (default: $HUGINN_API_KEY, which
+        /// keeps the key out of the process list).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Serve beyond loopback without an API key.
+        #[arg(long, conflicts_with = "api_key")]
+        no_auth: bool,
+        /// Seconds running requests get to finish after Ctrl-C/SIGTERM before they are
+        /// cancelled.
+        #[arg(long, default_value_t = 30.0)]
+        shutdown_grace: f64,
     },
     /// Check a model against reference fixture folders (config.json, model.safetensors,
     /// expected.safetensors, generate.json).
@@ -280,6 +327,84 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("steps per token: {} (mean {mean:.2})", steps.join(","));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            model,
+            addr,
+            model_name,
+            steps,
+            max_steps,
+            max_batch,
+            queue,
+            kv_budget,
+            api_key,
+            no_auth,
+            shutdown_grace,
+        } => {
+            let api_key = api_key
+                .or_else(|| std::env::var("HUGINN_API_KEY").ok())
+                .filter(|k| !k.is_empty() && !no_auth);
+            if !addr.ip().is_loopback() && api_key.is_none() && !no_auth {
+                bail!("listening on {addr} (beyond loopback) needs --api-key, or --no-auth to serve without one");
+            }
+            if steps == 0 || steps > max_steps {
+                bail!("--steps must be in 1..=--max-steps ({max_steps})");
+            }
+            if max_batch == 0 || queue == 0 {
+                bail!("--max-batch and --queue must be at least 1");
+            }
+            if !(shutdown_grace.is_finite() && shutdown_grace >= 0.0) {
+                bail!("--shutdown-grace must be a number of seconds >= 0");
+            }
+            let name = model_name.unwrap_or_else(|| {
+                model
+                    .as_deref()
+                    .and_then(|dir| dir.canonicalize().ok())
+                    .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "huginn".into())
+            });
+            let folder = match &model {
+                Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
+                None => ModelFolder::from_model(load(None, &device)?),
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let defaults = ServerDefaults {
+                model_name: name,
+                num_steps: steps,
+                max_num_steps: max_steps,
+            };
+            let limits = EngineLimits {
+                max_batch,
+                queue_capacity: queue,
+                kv_budget_bytes: kv_budget,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                let app = Arc::new(App::new(folder, defaults, limits, api_key));
+                eprintln!("huginn serve: listening on http://{}", listener.local_addr()?);
+                serve(
+                    listener,
+                    app,
+                    shutdown_signal(),
+                    Duration::from_secs_f64(shutdown_grace),
+                )
+                .await
+                .context("serving")
+            })?;
+            eprintln!("huginn serve: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckFixture { dirs, json } => {
             let mut reports = Vec::new();
             for dir in &dirs {
@@ -340,6 +465,49 @@ fn stream_ids(
         separator = ",";
         Ok(ControlFlow::Continue(()))
     })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
+
+/// `512MiB`, `2G`, `1000000`: a byte count.
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number.parse().map_err(|_| format!("{text:?} is not a byte count"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use K, M, G, KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn load(dir: Option<&std::path::Path>, device: &Device) -> Result<Huginn> {

@@ -6,7 +6,7 @@
 
 use model::{Huginn, InitialState, InputError};
 
-use crate::adaptive::PositionCache;
+use crate::cache::StrategyCache;
 use crate::exit::argmax;
 use crate::strategy::Strategy;
 
@@ -42,8 +42,8 @@ pub fn generate(
     if longest > context {
         return Err(InputError::TooLong { len: longest, context });
     }
-    let mut cache = PositionCache::new(Strategy::default(), model);
-    let run = |cache: &mut PositionCache, tokens: &[u32], start: usize, steps: usize| {
+    let mut cache = StrategyCache::new(Strategy::default(), model);
+    let run = |cache: &mut StrategyCache, tokens: &[u32], start: usize, steps: usize| {
         cache.at(start);
         let ids = model.tokens(&[tokens.to_vec()])?;
         let out = model.forward_with(ids, steps, &InitialState::Zeros, start, cache, |_, _| {});

@@ -70,6 +70,13 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Load test of `huginn serve`: N concurrent clients, throughput, latency percentiles,
+    /// errors and peak memory (huginn-bench-serve; its flags: `cargo xtask bench serve --help`).
+    #[command(disable_help_flag = true)]
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,7 +97,10 @@ fn main() -> ExitCode {
             Task::Ci => ci(),
             Task::Bench {
                 what: Bench::Train { args },
-            } => bench_train(&args),
+            } => bench("train", "huginn-bench", &args),
+            Task::Bench {
+                what: Bench::Serve { args },
+            } => bench("infer", "huginn-bench-serve", &args),
             Task::CheckFixture {
                 dirs,
                 json,
@@ -161,7 +171,8 @@ fn demo(device: &str, quick: bool, task: &str, text: bool, out: &Path, quiet: bo
     cargo(&args)
 }
 
-fn bench_train(args: &[String]) -> Result<()> {
+/// Runs the benchmark binary `bin` of `package` with `args`.
+fn bench(package: &str, bin: &str, args: &[String]) -> Result<()> {
     let cuda =
         args.windows(2).any(|w| w[0] == "--device" && w[1] == "cuda") || args.iter().any(|a| a == "--device=cuda");
     let features = device_features(if cuda { "cuda" } else { "cpu" });
@@ -169,11 +180,11 @@ fn bench_train(args: &[String]) -> Result<()> {
         "run",
         "--quiet",
         "-p",
-        "train",
+        package,
         "--features",
         features,
         "--bin",
-        "huginn-bench",
+        bin,
         "--",
     ];
     cargo_args.extend(args.iter().map(String::as_str));

@@ -27,6 +27,8 @@ pub struct AdditionDemo {
     pub recipe: Recipe,
     /// Most digits of a training operand; the harder split has up to twice as many.
     pub max_digits: usize,
+    /// Operands and sum padded to a fixed width (aligned digits) or written as they are.
+    pub padded: bool,
     pub probe: Probe,
 }
 
@@ -46,6 +48,7 @@ impl AdditionDemo {
                 eval_rows: 512,
             },
             max_digits: 3,
+            padded: true,
             probe: Probe::standard(),
         }
     }
@@ -56,6 +59,7 @@ impl AdditionDemo {
             recipe: full.recipe.quick(),
             probe: full.probe.quick(),
             max_digits: full.max_digits,
+            padded: full.padded,
         }
     }
 
@@ -63,7 +67,7 @@ impl AdditionDemo {
         AdditionTask {
             seed: self.recipe.seed,
             max_digits: self.max_digits,
-            padded: true,
+            padded: self.padded,
         }
     }
 }
@@ -86,11 +90,13 @@ fn adaptive(
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(128) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.tokens[..e.answer_start].to_vec()).collect();
-        let answer_len = chunk[0].tokens.len() - chunk[0].answer_start;
-        let rows = generate_batch(model, &prompts, answer_len, config).context("adaptive exit")?;
+        // Unpadded answers differ in length: generate the longest, score each on its own.
+        let longest = chunk.iter().map(|e| e.tokens.len() - e.answer_start).max().unwrap_or(0);
+        let rows = generate_batch(model, &prompts, longest, config).context("adaptive exit")?;
         for (row, e) in rows.iter().zip(chunk) {
-            let steps = row.steps_per_token.iter().sum::<usize>() as f64 / row.steps_per_token.len() as f64;
-            out.push((steps, row.tokens[..] == e.tokens[e.answer_start..]));
+            let answer = &e.tokens[e.answer_start..];
+            let steps = row.steps_per_token[..answer.len()].iter().sum::<usize>() as f64 / answer.len() as f64;
+            out.push((steps, row.tokens[..answer.len()] == *answer));
         }
     }
     Ok(out)
@@ -102,7 +108,7 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
     let data = DataConfig::Addition {
         seed: task.seed,
         max_digits: task.max_digits,
-        padded: true,
+        padded: task.padded,
     };
     let context = task.max_len(Split::Harder);
     let trained = train_both(recipe, (addition::VOCAB_SIZE, context, data), out, device, progress)?;

@@ -1,0 +1,503 @@
+//! The wire format: OpenAI-style completion and chat requests (plus this server's recurrence
+//! fields), their validation into an engine [`Job`], and the error body every failure gets.
+
+use std::str::FromStr;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use clap::ValueEnum;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::adaptive::{AdaptiveConfig, Decoding, Row};
+use crate::chat::{Message, Role};
+use crate::exit::Criterion;
+use crate::folder::ModelFolder;
+use crate::greedy::WarmStart;
+use crate::sampling::SamplingConfig;
+use crate::strategy::Strategy;
+
+/// An error answer: `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: param.into(),
+            code: None,
+        }
+    }
+
+    pub fn with(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+fn param(name: &str) -> Option<String> {
+    Some(name.to_string())
+}
+
+/// One prompt: text or token ids (a list of one of either is accepted too).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Content,
+    /// Accepted and ignored (OpenAI's participant name).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Message content: a string, or a list of text parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The fields of both endpoints; each endpoint checks it got its own (`prompt` or `messages`).
+/// Unknown fields are refused, so a misspelt setting is not silently ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub model: Option<String>,
+    pub prompt: Option<Prompt>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logprobs: Option<serde_json::Value>,
+    pub echo: Option<bool>,
+    pub user: Option<String>,
+    /// Recurrence steps per token (the most, with an exit criterion).
+    pub num_steps: Option<u32>,
+    /// `none`, `kl`, `minp-kl`, `entropy-diff`, `latent-diff`, `cosine`, `argmax-stability`.
+    pub exit_criterion: Option<String>,
+    /// Default: the criterion's `auto` value.
+    pub exit_threshold: Option<f64>,
+    /// A reference cache strategy name (`full`, `latest-m4-compress-s16`, …).
+    pub cache_strategy: Option<String>,
+    /// `cold`, `raw` or `normalized`.
+    pub warm_start: Option<String>,
+}
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// What the server allows and defaults to.
+#[derive(Debug, Clone)]
+pub struct ServerDefaults {
+    /// The name `/v1/models` lists; requests naming another model are refused.
+    pub model_name: String,
+    /// Recurrence steps when a request does not say.
+    pub num_steps: usize,
+    /// The most recurrence steps a request may ask for.
+    pub max_num_steps: usize,
+}
+
+/// A validated request: the engine's row and settings, and how to answer.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub row: Row,
+    pub config: AdaptiveConfig,
+    pub stop_strings: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Reads a request body; every failure names what is wrong.
+pub fn read_request(body: &[u8]) -> Result<Request, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::invalid(None, format!("the request body is not valid UTF-8: {e}")))?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let request: Request = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("the request body is not valid JSON: {inner}")
+        } else if path == "." {
+            format!("invalid request: {inner}")
+        } else {
+            format!("invalid value for `{path}`: {inner}")
+        };
+        ApiError::invalid((path != ".").then_some(path), message)
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::invalid(None, format!("the request body is not valid JSON: {e}")))?;
+    Ok(request)
+}
+
+impl Request {
+    /// Checks the request against the endpoint, the model and the server's limits.
+    pub fn validate(
+        self,
+        endpoint: Endpoint,
+        folder: &ModelFolder,
+        defaults: &ServerDefaults,
+    ) -> Result<Parsed, ApiError> {
+        if let Some(name) = &self.model
+            && *name != defaults.model_name
+        {
+            return Err(ApiError {
+                param: param("model"),
+                ..ApiError::with(
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    format!(
+                        "the model `{name}` does not exist; this server has `{}`",
+                        defaults.model_name
+                    ),
+                )
+            });
+        }
+        self.unsupported()?;
+        let prompt = match endpoint {
+            Endpoint::Completions => {
+                if self.messages.is_some() {
+                    return Err(ApiError::invalid(
+                        param("messages"),
+                        "`messages` belongs to /v1/chat/completions",
+                    ));
+                }
+                let prompt = self
+                    .prompt
+                    .clone()
+                    .ok_or_else(|| ApiError::invalid(param("prompt"), "`prompt` is required"))?;
+                self.encode_prompt(prompt, folder)?
+            }
+            Endpoint::Chat => {
+                if self.prompt.is_some() {
+                    return Err(ApiError::invalid(
+                        param("prompt"),
+                        "`prompt` belongs to /v1/completions",
+                    ));
+                }
+                let messages = self
+                    .messages
+                    .as_deref()
+                    .ok_or_else(|| ApiError::invalid(param("messages"), "`messages` is required"))?;
+                encode_chat(messages, folder)?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(param("prompt"), "the prompt is empty"));
+        }
+        let vocab = folder.model.config().vocab_size;
+        if let Some(id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::invalid(
+                param("prompt"),
+                format!("token id {id} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let context = folder.model.config().block_size;
+        let room = context.saturating_sub(prompt.len());
+        if room == 0 {
+            return Err(ApiError::with(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!("the prompt has {} tokens; the context is {context}", prompt.len()),
+            ));
+        }
+        let max_new = match (self.max_tokens.or(self.max_completion_tokens), endpoint) {
+            (Some(0), _) => {
+                return Err(ApiError::invalid(
+                    param("max_tokens"),
+                    "`max_tokens` must be at least 1",
+                ));
+            }
+            (Some(n), _) => n as usize,
+            (None, Endpoint::Completions) => 16.min(room),
+            (None, Endpoint::Chat) => folder
+                .generation
+                .max_new_tokens(prompt.len())
+                .map_or(room, |n| n.min(room)),
+        };
+        if prompt.len() + max_new > context {
+            return Err(ApiError::with(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!(
+                    "the prompt's {} tokens plus max_tokens {max_new} exceed the context of {context}",
+                    prompt.len()
+                ),
+            ));
+        }
+        let config = self.recurrence(defaults)?;
+        let sampling = self.sampling(folder, vocab)?;
+        let stop_strings = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop_strings.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(param("stop"), "stop strings must not be empty"));
+        }
+        if stop_strings.len() > 16 {
+            return Err(ApiError::invalid(param("stop"), "at most 16 stop strings"));
+        }
+        if !stop_strings.is_empty() && folder.tokenizer.is_none() {
+            return Err(ApiError::invalid(
+                param("stop"),
+                "stop strings need the model's tokenizer, which this model folder lacks; use stop_token_ids",
+            ));
+        }
+        let stop_tokens = self.stop_token_ids.clone().unwrap_or_default();
+        if let Some(id) = stop_tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::invalid(
+                param("stop_token_ids"),
+                format!("token id {id} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        Ok(Parsed {
+            row: Row {
+                prompt,
+                max_new,
+                decoding: Decoding { sampling, stop_tokens },
+            },
+            config,
+            stop_strings,
+            stream: self.stream,
+            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        })
+    }
+
+    /// Fields of the OpenAI API this server accepts only at their neutral values.
+    fn unsupported(&self) -> Result<(), ApiError> {
+        let refuse = |name: &str, what: &str| Err(ApiError::invalid(param(name), format!("`{name}` {what}")));
+        if self.n.is_some_and(|n| n != 1) {
+            return refuse("n", "must be 1: one completion per request");
+        }
+        if self.presence_penalty.is_some_and(|p| p != 0.0) {
+            return refuse("presence_penalty", "is not supported (use repetition_penalty)");
+        }
+        if self.frequency_penalty.is_some_and(|p| p != 0.0) {
+            return refuse("frequency_penalty", "is not supported (use repetition_penalty)");
+        }
+        if self.echo == Some(true) {
+            return refuse("echo", "is not supported");
+        }
+        let neutral = |v: &serde_json::Value| v.is_null() || *v == json!(false) || *v == json!(0);
+        if self.logprobs.as_ref().is_some_and(|v| !neutral(v)) {
+            return refuse("logprobs", "is not supported");
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return refuse("stream_options", "is only allowed with `stream: true`");
+        }
+        Ok(())
+    }
+
+    fn encode_prompt(&self, prompt: Prompt, folder: &ModelFolder) -> Result<Vec<u32>, ApiError> {
+        let one = |n: usize| {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(ApiError::invalid(param("prompt"), "one prompt per request"))
+            }
+        };
+        let text = match prompt {
+            Prompt::Ids(ids) => return Ok(ids),
+            Prompt::IdLists(mut lists) => {
+                one(lists.len())?;
+                return Ok(lists.pop().expect("one list"));
+            }
+            Prompt::Text(text) => text,
+            Prompt::Texts(mut texts) => {
+                one(texts.len())?;
+                texts.pop().expect("one text")
+            }
+        };
+        folder
+            .encode(&text)
+            .map_err(|e| ApiError::invalid(param("prompt"), e.to_string()))
+    }
+
+    fn recurrence(&self, defaults: &ServerDefaults) -> Result<AdaptiveConfig, ApiError> {
+        let steps = self.num_steps.map_or(defaults.num_steps, |n| n as usize);
+        if steps == 0 || steps > defaults.max_num_steps {
+            return Err(ApiError::invalid(
+                param("num_steps"),
+                format!("`num_steps` must be in 1..={}", defaults.max_num_steps),
+            ));
+        }
+        let criterion = match &self.exit_criterion {
+            None => Criterion::None,
+            Some(name) => Criterion::from_str(name).map_err(|e| ApiError::invalid(param("exit_criterion"), e))?,
+        };
+        let threshold = self.exit_threshold.unwrap_or(criterion.auto_threshold());
+        if !(threshold.is_finite() && threshold >= 0.0) {
+            return Err(ApiError::invalid(
+                param("exit_threshold"),
+                "`exit_threshold` must be a finite number >= 0",
+            ));
+        }
+        let strategy = match &self.cache_strategy {
+            None => Strategy::default(),
+            Some(name) => Strategy::from_str(name).map_err(|e| ApiError::invalid(param("cache_strategy"), e))?,
+        };
+        let warm_start = match &self.warm_start {
+            None => WarmStart::Cold,
+            Some(name) => WarmStart::from_str(name, false).map_err(|_| {
+                ApiError::invalid(
+                    param("warm_start"),
+                    format!("unknown warm start {name:?}; use cold, raw or normalized"),
+                )
+            })?,
+        };
+        Ok(AdaptiveConfig {
+            criterion,
+            threshold,
+            max_steps: steps,
+            warm_start,
+            strategy,
+        })
+    }
+
+    /// The folder's defaults (`generation_config.json`) with the request's fields over them.
+    fn sampling(&self, folder: &ModelFolder, vocab: usize) -> Result<SamplingConfig, ApiError> {
+        let defaults = folder.generation.sampling(self.seed.unwrap_or(0));
+        let sampling = SamplingConfig {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.map(|k| k as usize).or(defaults.top_k),
+            top_p: self.top_p.or(defaults.top_p),
+            min_p: self.min_p.or(defaults.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+            seed: defaults.seed,
+        };
+        sampling.validate().map_err(|e| ApiError::invalid(None, e))?;
+        if sampling.temperature > 100.0 {
+            return Err(ApiError::invalid(
+                param("temperature"),
+                "`temperature` must be at most 100",
+            ));
+        }
+        if sampling.top_k.is_some_and(|k| k > vocab) {
+            return Err(ApiError::invalid(
+                param("top_k"),
+                format!("`top_k` must be at most the vocabulary size {vocab}"),
+            ));
+        }
+        Ok(sampling)
+    }
+}
+
+fn encode_chat(messages: &[ChatMessage], folder: &ModelFolder) -> Result<Vec<u32>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(param("messages"), "`messages` is empty"));
+    }
+    let messages = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::invalid(
+                        Some(format!("messages[{i}].role")),
+                        format!("unknown role {other:?}; use system, user or assistant"),
+                    ));
+                }
+            };
+            let content = match &m.content {
+                Content::Text(text) => text.clone(),
+                Content::Parts(parts) => {
+                    if let Some(part) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(ApiError::invalid(
+                            Some(format!("messages[{i}].content")),
+                            format!("content parts of type {:?} are not supported (text only)", part.kind),
+                        ));
+                    }
+                    parts.iter().map(|p| p.text.as_str()).collect()
+                }
+            };
+            Ok(Message::new(role, content))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    folder
+        .encode_chat(&messages)
+        .map_err(|e| ApiError::invalid(param("messages"), e.to_string()))
+}

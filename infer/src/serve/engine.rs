@@ -1,0 +1,425 @@
+//! The server's engine: one thread owns the model and runs the queued requests. Requests that
+//! wait together and share their recurrence settings are decoded together as one left-padded
+//! batch (up to `max_batch` rows and the KV-cache budget); each row samples, stops and exits on
+//! its own and leaves the batch, with its cache, the moment it ends or its client goes away.
+//!
+//! Requests with an exit criterion run one at a time: in a batch, a token's recurrence runs
+//! until the batch's last row exits, and those extra steps would stay in the cache of the
+//! rows that exited earlier (as in the reference's batched generation), so the answer would
+//! depend on which requests happened to arrive together.
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc;
+
+use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
+use crate::exit::Criterion;
+use crate::folder::ModelFolder;
+use crate::strategy::Layout;
+use crate::text::TextStream;
+
+/// Bytes of one cached key or value element (the model computes in f32).
+const ELEMENT_BYTES: usize = 4;
+
+/// How the engine schedules work.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Most requests decoded together.
+    pub max_batch: usize,
+    /// Most requests waiting to start; more are refused (503).
+    pub queue_capacity: usize,
+    /// Most bytes of KV cache the running batch may hold.
+    pub kv_budget_bytes: usize,
+}
+
+/// One request, ready to run.
+#[derive(Debug)]
+pub struct Job {
+    pub row: Row,
+    pub config: AdaptiveConfig,
+    /// Text that ends the sequence (left out of it), besides the folder's own.
+    pub stop_strings: Vec<String>,
+    /// Where the request's tokens go; closed when its client has gone.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The server is shutting down.
+    Cancelled,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What the engine tells a request, in order: tokens, then `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A new token and the text it completes (possibly empty: half a character, a special
+    /// token, or text held back while it may start a stop string).
+    Token {
+        id: u32,
+        text: String,
+        steps: usize,
+    },
+    /// The end: `tail` is text held back until now (an unfinished stop string that never
+    /// completed, the last bytes of a character).
+    Done {
+        finish: Finish,
+        tail: String,
+        steps_per_token: Vec<usize>,
+    },
+    Failed(String),
+}
+
+/// The handle the HTTP side holds: submits jobs, reports load, stops the engine.
+pub struct Engine {
+    sender: mpsc::UnboundedSender<Job>,
+    queued: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    generated: Arc<AtomicUsize>,
+    cancel: Arc<AtomicBool>,
+    limits: EngineLimits,
+    per_position: PositionBytes,
+    context: usize,
+    worker: Option<JoinHandle<()>>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The queue is full; try again later.
+    Busy,
+    /// The request alone needs more KV cache than the budget.
+    TooLarge { needed: usize, budget: usize },
+    /// The engine has stopped (shutting down).
+    Stopped,
+}
+
+impl Engine {
+    /// Starts the engine thread, which runs `folder`'s model until the engine is dropped.
+    pub fn start(folder: Arc<ModelFolder>, limits: EngineLimits) -> Self {
+        let per_position = PositionBytes::of(&folder);
+        let context = folder.model.config().block_size;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(0));
+        let generated = Arc::new(AtomicUsize::new(0));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            folder,
+            receiver,
+            waiting: VecDeque::new(),
+            queued: queued.clone(),
+            running: running.clone(),
+            generated: generated.clone(),
+            cancel: cancel.clone(),
+            limits,
+            per_position,
+        };
+        let worker = std::thread::Builder::new()
+            .name("huginn-engine".into())
+            .spawn(move || worker.run())
+            .expect("spawning the engine thread");
+        Self {
+            sender,
+            queued,
+            running,
+            generated,
+            cancel,
+            limits,
+            per_position,
+            context,
+            worker: Some(worker),
+        }
+    }
+
+    /// Queues a job, or says why not.
+    pub fn submit(&self, job: Job) -> Result<(), Refusal> {
+        let needed = self.per_position.row(&job);
+        if needed > self.limits.kv_budget_bytes {
+            return Err(Refusal::TooLarge {
+                needed,
+                budget: self.limits.kv_budget_bytes,
+            });
+        }
+        let admitted = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            (q < self.limits.queue_capacity).then_some(q + 1)
+        });
+        if admitted.is_err() {
+            return Err(Refusal::Busy);
+        }
+        self.sender.send(job).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            Refusal::Stopped
+        })
+    }
+
+    /// Requests waiting to start.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Requests being decoded.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Tokens generated since the start.
+    pub fn generated(&self) -> usize {
+        self.generated.load(Ordering::Acquire)
+    }
+
+    /// The model's context length.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Ends every running and waiting request now (each gets `Done` with
+    /// [`Finish::Cancelled`]); the engine stops taking jobs.
+    pub fn cancel_all(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Engine {
+    /// Closes the queue and waits for the engine to finish what it has.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.sender, closed));
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// KV-cache bytes per cached position, per core iteration and for the rest of the layers.
+#[derive(Debug, Clone, Copy)]
+struct PositionBytes {
+    layout: Layout,
+    coda: usize,
+    /// Keys and values of one position in one layer slot.
+    slot: usize,
+}
+
+impl PositionBytes {
+    fn of(folder: &ModelFolder) -> Self {
+        let config = folder.model.config();
+        Self {
+            layout: Layout {
+                prelude: config.n_layers_in_prelude,
+                core: config.n_layers_in_recurrent_block,
+            },
+            coda: config.n_layers_in_coda,
+            slot: 2 * config.n_embd * ELEMENT_BYTES,
+        }
+    }
+
+    /// Bytes per position for `steps` iterations: the distinct slots the strategy stores.
+    fn per_position(&self, config: &AdaptiveConfig) -> usize {
+        let Layout { prelude, core } = self.layout;
+        let mut slots: Vec<i64> = (0..(prelude + core * config.max_steps) as i64)
+            .map(|sigma| config.strategy.compress(sigma, self.layout))
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        (slots.len() + self.coda) * self.slot
+    }
+
+    fn row(&self, job: &Job) -> usize {
+        (job.row.prompt.len() + job.row.max_new) * self.per_position(&job.config)
+    }
+
+    /// A padded batch holds every row at the widest prompt plus the longest answer.
+    fn batch(&self, jobs: &[Job]) -> usize {
+        let width = jobs.iter().map(|j| j.row.prompt.len()).max().unwrap_or(0);
+        let new = jobs.iter().map(|j| j.row.max_new).max().unwrap_or(0);
+        jobs.first()
+            .map_or(0, |j| jobs.len() * (width + new) * self.per_position(&j.config))
+    }
+}
+
+struct Worker {
+    folder: Arc<ModelFolder>,
+    receiver: mpsc::UnboundedReceiver<Job>,
+    /// Jobs taken off the channel that did not fit the last batch, oldest first.
+    waiting: VecDeque<Job>,
+    queued: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    generated: Arc<AtomicUsize>,
+    cancel: Arc<AtomicBool>,
+    limits: EngineLimits,
+    per_position: PositionBytes,
+}
+
+impl Worker {
+    fn run(mut self) {
+        while let Some(batch) = self.next_batch() {
+            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            if self.cancel.load(Ordering::Acquire) {
+                for job in batch {
+                    let _ = job.events.send(Event::Done {
+                        finish: Finish::Cancelled,
+                        tail: String::new(),
+                        steps_per_token: Vec::new(),
+                    });
+                }
+                continue;
+            }
+            self.running.store(batch.len(), Ordering::Release);
+            self.decode(batch);
+            self.running.store(0, Ordering::Release);
+        }
+    }
+
+    /// The oldest waiting job and the waiting jobs that can run beside it; `None` once the
+    /// queue is closed and empty.
+    fn next_batch(&mut self) -> Option<Vec<Job>> {
+        if self.waiting.is_empty() {
+            let job = self.receiver.blocking_recv()?;
+            self.waiting.push_back(job);
+        }
+        while let Ok(job) = self.receiver.try_recv() {
+            self.waiting.push_back(job);
+        }
+        // A request whose client left while it waited is dropped here.
+        let gone = self.waiting.iter().filter(|j| j.events.is_closed()).count();
+        self.queued.fetch_sub(gone, Ordering::AcqRel);
+        self.waiting.retain(|j| !j.events.is_closed());
+        let first = self.waiting.pop_front()?;
+        let mut batch = vec![first];
+        if batch[0].config.criterion == Criterion::None {
+            let mut i = 0;
+            while i < self.waiting.len() && batch.len() < self.limits.max_batch {
+                if same_recurrence(&self.waiting[i].config, &batch[0].config) {
+                    batch.push(self.waiting.remove(i).expect("index in range"));
+                    if self.per_position.batch(&batch) > self.limits.kv_budget_bytes {
+                        let job = batch.pop().expect("just pushed");
+                        self.waiting.insert(i, job);
+                        i += 1;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        Some(batch)
+    }
+
+    fn decode(&self, batch: Vec<Job>) {
+        let folder = &self.folder;
+        let rows: Vec<Row> = batch
+            .iter()
+            .map(|job| {
+                let mut row = job.row.clone();
+                for &id in &folder.stop_tokens {
+                    if !row.decoding.stop_tokens.contains(&id) {
+                        row.decoding.stop_tokens.push(id);
+                    }
+                }
+                row
+            })
+            .collect();
+        let mut texts: Vec<Option<TextStream<'_, tokenizers::Tokenizer>>> = batch
+            .iter()
+            .map(|job| {
+                folder.tokenizer.as_ref().map(|tokenizer| {
+                    let stops = folder.stop_strings.iter().chain(&job.stop_strings).cloned();
+                    TextStream::new(tokenizer, stops)
+                })
+            })
+            .collect();
+        let mut finish = vec![Finish::Length; batch.len()];
+        let mut failed: Vec<Option<String>> = vec![None; batch.len()];
+        let mut seen = vec![0usize; batch.len()];
+        let result = generate_rows(&folder.model, &rows, batch[0].config, |b, id, steps| {
+            self.generated.fetch_add(1, Ordering::AcqRel);
+            if self.cancel.load(Ordering::Acquire) {
+                finish[b] = Finish::Cancelled;
+                return ControlFlow::Break(());
+            }
+            let mut stopped = rows[b].decoding.stop_tokens.contains(&id);
+            let text = match &mut texts[b] {
+                Some(stream) => match stream.push(id) {
+                    Ok(released) => {
+                        stopped |= released.stopped;
+                        released.text
+                    }
+                    Err(e) => {
+                        failed[b] = Some(e.to_string());
+                        return ControlFlow::Break(());
+                    }
+                },
+                // Without a tokenizer the text is the token ids, comma separated (as the CLI).
+                None if seen[b] == 0 => id.to_string(),
+                None => format!(",{id}"),
+            };
+            seen[b] += 1;
+            if stopped {
+                finish[b] = Finish::Stop;
+            }
+            let sent = batch[b].events.send(Event::Token { id, text, steps });
+            if sent.is_err() || stopped {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        match result {
+            Ok(generations) => {
+                for (b, generation) in generations.into_iter().enumerate() {
+                    let events = &batch[b].events;
+                    if let Some(reason) = failed[b].take() {
+                        let _ = events.send(Event::Failed(reason));
+                        continue;
+                    }
+                    let tail = match &mut texts[b] {
+                        Some(stream) if finish[b] != Finish::Stop => match stream.finish() {
+                            Ok(tail) => tail,
+                            Err(e) => {
+                                let _ = events.send(Event::Failed(e.to_string()));
+                                continue;
+                            }
+                        },
+                        _ => String::new(),
+                    };
+                    let _ = events.send(Event::Done {
+                        finish: finish[b],
+                        tail,
+                        steps_per_token: generation.steps_per_token,
+                    });
+                }
+            }
+            Err(e) => {
+                for job in &batch {
+                    let _ = job.events.send(Event::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Rows share a batch only with the same recurrence (steps, cache strategy, warm start).
+fn same_recurrence(a: &AdaptiveConfig, b: &AdaptiveConfig) -> bool {
+    a.criterion == b.criterion
+        && a.max_steps == b.max_steps
+        && a.warm_start == b.warm_start
+        && a.strategy == b.strategy
+        && a.threshold.to_bits() == b.threshold.to_bits()
+}

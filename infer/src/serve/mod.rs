@@ -1,0 +1,410 @@
+//! `huginn serve`: an OpenAI-style HTTP server over the engine, with per-request recurrence
+//! (steps, exit criterion, cache strategy, warm start) and streaming by server-sent events.
+//!
+//! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
+//! `GET /health`. Every error is a JSON body `{"error": {...}}` with a 4xx/5xx status; a full
+//! queue answers 503 and shutting down finishes (then, after a grace period, cancels) what is
+//! running.
+
+pub mod api;
+pub mod engine;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::Stream;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::folder::ModelFolder;
+use api::{ApiError, Endpoint, ServerDefaults};
+use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
+
+/// Everything the handlers share.
+pub struct App {
+    folder: Arc<ModelFolder>,
+    engine: Engine,
+    defaults: ServerDefaults,
+    api_key: Option<String>,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+    started: u64,
+}
+
+impl App {
+    /// Starts the engine on `folder`.
+    pub fn new(folder: ModelFolder, defaults: ServerDefaults, limits: EngineLimits, api_key: Option<String>) -> Self {
+        let folder = Arc::new(folder);
+        Self {
+            engine: Engine::start(folder.clone(), limits),
+            folder,
+            defaults,
+            api_key,
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            started: unix_seconds(),
+        }
+    }
+}
+
+impl App {
+    /// Requests waiting and requests being decoded.
+    pub fn engine_load(&self) -> (usize, usize) {
+        (self.engine.queued(), self.engine.running())
+    }
+
+    /// Tokens generated since the start.
+    pub fn tokens_generated(&self) -> usize {
+        self.engine.generated()
+    }
+}
+
+/// The routes over `app`.
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
+    Router::new()
+        .route("/health", get(health))
+        .merge(v1)
+        .fallback(|| async { ApiError::with(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(app)
+}
+
+/// Serves until `shutdown` resolves, then stops taking requests, lets running ones finish for
+/// up to `grace`, cancels what is left and returns once every connection is done.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let stopping = app.clone();
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing running requests (at most {grace:?})");
+            stopping.draining.store(true, Ordering::Release);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                stopping.engine.cancel_all();
+            });
+        })
+        .await
+}
+
+async fn authorize(State(app): State<Arc<App>>, request: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::with(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "missing or wrong API key (send `Authorization: Bearer KEY`)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let status = if app.draining.load(Ordering::Acquire) {
+        "shutting down"
+    } else {
+        "ok"
+    };
+    axum::Json(json!({
+        "status": status,
+        "queued": app.engine.queued(),
+        "running": app.engine.running(),
+        "tokens_generated": app.engine.generated(),
+    }))
+    .into_response()
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    let config = app.folder.model.config();
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.defaults.model_name,
+            "object": "model",
+            "created": app.started,
+            "owned_by": "huginn-rs",
+            "context_length": config.block_size,
+            "mean_recurrence": config.mean_recurrence,
+            "default_num_steps": app.defaults.num_steps,
+            "max_num_steps": app.defaults.max_num_steps,
+        }],
+    }))
+    .into_response()
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    answer(app, Endpoint::Completions, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    answer(app, Endpoint::Chat, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// What every chunk or answer of one request repeats.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    prompt_tokens: usize,
+}
+
+async fn answer(app: Arc<App>, endpoint: Endpoint, body: Bytes) -> Result<Response, ApiError> {
+    if app.draining.load(Ordering::Acquire) {
+        return Err(ApiError::with(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    let parsed = api::read_request(&body)?.validate(endpoint, &app.folder, &app.defaults)?;
+    let (events, receiver) = mpsc::unbounded_channel();
+    let prefix = match endpoint {
+        Endpoint::Completions => "cmpl",
+        Endpoint::Chat => "chatcmpl",
+    };
+    let meta = Meta {
+        id: format!(
+            "{prefix}-{}-{}",
+            app.started,
+            app.next_id.fetch_add(1, Ordering::Relaxed)
+        ),
+        created: unix_seconds(),
+        model: app.defaults.model_name.clone(),
+        endpoint,
+        prompt_tokens: parsed.row.prompt.len(),
+    };
+    let job = Job {
+        row: parsed.row,
+        config: parsed.config,
+        stop_strings: parsed.stop_strings,
+        events,
+    };
+    app.engine.submit(job).map_err(|refusal| match refusal {
+        Refusal::Busy => ApiError::with(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "the server is busy (request queue full); retry later",
+        ),
+        Refusal::TooLarge { needed, budget } => ApiError::with(
+            StatusCode::BAD_REQUEST,
+            "kv_budget_exceeded",
+            format!(
+                "the request needs {needed} bytes of KV cache, more than the server's budget of {budget}; \
+                 ask for fewer tokens or steps, or a compressing cache_strategy"
+            ),
+        ),
+        Refusal::Stopped => ApiError::with(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ),
+    })?;
+    if parsed.stream {
+        Ok(Sse::new(stream(meta, receiver, parsed.include_usage))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    } else {
+        whole(meta, receiver).await
+    }
+}
+
+/// Token counts and the recurrence spent on them.
+fn usage(prompt_tokens: usize, steps_per_token: &[usize]) -> Value {
+    let completion = steps_per_token.len();
+    let mean = steps_per_token.iter().sum::<usize>() as f64 / completion.max(1) as f64;
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "mean_steps_per_token": mean,
+        "max_steps_per_token": steps_per_token.iter().copied().max().unwrap_or(0),
+    })
+}
+
+fn engine_gone() -> ApiError {
+    ApiError::with(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "engine_stopped",
+        "the engine stopped before the answer was complete",
+    )
+}
+
+/// The whole answer at once.
+async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    loop {
+        match events.recv().await.ok_or_else(engine_gone)? {
+            Event::Token { id, text: piece, .. } => {
+                text += &piece;
+                ids.push(id);
+            }
+            Event::Failed(reason) => {
+                return Err(ApiError::with(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "generation_failed",
+                    reason,
+                ));
+            }
+            Event::Done {
+                finish,
+                tail,
+                steps_per_token,
+            } => {
+                text += &tail;
+                let choice = match meta.endpoint {
+                    Endpoint::Completions => json!({
+                        "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
+                        "token_ids": ids, "steps_per_token": steps_per_token,
+                    }),
+                    Endpoint::Chat => json!({
+                        "index": 0, "message": {"role": "assistant", "content": text},
+                        "logprobs": null, "finish_reason": finish.as_str(),
+                        "token_ids": ids, "steps_per_token": steps_per_token,
+                    }),
+                };
+                let object = match meta.endpoint {
+                    Endpoint::Completions => "text_completion",
+                    Endpoint::Chat => "chat.completion",
+                };
+                return Ok(axum::Json(json!({
+                    "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+                    "choices": [choice], "usage": usage(meta.prompt_tokens, &steps_per_token),
+                }))
+                .into_response());
+            }
+        }
+    }
+}
+
+/// The answer as server-sent events: one chunk per piece of text, a last chunk with the finish
+/// reason, the usage chunk when asked for, then `[DONE]`. Dropping the stream (the client
+/// went away) closes the request's channel, and the engine drops its row.
+fn stream(
+    meta: Meta,
+    events: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut out = VecDeque::new();
+    if meta.endpoint == Endpoint::Chat {
+        out.push_back(chunk(
+            &meta,
+            Some(json!({"role": "assistant", "content": ""})),
+            None,
+            None,
+        ));
+    }
+    let state = (meta, events, out, false);
+    futures_util::stream::unfold(state, move |(meta, mut events, mut out, mut ended)| async move {
+        while out.is_empty() && !ended {
+            match events.recv().await {
+                // A chunk for every token, even one whose text is held back: clients see
+                // the recurrence per token, and a client that has gone is noticed at once.
+                Some(Event::Token { text, steps, .. }) => {
+                    out.push_back(chunk(&meta, Some(text.into()), None, Some(steps)));
+                }
+                Some(Event::Done {
+                    finish,
+                    tail,
+                    steps_per_token,
+                }) => {
+                    if !tail.is_empty() {
+                        out.push_back(chunk(&meta, Some(tail.into()), None, None));
+                    }
+                    out.push_back(chunk(&meta, None, Some(finish), None));
+                    if include_usage {
+                        out.push_back(usage_chunk(&meta, &steps_per_token));
+                    }
+                    out.push_back(SseEvent::default().data("[DONE]"));
+                    ended = true;
+                }
+                Some(Event::Failed(reason)) => {
+                    let error = ApiError::with(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", reason);
+                    out.push_back(SseEvent::default().data(error.body().to_string()));
+                    out.push_back(SseEvent::default().data("[DONE]"));
+                    ended = true;
+                }
+                None => {
+                    out.push_back(SseEvent::default().data(engine_gone().body().to_string()));
+                    ended = true;
+                }
+            }
+        }
+        let next = out.pop_front()?;
+        Some((Ok(next), (meta, events, out, ended)))
+    })
+}
+
+/// One streamed chunk: a text piece (or the chat's opening role), or the finish reason.
+fn chunk(meta: &Meta, content: Option<Value>, finish: Option<Finish>, steps: Option<usize>) -> SseEvent {
+    let finish = finish.map(Finish::as_str);
+    let (object, choice) = match meta.endpoint {
+        Endpoint::Completions => (
+            "text_completion",
+            json!({"index": 0, "text": content.unwrap_or(json!("")), "logprobs": null, "finish_reason": finish, "num_steps": steps}),
+        ),
+        Endpoint::Chat => {
+            let delta = match content {
+                Some(Value::Object(delta)) => Value::Object(delta),
+                Some(text) => json!({"content": text}),
+                None => json!({}),
+            };
+            (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish, "num_steps": steps}),
+            )
+        }
+    };
+    let body =
+        json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
+    SseEvent::default().data(body.to_string())
+}
+
+fn usage_chunk(meta: &Meta, steps_per_token: &[usize]) -> SseEvent {
+    let object = match meta.endpoint {
+        Endpoint::Completions => "text_completion",
+        Endpoint::Chat => "chat.completion.chunk",
+    };
+    let body = json!({
+        "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "choices": [], "usage": usage(meta.prompt_tokens, steps_per_token),
+    });
+    SseEvent::default().data(body.to_string())
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

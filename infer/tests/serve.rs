@@ -1,0 +1,541 @@
+//! `huginn serve` over loopback with a real HTTP client against a tiny model folder: answers
+//! equal the CLI's, 32 concurrent clients, every kind of bad request, a full queue, the KV
+//! budget, a client that leaves mid-stream, the API key, and shutdown on SIGINT.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use infer::adaptive::{AdaptiveConfig, Decoding};
+use infer::folder::ModelFolder;
+use infer::greedy::WarmStart;
+use infer::serve::api::ServerDefaults;
+use infer::serve::engine::EngineLimits;
+use infer::serve::{App, serve};
+use infer::strategy::Strategy;
+use infer::text::TextStream;
+use model::burn::prelude::Device;
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+mod common;
+
+use common::*;
+
+const NAME: &str = "tiny";
+
+fn limits() -> EngineLimits {
+    EngineLimits {
+        max_batch: 8,
+        queue_capacity: 64,
+        kv_budget_bytes: 1 << 30,
+    }
+}
+
+/// A server on a free loopback port; stops when the test's runtime ends.
+async fn start(dir: &Path, limits: EngineLimits, api_key: Option<&str>) -> (String, Arc<App>) {
+    let folder = ModelFolder::open(dir, &Device::flex()).unwrap();
+    let defaults = ServerDefaults {
+        model_name: NAME.into(),
+        num_steps: STEPS,
+        max_num_steps: 1000,
+    };
+    let app = Arc::new(App::new(folder, defaults, limits, api_key.map(str::to_string)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(
+        listener,
+        app.clone(),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    (url, app)
+}
+
+async fn post(client: &Client, url: &str, path: &str, body: Value) -> (StatusCode, Value) {
+    let response = client.post(format!("{url}{path}")).json(&body).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// The `data:` payloads of a server-sent event stream, in order.
+async fn sse_data(response: reqwest::Response) -> Vec<String> {
+    let body = response.text().await.unwrap();
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The text of a streamed answer, checking each chunk's shape.
+fn streamed_text(events: &[String], chat: bool) -> (String, String) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut text = String::new();
+    let mut finish = String::new();
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        if chunk["choices"] == json!([]) {
+            continue; // the usage chunk
+        }
+        let choice = &chunk["choices"][0];
+        if chat {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            text += choice["delta"]["content"].as_str().unwrap_or("");
+        } else {
+            assert_eq!(chunk["object"], "text_completion");
+            text += choice["text"].as_str().unwrap();
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = reason.to_string();
+        }
+    }
+    (text, finish)
+}
+
+/// `huginn generate`'s stdout, less the newline it ends with.
+fn cli(args: &[&str]) -> String {
+    let out = huginn(args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_equal_the_cli_streamed_or_not() {
+    let dir = folder_of_seed(DEFAULT_IDS, 7);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let path = dir.path().to_str().unwrap();
+    let steps = STEPS.to_string();
+
+    let want = cli(&[
+        "generate",
+        "--model",
+        path,
+        "--prompt",
+        "Hello",
+        "--steps",
+        &steps,
+        "--max-new-tokens",
+        "12",
+    ]);
+    let body = json!({"model": NAME, "prompt": "Hello", "max_tokens": 12, "temperature": 0});
+    let (status, answer) = post(&client, &url, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["object"], "text_completion");
+    assert_eq!(answer["choices"][0]["text"], want);
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    let usage = &answer["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    assert_eq!(usage["prompt_tokens"], 6, "BOS + 5 bytes");
+    assert_eq!(usage["total_tokens"], 18);
+    assert_eq!(usage["mean_steps_per_token"], STEPS as f64);
+    assert_eq!(usage["max_steps_per_token"], STEPS);
+
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    streaming["stream_options"] = json!({"include_usage": true});
+    let response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = sse_data(response).await;
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 12);
+    assert_eq!(usage_chunk["choices"], json!([]));
+    let (text, finish) = streamed_text(&events, false);
+    assert_eq!((text.as_str(), finish.as_str()), (want.as_str(), "length"));
+
+    // Chat through the template, ended by the model's <|end_turn|> or the length.
+    let want = cli(&[
+        "generate",
+        "--model",
+        path,
+        "--prompt",
+        "Hi!",
+        "--chat",
+        "--steps",
+        &steps,
+        "--max-new-tokens",
+        "20",
+    ]);
+    let body = json!({"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 20, "temperature": 0.0});
+    let (status, answer) = post(&client, &url, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(answer["choices"][0]["message"]["content"], want);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let response = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_data(response).await;
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let (text, finish) = streamed_text(&events, true);
+    assert_eq!(text, want);
+    assert_eq!(finish, answer["choices"][0]["finish_reason"].as_str().unwrap());
+
+    let (status, models) = {
+        let response = client.get(format!("{url}/v1/models")).send().await.unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["data"][0]["id"], NAME);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_concurrent_clients_each_get_their_own_answer() {
+    let dir = folder_of_seed(DEFAULT_IDS, 11);
+    let folder = ModelFolder::open(dir.path(), &Device::flex()).unwrap();
+    let prompts: Vec<String> = (0..32).map(|i| format!("prompt {i}{}", "!".repeat(i % 5))).collect();
+    let config = AdaptiveConfig::fixed(STEPS, WarmStart::Cold, Strategy::default());
+    let decoding = Decoding {
+        stop_tokens: folder.stop_tokens.clone(),
+        ..Decoding::default()
+    };
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let ids = folder.encode(p).unwrap();
+            TextStream::new(folder.tokenizer.as_ref().unwrap(), Vec::new())
+                .generate(&folder.model, &ids, 8, config, &decoding, |_| Ok(()))
+                .unwrap()
+                .text
+        })
+        .collect();
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let answers = futures_util::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
+        let (client, url) = (client.clone(), url.clone());
+        let body = json!({"prompt": p, "max_tokens": 8, "temperature": 0, "stream": i % 2 == 0});
+        async move {
+            let response = client
+                .post(format!("{url}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            if i % 2 == 0 {
+                streamed_text(&sse_data(response).await, false).0
+            } else {
+                let answer: Value = response.json().await.unwrap();
+                answer["choices"][0]["text"].as_str().unwrap().to_string()
+            }
+        }
+    }))
+    .await;
+    assert_eq!(answers, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_400_with_a_reason_and_leave_the_server_healthy() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let raw = |body: Vec<u8>| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let response = client
+                .post(format!("{url}/v1/completions"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let long = "x".repeat(300);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"prompt\": \"Hi\",".to_vec(), "not valid JSON"),
+        (b"\"Hi\"".to_vec(), "invalid request"),
+        (
+            b"{\"prompt\": \"Hi\", \"max_tokens\": \"ten\"}".to_vec(),
+            "`max_tokens`",
+        ),
+        (b"{\"prompt\": \"Hi\", \"max_tokens\": -1}".to_vec(), "`max_tokens`"),
+        (
+            b"{\"prompt\": \"Hi\", \"max_token\": 3}".to_vec(),
+            "unknown field `max_token`",
+        ),
+        (b"{\"prompt\": \"Hi\", \"temperature\": -1}".to_vec(), "temperature"),
+        (b"{\"prompt\": \"Hi\", \"top_p\": 7}".to_vec(), "top_p"),
+        (b"{\"prompt\": \"Hi\", \"num_steps\": 0}".to_vec(), "num_steps"),
+        (b"{\"prompt\": \"Hi\", \"num_steps\": 1001}".to_vec(), "num_steps"),
+        (
+            b"{\"prompt\": \"Hi\", \"exit_criterion\": \"soon\"}".to_vec(),
+            "exit criterion",
+        ),
+        (
+            b"{\"prompt\": \"Hi\", \"cache_strategy\": \"latest\"}".to_vec(),
+            "cache strategy",
+        ),
+        (b"{\"prompt\": \"Hi\", \"warm_start\": \"hot\"}".to_vec(), "warm start"),
+        (b"{\"prompt\": \"Hi\", \"n\": 2}".to_vec(), "`n`"),
+        (b"{\"prompt\": [1, 99999]}".to_vec(), "outside the vocabulary"),
+        (b"{\"prompt\": []}".to_vec(), "empty"),
+        (
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}".to_vec(),
+            "/v1/chat/completions",
+        ),
+        (format!("{{\"prompt\": \"{long}\"}}").into_bytes(), "context"),
+        (
+            b"{\"prompt\": \"Hi\", \"max_tokens\": 300}".to_vec(),
+            "exceed the context",
+        ),
+        (b"{\"prompt\": \"\xff\xfe\"}".to_vec(), "UTF-8"),
+    ];
+    for (body, reason) in cases {
+        let shown = String::from_utf8_lossy(&body).into_owned();
+        let (status, answer) = raw(body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{shown}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(reason), "{shown}: {message:?} lacks {reason:?}");
+        assert_eq!(answer["error"]["type"], "invalid_request_error");
+    }
+    let (status, answer) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"model": "gpt-4", "prompt": "Hi"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
+    );
+    let (status, _) = post(
+        &client,
+        &url,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "robot", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let response = client.get(format!("{url}/nowhere")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    let health: Value = client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let (status, answer) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
+    let dir = folder(DEFAULT_IDS);
+    let limits = EngineLimits {
+        max_batch: 1,
+        queue_capacity: 1,
+        kv_budget_bytes: 4 << 20,
+    };
+    let (url, _app) = start(dir.path(), limits, None).await;
+    let client = Client::new();
+    // Each of these runs for a while; one runs, one waits, the rest find the queue full.
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 30, "num_steps": 48});
+    let statuses = futures_util::future::join_all((0..8).map(|_| {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        async move { post(&client, &url, "/v1/completions", body).await }
+    }))
+    .await;
+    let busy: Vec<_> = statuses
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    let served = statuses.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    assert!(served >= 2 && busy.len() >= 4, "{statuses:?}");
+    assert_eq!(busy[0].1["error"]["code"], "queue_full");
+    // 47 positions × (1 + 48·2 + 1 slots) × 2 × 32 floats × 4 bytes ≈ 1.2 MB each: a 4 MB
+    // budget holds that, not 64 steps of a long prompt.
+    let (status, answer) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"prompt": vec![1; 40], "max_tokens": 7, "num_steps": 64, "cache_strategy": "full"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"prompt": vec![1; 40], "max_tokens": 8, "num_steps": 64}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let tight = EngineLimits {
+        kv_budget_bytes: 100_000,
+        ..limits
+    };
+    let (url, _app) = start(dir.path(), tight, None).await;
+    let (status, answer) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"prompt": vec![1; 40], "max_tokens": 8, "num_steps": 64}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["error"]["code"], "kv_budget_exceeded");
+    // A compressing strategy fits where the full cache does not.
+    let (status, answer) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"prompt": [1, 2], "max_tokens": 4, "num_steps": 64, "cache_strategy": "latest-m4-compress-s4"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_frees_its_row_at_once() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    // 200 steps for each of 250 tokens: the row would run for a while.
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 250, "num_steps": 200, "stream": true, "stop": ["never"]});
+    let mut response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "), "{first:?}");
+    let left = Instant::now();
+    drop(response);
+    while app.engine_load() != (0, 0) {
+        assert!(left.elapsed() < Duration::from_secs(60), "the row was not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The row stopped within a few tokens of the client leaving (the server notices when a
+    // write fails), far from its 250.
+    let generated = app.tokens_generated();
+    assert!(generated < 100, "{generated} tokens generated for a client that left");
+    let (status, _) = post(
+        &client,
+        &url,
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_guards_the_v1_routes() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), Some("sesame")).await;
+    let client = Client::new();
+    let body = json!({"prompt": "Hi", "max_tokens": 2});
+    let (status, answer) = post(&client, &url, "/v1/completions", body.clone()).await;
+    assert_eq!(
+        (status, answer["error"]["type"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("authentication_error"))
+    );
+    let wrong = client
+        .get(format!("{url}/v1/models"))
+        .bearer_auth("open")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let right = client
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth("sesame")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), StatusCode::OK);
+    let health = client.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "health needs no key");
+}
+
+#[test]
+fn sigint_finishes_the_running_request_and_exits_cleanly() {
+    let dir = folder(DEFAULT_IDS);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args([
+            "serve",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the server ended before listening"
+        );
+        if let Some(address) = line.trim().strip_prefix("huginn serve: listening on ") {
+            break address.to_string();
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::new();
+        let body = json!({"prompt": [1, 2, 3], "max_tokens": 12, "num_steps": 16, "stream": true});
+        let mut response = client
+            .post(format!("{address}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.chunk().await.unwrap();
+        let killed = Command::new("kill")
+            .args(["-INT", &server.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let mut rest = String::new();
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            rest += &String::from_utf8_lossy(&chunk);
+        }
+        assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+        assert!(rest.trim_end().ends_with("data: [DONE]"));
+    });
+    let status = server.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("huginn serve: stopped"), "{rest}");
+    assert!(!rest.contains("panicked"), "{rest}");
+}
