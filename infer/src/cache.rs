@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use model::burn::prelude::*;
-use model::{Attend, Huginn, KvCache, LayerSlot};
+use model::{Attend, Huginn, HuginnConfig, KvCache, LayerSlot};
 
 use crate::strategy::{Layout, Strategy};
 
@@ -109,6 +109,21 @@ impl StrategyCache {
             .map(|s| 2 * s.keys.dims().iter().product::<usize>() * s.keys.dtype().size())
             .sum()
     }
+}
+
+/// Bytes of keys and values one position takes in a row's cache after `steps` iterations
+/// with `strategy` (f32 entries): one entry per distinct stored slot.
+pub fn bytes_per_position(strategy: Strategy, model: &HuginnConfig, steps: usize) -> usize {
+    let layout = Layout {
+        prelude: model.n_layers_in_prelude,
+        core: model.n_layers_in_recurrent_block,
+    };
+    let mut slots: Vec<i64> = (0..(layout.prelude + layout.core * steps) as i64)
+        .map(|sigma| strategy.compress(sigma, layout))
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    (slots.len() + model.n_layers_in_coda) * 2 * model.n_embd * std::mem::size_of::<f32>()
 }
 
 /// Batch rows as an index tensor for `select`.

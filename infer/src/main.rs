@@ -1,12 +1,12 @@
 //! `huginn`: the command line for recurrent-depth models.
 
-use std::io::Write;
+use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -21,6 +21,7 @@ use infer::sampling::SamplingConfig;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, serve};
+use infer::speculative::{self, SpeculativeConfig};
 use infer::strategy::Strategy;
 use infer::text::TextStream;
 use model::burn::prelude::Device;
@@ -75,14 +76,10 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Prompt token ids, comma separated.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            required_unless_present = "prompt",
-            conflicts_with = "prompt"
-        )]
+        #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
         ids: Vec<u32>,
-        /// Prompt text (needs the folder's tokenizer).
+        /// Prompt text (needs the folder's tokenizer). Without it or --ids, the prompt is read
+        /// from standard input.
         #[arg(long)]
         prompt: Option<String>,
         /// Send --prompt as a user message through the folder's chat template.
@@ -131,6 +128,17 @@ enum Command {
         /// Where each new token's recurrence starts.
         #[arg(long, value_enum, default_value_t = WarmStart::Cold)]
         warm_start: WarmStart,
+        /// Self-speculative decoding: draft this many tokens with --draft-steps iterations
+        /// each, verify them at --steps in one pass (greedy, fixed depth, full cache).
+        #[arg(long)]
+        speculate: Option<usize>,
+        /// Recurrence steps per drafted token.
+        #[arg(long, default_value_t = 4, requires = "speculate")]
+        draft_steps: usize,
+        /// Accept a draft when it is the verifier's argmax (1), or when its verifier
+        /// probability is at least this fraction of the top one (< 1).
+        #[arg(long, default_value_t = 1.0, requires = "speculate")]
+        accept_threshold: f64,
     },
     /// An OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
     /// /health) with per-request recurrence steps, exit criterion, cache strategy and warm
@@ -161,6 +169,9 @@ enum Command {
         /// A request that alone needs more is refused.
         #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
         kv_budget: usize,
+        /// Milliseconds a new batch waits for more requests to join it.
+        #[arg(long, default_value_t = 2.0)]
+        batch_window_ms: f64,
         /// Require `Authorization: Bearer KEY` on /v1 routes (default: $HUGINN_API_KEY, which
         /// keeps the key out of the process list).
         #[arg(long)]
@@ -261,6 +272,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stop_token,
             max_new_tokens,
             warm_start,
+            speculate,
+            draft_steps,
+            accept_threshold,
         } => {
             let mut folder = match &model {
                 Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
@@ -283,6 +297,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("--stop needs a tokenizer (tokenizer.json in the model folder); --stop-token takes ids");
             }
             let prompt = match prompt {
+                None if ids.is_empty() => {
+                    if std::io::stdin().is_terminal() {
+                        bail!("give a prompt: --prompt TEXT, --ids IDS, or text on standard input");
+                    }
+                    let mut text = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("reading the prompt from stdin")?;
+                    let text = text.strip_suffix('\n').unwrap_or(&text);
+                    if text.is_empty() {
+                        bail!("the prompt on standard input is empty");
+                    }
+                    if folder.tokenizer.is_none() {
+                        bail!("a text prompt needs the model folder's tokenizer (tokenizer.json); use --ids");
+                    }
+                    folder.encode(text)?
+                }
                 None => ids,
                 Some(text) if chat => {
                     let system = system.map(|s| Message::new(Role::System, s));
@@ -310,21 +341,101 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 stop_tokens: folder.stop_tokens.clone(),
             };
             let mut stdout = std::io::stdout().lock();
-            let out = match &folder.tokenizer {
-                Some(tokenizer) => {
-                    TextStream::new(tokenizer, folder.stop_strings.clone())
-                        .generate(&folder.model, &prompt, max_new, config, &decoding, |piece| {
-                            stdout.write_all(piece.as_bytes())?;
-                            stdout.flush()
-                        })?
-                        .generation
+            let started = Instant::now();
+            let mut first = None;
+            let steps = if let Some(lookahead) = speculate {
+                if criterion != Criterion::None || sampling.temperature != 0.0 || warm_start != WarmStart::Cold {
+                    bail!(
+                        "--speculate decodes greedily at a fixed depth: leave out --criterion, --temperature and --warm-start"
+                    );
                 }
-                None => stream_ids(&folder, &prompt, max_new, config, &decoding, &mut stdout)?,
+                if lookahead == 0 || draft_steps == 0 || !(accept_threshold > 0.0 && accept_threshold <= 1.0) {
+                    bail!("--speculate and --draft-steps must be at least 1, --accept-threshold in (0, 1]");
+                }
+                let config = SpeculativeConfig {
+                    draft_steps,
+                    lookahead,
+                    verify_steps: config.max_steps,
+                    threshold: accept_threshold,
+                };
+                let out = speculative::generate(&folder.model, &prompt, max_new, config)?;
+                first = Some(started.elapsed());
+                let mut tokens = out.tokens;
+                tokens.truncate(max_new);
+                if let Some(end) = tokens.iter().position(|t| folder.stop_tokens.contains(t)) {
+                    tokens.truncate(end + 1);
+                }
+                match &folder.tokenizer {
+                    Some(tokenizer) => {
+                        let mut text = TextStream::new(tokenizer, folder.stop_strings.clone());
+                        for &token in &tokens {
+                            let piece = text.push(token)?;
+                            stdout.write_all(piece.text.as_bytes())?;
+                            if piece.stopped {
+                                break;
+                            }
+                        }
+                        stdout.write_all(text.finish()?.as_bytes())?;
+                    }
+                    None => write!(
+                        stdout,
+                        "{}",
+                        tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    )?,
+                }
+                let mut between = out.steps_between_tokens;
+                between.truncate(tokens.len());
+                between
+            } else {
+                let mut on_first = || {
+                    first.get_or_insert_with(|| started.elapsed());
+                };
+                let out = match &folder.tokenizer {
+                    Some(tokenizer) => {
+                        TextStream::new(tokenizer, folder.stop_strings.clone())
+                            .generate(&folder.model, &prompt, max_new, config, &decoding, |piece| {
+                                on_first();
+                                stdout.write_all(piece.as_bytes())?;
+                                stdout.flush()
+                            })?
+                            .generation
+                    }
+                    None => stream_ids(&folder, &prompt, max_new, config, &decoding, &mut stdout, on_first)?,
+                };
+                out.steps_per_token
             };
             writeln!(stdout)?;
-            let steps: Vec<String> = out.steps_per_token.iter().map(usize::to_string).collect();
-            let mean = out.steps_per_token.iter().sum::<usize>() as f64 / out.steps_per_token.len().max(1) as f64;
-            eprintln!("steps per token: {} (mean {mean:.2})", steps.join(","));
+            let total = started.elapsed();
+            let listed: Vec<String> = steps.iter().map(usize::to_string).collect();
+            let mean = steps.iter().sum::<usize>() as f64 / steps.len().max(1) as f64;
+            let label = if speculate.is_some() {
+                "steps between tokens"
+            } else {
+                "steps per token"
+            };
+            eprintln!("{label}: {} (mean {mean:.2})", listed.join(","));
+            // The first token comes out of the prompt's pass; the rest are decoding.
+            let first = first.unwrap_or(total);
+            let decode = (total - first).as_secs_f64();
+            if speculate.is_some() {
+                eprintln!(
+                    "prompt {} tokens and {} new in {:.2} s: {:.1} tok/s · steps between tokens mean {mean:.2}, max {}",
+                    prompt.len(),
+                    steps.len(),
+                    total.as_secs_f64(),
+                    steps.len() as f64 / total.as_secs_f64(),
+                    steps.iter().max().copied().unwrap_or(0)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "prompt {} tokens, {:.1} tok/s · decode {} tokens, {:.1} tok/s · steps per token mean {mean:.2}, max {}",
+                prompt.len(),
+                prompt.len() as f64 / first.as_secs_f64(),
+                steps.len().saturating_sub(1),
+                steps.len().saturating_sub(1) as f64 / decode.max(f64::MIN_POSITIVE),
+                steps.iter().max().copied().unwrap_or(0)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
@@ -336,6 +447,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_batch,
             queue,
             kv_budget,
+            batch_window_ms,
             api_key,
             no_auth,
             shutdown_grace,
@@ -351,6 +463,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if max_batch == 0 || queue == 0 {
                 bail!("--max-batch and --queue must be at least 1");
+            }
+            if !(batch_window_ms.is_finite() && (0.0..=10_000.0).contains(&batch_window_ms)) {
+                bail!("--batch-window-ms must be between 0 and 10000");
             }
             if !(shutdown_grace.is_finite() && shutdown_grace >= 0.0) {
                 bail!("--shutdown-grace must be a number of seconds >= 0");
@@ -382,6 +497,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_batch,
                 queue_capacity: queue,
                 kv_budget_bytes: kv_budget,
+                batch_window: Duration::from_secs_f64(batch_window_ms / 1000.0),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -457,9 +573,11 @@ fn stream_ids(
     config: AdaptiveConfig,
     decoding: &Decoding,
     out: &mut impl Write,
+    mut on_token: impl FnMut(),
 ) -> Result<AdaptiveGeneration> {
     let mut separator = "";
     adaptive::try_generate_streaming(&folder.model, prompt, max_new, config, decoding, |token, _| {
+        on_token();
         write!(out, "{separator}{token}")?;
         out.flush()?;
         separator = ",";

@@ -52,6 +52,37 @@ impl Default for Strategy {
     }
 }
 
+/// The reference's name (with its "m4"; any core layer count parses back to the same).
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lookup = match self.lookup {
+            Lookup::Full => "full",
+            Lookup::LatestM => "latest-m4",
+            Lookup::AvailableM => "available-m4",
+            Lookup::AlwaysLastM => "always-last-m4",
+            Lookup::Skip => "skip",
+        };
+        match (self.lookup, self.compress) {
+            (_, Compress::None) => write!(f, "{lookup}"),
+            (Lookup::Full, compress) => write!(f, "{}", CompressName(compress)),
+            (_, compress) => write!(f, "{lookup}-{}", CompressName(compress)),
+        }
+    }
+}
+
+struct CompressName(Compress);
+
+impl std::fmt::Display for CompressName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Compress::None => Ok(()),
+            Compress::Modulo(k) => write!(f, "compress-s{k}"),
+            Compress::Relative(k) => write!(f, "compress-r{k}"),
+            Compress::Anchor => write!(f, "compress-anchor"),
+        }
+    }
+}
+
 impl FromStr for Strategy {
     type Err = String;
 
@@ -193,6 +224,16 @@ mod tests {
         assert!("latest".parse::<Strategy>().is_err());
         assert!("latest-m4x".parse::<Strategy>().is_err());
         assert!("compress-s0".parse::<Strategy>().is_err());
+        for name in [
+            "full",
+            "skip",
+            "latest-m4",
+            "always-last-m4-compress-anchor",
+            "compress-r4",
+            "available-m4-compress-s16",
+        ] {
+            assert_eq!(s(name).to_string(), name);
+        }
     }
 
     #[test]

@@ -241,3 +241,43 @@ fn bad_input_is_a_one_line_error() {
         );
     }
 }
+
+#[test]
+fn speculative_generation_equals_greedy_at_the_verify_depth() {
+    let model = fixture("tiny-a");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "53,24,127,32,87,94",
+        "--steps",
+        "8",
+        "--max-new-tokens",
+        "12",
+    ];
+    let plain = huginn(&args);
+    for extra in [
+        &["--speculate", "4", "--draft-steps", "2"][..],
+        &["--speculate", "1"][..],
+    ] {
+        let out = huginn(&[&args[..], extra].concat());
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(stdout, text(&plain).0, "{extra:?}");
+        assert!(stderr.contains("steps between tokens: "), "{stderr}");
+    }
+    // Speculation is greedy at a fixed depth: other settings are refused.
+    for (extra, reason) in [
+        (
+            &["--speculate", "4", "--temperature", "0.7"][..],
+            "--speculate decodes greedily",
+        ),
+        (&["--speculate", "0"][..], "at least 1"),
+        (&["--draft-steps", "2"][..], "--speculate"),
+    ] {
+        let out = huginn(&[&args[..], extra].concat());
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(text(&out).1.contains(reason), "{extra:?}: {}", text(&out).1);
+    }
+}

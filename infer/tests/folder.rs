@@ -296,3 +296,40 @@ fn text_options_without_the_files_they_need_are_one_line_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("has no chat template"), "{stderr}");
 }
+
+#[test]
+fn generate_reads_the_prompt_from_stdin_and_ends_with_a_stats_line() {
+    use std::io::Write;
+    let dir = folder_of_seed(DEFAULT_IDS, 7);
+    let path = dir.path().to_str().unwrap();
+    let args = ["generate", "--model", path, "--steps", "3", "--max-new-tokens", "6"];
+    let given = huginn(&[&args[..], &["--prompt", "Hello"]].concat());
+    assert!(given.status.success());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello\n").unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert_eq!(piped.stdout, given.stdout);
+    let stats = String::from_utf8(piped.stderr).unwrap();
+    let last = stats.lines().last().unwrap();
+    assert!(
+        last.starts_with("prompt 6 tokens, ")
+            && last.contains("decode 5 tokens, ")
+            && last.ends_with("mean 3.00, max 3"),
+        "{last}"
+    );
+    // An empty standard input is an error, not an empty prompt.
+    let empty = std::process::Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("standard input is empty"));
+}

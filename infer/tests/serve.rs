@@ -31,6 +31,7 @@ fn limits() -> EngineLimits {
         max_batch: 8,
         queue_capacity: 64,
         kv_budget_bytes: 1 << 30,
+        batch_window: Duration::from_millis(2),
     }
 }
 
@@ -354,6 +355,7 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
         max_batch: 1,
         queue_capacity: 1,
         kv_budget_bytes: 4 << 20,
+        batch_window: Duration::ZERO,
     };
     let (url, _app) = start(dir.path(), limits, None).await;
     let client = Client::new();

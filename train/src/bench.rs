@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use burn::prelude::*;
-use model::HuginnConfig;
+use model::{HuginnConfig, peak_rss_bytes};
 use serde::{Deserialize, Serialize};
 
 use crate::depth::DepthScheme;
@@ -122,12 +122,4 @@ fn random_batch(config: &BenchConfig, device: &Device) -> MicroBatch {
         inputs: Tensor::from_data(TensorData::new(inputs, [rows, len]), device),
         labels: Tensor::from_data(TensorData::new(labels, [rows, len]), device),
     }
-}
-
-/// The process's peak resident set (`VmHWM` in `/proc/self/status`), where the OS reports one.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

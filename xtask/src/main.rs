@@ -20,8 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// The main job: train a recurrent-depth model on k-hop chains on this machine, with a
-    /// non-recurrent baseline, and report accuracy against test-time depth with plots
+    /// The main job: train a recurrent-depth model on reversed-digit addition on this machine,
+    /// with a non-recurrent baseline, and report accuracy against test-time depth with plots
     /// (`runs/demo/index.html`).
     Demo {
         /// Backend: cpu, wgpu or cuda (cuda is compiled in when asked for; it needs a network
@@ -31,8 +31,8 @@ enum Task {
         /// Tiny sizes: the whole pipeline in about a minute (wiring, not accuracy).
         #[arg(long)]
         quick: bool,
-        /// The reasoning task: chains or addition.
-        #[arg(long, default_value = "chains")]
+        /// The reasoning task: addition or chains.
+        #[arg(long, default_value = "addition")]
         task: String,
         /// A small language model on the embedded Shakespeare slice instead.
         #[arg(long)]
@@ -70,6 +70,13 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Generation speed: prefill and decode tokens/s, ms per core iteration, KV bytes per token,
+    /// peak memory (huginn-bench-generate; its flags: `cargo xtask bench generate --help`).
+    #[command(disable_help_flag = true)]
+    Generate {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Load test of `huginn serve`: N concurrent clients, throughput, latency percentiles,
     /// errors and peak memory (huginn-bench-serve; its flags: `cargo xtask bench serve --help`).
     #[command(disable_help_flag = true)]
@@ -98,6 +105,9 @@ fn main() -> ExitCode {
             Task::Bench {
                 what: Bench::Train { args },
             } => bench("train", "huginn-bench", &args),
+            Task::Bench {
+                what: Bench::Generate { args },
+            } => bench("infer", "huginn-bench-generate", &args),
             Task::Bench {
                 what: Bench::Serve { args },
             } => bench("infer", "huginn-bench-serve", &args),

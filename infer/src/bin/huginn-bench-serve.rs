@@ -14,7 +14,7 @@ use infer::folder::ModelFolder;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, serve};
-use model::{Backend, HuginnConfig};
+use model::{Backend, HuginnConfig, peak_rss_bytes};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -63,8 +63,8 @@ struct Args {
 struct Sample {
     ok: bool,
     first_token: Duration,
-    /// Gaps between successive tokens.
-    gaps: Vec<Duration>,
+    /// From the first token to the last.
+    decoding: Duration,
     tokens: usize,
 }
 
@@ -115,6 +115,7 @@ fn run(args: Args) -> Result<()> {
         max_batch: args.max_batch,
         queue_capacity: args.queue,
         kv_budget_bytes: usize::MAX,
+        batch_window: Duration::from_millis(2),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -133,17 +134,19 @@ fn run(args: Args) -> Result<()> {
             .collect();
         let bodies = Arc::new(tokio::sync::Mutex::new(bodies));
         let started = Instant::now();
-        let clients = (0..args.clients).map(|_| {
-            let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
-            tokio::spawn(async move {
-                let mut samples = Vec::new();
-                loop {
-                    let Some(body) = bodies.lock().await.pop() else { break };
-                    samples.push(request(&client, &url, body).await);
-                }
-                samples
+        let clients: Vec<_> = (0..args.clients)
+            .map(|_| {
+                let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    loop {
+                        let Some(body) = bodies.lock().await.pop() else { break };
+                        samples.push(request(&client, &url, body).await);
+                    }
+                    samples
+                })
             })
-        });
+            .collect();
         let mut samples = Vec::new();
         for client in clients {
             samples.extend(client.await?);
@@ -158,7 +161,7 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
     let mut sample = Sample {
         ok: false,
         first_token: Duration::ZERO,
-        gaps: Vec::new(),
+        decoding: Duration::ZERO,
         tokens: 0,
     };
     let Ok(mut response) = client.post(url).json(&body).send().await else {
@@ -167,7 +170,6 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
     if !response.status().is_success() {
         return sample;
     }
-    let mut last = sent;
     let mut buffer = String::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         buffer += &String::from_utf8_lossy(&chunk);
@@ -184,13 +186,11 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
                 continue;
             };
             if value["choices"][0]["num_steps"].is_u64() {
-                let now = Instant::now();
+                let since_sent = sent.elapsed();
                 if sample.tokens == 0 {
-                    sample.first_token = now - sent;
-                } else {
-                    sample.gaps.push(now - last);
+                    sample.first_token = since_sent;
                 }
-                last = now;
+                sample.decoding = since_sent - sample.first_token;
                 sample.tokens += 1;
             }
         }
@@ -209,13 +209,15 @@ fn report(args: &Args, samples: &[Sample], wall: Duration) {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
     let mut ttft: Vec<f64> = ok.iter().map(|s| s.first_token.as_secs_f64() * 1e3).collect();
+    // Time per output token of a request: its decoding time over the tokens after the first.
     let mut tpot: Vec<f64> = ok
         .iter()
-        .flat_map(|s| s.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
+        .filter(|s| s.tokens > 1)
+        .map(|s| s.decoding.as_secs_f64() * 1e3 / (s.tokens - 1) as f64)
         .collect();
     ttft.sort_by(f64::total_cmp);
     tpot.sort_by(f64::total_cmp);
-    let peak = peak_memory_bytes();
+    let peak = peak_rss_bytes();
     let figures = json!({
         "clients": args.clients, "requests": args.requests, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "steps": args.steps, "criterion": args.criterion,
@@ -253,12 +255,4 @@ fn report(args: &Args, samples: &[Sample], wall: Duration) {
         Some(bytes) => println!("{:>22}: {:.0} MiB", "peak memory", bytes as f64 / (1 << 20) as f64),
         None => println!("{:>22}: unknown on this system", "peak memory"),
     }
-}
-
-/// The process's peak resident memory (Linux: VmHWM).
-fn peak_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

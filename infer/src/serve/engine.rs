@@ -13,17 +13,17 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use model::HuginnConfig;
+
 use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
+use crate::cache::bytes_per_position;
 use crate::exit::Criterion;
 use crate::folder::ModelFolder;
-use crate::strategy::Layout;
 use crate::text::TextStream;
-
-/// Bytes of one cached key or value element (the model computes in f32).
-const ELEMENT_BYTES: usize = 4;
 
 /// How the engine schedules work.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +34,9 @@ pub struct EngineLimits {
     pub queue_capacity: usize,
     /// Most bytes of KV cache the running batch may hold.
     pub kv_budget_bytes: usize,
+    /// How long a batch waits for company after its first request arrives (requests sent at
+    /// the same moment reach the engine a little apart).
+    pub batch_window: Duration,
 }
 
 /// One request, ready to run.
@@ -131,7 +134,7 @@ impl Engine {
             generated: generated.clone(),
             cancel: cancel.clone(),
             limits,
-            per_position,
+            per_position: per_position.clone(),
         };
         let worker = std::thread::Builder::new()
             .name("huginn-engine".into())
@@ -209,37 +212,21 @@ impl Drop for Engine {
     }
 }
 
-/// KV-cache bytes per cached position, per core iteration and for the rest of the layers.
-#[derive(Debug, Clone, Copy)]
+/// What a row's KV cache costs per position, for the model served.
+#[derive(Debug, Clone)]
 struct PositionBytes {
-    layout: Layout,
-    coda: usize,
-    /// Keys and values of one position in one layer slot.
-    slot: usize,
+    model: HuginnConfig,
 }
 
 impl PositionBytes {
     fn of(folder: &ModelFolder) -> Self {
-        let config = folder.model.config();
         Self {
-            layout: Layout {
-                prelude: config.n_layers_in_prelude,
-                core: config.n_layers_in_recurrent_block,
-            },
-            coda: config.n_layers_in_coda,
-            slot: 2 * config.n_embd * ELEMENT_BYTES,
+            model: folder.model.config().clone(),
         }
     }
 
-    /// Bytes per position for `steps` iterations: the distinct slots the strategy stores.
     fn per_position(&self, config: &AdaptiveConfig) -> usize {
-        let Layout { prelude, core } = self.layout;
-        let mut slots: Vec<i64> = (0..(prelude + core * config.max_steps) as i64)
-            .map(|sigma| config.strategy.compress(sigma, self.layout))
-            .collect();
-        slots.sort_unstable();
-        slots.dedup();
-        (slots.len() + self.coda) * self.slot
+        bytes_per_position(config.strategy, &self.model, config.max_steps)
     }
 
     fn row(&self, job: &Job) -> usize {
@@ -293,7 +280,11 @@ impl Worker {
     fn next_batch(&mut self) -> Option<Vec<Job>> {
         if self.waiting.is_empty() {
             let job = self.receiver.blocking_recv()?;
+            let batchable = job.config.criterion == Criterion::None && self.limits.max_batch > 1;
             self.waiting.push_back(job);
+            if batchable && !self.limits.batch_window.is_zero() {
+                std::thread::sleep(self.limits.batch_window);
+            }
         }
         while let Ok(job) = self.receiver.try_recv() {
             self.waiting.push_back(job);

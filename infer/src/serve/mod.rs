@@ -24,6 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -95,6 +96,11 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let stopping = app.clone();
+    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one back
+    // until the previous is acknowledged (tens of milliseconds with delayed ACKs).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
             shutdown.await;

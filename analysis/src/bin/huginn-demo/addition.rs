@@ -1,7 +1,8 @@
-//! The addition demo: randomized-depth training on reversed-digit addition (operands padded to
-//! a fixed width, so every question and answer has the same length) against the non-recurrent
-//! baseline; accuracy against test-time depth, by longest carry chain, and zero-shot adaptive
-//! exit on every answer digit.
+//! The addition demo: randomized-depth training on reversed-digit addition of operands up to 4
+//! digits, written unpadded (so the model must find the digits to add by their place relative
+//! to `+` and `=`, which is where depth helps), against the non-recurrent baseline; accuracy
+//! against test-time depth, by longest carry chain, and zero-shot adaptive exit on every
+//! answer digit.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,14 +42,14 @@ impl AdditionDemo {
                 width: 64,
                 heads: 4,
                 layers: (1, 2, 1),
-                mean_depth: 4,
-                backprop: 2,
+                mean_depth: 6,
+                backprop: 3,
                 batch_size: 32,
                 lr: 2e-3,
                 eval_rows: 512,
             },
-            max_digits: 3,
-            padded: true,
+            max_digits: 4,
+            padded: false,
             probe: Probe::standard(),
         }
     }

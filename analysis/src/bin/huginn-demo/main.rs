@@ -1,8 +1,8 @@
 //! `huginn-demo`: the paper's central claim on a laptop CPU in minutes. Trains a small
-//! recurrent-depth model on k-hop variable chains with randomized depth, the same-size
-//! non-recurrent baseline on the same budget, then measures accuracy against test-time depth
-//! (in distribution and on deeper, held-out chains), zero-shot adaptive exit by difficulty, and
-//! draws the latent dynamics. Everything lands in `--out` (default `runs/demo`): both training
+//! recurrent-depth model with randomized depth on reversed-digit addition (or k-hop variable
+//! chains), the same-size non-recurrent baseline on the same budget, then measures accuracy
+//! against test-time depth (in distribution and on harder, held-out instances), zero-shot
+//! adaptive exit by difficulty, and draws the latent dynamics. Everything lands in `--out` (default `runs/demo`): both training
 //! runs, `report.json`, the plots and an `index.html` gallery.
 //!
 //! `--text` does the same for a small language model on the embedded Shakespeare slice;
@@ -41,9 +41,10 @@ struct Args {
     /// Tiny sizes: the whole pipeline in about a minute (wiring, not accuracy).
     #[arg(long)]
     quick: bool,
-    /// The reasoning task: k-hop variable chains (built to need depth, not yet learned within
-    /// the CPU budget) or reversed-digit addition (learned, but solved at depth 1; see the README).
-    #[arg(long, value_enum, default_value_t = Task::Chains)]
+    /// The reasoning task: reversed-digit addition (learned in minutes; depth pays off) or k-hop
+    /// variable chains (built to need depth, not yet learned within the CPU budget; see the
+    /// README).
+    #[arg(long, value_enum, default_value_t = Task::Addition)]
     task: Task,
     /// A small language model on the embedded Shakespeare slice instead of a reasoning task.
     #[arg(long)]
