@@ -98,6 +98,15 @@ impl fmt::Display for Backend {
     }
 }
 
+/// The process's peak resident set (`VmHWM` in `/proc/self/status`), where the OS reports one:
+/// what the benchmarks report as memory (on the CPU backend, where the tensors live).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,13 +126,4 @@ mod tests {
             assert!(err.contains("--features cuda"), "{err}");
         }
     }
-}
-
-/// The process's peak resident set (`VmHWM` in `/proc/self/status`), where the OS reports one:
-/// what the benchmarks report as memory (on the CPU backend, where the tensors live).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
