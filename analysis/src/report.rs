@@ -6,6 +6,7 @@
 //! OUT/trajectories.png|svg   per-token PCA trajectories of a few tokens, motifs in the titles
 //! OUT/convergence.png|svg    distance to s* per token and iteration (log colour)
 //! OUT/exit-steps.png|svg     steps-to-exit histograms under the exit criteria
+//! OUT/exit-steps-warm-start.png|svg   the same in token-by-token generation, cold and warm
 //! OUT/depth.png|svg          final accuracy (or loss) against test-time depth, per split
 //! OUT/training.png|svg       loss and accuracy over training, per split and depth
 //! OUT/capture.*, OUT/pca.safetensors, OUT/report.json, OUT/index.html
@@ -19,6 +20,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
+use infer::adaptive::{AdaptiveConfig, forward_token_by_token};
+use infer::exit::Criterion;
+use infer::greedy::WarmStart;
+use infer::strategy::Strategy;
 use model::Huginn;
 use model::burn::prelude::*;
 use serde::Serialize;
@@ -90,6 +95,8 @@ pub struct Report {
     /// Per token, `‖ln_f(s_R) − s*‖`.
     pub final_distance: Vec<f32>,
     pub exits: Vec<ExitSummary>,
+    /// Steps to exit in token-by-token generation, cold and warm-started.
+    pub warm_start_exits: Vec<ExitSummary>,
     /// Accuracy (or loss, for runs without accuracy) against depth at the last evaluation.
     pub depth_curves: Vec<DepthCurve>,
     pub figures: Vec<FigureEntry>,
@@ -123,6 +130,44 @@ pub struct ExitSummary {
     pub min: usize,
     pub max: usize,
     pub steps: Vec<usize>,
+}
+
+impl ExitSummary {
+    fn of(rule: String, steps: Vec<usize>) -> Self {
+        Self {
+            rule,
+            mean: mean(&steps),
+            min: steps.iter().copied().min().unwrap_or(0),
+            max: steps.iter().copied().max().unwrap_or(0),
+            steps,
+        }
+    }
+}
+
+/// Steps per token of the prompt fed token by token (the reference's
+/// `forward_with_adaptive_compute`) under the KL and latent-diff rules, each cold and warm.
+fn warm_start_exits(model: &Huginn, tokens: &[u32], max_steps: usize) -> Result<Vec<ExitSummary>, AnalysisError> {
+    let mut out = Vec::new();
+    for (criterion, threshold) in [(Criterion::Kl, 5e-4), (Criterion::LatentDiff, 0.03)] {
+        for (warm_start, name) in [(WarmStart::Cold, "cold"), (WarmStart::Raw, "warm")] {
+            let config = AdaptiveConfig {
+                criterion,
+                threshold,
+                max_steps,
+                warm_start,
+                strategy: Strategy::default(),
+            };
+            let steps = forward_token_by_token(model, tokens, config)?
+                .into_iter()
+                .map(|(steps, _)| steps)
+                .collect();
+            out.push(ExitSummary::of(
+                format!("{} < {threshold}, {name}", criterion.name()),
+                steps,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -245,16 +290,7 @@ pub fn write_report(
 
     let exits: Vec<ExitSummary> = ExitRule::DEFAULTS
         .iter()
-        .map(|&rule| {
-            let steps = exit_steps(&capture, rule);
-            ExitSummary {
-                rule: rule.label(),
-                mean: mean(&steps),
-                min: steps.iter().copied().min().unwrap_or(0),
-                max: steps.iter().copied().max().unwrap_or(0),
-                steps,
-            }
-        })
+        .map(|&rule| ExitSummary::of(rule.label(), exit_steps(&capture, rule)))
         .collect();
     let series: Vec<(String, Vec<usize>)> = exits.iter().map(|e| (e.rule.clone(), e.steps.clone())).collect();
     let images = plot_exit_histogram(&out.join("exit-steps"), "Steps to exit per token", &series)?;
@@ -266,6 +302,26 @@ pub fn write_report(
              one pass, at most {}); a token that never exits counts {}.",
             capture.positions(),
             capture.meta.steps,
+            capture.meta.steps
+        ),
+    ));
+
+    let warm_start_exits = warm_start_exits(&model, &capture.meta.prompt.tokens, capture.meta.steps)?;
+    let series: Vec<(String, Vec<usize>)> = warm_start_exits
+        .iter()
+        .map(|e| (e.rule.clone(), e.steps.clone()))
+        .collect();
+    let images = plot_exit_histogram(
+        &out.join("exit-steps-warm-start"),
+        "Steps to exit per token, with and without warm start",
+        &series,
+    )?;
+    figures.push(entry(
+        "exit-steps-warm-start",
+        images,
+        format!(
+            "The prompt fed token by token as in generation (infer's adaptive exit, at most {} steps), each token's \
+             recurrence starting from zeros (cold) or from the previous token's final state (warm, continuous CoT).",
             capture.meta.steps
         ),
     ));
@@ -341,6 +397,7 @@ pub fn write_report(
         },
         final_distance: distances.iter().map(|row| row[capture.meta.steps]).collect(),
         exits,
+        warm_start_exits,
         depth_curves,
         figures,
         prompt: capture.meta.prompt.clone(),

@@ -89,9 +89,16 @@ fn report_writes_every_figure_a_gallery_and_the_numbers() {
         "--shown",
         "3",
     ]);
-    assert!(stderr.contains("wrote 5 figures"), "{stderr}");
+    assert!(stderr.contains("wrote 6 figures"), "{stderr}");
     let out = run.join("report");
-    for name in ["trajectories", "convergence", "exit-steps", "depth", "training"] {
+    for name in [
+        "trajectories",
+        "convergence",
+        "exit-steps",
+        "exit-steps-warm-start",
+        "depth",
+        "training",
+    ] {
         let (w, h, _) = decode_png(&out.join(format!("{name}.png")));
         check_saved(&out.join(name), (w, h));
     }
@@ -130,6 +137,20 @@ fn report_writes_every_figure_a_gallery_and_the_numbers() {
         let steps = exit["steps"].as_array().unwrap();
         assert_eq!(steps.len() as u64, s);
         assert!(steps.iter().all(|x| (1..=12).contains(&x.as_u64().unwrap())));
+    }
+    // KL and latent-diff, each cold and warm: the first token has no previous state to start
+    // from, so both start it alike.
+    let warm = report["warm_start_exits"].as_array().unwrap();
+    assert_eq!(warm.len(), 4);
+    for pair in warm.chunks(2) {
+        assert!(pair[0]["rule"].as_str().unwrap().ends_with("cold"));
+        assert!(pair[1]["rule"].as_str().unwrap().ends_with("warm"));
+        assert_eq!(pair[0]["steps"][0], pair[1]["steps"][0]);
+        for exit in pair {
+            let steps = exit["steps"].as_array().unwrap();
+            assert_eq!(steps.len() as u64, s);
+            assert!(steps.iter().all(|x| (1..=12).contains(&x.as_u64().unwrap())));
+        }
     }
     assert_eq!(report["final_distance"].as_array().unwrap().len() as u64, s);
     let depth = &report["depth_curves"][0];
