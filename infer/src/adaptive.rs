@@ -151,7 +151,7 @@ pub fn generate_rows(
     model: &Huginn,
     rows: &[Row],
     config: AdaptiveConfig,
-    mut on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
+    on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
     if let Some(row) = rows.iter().find(|r| r.prompt.len() + r.max_new > context) {
@@ -160,14 +160,30 @@ pub fn generate_rows(
             context,
         });
     }
-    let mut samplers: Vec<Sampler> = rows.iter().map(|r| Sampler::new(r.decoding.sampling)).collect();
-    let mut history: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
     // Ragged prompts are left-padded; padding is masked out and positions count from each
     // row's first real token, so every row computes what it would alone.
     let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let pads: Vec<usize> = rows.iter().map(|r| width - r.prompt.len()).collect();
     let mut session = Session::new(model, config);
     session.pad(pads.clone());
+    let input = rows
+        .iter()
+        .zip(&pads)
+        .map(|(r, &pad)| [vec![PAD_TOKEN; pad], r.prompt.clone()].concat())
+        .collect();
+    decode(&mut session, rows, input, on_token)
+}
+
+/// The generation loop over `session`: runs `input` (per row, what its cache still lacks of
+/// its prompt), then samples and feeds one token per row at a time.
+fn decode(
+    session: &mut Session<'_>,
+    rows: &[Row],
+    mut input: Vec<Vec<u32>>,
+    mut on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
+) -> Result<Vec<AdaptiveGeneration>, InputError> {
+    let mut samplers: Vec<Sampler> = rows.iter().map(|r| Sampler::new(r.decoding.sampling)).collect();
+    let mut history: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
     let mut out = vec![
         AdaptiveGeneration {
             tokens: vec![],
@@ -180,11 +196,8 @@ pub fn generate_rows(
     let mut active: Vec<usize> = (0..rows.len()).filter(|&b| rows[b].max_new > 0).collect();
     if active.len() < rows.len() {
         session.retain(&active);
+        input = active.iter().map(|&b| std::mem::take(&mut input[b])).collect();
     }
-    let mut input: Vec<Vec<u32>> = active
-        .iter()
-        .map(|&b| [vec![PAD_TOKEN; pads[b]], rows[b].prompt.clone()].concat())
-        .collect();
     while !active.is_empty() {
         let exits = session.chunk(&input)?;
         let mut keep = Vec::with_capacity(active.len());
@@ -210,6 +223,83 @@ pub fn generate_rows(
         active = keep.iter().map(|&i| active[i]).collect();
     }
     Ok(out)
+}
+
+/// A conversation with one model whose cache outlives each turn: a turn gives the whole token
+/// sequence so far (say, the chat template's rendering of every message), and only what
+/// differs from the cached tokens runs again. A changed earlier token rolls the cache back to
+/// the last shared one. After a rollback a warm-started recurrence starts its next token cold
+/// (the carried state belonged to the dropped tokens).
+pub struct Conversation<'a> {
+    session: Session<'a>,
+    /// The tokens whose keys and values the cache holds, in order.
+    cached: Vec<u32>,
+}
+
+impl<'a> Conversation<'a> {
+    pub fn new(model: &'a Huginn, config: AdaptiveConfig) -> Self {
+        Self {
+            session: Session::new(model, config),
+            cached: Vec::new(),
+        }
+    }
+
+    /// The tokens the cache holds.
+    pub fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// Generates up to `max_new` tokens after `tokens`, reusing the cache for their longest
+    /// prefix shared with [`Self::cached`]. Returns the generation and how many tokens were
+    /// reused.
+    pub fn reply(
+        &mut self,
+        tokens: &[u32],
+        max_new: usize,
+        decoding: &Decoding,
+        mut on_token: impl FnMut(u32, usize) -> ControlFlow<()>,
+    ) -> Result<(AdaptiveGeneration, usize), InputError> {
+        if tokens.is_empty() {
+            return Err(InputError::Empty);
+        }
+        let context = self.session.model.config().block_size;
+        if tokens.len() + max_new > context {
+            return Err(InputError::TooLong {
+                len: tokens.len() + max_new,
+                context,
+            });
+        }
+        // At least the last token runs again: its logits choose the first new token.
+        let shared = self.cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let reused = shared.min(tokens.len() - 1);
+        if reused < self.cached.len() {
+            self.session.rollback(reused);
+            self.cached.truncate(reused);
+        }
+        if max_new == 0 {
+            let empty = AdaptiveGeneration {
+                tokens: vec![],
+                steps_per_token: vec![],
+                exit_values: vec![],
+            };
+            return Ok((empty, reused));
+        }
+        let row = Row {
+            prompt: tokens.to_vec(),
+            max_new,
+            decoding: decoding.clone(),
+        };
+        let input = vec![tokens[reused..].to_vec()];
+        let mut out = decode(&mut self.session, &[row], input, |_, token, steps| {
+            on_token(token, steps)
+        })?;
+        let generation = out.pop().expect("one row");
+        // The last new token was chosen but never fed: the cache ends before it.
+        self.cached = tokens.to_vec();
+        self.cached
+            .extend_from_slice(&generation.tokens[..generation.tokens.len() - 1]);
+        Ok((generation, reused))
+    }
 }
 
 /// Rows for prompts that share one decoding; row b samples with seed + b.
@@ -283,6 +373,13 @@ impl<'a> Session<'a> {
     fn pad(&mut self, pads: Vec<usize>) {
         self.cache.pad(pads.clone());
         self.pads = pads;
+    }
+
+    /// Forgets every position from `len` on (a conversation's earlier turn changed there).
+    fn rollback(&mut self, len: usize) {
+        self.cache.truncate(len);
+        self.position = len;
+        self.carried = None;
     }
 
     /// Keeps only the batch rows `keep`: the others' cache entries, padding and carried states
@@ -462,6 +559,43 @@ mod tests {
         .unwrap_err();
         assert_eq!((err, calls), (InputError::Empty, 2));
         assert!(generate(&model, &prompt, 0, config).unwrap().tokens.is_empty());
+    }
+
+    /// Each turn of a conversation equals generating from its whole token sequence afresh,
+    /// whether the cache is reused (the sequence extends the last) or rolled back (an earlier
+    /// token changed).
+    #[test]
+    fn a_conversation_reuses_its_cache_and_equals_fresh_generation() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 53);
+        let config = fixed(3);
+        let mut chat = Conversation::new(&model, config);
+        let reply = |chat: &mut Conversation, tokens: &[u32]| {
+            chat.reply(tokens, 5, &Decoding::default(), |_, _| ControlFlow::Continue(()))
+                .unwrap()
+        };
+        let first = vec![5, 9, 2, 44, 17];
+        let (out, reused) = reply(&mut chat, &first);
+        assert_eq!(reused, 0);
+        assert_eq!(out, generate(&model, &first, 5, config).unwrap());
+        assert_eq!(chat.cached(), [&first[..], &out.tokens[..4]].concat());
+        // The next turn extends the conversation: everything cached is reused.
+        let second = [&first[..], &out.tokens[..], &[3, 8]].concat();
+        let (again, reused) = reply(&mut chat, &second);
+        assert_eq!(reused, first.len() + 4);
+        assert_eq!(again, generate(&model, &second, 5, config).unwrap());
+        // An edited earlier token: the cache rolls back to the tokens before it.
+        let mut edited = second.clone();
+        edited[2] = 60;
+        let (edit, reused) = reply(&mut chat, &edited);
+        assert_eq!(reused, 2);
+        assert_eq!(edit, generate(&model, &edited, 5, config).unwrap());
+        // The same sequence again: all but its last token are reused.
+        let (same, reused) = reply(&mut chat, &edited);
+        assert_eq!((same, reused), (edit, edited.len() - 1));
+        assert!(matches!(
+            chat.reply(&[1; 250], 10, &Decoding::default(), |_, _| ControlFlow::Continue(())),
+            Err(InputError::TooLong { .. })
+        ));
     }
 
     /// Rows that end early (their length, or their caller) leave the batch with their cache;

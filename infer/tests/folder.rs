@@ -333,3 +333,44 @@ fn generate_reads_the_prompt_from_stdin_and_ends_with_a_stats_line() {
     assert!(!empty.status.success());
     assert!(String::from_utf8_lossy(&empty.stderr).contains("standard input is empty"));
 }
+
+#[test]
+fn chat_keeps_its_cache_between_turns() {
+    use std::io::Write;
+    let dir = folder_of_seed(DEFAULT_IDS, 7);
+    let path = dir.path().to_str().unwrap();
+    let flags = ["--steps", "3", "--max-new-tokens", "8"];
+    let single = huginn(&[&["generate", "--model", path, "--chat", "--prompt", "Hi!"][..], &flags].concat());
+    assert!(single.status.success());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args([&["chat", "--model", path][..], &flags].concat())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi!\n\nHow are you?\n/exit\nnever read\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // The first turn is `generate --chat`'s answer; the second turn follows it.
+    assert!(
+        stdout.starts_with(&String::from_utf8(single.stdout).unwrap()),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let reused: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.split(" of ").next()?.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(reused.len(), 2, "{stderr}");
+    assert_eq!(reused[0], 0);
+    // The second turn's rendering starts with the first turn's tokens.
+    assert!(reused[1] > 10, "{stderr}");
+}

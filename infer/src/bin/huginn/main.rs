@@ -17,15 +17,18 @@ use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
-use infer::sampling::SamplingConfig;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, serve};
 use infer::speculative::{self, SpeculativeConfig};
-use infer::strategy::Strategy;
 use infer::text::TextStream;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState};
+
+mod chat;
+mod decoding;
+
+use decoding::DecodingArgs;
 
 #[derive(Parser)]
 #[command(
@@ -88,46 +91,8 @@ enum Command {
         /// A system message before the --chat prompt.
         #[arg(long, requires = "chat")]
         system: Option<String>,
-        /// Recurrence steps per token (the most, with an exit criterion).
-        #[arg(long, default_value_t = 32)]
-        steps: usize,
-        /// Exit criterion: none, kl, minp-kl, entropy-diff, latent-diff, cosine, argmax-stability.
-        #[arg(long, default_value = "none")]
-        criterion: Criterion,
-        /// Exit threshold (default: the criterion's "auto" value from the reference).
-        #[arg(long)]
-        exit_threshold: Option<f64>,
-        /// KV-cache strategy by its reference name: full, latest-m4, available-m4,
-        /// always-last-m4, skip, optionally with -compress-sK, -compress-rK or -compress-anchor.
-        #[arg(long, default_value = "full")]
-        cache: Strategy,
-        /// Sampling temperature; 0 is greedy.
-        #[arg(long)]
-        temperature: Option<f32>,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long)]
-        min_p: Option<f32>,
-        #[arg(long)]
-        repetition_penalty: Option<f32>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Text that ends generation, left out of the output (needs the folder's tokenizer).
-        /// Repeatable.
-        #[arg(long)]
-        stop: Vec<String>,
-        /// Token ids that end generation, comma separated, besides the folder's own.
-        #[arg(long, value_delimiter = ',')]
-        stop_token: Vec<u32>,
-        /// Most new tokens (default: generation_config.json's max_new_tokens or max_length,
-        /// else 16).
-        #[arg(long)]
-        max_new_tokens: Option<usize>,
-        /// Where each new token's recurrence starts.
-        #[arg(long, value_enum, default_value_t = WarmStart::Cold)]
-        warm_start: WarmStart,
+        #[command(flatten)]
+        decoding: DecodingArgs,
         /// Self-speculative decoding: draft this many tokens with --draft-steps iterations
         /// each, verify them at --steps in one pass (greedy, fixed depth, full cache).
         #[arg(long)]
@@ -139,6 +104,19 @@ enum Command {
         /// probability is at least this fraction of the top one (< 1).
         #[arg(long, default_value_t = 1.0, requires = "speculate")]
         accept_threshold: f64,
+    },
+    /// An interactive conversation through the folder's chat template: one user message per
+    /// line of standard input (`/exit` or end of input ends it), the reply streamed to stdout.
+    /// The KV cache is kept between turns, so each turn runs only what is new.
+    Chat {
+        /// Model folder with tokenizer.json and a chat template.
+        #[arg(long)]
+        model: PathBuf,
+        /// A system message before the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        decoding: DecodingArgs,
     },
     /// An OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
     /// /health) with per-request recurrence steps, exit criterion, cache strategy and warm
@@ -258,20 +236,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prompt,
             chat,
             system,
-            steps,
-            criterion,
-            exit_threshold,
-            cache,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            stop_token,
-            max_new_tokens,
-            warm_start,
+            decoding: args,
             speculate,
             draft_steps,
             accept_threshold,
@@ -280,22 +245,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
                 None => ModelFolder::from_model(load(None, &device)?),
             };
-            let defaults = folder.generation.sampling(seed);
-            let sampling = SamplingConfig {
-                temperature: temperature.unwrap_or(defaults.temperature),
-                top_k: top_k.or(defaults.top_k),
-                top_p: top_p.or(defaults.top_p),
-                min_p: min_p.or(defaults.min_p),
-                repetition_penalty: repetition_penalty.unwrap_or(defaults.repetition_penalty),
-                seed,
-            };
-            sampling.validate().map_err(anyhow::Error::msg)?;
-            if steps == 0 {
-                bail!("--steps must be at least 1");
-            }
-            if !stop.is_empty() && folder.tokenizer.is_none() {
-                bail!("--stop needs a tokenizer (tokenizer.json in the model folder); --stop-token takes ids");
-            }
+            let (config, decoding) = args.resolve(&mut folder)?;
             let prompt = match prompt {
                 None if ids.is_empty() => {
                     if std::io::stdin().is_terminal() {
@@ -322,29 +272,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 Some(text) => folder.encode(&text)?,
             };
-            folder.add_stop_tokens(stop_token);
-            folder.add_stop_strings(stop);
-            let room = folder.model.config().block_size.saturating_sub(prompt.len());
-            let max_new = max_new_tokens
-                .or_else(|| folder.generation.max_new_tokens(prompt.len()).map(|n| n.min(room)))
-                .unwrap_or(16);
-            let threshold = exit_threshold.unwrap_or(criterion.auto_threshold());
-            let config = AdaptiveConfig {
-                criterion,
-                threshold,
-                max_steps: steps,
-                warm_start,
-                strategy: cache,
-            };
-            let decoding = Decoding {
-                sampling,
-                stop_tokens: folder.stop_tokens.clone(),
-            };
+            let max_new = args.max_new(&folder, prompt.len());
             let mut stdout = std::io::stdout().lock();
             let started = Instant::now();
             let mut first = None;
             let steps = if let Some(lookahead) = speculate {
-                if criterion != Criterion::None || sampling.temperature != 0.0 || warm_start != WarmStart::Cold {
+                if config.criterion != Criterion::None
+                    || decoding.sampling.temperature != 0.0
+                    || config.warm_start != WarmStart::Cold
+                {
                     bail!(
                         "--speculate decodes greedily at a fixed depth: leave out --criterion, --temperature and --warm-start"
                     );
@@ -436,6 +372,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 steps.len().saturating_sub(1) as f64 / decode.max(f64::MIN_POSITIVE),
                 steps.iter().max().copied().unwrap_or(0)
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Chat {
+            model,
+            system,
+            decoding: args,
+        } => {
+            let folder = ModelFolder::open(&model, &device).with_context(|| format!("loading {}", model.display()))?;
+            chat::run(folder, system, &args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {

@@ -1,0 +1,99 @@
+//! The flags `generate` and `chat` share: recurrence, cache, sampling, stops and length, with
+//! defaults from the folder's `generation_config.json`.
+
+use anyhow::{Result, bail};
+use infer::adaptive::{AdaptiveConfig, Decoding};
+use infer::exit::Criterion;
+use infer::folder::ModelFolder;
+use infer::greedy::WarmStart;
+use infer::sampling::SamplingConfig;
+use infer::strategy::Strategy;
+
+#[derive(clap::Args, Debug)]
+pub struct DecodingArgs {
+    /// Recurrence steps per token (the most, with an exit criterion).
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Exit criterion: none, kl, minp-kl, entropy-diff, latent-diff, cosine, argmax-stability.
+    #[arg(long, default_value = "none")]
+    pub criterion: Criterion,
+    /// Exit threshold (default: the criterion's "auto" value from the reference).
+    #[arg(long)]
+    pub exit_threshold: Option<f64>,
+    /// KV-cache strategy by its reference name: full, latest-m4, available-m4,
+    /// always-last-m4, skip, optionally with -compress-sK, -compress-rK or -compress-anchor.
+    #[arg(long, default_value = "full")]
+    pub cache: Strategy,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Text that ends generation, left out of the output (needs the folder's tokenizer).
+    /// Repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Token ids that end generation, comma separated, besides the folder's own.
+    #[arg(long, value_delimiter = ',')]
+    pub stop_token: Vec<u32>,
+    /// Most new tokens (default: generation_config.json's max_new_tokens or max_length,
+    /// else 16).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Where each new token's recurrence starts.
+    #[arg(long, value_enum, default_value_t = WarmStart::Cold)]
+    pub warm_start: WarmStart,
+}
+
+impl DecodingArgs {
+    /// Checks the flags, adds the stop tokens and strings to `folder`, and returns the engine's
+    /// settings.
+    pub fn resolve(&self, folder: &mut ModelFolder) -> Result<(AdaptiveConfig, Decoding)> {
+        let defaults = folder.generation.sampling(self.seed);
+        let sampling = SamplingConfig {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.or(defaults.top_k),
+            top_p: self.top_p.or(defaults.top_p),
+            min_p: self.min_p.or(defaults.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+            seed: self.seed,
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if !self.stop.is_empty() && folder.tokenizer.is_none() {
+            bail!("--stop needs a tokenizer (tokenizer.json in the model folder); --stop-token takes ids");
+        }
+        folder.add_stop_tokens(self.stop_token.iter().copied());
+        folder.add_stop_strings(self.stop.iter().cloned());
+        let config = AdaptiveConfig {
+            criterion: self.criterion,
+            threshold: self.exit_threshold.unwrap_or(self.criterion.auto_threshold()),
+            max_steps: self.steps,
+            warm_start: self.warm_start,
+            strategy: self.cache,
+        };
+        let decoding = Decoding {
+            sampling,
+            stop_tokens: folder.stop_tokens.clone(),
+        };
+        Ok((config, decoding))
+    }
+
+    /// New tokens after a prompt of `len` tokens.
+    pub fn max_new(&self, folder: &ModelFolder, len: usize) -> usize {
+        let room = folder.model.config().block_size.saturating_sub(len);
+        self.max_new_tokens
+            .or_else(|| folder.generation.max_new_tokens(len).map(|n| n.min(room)))
+            .unwrap_or(16)
+    }
+}
