@@ -17,12 +17,36 @@ const BLOCK: usize = 64;
 
 /// Keys, values and which positions hold an entry, for one slot.
 struct Slot {
-    keys: Tensor<4>,
-    values: Tensor<4>,
+    /// `[B, H, capacity, d]` keys and values. Held in an `Option` so that writes can take
+    /// them by value: a tensor with no other owner is updated in place, not copied.
+    stored: Option<(Tensor<4>, Tensor<4>)>,
     valid: Vec<bool>,
 }
 
 impl Slot {
+    fn new(like: &Tensor<4>) -> Self {
+        let [b, h, _, d] = like.dims();
+        let empty = || Tensor::zeros([b, h, 0, d], &like.device());
+        Self {
+            stored: Some((empty(), empty())),
+            valid: Vec::new(),
+        }
+    }
+
+    fn keys(&self) -> &Tensor<4> {
+        &self.stored.as_ref().expect("a slot holds its tensors").0
+    }
+
+    fn values(&self) -> &Tensor<4> {
+        &self.stored.as_ref().expect("a slot holds its tensors").1
+    }
+
+    /// Replaces keys and values by `f` of them, handing `f` the only reference.
+    fn map(&mut self, f: impl Fn(Tensor<4>) -> Tensor<4>) {
+        let (keys, values) = self.stored.take().expect("a slot holds its tensors");
+        self.stored = Some((f(keys), f(values)));
+    }
+
     fn capacity(&self) -> usize {
         self.valid.len()
     }
@@ -33,14 +57,23 @@ impl Slot {
             return;
         }
         let capacity = len.div_ceil(BLOCK) * BLOCK;
-        let [b, h, old, d] = self.keys.dims();
-        let device = self.keys.device();
-        let grow = |t: &Tensor<4>| {
-            Tensor::zeros([b, h, capacity, d], &device).slice_assign([0..b, 0..h, 0..old, 0..d], t.clone())
-        };
-        self.keys = grow(&self.keys);
-        self.values = grow(&self.values);
+        let [b, h, old, d] = self.keys().dims();
+        let device = self.keys().device();
+        self.map(|t| Tensor::zeros([b, h, capacity, d], &device).slice_assign([0..b, 0..h, 0..old, 0..d], t));
         self.valid.resize(capacity, false);
+    }
+
+    /// Writes `keys` and `values` `[B, H, S, d]` at positions `start..start + S`.
+    fn write(&mut self, start: usize, keys: Tensor<4>, values: Tensor<4>) {
+        let [b, h, len, d] = keys.dims();
+        self.reserve(start + len);
+        let range = [0..b, 0..h, start..start + len, 0..d];
+        let (stored_keys, stored_values) = self.stored.take().expect("a slot holds its tensors");
+        self.stored = Some((
+            stored_keys.slice_assign(range.clone(), keys),
+            stored_values.slice_assign(range, values),
+        ));
+        self.valid[start..start + len].fill(true);
     }
 }
 
@@ -96,9 +129,8 @@ impl StrategyCache {
             self.pads = keep.iter().map(|&b| self.pads[b]).collect();
         }
         for slot in self.slots.values_mut() {
-            let index = row_index(keep, &slot.keys.device());
-            slot.keys = slot.keys.clone().select(0, index.clone());
-            slot.values = slot.values.clone().select(0, index);
+            let index = row_index(keep, &slot.keys().device());
+            slot.map(|t| t.select(0, index.clone()));
         }
     }
 
@@ -106,7 +138,7 @@ impl StrategyCache {
     pub fn bytes(&self) -> usize {
         self.slots
             .values()
-            .map(|s| 2 * s.keys.dims().iter().product::<usize>() * s.keys.dtype().size())
+            .map(|s| 2 * s.keys().dims().iter().product::<usize>() * s.keys().dtype().size())
             .sum()
     }
 }
@@ -138,18 +170,12 @@ impl KvCache for StrategyCache {
         let sigma = self
             .strategy
             .compress(slot.reference_index(self.layout.prelude, self.layout.core), self.layout);
-        let [b, h, len, d] = keys.dims();
+        let [b, _, len, _] = keys.dims();
         let (start, end) = (self.start, self.start + len);
-        let stored = self.slots.entry(sigma).or_insert_with(|| Slot {
-            keys: Tensor::zeros([b, h, 0, d], &keys.device()),
-            values: Tensor::zeros([b, h, 0, d], &keys.device()),
-            valid: Vec::new(),
-        });
-        stored.reserve(end);
-        let range = [0..b, 0..h, start..end, 0..d];
-        stored.keys = stored.keys.clone().slice_assign(range.clone(), keys);
-        stored.values = stored.values.clone().slice_assign(range, values);
-        stored.valid[start..end].fill(true);
+        self.slots
+            .entry(sigma)
+            .or_insert_with(|| Slot::new(&keys))
+            .write(start, keys, values);
         // The positions seen so far: every one has a first-layer entry.
         let seen: Vec<usize> = match self.slots.get(&0) {
             Some(first) => (0..end).filter(|&p| first.valid[p]).collect(),
@@ -160,8 +186,8 @@ impl KvCache for StrategyCache {
         let own = &self.slots[&sigma];
         let complete = seen.iter().all(|&p| own.valid[p]);
         let (keys, values, read) = if complete {
-            let keys = own.keys.clone().narrow(2, 0, end);
-            let values = own.values.clone().narrow(2, 0, end);
+            let keys = own.keys().clone().narrow(2, 0, end);
+            let values = own.values().clone().narrow(2, 0, end);
             (keys, values, seen.iter().map(|&p| Some(p)).collect::<Vec<_>>())
         } else {
             self.gather(sigma, &seen, end)
@@ -203,8 +229,8 @@ impl StrategyCache {
             read.push(from.map(|_| p));
         }
         let own = &self.slots[&sigma];
-        let [b, h, _, d] = own.keys.dims();
-        let device = own.keys.device();
+        let [b, h, _, d] = own.keys().dims();
+        let device = own.keys().device();
         let mut keys = Tensor::zeros([b, h, end, d], &device);
         let mut values = Tensor::zeros([b, h, end, d], &device);
         for (from, columns) in picks {
@@ -212,8 +238,8 @@ impl StrategyCache {
             let take = Tensor::<1, Bool>::from_data(TensorData::new(columns, [end]), &device)
                 .reshape([1, 1, end, 1])
                 .expand([b, h, end, d]);
-            keys = keys.mask_where(take.clone(), source.keys.clone().narrow(2, 0, end));
-            values = values.mask_where(take, source.values.clone().narrow(2, 0, end));
+            keys = keys.mask_where(take.clone(), source.keys().clone().narrow(2, 0, end));
+            values = values.mask_where(take, source.values().clone().narrow(2, 0, end));
         }
         (keys, values, read)
     }
