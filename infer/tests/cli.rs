@@ -281,3 +281,45 @@ fn speculative_generation_equals_greedy_at_the_verify_depth() {
         assert!(text(&out).1.contains(reason), "{extra:?}: {}", text(&out).1);
     }
 }
+
+#[test]
+fn half_precision_runs_on_the_cpu_and_stays_close_to_f32() {
+    let model = fixture("tiny-a");
+    let args = |dtype: &'static str| {
+        [
+            "--dtype",
+            dtype,
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            "53,24,127,32,87,94",
+            "--steps",
+            "8",
+            "--max-new-tokens",
+            "12",
+        ]
+        .map(str::to_string)
+    };
+    let tokens = |dtype: &'static str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_huginn"))
+            .args(args(dtype))
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{dtype}: {stderr}");
+        stdout.trim().split(',').map(str::to_string).collect::<Vec<_>>()
+    };
+    let full = tokens("f32");
+    for dtype in ["bf16", "f16"] {
+        let half = tokens(dtype);
+        assert_eq!(half.len(), 12, "{dtype}");
+        assert_eq!(half[..4], full[..4], "{dtype}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args(["--dtype", "f8", "generate", "--ids", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("expected f32, f16 or bf16"), "{}", text(&out).1);
+}

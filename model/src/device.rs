@@ -29,6 +29,48 @@ pub enum DeviceError {
     NotCompiled(&'static str),
     #[error("no {0} device found on this machine{1}")]
     Absent(&'static str, &'static str),
+    #[error("the {0} device does not support {1} (try f32)")]
+    Unsupported(&'static str, &'static str),
+    #[error("cannot set the float type: {0}")]
+    Configure(String),
+}
+
+/// The float type every tensor of a device is made in (weights are converted on load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    fn float_dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Precision::F32 => burn::tensor::FloatDType::F32,
+            Precision::F16 => burn::tensor::FloatDType::F16,
+            Precision::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Precision::F32, Precision::F16, Precision::Bf16]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown dtype {s:?} (expected f32, f16 or bf16)"))
+    }
 }
 
 impl Backend {
@@ -49,6 +91,22 @@ impl Backend {
             Backend::Wgpu => cfg!(feature = "wgpu"),
             Backend::Cuda => cfg!(feature = "cuda"),
         }
+    }
+
+    /// The device of this backend computing in `precision`, which must be set before the
+    /// device makes its first tensor.
+    pub fn device_in(self, precision: Precision) -> Result<Device, DeviceError> {
+        let mut device = self.device()?;
+        if precision != Precision::F32 {
+            let dtype = precision.float_dtype();
+            if !device.supports_dtype(burn::tensor::DType::from(dtype)) {
+                return Err(DeviceError::Unsupported(self.name(), precision.name()));
+            }
+            device
+                .configure(burn::tensor::DeviceConfig::default().float_dtype(dtype))
+                .map_err(|e| DeviceError::Configure(format!("{e:?}")))?;
+        }
+        Ok(device)
     }
 
     /// The device of this backend, or why there is none.

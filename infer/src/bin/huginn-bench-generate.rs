@@ -19,7 +19,7 @@ use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::strategy::Strategy;
-use model::{Backend, Huginn, HuginnConfig, peak_rss_bytes};
+use model::{Backend, Huginn, HuginnConfig, Precision, peak_rss_bytes};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -32,6 +32,9 @@ use serde_json::json;
 struct Args {
     #[arg(long, default_value = "cpu")]
     device: Backend,
+    /// Float type: f32, f16 or bf16 (as the device supports).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
     /// Model folder; without it, random weights of the shape below.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -100,7 +103,7 @@ fn run(args: Args) -> Result<()> {
     if args.batch == 0 || args.prompt_len == 0 || args.new_tokens < 2 || args.runs == 0 || args.steps == 0 {
         bail!("--batch, --prompt-len, --runs and --steps must be at least 1, --new-tokens at least 2");
     }
-    let device = args.device.device()?;
+    let device = args.device.device_in(args.dtype)?;
     let model = match &args.model {
         Some(dir) => {
             ModelFolder::open(dir, &device)
@@ -144,7 +147,7 @@ fn run(args: Args) -> Result<()> {
     let decoded = (args.batch * (args.new_tokens - 1)) as f64;
     let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps);
     let figures = json!({
-        "device": format!("{:?}", args.device), "width": model.config().n_embd,
+        "device": format!("{:?}", args.device), "dtype": args.dtype.name(), "width": model.config().n_embd,
         "layers": [model.config().n_layers_in_prelude, model.config().n_layers_in_recurrent_block, model.config().n_layers_in_coda],
         "steps": args.steps, "criterion": args.criterion.name(), "cache": args.cache.to_string(),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs,

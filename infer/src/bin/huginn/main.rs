@@ -23,7 +23,7 @@ use infer::serve::{App, serve};
 use infer::speculative::{self, SpeculativeConfig};
 use infer::text::TextStream;
 use model::burn::prelude::Device;
-use model::{Backend, Huginn, HuginnConfig, InitialState};
+use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
 
 mod chat;
 mod decoding;
@@ -40,6 +40,9 @@ struct Cli {
     /// Compute backend: cpu, wgpu or cuda (those compiled into this binary).
     #[arg(long, global = true, default_value = "cpu")]
     device: Backend,
+    /// Float type of the weights and activations: f32, f16 or bf16 (as the device supports).
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: Precision,
     #[command(subcommand)]
     command: Command,
 }
@@ -185,7 +188,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let device = cli.device.device()?;
+    let device = cli.device.device_in(cli.dtype)?;
     match cli.command {
         Command::Depths {
             model,
