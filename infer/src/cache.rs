@@ -144,8 +144,8 @@ impl StrategyCache {
 }
 
 /// Bytes of keys and values one position takes in a row's cache after `steps` iterations
-/// with `strategy` (f32 entries): one entry per distinct stored slot.
-pub fn bytes_per_position(strategy: Strategy, model: &HuginnConfig, steps: usize) -> usize {
+/// with `strategy`: one entry per distinct stored slot, `element_bytes` per number.
+pub fn bytes_per_position(strategy: Strategy, model: &HuginnConfig, steps: usize, element_bytes: usize) -> usize {
     let layout = Layout {
         prelude: model.n_layers_in_prelude,
         core: model.n_layers_in_recurrent_block,
@@ -155,7 +155,12 @@ pub fn bytes_per_position(strategy: Strategy, model: &HuginnConfig, steps: usize
         .collect();
     slots.sort_unstable();
     slots.dedup();
-    (slots.len() + model.n_layers_in_coda) * 2 * model.n_embd * std::mem::size_of::<f32>()
+    (slots.len() + model.n_layers_in_coda) * 2 * model.n_embd * element_bytes
+}
+
+/// Bytes of one float of `device` (its configured float type).
+pub fn float_bytes(device: &Device) -> usize {
+    Tensor::<1>::zeros([1], device).dtype().size()
 }
 
 /// Batch rows as an index tensor for `select`.

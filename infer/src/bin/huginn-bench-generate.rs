@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use infer::adaptive::{AdaptiveConfig, Row, generate_rows};
-use infer::cache::bytes_per_position;
+use infer::cache::{bytes_per_position, float_bytes};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
@@ -145,7 +145,7 @@ fn run(args: Args) -> Result<()> {
     let median = &runs[runs.len() / 2];
     let tokens = (args.batch * args.prompt_len) as f64;
     let decoded = (args.batch * (args.new_tokens - 1)) as f64;
-    let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps);
+    let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps, float_bytes(&device));
     let figures = json!({
         "device": format!("{:?}", args.device), "dtype": args.dtype.name(), "width": model.config().n_embd,
         "layers": [model.config().n_layers_in_prelude, model.config().n_layers_in_recurrent_block, model.config().n_layers_in_coda],

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use model::HuginnConfig;
 
 use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
-use crate::cache::bytes_per_position;
+use crate::cache::{bytes_per_position, float_bytes};
 use crate::exit::Criterion;
 use crate::folder::ModelFolder;
 use crate::text::TextStream;
@@ -216,17 +216,19 @@ impl Drop for Engine {
 #[derive(Debug, Clone)]
 struct PositionBytes {
     model: HuginnConfig,
+    element: usize,
 }
 
 impl PositionBytes {
     fn of(folder: &ModelFolder) -> Self {
         Self {
             model: folder.model.config().clone(),
+            element: float_bytes(&folder.model.device()),
         }
     }
 
     fn per_position(&self, config: &AdaptiveConfig) -> usize {
-        bytes_per_position(config.strategy, &self.model, config.max_steps)
+        bytes_per_position(config.strategy, &self.model, config.max_steps, self.element)
     }
 
     fn row(&self, job: &Job) -> usize {
