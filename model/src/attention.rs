@@ -26,16 +26,15 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
         let [b, s, h] = x.dims();
         let (nh, hd) = (self.n_heads, h / self.n_heads);
-        let mut qkv = self.wqkv.forward(x).chunk(3, 2);
-        let v = qkv.pop().expect("v").reshape([b, s, nh, hd]);
-        let k = qkv.pop().expect("k").reshape([b, s, nh, hd]);
-        let q = qkv.pop().expect("q").reshape([b, s, nh, hd]);
-        let bias = self.qk_bias.val();
-        let q = q + bias.clone().narrow(0, 0, 1);
-        let k = k + bias.narrow(0, 1, 1);
-        let q = rotary.apply(q).swap_dims(1, 2);
-        let k = rotary.apply(k).swap_dims(1, 2);
-        let v = v.swap_dims(1, 2);
+        let qkv = self.wqkv.forward(x);
+        // Queries and keys get their bias and rotation together, as `2·H` heads (queries
+        // first): half the operations of doing each on its own.
+        let qk = qkv.clone().narrow(2, 0, 2 * h).reshape([b, s, 2 * nh, hd]);
+        let qk = qk + self.qk_bias.val().reshape([1, 1, 2 * nh, hd]);
+        let qk = rotary.apply(qk);
+        let q = qk.clone().narrow(2, 0, nh).swap_dims(1, 2);
+        let k = qk.narrow(2, nh, nh).swap_dims(1, 2);
+        let v = qkv.narrow(2, 2 * h, h).reshape([b, s, nh, hd]).swap_dims(1, 2);
 
         let Attend { keys, values, mask } = cache.update(slot, k, v);
         let options = AttentionModuleOptions {

@@ -3,7 +3,7 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::FloatDType;
+use burn::tensor::{DType, FloatDType};
 
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -21,10 +21,19 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = FloatDType::from(x.dtype());
-        let x = x.cast(FloatDType::F32);
+        let dtype = x.dtype();
+        let x = if dtype == DType::F32 {
+            x
+        } else {
+            x.cast(FloatDType::F32)
+        };
         let inv_rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt().recip();
-        let normed = (x * inv_rms).cast(dtype);
+        let normed = x * inv_rms;
+        let normed = if dtype == DType::F32 {
+            normed
+        } else {
+            normed.cast(FloatDType::from(dtype))
+        };
         normed * self.weight.val().unsqueeze()
     }
 }

@@ -54,16 +54,24 @@ impl Rotary {
 
     /// Rotates `x` of shape `[B, S, H, d]`; computed in f32, returned in `x`'s dtype.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let dtype = FloatDType::from(x.dtype());
+        let dtype = x.dtype();
         let [b, s, h, d] = x.dims();
-        let pairs = x.cast(FloatDType::F32).reshape([b, s, h, d / 2, 2]);
+        let x = if dtype == DType::F32 {
+            x
+        } else {
+            x.cast(FloatDType::F32)
+        };
+        let pairs = x.reshape([b, s, h, d / 2, 2]);
         let even = pairs.clone().narrow(4, 0, 1).reshape([b, s, h, d / 2]);
         let odd = pairs.narrow(4, 1, 1).reshape([b, s, h, d / 2]);
         let rot_even = even.clone() * self.cos.clone() - odd.clone() * self.sin.clone();
         let rot_odd = odd * self.cos.clone() + even * self.sin.clone();
-        Tensor::stack::<5>(vec![rot_even, rot_odd], 4)
-            .reshape([b, s, h, d])
-            .cast(dtype)
+        let y = Tensor::stack::<5>(vec![rot_even, rot_odd], 4).reshape([b, s, h, d]);
+        if dtype == DType::F32 {
+            y
+        } else {
+            y.cast(FloatDType::from(dtype))
+        }
     }
 }
 
