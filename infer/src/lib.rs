@@ -8,6 +8,7 @@
 pub mod adaptive;
 pub mod cache;
 pub mod chat;
+pub mod cli;
 pub mod depths;
 pub mod exit;
 pub mod fixture_report;

@@ -1,0 +1,24 @@
+//! What a command line of this workspace does around its work: a bad flag prints clap's first
+//! line and exits 2 (`--help` and `--version` print in full), a failure prints `error: …` with
+//! its causes on one line and exits 1.
+
+use std::process::ExitCode;
+
+/// Parses `A` from the command line and runs `run` on it.
+pub fn main<A: clap::Parser>(run: impl FnOnce(A) -> anyhow::Result<()>) -> ExitCode {
+    let args = match A::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", e.to_string().lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
