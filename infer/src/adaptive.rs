@@ -15,7 +15,7 @@ use crate::sampling::{Sampler, SamplingConfig};
 use crate::strategy::Strategy;
 
 /// How adaptive generation runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveConfig {
     pub criterion: Criterion,
     pub threshold: f64,

@@ -297,10 +297,11 @@ impl Worker {
         self.waiting.retain(|j| !j.events.is_closed());
         let first = self.waiting.pop_front()?;
         let mut batch = vec![first];
+        // Rows share a batch only with the same recurrence (steps, cache strategy, warm start).
         if batch[0].config.criterion == Criterion::None {
             let mut i = 0;
             while i < self.waiting.len() && batch.len() < self.limits.max_batch {
-                if same_recurrence(&self.waiting[i].config, &batch[0].config) {
+                if self.waiting[i].config == batch[0].config {
                     batch.push(self.waiting.remove(i).expect("index in range"));
                     if self.per_position.batch(&batch) > self.limits.kv_budget_bytes {
                         let job = batch.pop().expect("just pushed");
@@ -406,13 +407,4 @@ impl Worker {
             }
         }
     }
-}
-
-/// Rows share a batch only with the same recurrence (steps, cache strategy, warm start).
-fn same_recurrence(a: &AdaptiveConfig, b: &AdaptiveConfig) -> bool {
-    a.criterion == b.criterion
-        && a.max_steps == b.max_steps
-        && a.warm_start == b.warm_start
-        && a.strategy == b.strategy
-        && a.threshold.to_bits() == b.threshold.to_bits()
 }
