@@ -9,7 +9,11 @@
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
-/// The rotation for one chunk of tokens: `cos` and `sin`, each `[B, S, 1, d/2]` in f32.
+/// The rotation for one chunk of tokens, `[B, S, 1, d]` tables in f32 laid out per channel so
+/// that rotating is `x·cos + swap(x)·sin`, where `swap` exchanges the two members of each pair:
+/// `cos = (c₀, c₀, c₁, c₁, …)` and `sin = (−s₀, s₀, −s₁, s₁, …)`. This takes four tensor
+/// operations per application instead of the eleven of splitting the pairs apart and stacking
+/// them again, and every value is the same (`a − b·s` is `a + b·(−s)` exactly).
 #[derive(Debug, Clone)]
 pub struct Rotary {
     cos: Tensor<4>,
@@ -30,9 +34,11 @@ impl Rotary {
         let inv_freq = Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32));
         let t = positions.float().cast(FloatDType::F32).reshape([batch, len, 1, 1]);
         let angles = t * inv_freq.reshape([1, 1, 1, half]);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let shape = [batch, len, 1, head_dim];
         Self {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
+            cos: Tensor::stack::<5>(vec![cos.clone(), cos], 4).reshape(shape),
+            sin: Tensor::stack::<5>(vec![sin.clone().neg(), sin], 4).reshape(shape),
         }
     }
 
@@ -61,12 +67,8 @@ impl Rotary {
         } else {
             x.cast(FloatDType::F32)
         };
-        let pairs = x.reshape([b, s, h, d / 2, 2]);
-        let even = pairs.clone().narrow(4, 0, 1).reshape([b, s, h, d / 2]);
-        let odd = pairs.narrow(4, 1, 1).reshape([b, s, h, d / 2]);
-        let rot_even = even.clone() * self.cos.clone() - odd.clone() * self.sin.clone();
-        let rot_odd = odd * self.cos.clone() + even * self.sin.clone();
-        let y = Tensor::stack::<5>(vec![rot_even, rot_odd], 4).reshape([b, s, h, d]);
+        let swapped = x.clone().reshape([b, s, h, d / 2, 2]).flip([4]).reshape([b, s, h, d]);
+        let y = x * self.cos.clone() + swapped * self.sin.clone();
         if dtype == DType::F32 {
             y
         } else {

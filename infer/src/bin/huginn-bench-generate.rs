@@ -1,14 +1,18 @@
 //! `huginn-bench-generate` (`cargo xtask bench generate`): generation speed of a model shape
 //! (random weights) or a model folder on a device: prefill and decode tokens/s, milliseconds per
 //! core iteration, mean steps per token, KV-cache bytes per token and peak memory; the median
-//! of several runs after a warm-up run.
+//! of several runs after a warm-up run. It also counts heap allocations per core iteration:
+//! nearly every backend operation allocates its output, so this is a real, machine-independent
+//! measure of the per-operation overhead that bounds decoding at small widths.
 //!
 //! ```text
 //! huginn-bench-generate --device cpu --width 256 --layers 2,4,2 --steps 32 --batch 1
 //! ```
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -71,6 +75,33 @@ struct Args {
     json: Option<PathBuf>,
 }
 
+/// The system allocator, counting allocations.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
 /// One timed generation.
 struct Run {
     prefill_seconds: f64,
@@ -78,6 +109,8 @@ struct Run {
     /// Core iterations the batch ran after the first token (each row's token takes its steps;
     /// the batch runs the most of them).
     decode_iterations: usize,
+    /// Heap allocations while decoding (after the first token).
+    decode_allocations: u64,
     mean_steps: f64,
 }
 
@@ -140,6 +173,7 @@ fn run(args: Args) -> Result<()> {
         "prefill_tokens_per_second": tokens / median.prefill_seconds,
         "decode_tokens_per_second": decoded / median.decode_seconds,
         "ms_per_core_iteration": median.decode_seconds * 1e3 / median.decode_iterations as f64,
+        "allocations_per_core_iteration": median.decode_allocations as f64 / median.decode_iterations as f64,
         "mean_steps_per_token": median.mean_steps,
         "kv_bytes_per_token": kv_bytes,
         "peak_memory_bytes": peak_rss_bytes(),
@@ -168,6 +202,10 @@ fn run(args: Args) -> Result<()> {
         median.mean_steps
     );
     println!(
+        "{:.0} heap allocations per core iteration (about one per backend operation)",
+        figures["allocations_per_core_iteration"].as_f64().unwrap_or(0.0)
+    );
+    println!(
         "KV cache {:.1} KiB per token · peak memory {}",
         kv_bytes as f64 / 1024.0,
         peak_rss_bytes().map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
@@ -182,11 +220,15 @@ fn run(args: Args) -> Result<()> {
 fn once(model: &Huginn, rows: &[Row], config: AdaptiveConfig) -> Result<Run> {
     let started = Instant::now();
     let mut first = None;
+    let mut allocations_at_first = 0;
     // Per generated position: the most steps any row took (what the batch ran).
     let mut iterations: Vec<usize> = Vec::new();
     let mut seen = vec![0usize; rows.len()];
     let out = generate_rows(model, rows, config, |b, _, steps| {
-        first.get_or_insert_with(Instant::now);
+        first.get_or_insert_with(|| {
+            allocations_at_first = ALLOCATIONS.load(Ordering::Relaxed);
+            Instant::now()
+        });
         let i = seen[b];
         seen[b] += 1;
         if iterations.len() <= i {
@@ -196,12 +238,14 @@ fn once(model: &Huginn, rows: &[Row], config: AdaptiveConfig) -> Result<Run> {
         std::ops::ControlFlow::Continue(())
     })?;
     let done = Instant::now();
+    let decode_allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_at_first;
     let first = first.context("no token generated")?;
     let steps: Vec<usize> = out.iter().flat_map(|g| g.steps_per_token.iter().copied()).collect();
     Ok(Run {
         prefill_seconds: (first - started).as_secs_f64(),
         decode_seconds: (done - first).as_secs_f64(),
         decode_iterations: iterations[1..].iter().sum::<usize>().max(1),
+        decode_allocations,
         mean_steps: steps.iter().sum::<usize>() as f64 / steps.len() as f64,
     })
 }
