@@ -20,7 +20,7 @@ use train::addition::{self, AdditionTask, Example, Split};
 use train::data::DataConfig;
 
 use crate::chains::{ExitResult, print_summary, progress_bar, spearman};
-use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, task_report, train_both};
+use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, at_depth, task_report, train_both};
 use crate::report;
 
 #[derive(Debug, Clone)]
@@ -105,6 +105,25 @@ fn adaptive(
     Ok(out)
 }
 
+/// In-distribution test questions grouped by their longest carry chain (the difficulty), up
+/// to `per_level` for each length 0..=max_digits: the long chains are rare (about 1 in 300
+/// questions has a chain of 4), so a plain sample would leave them a handful of questions.
+fn by_carry_chain(task: &AdditionTask, per_level: usize) -> BTreeMap<usize, Vec<Example>> {
+    let mut levels: BTreeMap<usize, Vec<Example>> = (0..=task.max_digits).map(|c| (c, Vec::new())).collect();
+    for i in 0..1_000_000 {
+        if levels.values().all(|set| set.len() >= per_level) {
+            break;
+        }
+        let e = task.example(Split::Test, i);
+        let set = levels.entry(e.carry_chain).or_default();
+        if set.len() < per_level {
+            set.push(e);
+        }
+    }
+    levels.retain(|_, set| !set.is_empty());
+    levels
+}
+
 pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, started: Instant) -> Result<()> {
     let recipe = &config.recipe;
     let task = config.task();
@@ -120,11 +139,7 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
     let rows = recipe.eval_rows as u64;
     let test: Vec<_> = (0..rows).map(|i| task.example(Split::Test, i)).collect();
     let harder: Vec<_> = (0..rows).map(|i| task.example(Split::Harder, i)).collect();
-    // Difficulty: the longest run of carries, over the in-distribution test examples.
-    let mut by_chain: BTreeMap<usize, Vec<Example>> = BTreeMap::new();
-    for e in &test {
-        by_chain.entry(e.carry_chain).or_default().push(e.clone());
-    }
+    let by_chain = by_carry_chain(&task, recipe.eval_rows / (config.max_digits + 1));
 
     let depths = &config.probe.depths;
     let bar = progress_bar(
@@ -146,6 +161,13 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
         (config.probe.exits.len() * by_chain.len()) as u64,
         "adaptive exit",
     );
+    // Adaptive exit is scored on the difficulty sets, so fixed depth 32 is too.
+    let fixed32 = level_accuracy
+        .iter()
+        .zip(by_chain.values())
+        .map(|((_, a), set)| at_depth(depths, a, 32) * set.len() as f64)
+        .sum::<f64>()
+        / by_chain.values().map(Vec::len).sum::<usize>() as f64;
     let mut exits = Vec::new();
     for &exit in &config.probe.exits {
         let mut steps_by_level = BTreeMap::new();
@@ -167,6 +189,7 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
             criterion: exit.0,
             threshold: exit.1,
             accuracy: right as f64 / count as f64,
+            fixed32_accuracy: fixed32,
             mean_steps: steps_sum / count as f64,
             steps_by_level,
             spearman: spearman(&levels, &means),

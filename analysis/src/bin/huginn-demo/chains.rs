@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use train::chains::{self, ChainTask, Split};
 use train::data::DataConfig;
 
-use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, task_report, train_both};
+use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, at_depth, task_report, train_both};
 use crate::report;
 
 /// The demo's sizes and recipe (experiments.md, task A).
@@ -177,6 +177,7 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
         (config.probe.exits.len() * (per_hop.len() + 1)) as u64,
         "adaptive exit",
     );
+    let fixed32 = at_depth(depths, &accuracy[0], 32);
     let mut exits = Vec::new();
     for &exit in &config.probe.exits {
         let mut steps_by_level = BTreeMap::new();
@@ -198,6 +199,7 @@ pub fn run(config: &ChainsDemo, out: &Path, device: &Device, progress: bool, sta
             criterion: exit.0,
             threshold: exit.1,
             accuracy,
+            fixed32_accuracy: fixed32,
             mean_steps,
             steps_by_level,
             spearman: spearman(&levels, &means),
@@ -243,6 +245,8 @@ pub struct ExitResult {
     pub criterion: Criterion,
     pub threshold: f64,
     pub accuracy: f64,
+    /// Accuracy at a fixed 32 steps on the same questions.
+    pub fixed32_accuracy: f64,
     pub mean_steps: f64,
     /// Mean steps per answer by difficulty level (hops, carry-chain length).
     pub steps_by_level: BTreeMap<usize, f64>,
@@ -287,7 +291,7 @@ pub fn print_summary(accuracies: &Accuracies, exits: &[ExitResult]) {
             e.criterion.name(),
             e.threshold,
             100.0 * e.accuracy,
-            100.0 * accuracies.fixed32(),
+            100.0 * e.fixed32_accuracy,
             e.mean_steps,
             e.steps_by_level
                 .iter()
