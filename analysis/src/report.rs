@@ -293,7 +293,7 @@ pub fn write_report(
         .map(|&rule| ExitSummary::of(rule.label(), exit_steps(&capture, rule)))
         .collect();
     let series: Vec<(String, Vec<usize>)> = exits.iter().map(|e| (e.rule.clone(), e.steps.clone())).collect();
-    let images = plot_exit_histogram(&out.join("exit-steps"), "Steps to exit per token", &series)?;
+    let images = plot_exit_histogram(&out.join("exit-steps"), "Steps to exit per token", "tokens", &series)?;
     figures.push(entry(
         "exit-steps",
         images,
@@ -314,6 +314,7 @@ pub fn write_report(
     let images = plot_exit_histogram(
         &out.join("exit-steps-warm-start"),
         "Steps to exit per token, with and without warm start",
+        "tokens",
         &series,
     )?;
     figures.push(entry(

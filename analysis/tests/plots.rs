@@ -120,14 +120,14 @@ fn exit_histograms_overlay_series_with_their_means() {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path();
     let base = dir.join("exits");
-    plot_exit_histogram(&base, "Steps to exit", &series).unwrap();
+    plot_exit_histogram(&base, "Steps to exit", "tokens", &series).unwrap();
     let svg = check_saved(&base, figure.size());
     assert!(
         svg.contains("KL &lt; 5e-4 (mean 8.0)") || svg.contains("KL < 5e-4 (mean 8.0)"),
         "legend with mean"
     );
     assert!(svg.contains("(mean 24.0)"));
-    assert!(plot_exit_histogram(&base, "x", &[("empty".to_string(), vec![])]).is_err());
+    assert!(plot_exit_histogram(&base, "x", "tokens", &[("empty".to_string(), vec![])]).is_err());
 }
 
 #[test]

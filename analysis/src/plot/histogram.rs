@@ -12,6 +12,8 @@ use crate::AnalysisError;
 
 pub struct ExitHistogram<'a> {
     pub title: &'a str,
+    /// What is counted (the y axis): tokens, answers.
+    pub unit: &'a str,
     pub series: &'a [(String, Vec<usize>)],
 }
 
@@ -62,7 +64,7 @@ impl Figure for ExitHistogram<'_> {
         chart
             .configure_mesh()
             .x_desc("steps to exit")
-            .y_desc("tokens")
+            .y_desc(self.unit)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style(text(12.0))
             .axis_desc_style(text(14.0))
@@ -98,13 +100,18 @@ impl Figure for ExitHistogram<'_> {
     }
 }
 
-/// Writes overlaid histograms of steps-to-exit, one per `(label, steps per token)`, to
-/// `<base>.png|svg`.
-pub fn plot_exit_histogram(base: &Path, title: &str, series: &[(String, Vec<usize>)]) -> Result<Images, AnalysisError> {
+/// Writes overlaid histograms of steps-to-exit, one per `(label, steps of each counted
+/// `unit`)`, to `<base>.png|svg`.
+pub fn plot_exit_histogram(
+    base: &Path,
+    title: &str,
+    unit: &str,
+    series: &[(String, Vec<usize>)],
+) -> Result<Images, AnalysisError> {
     if series.is_empty() || series.iter().any(|(_, v)| v.is_empty()) {
         return Err(AnalysisError::Invalid("a histogram needs series with values".into()));
     }
-    save(&ExitHistogram { title, series }, base)
+    save(&ExitHistogram { title, unit, series }, base)
 }
 
 #[cfg(test)]

@@ -199,10 +199,12 @@ pub struct Accuracies<'a> {
     pub by_level: Vec<(usize, Vec<f64>)>,
 }
 
-
 /// The accuracy at depth `depth` of a by-depth list (NaN when that depth was not probed).
 pub fn at_depth(depths: &[usize], accuracy: &[f64], depth: usize) -> f64 {
-    depths.iter().position(|d| *d == depth).map_or(f64::NAN, |i| accuracy[i])
+    depths
+        .iter()
+        .position(|d| *d == depth)
+        .map_or(f64::NAN, |i| accuracy[i])
 }
 
 /// The rule `report.json` leads with: the one that spends the fewest steps among those within

@@ -137,6 +137,7 @@ pub fn task_figures(
     plot_exit_histogram(
         &plots.join("exit-steps"),
         "Recurrence steps used per answer under zero-shot adaptive exit",
+        "answers",
         &histograms,
     )?;
     figures.push(Figure {
