@@ -165,7 +165,7 @@ pub fn generate_rows(
     let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let pads: Vec<usize> = rows.iter().map(|r| width - r.prompt.len()).collect();
     let mut session = Session::new(model, config);
-    session.pad(pads.clone());
+    session.cache.pad(pads.clone());
     let input = rows
         .iter()
         .zip(&pads)
@@ -365,16 +365,9 @@ struct Session<'a> {
     cache: StrategyCache,
     position: usize,
     carried: Option<Tensor<3>>,
-    /// Left padding per row (empty: none).
-    pads: Vec<usize>,
 }
 
 impl<'a> Session<'a> {
-    fn pad(&mut self, pads: Vec<usize>) {
-        self.cache.pad(pads.clone());
-        self.pads = pads;
-    }
-
     /// Forgets every position from `len` on (a conversation's earlier turn changed there).
     fn rollback(&mut self, len: usize) {
         self.cache.truncate(len);
@@ -386,9 +379,6 @@ impl<'a> Session<'a> {
     /// go.
     fn retain(&mut self, keep: &[usize]) {
         self.cache.retain_rows(keep);
-        if !self.pads.is_empty() {
-            self.pads = keep.iter().map(|&b| self.pads[b]).collect();
-        }
         if let Some(carried) = self.carried.take() {
             let index = row_index(keep, &carried.device());
             self.carried = Some(carried.select(0, index));
@@ -402,7 +392,6 @@ impl<'a> Session<'a> {
             cache: StrategyCache::new(config.strategy, model),
             position: 0,
             carried: None,
-            pads: Vec::new(),
         }
     }
 
@@ -415,17 +404,18 @@ impl<'a> Session<'a> {
         let tokens = model.tokens(input)?;
         // Each row's columns left of its padding are not tokens: positions count from its
         // first real token, and its exit criteria read its real columns only.
+        let row_pads = self.cache.pads().to_vec();
         let pad_in_chunk = |b: usize| {
-            self.pads
+            row_pads
                 .get(b)
                 .map_or(0, |p| p.saturating_sub(self.position).min(len - 1))
         };
-        let rotary = if self.pads.iter().all(|p| *p == 0) {
+        let rotary = if row_pads.iter().all(|p| *p == 0) {
             model.rotary(self.position, batch, len)
         } else {
             let positions: Vec<i64> = (0..batch)
                 .flat_map(|b| {
-                    let pad = self.pads[b];
+                    let pad = row_pads[b];
                     (self.position..self.position + len).map(move |c| c.saturating_sub(pad) as i64)
                 })
                 .collect();
@@ -648,7 +638,7 @@ mod tests {
         }
         // And the logits of the prompt pass, row by row.
         let mut session = Session::new(&model, config);
-        session.pad(vec![0, 5, 3]);
+        session.cache.pad(vec![0, 5, 3]);
         let padded: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| [vec![PAD_TOKEN; 7 - p.len()], p.clone()].concat())

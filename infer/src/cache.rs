@@ -113,6 +113,11 @@ impl StrategyCache {
         self.pads = pads;
     }
 
+    /// The rows' left padding (empty: none).
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
+    }
+
     /// Forgets every entry at position `len` or later (rollback after speculation).
     pub fn truncate(&mut self, len: usize) {
         for slot in self.slots.values_mut() {
