@@ -6,6 +6,7 @@
 //! all on the same `model` steps.
 
 pub mod adaptive;
+pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod cli;

@@ -14,19 +14,17 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use infer::adaptive::{AdaptiveConfig, Row, generate_rows};
+use infer::adaptive::AdaptiveConfig;
+use infer::bench::{GenerationBench, measure_generation};
 use infer::cache::{bytes_per_position, float_bytes};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::strategy::Strategy;
-use model::{Backend, Huginn, HuginnConfig, Precision, peak_rss_bytes};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use model::{Backend, HuginnConfig, Precision, peak_rss_bytes};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -43,6 +41,10 @@ struct Args {
     /// Model folder; without it, random weights of the shape below.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Random weights in Huginn-0125's shape (h = 5280, 55 heads, (2, 4, 2) layers, MLP 17920,
+    /// vocabulary 65536) instead of the shape flags.
+    #[arg(long, conflicts_with_all = ["model", "width", "heads", "layers", "vocab_size"])]
+    huginn_0125: bool,
     #[arg(long, default_value_t = 256)]
     width: usize,
     #[arg(long, default_value_t = 4)]
@@ -103,18 +105,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// One timed generation.
-struct Run {
-    prefill_seconds: f64,
-    decode_seconds: f64,
-    /// Core iterations the batch ran after the first token (each row's token takes its steps;
-    /// the batch runs the most of them).
-    decode_iterations: usize,
-    /// Heap allocations while decoding (after the first token).
-    decode_allocations: u64,
-    mean_steps: f64,
-}
-
 fn main() -> ExitCode {
     infer::cli::main(run)
 }
@@ -134,60 +124,58 @@ fn run(args: Args) -> Result<()> {
             let [prelude, core, coda] = args.layers[..] else {
                 bail!("--layers takes three counts: prelude,core,coda");
             };
-            let mut config = HuginnConfig::tiny(args.vocab_size, args.width, args.heads, (prelude, core, coda));
+            let mut config = if args.huginn_0125 {
+                HuginnConfig::default()
+            } else {
+                HuginnConfig::tiny(args.vocab_size, args.width, args.heads, (prelude, core, coda))
+            };
             config.block_size = (args.prompt_len + args.new_tokens).max(256);
             config.validate().context("the model shape")?;
             config.init(&device, 0)
         }
     };
-    let config = AdaptiveConfig {
-        criterion: args.criterion,
-        threshold: args.exit_threshold.unwrap_or(args.criterion.auto_threshold()),
-        max_steps: args.steps,
-        warm_start: WarmStart::Cold,
-        strategy: args.cache,
+    let bench = GenerationBench {
+        batch: args.batch,
+        prompt_len: args.prompt_len,
+        new_tokens: args.new_tokens,
+        runs: args.runs,
+        config: AdaptiveConfig {
+            criterion: args.criterion,
+            threshold: args.exit_threshold.unwrap_or(args.criterion.auto_threshold()),
+            max_steps: args.steps,
+            warm_start: WarmStart::Cold,
+            strategy: args.cache,
+        },
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let vocab = model.config().vocab_size as u32;
-    let rows: Vec<Row> = (0..args.batch)
-        .map(|_| Row {
-            prompt: (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect(),
-            max_new: args.new_tokens,
-            ..Row::default()
-        })
-        .collect();
     eprintln!("warm-up run, then {} timed", args.runs);
-    once(&model, &rows, config)?;
-    let mut runs = (0..args.runs)
-        .map(|_| once(&model, &rows, config))
-        .collect::<Result<Vec<_>>>()?;
-    runs.sort_by(|a, b| a.decode_seconds.total_cmp(&b.decode_seconds));
-    let median = &runs[runs.len() / 2];
-    let tokens = (args.batch * args.prompt_len) as f64;
-    let decoded = (args.batch * (args.new_tokens - 1)) as f64;
+    let counted = || ALLOCATIONS.load(Ordering::Relaxed);
+    let median = measure_generation(&model, &bench, Some(&counted))?;
     let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps, float_bytes(&device));
+    let c = model.config();
+    let layers = [c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda];
     let figures = json!({
         "device": format!("{:?}", args.device), "dtype": args.dtype.name(), "width": model.config().n_embd,
-        "layers": [model.config().n_layers_in_prelude, model.config().n_layers_in_recurrent_block, model.config().n_layers_in_coda],
+        "layers": layers, "parameters": c.num_params(),
         "steps": args.steps, "criterion": args.criterion.name(), "cache": args.cache.to_string(),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs,
-        "prefill_tokens_per_second": tokens / median.prefill_seconds,
-        "decode_tokens_per_second": decoded / median.decode_seconds,
-        "ms_per_core_iteration": median.decode_seconds * 1e3 / median.decode_iterations as f64,
-        "allocations_per_core_iteration": median.decode_allocations as f64 / median.decode_iterations as f64,
-        "mean_steps_per_token": median.mean_steps,
+        "prefill_tokens_per_second": median.prefill_tokens_per_second,
+        "decode_tokens_per_second": median.decode_tokens_per_second,
+        "ms_per_core_iteration": median.ms_per_core_iteration,
+        "allocations_per_core_iteration": median.allocations_per_core_iteration,
+        "mean_steps_per_token": median.mean_steps_per_token,
         "kv_bytes_per_token": kv_bytes,
         "peak_memory_bytes": peak_rss_bytes(),
     });
     println!(
-        "{} (width {}, layers {:?}), batch {}, {} prompt + {} new tokens, {} steps ({}), cache {}",
+        "{} (width {}, layers {:?}, {:.1}M parameters), batch {}, {} prompt + {} new tokens, {} steps ({}), cache {}",
         if args.model.is_some() {
             "model folder"
         } else {
             "random weights"
         },
         model.config().n_embd,
-        args.layers,
+        layers,
+        model.config().num_params() as f64 / 1e6,
         args.batch,
         args.prompt_len,
         args.new_tokens,
@@ -197,14 +185,14 @@ fn run(args: Args) -> Result<()> {
     );
     println!(
         "prefill {:.1} tok/s · decode {:.2} tok/s · {:.3} ms per core iteration · mean {:.1} steps/token",
-        figures["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
-        figures["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
-        figures["ms_per_core_iteration"].as_f64().unwrap_or(0.0),
-        median.mean_steps
+        median.prefill_tokens_per_second,
+        median.decode_tokens_per_second,
+        median.ms_per_core_iteration,
+        median.mean_steps_per_token
     );
     println!(
         "{:.0} heap allocations per core iteration",
-        figures["allocations_per_core_iteration"].as_f64().unwrap_or(0.0)
+        median.allocations_per_core_iteration.unwrap_or(0.0)
     );
     println!(
         "KV cache {:.1} KiB per token · peak memory {}",
@@ -216,37 +204,4 @@ fn run(args: Args) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-fn once(model: &Huginn, rows: &[Row], config: AdaptiveConfig) -> Result<Run> {
-    let started = Instant::now();
-    let mut first = None;
-    let mut allocations_at_first = 0;
-    // Per generated position: the most steps any row took (what the batch ran).
-    let mut iterations: Vec<usize> = Vec::new();
-    let mut seen = vec![0usize; rows.len()];
-    let out = generate_rows(model, rows, config, |b, _, steps| {
-        first.get_or_insert_with(|| {
-            allocations_at_first = ALLOCATIONS.load(Ordering::Relaxed);
-            Instant::now()
-        });
-        let i = seen[b];
-        seen[b] += 1;
-        if iterations.len() <= i {
-            iterations.push(0);
-        }
-        iterations[i] = iterations[i].max(steps);
-        std::ops::ControlFlow::Continue(())
-    })?;
-    let done = Instant::now();
-    let decode_allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_at_first;
-    let first = first.context("no token generated")?;
-    let steps: Vec<usize> = out.iter().flat_map(|g| g.steps_per_token.iter().copied()).collect();
-    Ok(Run {
-        prefill_seconds: (first - started).as_secs_f64(),
-        decode_seconds: (done - first).as_secs_f64(),
-        decode_iterations: iterations[1..].iter().sum::<usize>().max(1),
-        decode_allocations,
-        mean_steps: steps.iter().sum::<usize>() as f64 / steps.len() as f64,
-    })
 }
