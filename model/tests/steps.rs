@@ -93,3 +93,27 @@ fn chunked_prefill_through_a_full_cache_equals_one_pass() {
     assert_eq!(cache.len(core_slot), 11);
     assert!(max_diff(Tensor::cat(parts, 1), whole) < 1e-5);
 }
+
+#[test]
+fn device_drawn_weights_have_the_shapes_and_spreads_of_the_seeded_ones() {
+    let config = HuginnConfig::tiny(64, 48, 4, (1, 2, 1));
+    let (seeded, drawn) = (config.init(&Device::flex(), 0), config.init_on_device(&Device::flex()));
+    let std = |t: Tensor<2>| {
+        let v: Vec<f32> = t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt()
+    };
+    assert_eq!(drawn.num_params(), seeded.num_params());
+    for (a, b) in [
+        (seeded.wte.val(), drawn.wte.val()),
+        (seeded.adapter.weight.val(), drawn.adapter.weight.val()),
+        (seeded.core_block[1].mlp.proj.weight.val(), drawn.core_block[1].mlp.proj.weight.val()),
+    ] {
+        assert_eq!(a.dims(), b.dims());
+        let (sa, sb) = (std(a), std(b));
+        // Truncation at 3σ keeps 98.7% of the variance.
+        assert!((sb * 0.9933 / sa - 1.0).abs() < 0.1, "seeded {sa}, device {sb}");
+    }
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &Device::flex());
+    let logits = drawn.forward(ids, 4).logits;
+    assert!(logits.is_finite().all().into_scalar::<bool>());
+}

@@ -131,7 +131,12 @@ fn run(args: Args) -> Result<()> {
             };
             config.block_size = (args.prompt_len + args.new_tokens).max(256);
             config.validate().context("the model shape")?;
-            config.init(&device, 0)
+            if args.huginn_0125 {
+                // 3.5 billion values: drawn by the device, not sampled on the host.
+                config.init_on_device(&device)
+            } else {
+                config.init(&device, 0)
+            }
         }
     };
     let bench = GenerationBench {
