@@ -106,7 +106,10 @@ fn device_drawn_weights_have_the_shapes_and_spreads_of_the_seeded_ones() {
     for (a, b) in [
         (seeded.wte.val(), drawn.wte.val()),
         (seeded.adapter.weight.val(), drawn.adapter.weight.val()),
-        (seeded.core_block[1].mlp.proj.weight.val(), drawn.core_block[1].mlp.proj.weight.val()),
+        (
+            seeded.core_block[1].mlp.proj.weight.val(),
+            drawn.core_block[1].mlp.proj.weight.val(),
+        ),
     ] {
         assert_eq!(a.dims(), b.dims());
         let (sa, sb) = (std(a), std(b));
