@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/reference").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/reference")
+        .join(case)
 }
 
 fn check(fixtures: &[PathBuf], out: &std::path::Path) -> std::process::Output {
@@ -24,7 +26,11 @@ fn every_stage_reports_and_a_failed_one_does_not_stop_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let out = check(&[fixture("tiny-a")], dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("0 failed"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("gpu-check.json")).unwrap()).unwrap();
@@ -41,10 +47,16 @@ fn every_stage_reports_and_a_failed_one_does_not_stop_the_others() {
     // A folder that is not a fixture: parity fails with its reason, the rest still run.
     let dir = tempfile::tempdir().unwrap();
     let out = check(&[dir.path().join("missing")], dir.path());
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert!(!out.status.success());
     assert!(stdout.contains("parity: FAILED"), "{stdout}");
     assert!(stdout.contains("generate (bf16"), "{stdout}");
     assert!(stderr.contains("missing"), "{stderr}");
-    assert!(stderr.lines().last().unwrap().starts_with("error: failed: parity"), "{stderr}");
+    assert!(
+        stderr.lines().last().unwrap().starts_with("error: failed: parity"),
+        "{stderr}"
+    );
 }
