@@ -114,6 +114,7 @@ fn exit_histograms_overlay_series_with_their_means() {
     ];
     let figure = ExitHistogram {
         title: "Steps to exit",
+        unit: "tokens",
         series: &series,
     };
     assert_drawn(&render(&figure).unwrap(), "histogram");
