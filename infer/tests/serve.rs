@@ -359,7 +359,9 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
     };
     let (url, _app) = start(dir.path(), limits, None).await;
     let client = Client::new();
-    // Each of these runs for a while; one runs, one waits, the rest find the queue full.
+    // Each of these runs for a while; one runs, at most one waits, the rest find the queue full.
+    // (Whether one waits depends on whether the worker has taken the first off the queue
+    // before the second arrives, so it is not asserted.)
     let body = json!({"prompt": [1, 2, 3], "max_tokens": 30, "num_steps": 48});
     let statuses = futures_util::future::join_all((0..8).map(|_| {
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
@@ -371,7 +373,7 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
         .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
         .collect();
     let served = statuses.iter().filter(|(s, _)| *s == StatusCode::OK).count();
-    assert!(served >= 2 && busy.len() >= 4, "{statuses:?}");
+    assert!(served >= 1 && busy.len() >= 4 && served + busy.len() == 8, "{statuses:?}");
     assert_eq!(busy[0].1["error"]["code"], "queue_full");
     // 47 positions × (1 + 48·2 + 1 slots) × 2 × 32 floats × 4 bytes ≈ 1.2 MB each: a 4 MB
     // budget holds that, not 64 steps of a long prompt.
