@@ -373,7 +373,10 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
         .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
         .collect();
     let served = statuses.iter().filter(|(s, _)| *s == StatusCode::OK).count();
-    assert!(served >= 1 && busy.len() >= 4 && served + busy.len() == 8, "{statuses:?}");
+    assert!(
+        served >= 1 && busy.len() >= 4 && served + busy.len() == 8,
+        "{statuses:?}"
+    );
     assert_eq!(busy[0].1["error"]["code"], "queue_full");
     // 47 positions × (1 + 48·2 + 1 slots) × 2 × 32 floats × 4 bytes ≈ 1.2 MB each: a 4 MB
     // budget holds that, not 64 steps of a long prompt.
