@@ -91,13 +91,23 @@ pub enum Event {
     Failed(String),
 }
 
+/// What the HTTP side and the engine thread both see.
+#[derive(Default)]
+struct Shared {
+    /// Requests admitted and not yet started.
+    queued: AtomicUsize,
+    /// Requests being decoded.
+    running: AtomicUsize,
+    /// Tokens generated since the start.
+    generated: AtomicUsize,
+    /// Set once: end everything now.
+    cancel: AtomicBool,
+}
+
 /// The handle the HTTP side holds: submits jobs, reports load, stops the engine.
 pub struct Engine {
     sender: mpsc::UnboundedSender<Job>,
-    queued: Arc<AtomicUsize>,
-    running: Arc<AtomicUsize>,
-    generated: Arc<AtomicUsize>,
-    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     limits: EngineLimits,
     per_position: PositionBytes,
     context: usize,
@@ -121,18 +131,12 @@ impl Engine {
         let per_position = PositionBytes::of(&folder);
         let context = folder.model.config().block_size;
         let (sender, receiver) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let running = Arc::new(AtomicUsize::new(0));
-        let generated = Arc::new(AtomicUsize::new(0));
-        let cancel = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let worker = Worker {
             folder,
             receiver,
             waiting: VecDeque::new(),
-            queued: queued.clone(),
-            running: running.clone(),
-            generated: generated.clone(),
-            cancel: cancel.clone(),
+            shared: shared.clone(),
             limits,
             per_position: per_position.clone(),
         };
@@ -142,10 +146,7 @@ impl Engine {
             .expect("spawning the engine thread");
         Self {
             sender,
-            queued,
-            running,
-            generated,
-            cancel,
+            shared,
             limits,
             per_position,
             context,
@@ -162,31 +163,34 @@ impl Engine {
                 budget: self.limits.kv_budget_bytes,
             });
         }
-        let admitted = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-            (q < self.limits.queue_capacity).then_some(q + 1)
-        });
+        let admitted = self
+            .shared
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.limits.queue_capacity).then_some(q + 1)
+            });
         if admitted.is_err() {
             return Err(Refusal::Busy);
         }
         self.sender.send(job).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             Refusal::Stopped
         })
     }
 
     /// Requests waiting to start.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.shared.queued.load(Ordering::Acquire)
     }
 
     /// Requests being decoded.
     pub fn running(&self) -> usize {
-        self.running.load(Ordering::Acquire)
+        self.shared.running.load(Ordering::Acquire)
     }
 
     /// Tokens generated since the start.
     pub fn generated(&self) -> usize {
-        self.generated.load(Ordering::Acquire)
+        self.shared.generated.load(Ordering::Acquire)
     }
 
     /// The model's context length.
@@ -197,7 +201,7 @@ impl Engine {
     /// Ends every running and waiting request now (each gets `Done` with
     /// [`Finish::Cancelled`]); the engine stops taking jobs.
     pub fn cancel_all(&self) {
-        self.cancel.store(true, Ordering::Release);
+        self.shared.cancel.store(true, Ordering::Release);
     }
 }
 
@@ -249,10 +253,7 @@ struct Worker {
     receiver: mpsc::UnboundedReceiver<Job>,
     /// Jobs taken off the channel that did not fit the last batch, oldest first.
     waiting: VecDeque<Job>,
-    queued: Arc<AtomicUsize>,
-    running: Arc<AtomicUsize>,
-    generated: Arc<AtomicUsize>,
-    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     limits: EngineLimits,
     per_position: PositionBytes,
 }
@@ -260,8 +261,8 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         while let Some(batch) = self.next_batch() {
-            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
-            if self.cancel.load(Ordering::Acquire) {
+            self.shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            if self.shared.cancel.load(Ordering::Acquire) {
                 for job in batch {
                     let _ = job.events.send(Event::Done {
                         finish: Finish::Cancelled,
@@ -271,9 +272,9 @@ impl Worker {
                 }
                 continue;
             }
-            self.running.store(batch.len(), Ordering::Release);
+            self.shared.running.store(batch.len(), Ordering::Release);
             self.decode(batch);
-            self.running.store(0, Ordering::Release);
+            self.shared.running.store(0, Ordering::Release);
         }
     }
 
@@ -293,7 +294,7 @@ impl Worker {
         }
         // A request whose client left while it waited is dropped here.
         let gone = self.waiting.iter().filter(|j| j.events.is_closed()).count();
-        self.queued.fetch_sub(gone, Ordering::AcqRel);
+        self.shared.queued.fetch_sub(gone, Ordering::AcqRel);
         self.waiting.retain(|j| !j.events.is_closed());
         let first = self.waiting.pop_front()?;
         let mut batch = vec![first];
@@ -343,8 +344,8 @@ impl Worker {
         let mut failed: Vec<Option<String>> = vec![None; batch.len()];
         let mut seen = vec![0usize; batch.len()];
         let result = generate_rows(&folder.model, &rows, batch[0].config, |b, id, steps| {
-            self.generated.fetch_add(1, Ordering::AcqRel);
-            if self.cancel.load(Ordering::Acquire) {
+            self.shared.generated.fetch_add(1, Ordering::AcqRel);
+            if self.shared.cancel.load(Ordering::Acquire) {
                 finish[b] = Finish::Cancelled;
                 return ControlFlow::Break(());
             }
