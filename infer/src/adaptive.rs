@@ -404,12 +404,14 @@ impl<'a> Session<'a> {
         let tokens = model.tokens(input)?;
         // Each row's columns left of its padding are not tokens: positions count from its
         // first real token, and its exit criteria read its real columns only.
-        let row_pads = self.cache.pads().to_vec();
-        let pad_in_chunk = |b: usize| {
-            row_pads
-                .get(b)
-                .map_or(0, |p| p.saturating_sub(self.position).min(len - 1))
-        };
+        let row_pads = self.cache.pads();
+        let pads: Vec<usize> = (0..batch)
+            .map(|b| {
+                row_pads
+                    .get(b)
+                    .map_or(0, |p| p.saturating_sub(self.position).min(len - 1))
+            })
+            .collect();
         let rotary = if row_pads.iter().all(|p| *p == 0) {
             model.rotary(self.position, batch, len)
         } else {
@@ -429,7 +431,6 @@ impl<'a> Session<'a> {
         let e = model.embed_prelude(tokens, &rotary, cache);
         let init = self.carried.take().map_or(InitialState::Zeros, InitialState::Given);
         let mut state = model.initial_state(&e, &init);
-        let pads: Vec<usize> = (0..batch).map(pad_in_chunk).collect();
         let row = |t: &Tensor<3>, b: usize| t.clone().narrow(0, b, 1).narrow(1, pads[b], len - pads[b]);
         let mut trackers: Vec<ExitTracker> = (0..batch)
             .map(|b| ExitTracker::new(config.criterion, config.threshold, vocab, &row(&state, b)))
