@@ -21,7 +21,33 @@ pub struct Evaluation {
 
 /// Evaluates `batch` after `depth` recurrence steps with one forward pass.
 pub fn evaluate(model: &Huginn, batch: &Batch, depth: usize, exact_match: bool) -> Evaluation {
-    let logits = model.forward(batch.inputs.clone(), depth).logits;
+    evaluate_depths(model, batch, &[depth], exact_match)[0]
+}
+
+/// Evaluates `batch` at each of `depths` (in that order) along one recurrence: the state after
+/// `d` steps is read out through the coda as the recurrence passes it, so probing 1, 2, …, 64
+/// costs 64 core steps, not 127.
+pub fn evaluate_depths(model: &Huginn, batch: &Batch, depths: &[usize], exact_match: bool) -> Vec<Evaluation> {
+    let [rows, len] = batch.inputs.dims();
+    let rotary = model.rotary(0, rows, len);
+    let e = model.embed_prelude(batch.inputs.clone(), &rotary, &mut NoCache);
+    let mut state = model.initial_state(&e, &InitialState::Zeros);
+    let mut found = vec![None; depths.len()];
+    let deepest = depths.iter().copied().max().unwrap_or(0);
+    for steps in 0..=deepest {
+        if steps > 0 {
+            state = model.core_step(state, &e, steps - 1, &rotary, &mut NoCache);
+        }
+        for (slot, _) in depths.iter().enumerate().filter(|(_, d)| **d == steps) {
+            let logits = model.coda_head(state.clone(), &rotary, &mut NoCache);
+            found[slot] = Some(score(logits, batch, exact_match));
+        }
+    }
+    found.into_iter().map(|e| e.expect("every depth is reached")).collect()
+}
+
+/// Loss and exact match of `logits` against the batch's labels.
+fn score(logits: Tensor<3>, batch: &Batch, exact_match: bool) -> Evaluation {
     let loss = cross_entropy(logits.clone(), batch.labels.clone()).into_scalar::<f32>() as f64;
     let accuracy = exact_match.then(|| {
         let predicted = logits.argmax(2).squeeze_dim::<2>(2);
@@ -75,6 +101,24 @@ pub fn monitors(model: &Huginn, inputs: Tensor<2, Int>, depth: usize) -> Monitor
 mod tests {
     use super::*;
     use model::HuginnConfig;
+
+    #[test]
+    fn one_recurrence_reads_out_every_depth_as_separate_passes_do() {
+        let device = Device::flex();
+        let model = HuginnConfig::tiny(16, 16, 2, (1, 1, 1)).init(&device, 3);
+        let inputs = model.tokens(&[vec![1, 2, 3, 4], vec![5, 6, 7, 8]]).unwrap();
+        let labels = Tensor::from_data(TensorData::new(vec![-100i64, 3, 4, 5, -100, 7, 8, 9], [2, 4]), &device);
+        let batch = Batch { inputs, labels };
+        let depths = [4, 0, 1, 4, 2];
+        let together = evaluate_depths(&model, &batch, &depths, true);
+        for (&d, e) in depths.iter().zip(&together) {
+            let alone = model.forward(batch.inputs.clone(), d).logits;
+            let alone = score(alone, &batch, true);
+            assert!((e.loss - alone.loss).abs() < 1e-6, "depth {d}: {e:?} {alone:?}");
+            assert_eq!(e.accuracy, alone.accuracy);
+        }
+        assert_ne!(together[1].loss, together[0].loss, "depths differ");
+    }
 
     #[test]
     fn monitors_match_their_definitions() {

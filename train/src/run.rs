@@ -28,7 +28,7 @@ use crate::checkpoint::{self, CheckpointError, Checkpoints, TrainState};
 use crate::data::{DataConfig, Dataset, EvalSplit};
 use crate::depth::DepthScheme;
 use crate::metrics::{MetricsLog, Record, write_atomically};
-use crate::monitor::{evaluate, monitors};
+use crate::monitor::{evaluate_depths, monitors};
 use crate::optim::{EllisAdamConfig, no_decay_group};
 use crate::schedule::Schedule;
 use crate::step::{MicroBatch, StepConfig, StepError, train_step};
@@ -440,8 +440,11 @@ impl Trainer {
         let mut lines = Vec::new();
         for split in splits.iter() {
             let mut line = format!("step {step:>6} {:<10}", split.name);
-            for &depth in &self.config.eval_depths {
-                let e = evaluate(&model, &split.batch, depth, split.exact_match);
+            let depths = &self.config.eval_depths;
+            for (&depth, e) in depths
+                .iter()
+                .zip(evaluate_depths(&model, &split.batch, depths, split.exact_match))
+            {
                 line += &match e.accuracy {
                     Some(a) => format!(" r{depth}:{:.1}%", 100.0 * a),
                     None => format!(" r{depth}:{:.3}", e.loss),
