@@ -507,13 +507,8 @@ fn default_prompt(run: &Path, tokenizer: Option<&Path>) -> Result<Prompt, Analys
             let names = tokens.iter().map(|&t| addition_name(t)).collect();
             Ok(named(tokens, names))
         }
-        DataConfig::Chains { seed, .. } => {
-            let tokens = train::chains::ChainTask { seed }
-                .example(train::chains::Split::Test, 0)
-                .tokens;
-            let names = tokens.iter().map(|&t| train::chains::token_name(t)).collect();
-            Ok(named(tokens, names))
-        }
+        DataConfig::Chains { seed, .. } => Ok(hop_prompt(&train::chains::ChainTask { seed })),
+        DataConfig::Pointers { seed, .. } => Ok(hop_prompt(&train::pointers::PointerTask { seed })),
         DataConfig::Text { .. } => match tokenizer {
             Some(path) => Prompt::from_text("To be, or not to be, that is the question:", path),
             None => Err(AnalysisError::Invalid(format!(
@@ -522,6 +517,13 @@ fn default_prompt(run: &Path, tokenizer: Option<&Path>) -> Result<Prompt, Analys
             ))),
         },
     }
+}
+
+/// The first test question of a hop task, with its tokens named.
+fn hop_prompt<T: train::hops::HopTask>(task: &T) -> Prompt {
+    let tokens = task.example(train::hops::Split::Test, 0).tokens;
+    let names = tokens.iter().map(|&t| T::token_name(t)).collect();
+    named(tokens, names)
 }
 
 fn named(tokens: Vec<u32>, names: Vec<String>) -> Prompt {

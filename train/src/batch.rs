@@ -7,7 +7,8 @@
 use burn::prelude::*;
 use model::Huginn;
 
-use crate::{addition, chains};
+use crate::addition;
+use crate::hops::HopExample;
 
 /// A generated example: its tokens and which of them are answers (the only ones scored).
 pub trait TaskExample {
@@ -24,12 +25,12 @@ impl TaskExample for addition::Example {
     }
 }
 
-impl TaskExample for chains::Example {
+impl TaskExample for HopExample {
     fn tokens(&self) -> &[u32] {
         &self.tokens
     }
     fn is_answer(&self, i: usize) -> bool {
-        chains::Example::is_answer(self, i)
+        self.answers.contains(&i)
     }
 }
 

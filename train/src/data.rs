@@ -12,7 +12,9 @@ use tokenizers::Tokenizer;
 
 use crate::addition::{self, AdditionTask};
 use crate::batch::{Batch, make_batch};
-use crate::chains::{self, ChainTask};
+use crate::chains::ChainTask;
+use crate::hops::{HopTask, Split};
+use crate::pointers::PointerTask;
 use crate::text::{self, TextCorpus, TextError};
 
 /// The data of a run, as written in its `run.json`.
@@ -22,6 +24,13 @@ pub enum DataConfig {
     /// k-hop variable chains; train on 1..=6 hops, test on 1..=6 and 7..=10. The first
     /// `curriculum` batches ramp the most hops from 1 to 6 (0: no curriculum).
     Chains {
+        seed: u64,
+        #[serde(default)]
+        curriculum: u64,
+    },
+    /// k-hop pointer chains; train on 1..=6 hops, test on 1..=6 and 7..=10, with the same
+    /// curriculum.
+    Pointers {
         seed: u64,
         #[serde(default)]
         curriculum: u64,
@@ -65,6 +74,7 @@ pub struct EvalSplit {
 /// A run's data, ready to draw batches from.
 pub enum Dataset {
     Chains { task: ChainTask, curriculum: u64 },
+    Pointers { task: PointerTask, curriculum: u64 },
     Addition(AdditionTask),
     Text { corpus: Box<TextCorpus>, seq_len: usize },
 }
@@ -76,6 +86,10 @@ impl Dataset {
         Ok(match config {
             DataConfig::Chains { seed, curriculum } => Dataset::Chains {
                 task: ChainTask { seed: *seed },
+                curriculum: *curriculum,
+            },
+            DataConfig::Pointers { seed, curriculum } => Dataset::Pointers {
+                task: PointerTask { seed: *seed },
                 curriculum: *curriculum,
             },
             DataConfig::Addition {
@@ -114,7 +128,8 @@ impl Dataset {
     /// The vocabulary a model for this data needs.
     pub fn vocab_size(&self) -> usize {
         match self {
-            Dataset::Chains { .. } => chains::VOCAB_SIZE,
+            Dataset::Chains { .. } => ChainTask::VOCAB_SIZE,
+            Dataset::Pointers { .. } => PointerTask::VOCAB_SIZE,
             Dataset::Addition(_) => addition::VOCAB_SIZE,
             Dataset::Text { corpus, .. } => corpus.tokenizer.get_vocab_size(true),
         }
@@ -123,7 +138,8 @@ impl Dataset {
     /// The longest input row (the context a model needs).
     pub fn max_len(&self) -> usize {
         match self {
-            Dataset::Chains { .. } => chains::TRAIN_LEN - 1,
+            Dataset::Chains { .. } => ChainTask::MAX_LEN - 1,
+            Dataset::Pointers { .. } => PointerTask::MAX_LEN - 1,
             Dataset::Addition(task) => task.max_len(addition::Split::Harder) - 1,
             Dataset::Text { seq_len, .. } => *seq_len,
         }
@@ -148,13 +164,8 @@ impl Dataset {
     pub fn train_batch(&self, seed: u64, index: u64, rows: usize, device: &Device) -> Batch {
         let first = index * rows as u64;
         match self {
-            Dataset::Chains { task, curriculum } => {
-                let ramp = curriculum * rows as u64;
-                let examples: Vec<_> = (first..first + rows as u64)
-                    .map(|i| task.curriculum_example(i, ramp))
-                    .collect();
-                make_batch(&examples, chains::PAD, device)
-            }
+            Dataset::Chains { task, curriculum } => hop_batch(task, *curriculum, first, rows, device),
+            Dataset::Pointers { task, curriculum } => hop_batch(task, *curriculum, first, rows, device),
             Dataset::Addition(task) => {
                 let examples: Vec<_> = (first..first + rows as u64)
                     .map(|i| task.example(addition::Split::Train, i))
@@ -175,13 +186,8 @@ impl Dataset {
             exact_match: true,
         };
         match self {
-            Dataset::Chains { task: t, .. } => [("test", chains::Split::Test), ("harder", chains::Split::Harder)]
-                .into_iter()
-                .map(|(name, split)| {
-                    let examples: Vec<_> = (0..rows as u64).map(|i| t.example(split, i)).collect();
-                    task(name, make_batch(&examples, chains::PAD, device))
-                })
-                .collect(),
+            Dataset::Chains { task: t, .. } => hop_splits(t, rows, device),
+            Dataset::Pointers { task: t, .. } => hop_splits(t, rows, device),
             Dataset::Addition(t) => [("test", addition::Split::Test), ("harder", addition::Split::Harder)]
                 .into_iter()
                 .map(|(name, split)| {
@@ -196,6 +202,31 @@ impl Dataset {
             }],
         }
     }
+}
+
+/// Training rows `first..first + rows` of a hop task, the first `curriculum` batches' worth
+/// under its curriculum.
+fn hop_batch<T: HopTask>(task: &T, curriculum: u64, first: u64, rows: usize, device: &Device) -> Batch {
+    let ramp = curriculum * rows as u64;
+    let examples: Vec<_> = (first..first + rows as u64)
+        .map(|i| task.curriculum_example(i, ramp))
+        .collect();
+    make_batch(&examples, T::PAD, device)
+}
+
+/// The `test` and `harder` sets of a hop task.
+fn hop_splits<T: HopTask>(task: &T, rows: usize, device: &Device) -> Vec<EvalSplit> {
+    [("test", Split::Test), ("harder", Split::Harder)]
+        .into_iter()
+        .map(|(name, split)| {
+            let examples: Vec<_> = (0..rows as u64).map(|i| task.example(split, i)).collect();
+            EvalSplit {
+                name,
+                batch: make_batch(&examples, T::PAD, device),
+                exact_match: true,
+            }
+        })
+        .collect()
 }
 
 /// Next-token rows: inputs are a window's first `n` tokens, labels its last `n`.
@@ -229,6 +260,18 @@ mod tests {
         assert_eq!(a.inputs.dims(), [4, data.max_len()]);
         let splits = data.eval_splits(8, &device);
         assert_eq!(splits.iter().map(|s| s.name).collect::<Vec<_>>(), ["test", "harder"]);
+
+        // Pointer chains: one scored answer per row, the last position's label.
+        let data = Dataset::new(&DataConfig::Pointers { seed: 4, curriculum: 3 }, None).unwrap();
+        assert_eq!(data.vocab_size(), PointerTask::VOCAB_SIZE);
+        let b = data.train_batch(1, 0, 4, &device);
+        assert_eq!(b.inputs.dims(), [4, crate::pointers::LEN - 1]);
+        let labels = b.labels.to_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        let scored: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != -100).collect();
+        let width = crate::pointers::LEN - 1;
+        assert_eq!(scored, (1..=4).map(|r| r * width - 1).collect::<Vec<_>>());
+        assert!(labels.iter().all(|&l| l == -100 || (0..10).contains(&l)));
+        assert_eq!(data.eval_splits(8, &device)[1].batch.inputs.dims(), [8, width]);
 
         let text = DataConfig::Text {
             files: vec![],

@@ -3,7 +3,8 @@
 //! Built on `model`'s steps: the paper's randomized depth ([`depth`]), its Adam variant
 //! ([`optim`]), learning-rate schedules ([`schedule`]), global-norm clipping ([`clip`]) and one
 //! optimizer step with gradient accumulation ([`step`]); the reasoning tasks: reversed-digit
-//! addition ([`addition`]) and k-hop variable chains ([`chains`]), batched and scored by exact match
+//! addition ([`addition`]), k-hop variable chains ([`chains`]) and k-hop pointer chains
+//! ([`pointers`]), the last two sharing their splits by hop count ([`hops`]), batched and scored by exact match
 //! ([`batch`]), and text ([`text`]), behind one [`data`] interface; whole runs with metrics,
 //! checkpoints and a Hugging Face export ([`run`]), configured by TOML files ([`config_file`]);
 //! the training benchmark ([`bench`]).
@@ -19,10 +20,12 @@ pub mod clip;
 pub mod config_file;
 pub mod data;
 pub mod depth;
+pub mod hops;
 pub mod layout;
 pub mod metrics;
 pub mod monitor;
 pub mod optim;
+pub mod pointers;
 pub mod rng;
 pub mod run;
 pub mod schedule;

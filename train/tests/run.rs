@@ -237,6 +237,27 @@ fn the_sample_config_is_the_default_run() {
     };
     let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/chains.toml");
     assert_eq!(print(&["--config", sample]), print(&[]));
+    // The pointer-chains sample is the demo's recipe, written out as flags.
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/pointers.toml");
+    let flags = [
+        "--task",
+        "pointers",
+        "--curriculum",
+        "600",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.002",
+        "--weight-decay",
+        "0.01",
+        "--eval-every",
+        "500",
+        "--checkpoint-every",
+        "500",
+    ];
+    let printed = print(&["--config", sample]);
+    assert_eq!(printed, print(&flags));
+    assert!(printed.contains("kind = \"pointers\""), "{printed}");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! on text, on any compiled backend, with crash-safe checkpoints.
 //!
 //! ```text
+//! huginn-train --config train/configs/pointers.toml --out runs/pointers   # the demo's recipe
 //! huginn-train --task chains --out runs/chains --steps 2500
 //! huginn-train --out runs/chains --resume          # after a crash or Ctrl-C
 //! huginn-train --task text --text-file book.txt --vocab-size 4096 --seq-len 128 --out runs/lm
@@ -64,7 +65,7 @@ struct Args {
     /// Tokens per text row.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Chains: batches over which the most hops ramps from 1 to 6 (0: none).
+    /// Chains and pointers: batches over which the most hops ramps from 1 to 6 (0: none).
     #[arg(long, default_value_t = 0)]
     curriculum: u64,
     /// Most digits of a training operand (`--task addition`).
@@ -141,6 +142,7 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum Task {
     Chains,
+    Pointers,
     Addition,
     Text,
 }
@@ -246,6 +248,10 @@ impl Args {
     fn data(&self, seed: u64) -> DataConfig {
         match self.task {
             Task::Chains => DataConfig::Chains {
+                seed,
+                curriculum: self.curriculum,
+            },
+            Task::Pointers => DataConfig::Pointers {
                 seed,
                 curriculum: self.curriculum,
             },

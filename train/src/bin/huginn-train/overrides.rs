@@ -18,7 +18,7 @@ use train::schedule::Schedule;
 use crate::{Args, Optimizer, ScheduleKind, Scheme, depth_scheme, fit_to_data, fit_to_depth, optimizer, schedule};
 
 /// The data flags of each task.
-const CHAINS: &[&str] = &["curriculum"];
+const HOP_TASKS: &[&str] = &["curriculum"];
 const ADDITION: &[&str] = &["max_digits", "padded"];
 const TEXT: &[&str] = &["text_files", "jsonl_field", "tokenizer", "vocab_size", "seq_len"];
 
@@ -41,7 +41,9 @@ fn pick<T>(given: bool, flag: T, file: T) -> T {
 fn run(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) {
     if given("seed") {
         config.seed = args.seed;
-        if let DataConfig::Chains { seed, .. } | DataConfig::Addition { seed, .. } = &mut config.data {
+        if let DataConfig::Chains { seed, .. } | DataConfig::Pointers { seed, .. } | DataConfig::Addition { seed, .. } =
+            &mut config.data
+        {
             *seed = args.seed;
         }
     }
@@ -63,10 +65,12 @@ fn run(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) {
 }
 
 fn data(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) -> Result<()> {
-    let flags = [CHAINS, ADDITION, TEXT].concat();
+    let flags = [HOP_TASKS, ADDITION, TEXT].concat();
     if given("task") {
         let seed = match config.data {
-            DataConfig::Chains { seed, .. } | DataConfig::Addition { seed, .. } => seed,
+            DataConfig::Chains { seed, .. } | DataConfig::Pointers { seed, .. } | DataConfig::Addition { seed, .. } => {
+                seed
+            }
             DataConfig::Text { .. } => config.seed,
         };
         config.data = args.data(seed);
@@ -74,7 +78,11 @@ fn data(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) -> Re
         let (kind, own) = match &mut config.data {
             DataConfig::Chains { curriculum, .. } => {
                 *curriculum = pick(given("curriculum"), args.curriculum, *curriculum);
-                ("chains", CHAINS)
+                ("chains", HOP_TASKS)
+            }
+            DataConfig::Pointers { curriculum, .. } => {
+                *curriculum = pick(given("curriculum"), args.curriculum, *curriculum);
+                ("pointers", HOP_TASKS)
             }
             DataConfig::Addition { max_digits, padded, .. } => {
                 *max_digits = pick(given("max_digits"), args.max_digits, *max_digits);
