@@ -19,8 +19,10 @@ use serde_json::json;
 use train::addition::{self, AdditionTask, Example, Split};
 use train::data::DataConfig;
 
-use crate::chains::{ExitResult, print_summary, progress_bar, spearman};
-use crate::common::{Accuracies, Probe, Recipe, accuracy_by_depth, at_depth, task_report, train_both};
+use crate::common::{
+    Accuracies, ExitResult, Probe, Recipe, accuracy_by_depth, at_depth, print_summary, progress_bar, spearman,
+    task_report, train_both,
+};
 use crate::report;
 
 #[derive(Debug, Clone)]

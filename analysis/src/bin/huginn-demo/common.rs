@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
-use indicatif::ProgressBar;
+use indicatif::{ProgressBar, ProgressStyle};
 use infer::exit::Criterion;
 use model::burn::prelude::*;
 use model::{Huginn, HuginnConfig};
@@ -13,11 +13,9 @@ use serde_json::{Value, json};
 use train::batch::{TaskExample, make_batch};
 use train::data::DataConfig;
 use train::depth::DepthScheme;
-use train::monitor::evaluate;
+use train::monitor::evaluate_depths;
 use train::run::{OptimizerConfig, RunConfig, Trainer};
 use train::schedule::Schedule;
-
-use crate::chains::{ExitResult, by_depth};
 
 /// Model shape and training recipe: randomized depth (Poisson-lognormal, mean r̄, backprop k),
 /// AdamW with a warmup and cosine decay, clipping at 1.
@@ -138,13 +136,12 @@ pub fn accuracy_by_depth<E: TaskExample>(
     bar: &ProgressBar,
 ) -> Vec<f64> {
     let batch = make_batch(examples, pad, &model.device());
-    depths
+    let accuracy = evaluate_depths(model, &batch, depths, true)
         .iter()
-        .map(|&d| {
-            bar.inc(1);
-            evaluate(model, &batch, d, true).accuracy.expect("tasks are scored")
-        })
-        .collect()
+        .map(|e| e.accuracy.expect("tasks are scored"))
+        .collect();
+    bar.inc(depths.len() as u64);
+    accuracy
 }
 
 /// The two trained models of a demo, without autodiff.
@@ -155,7 +152,9 @@ pub struct Trained {
 }
 
 /// Trains the recurrent model in `out/recurrent` and the same-size model at depth 1, on the
-/// same number of steps, in `out/baseline`.
+/// same number of steps, in `out/baseline`. The two runs share nothing, so the baseline trains
+/// on a thread of its own beside the recurrent model (whose progress is shown): Burn's CPU
+/// backend keeps about one core busy with these small products, and the machine has two.
 pub fn train_both(
     recipe: &Recipe,
     (vocab, context, data): (usize, usize, DataConfig),
@@ -167,25 +166,30 @@ pub fn train_both(
         mean: recipe.mean_depth,
         backprop: recipe.backprop,
     };
-    let mut models = Vec::new();
-    for (depth, dir, label) in [
-        (recurrent, "recurrent", "the recurrent model"),
-        (DepthScheme::NonRecurrent, "baseline", "the non-recurrent baseline"),
-    ] {
-        let dir = out.join(dir);
-        if progress {
-            eprintln!("training {label} ({} steps) → {}", recipe.steps, dir.display());
-        }
+    let train = |depth: DepthScheme, dir: &str, progress: bool| -> Result<Huginn> {
         let config = recipe.run_config(vocab, context, data.clone(), depth);
-        let mut trainer = Trainer::create(&dir, config, &device.clone().autodiff())?;
+        let mut trainer = Trainer::create(&out.join(dir), config, &device.clone().autodiff())?;
         trainer.run(None, progress)?;
-        models.push(trainer.model());
+        Ok(trainer.model())
+    };
+    if progress {
+        eprintln!(
+            "training the recurrent model and, alongside, the non-recurrent baseline ({} steps each) → {}",
+            recipe.steps,
+            out.display()
+        );
     }
-    let baseline = models.pop().expect("two models");
-    let recurrent_model = models.pop().expect("two models");
+    let (recurrent_model, baseline) = std::thread::scope(|scope| {
+        let baseline = scope.spawn(|| train(DepthScheme::NonRecurrent, "baseline", false));
+        let recurrent_model = train(recurrent, "recurrent", progress);
+        let baseline = baseline
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the baseline's training panicked")));
+        (recurrent_model, baseline)
+    });
     Ok(Trained {
-        recurrent: recurrent_model,
-        baseline,
+        recurrent: recurrent_model?,
+        baseline: baseline?,
         train_mean_depth: recurrent.mean_depth(),
     })
 }
@@ -262,4 +266,113 @@ pub fn task_report(
         "train_mean_depth": trained.train_mean_depth,
         "config": config,
     })
+}
+
+/// Spearman's rank correlation (average ranks for ties).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for k in i..=j {
+                r[idx[k]] = (i + j) as f64 / 2.0 + 1.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(&rx), mean(&ry));
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let var = |v: &[f64], m: f64| v.iter().map(|a| (a - m).powi(2)).sum::<f64>();
+    let denominator = (var(&rx, mx) * var(&ry, my)).sqrt();
+    if denominator == 0.0 { 0.0 } else { cov / denominator }
+}
+
+pub fn by_depth(depths: &[usize], values: &[f64]) -> Value {
+    let map: BTreeMap<String, f64> = depths.iter().zip(values).map(|(d, v)| (d.to_string(), *v)).collect();
+    json!(map)
+}
+
+/// One exit rule's results.
+pub struct ExitResult {
+    pub criterion: Criterion,
+    pub threshold: f64,
+    pub accuracy: f64,
+    /// Accuracy at a fixed 32 steps on the same questions.
+    pub fixed32_accuracy: f64,
+    pub mean_steps: f64,
+    /// Mean steps per answer by difficulty level (hops, carry-chain length).
+    pub steps_by_level: BTreeMap<usize, f64>,
+    pub spearman: f64,
+    /// Steps used by every question of every difficulty (for histograms).
+    pub all_steps: Vec<usize>,
+}
+
+pub fn progress_bar(visible: bool, len: u64, message: &'static str) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len).with_message(message);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} · ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+pub fn print_summary(accuracies: &Accuracies, exits: &[ExitResult]) {
+    let (depths, accuracy, baseline) = (accuracies.depths, &accuracies.recurrent, &accuracies.baseline);
+    println!("\naccuracy (exact match) by test-time depth r");
+    println!(
+        "{:>5} {:>12} {:>12} {:>14} {:>14}",
+        "r", "recurrent", "rec. harder", "baseline", "base. harder"
+    );
+    for (i, d) in depths.iter().enumerate() {
+        println!(
+            "{:>5} {:>11.1}% {:>11.1}% {:>13.1}% {:>13.1}%",
+            d,
+            100.0 * accuracy[0][i],
+            100.0 * accuracy[1][i],
+            100.0 * baseline[0][i],
+            100.0 * baseline[1][i]
+        );
+    }
+    for e in exits {
+        println!(
+            "adaptive exit {} < {}: accuracy {:.1}% (fixed r=32: {:.1}%), mean steps {:.1}, by difficulty {}, Spearman ρ {:.2}",
+            e.criterion.name(),
+            e.threshold,
+            100.0 * e.accuracy,
+            100.0 * e.fixed32_accuracy,
+            e.mean_steps,
+            e.steps_by_level
+                .iter()
+                .map(|(h, m)| format!("{h}:{m:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            e.spearman
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spearman;
+
+    #[test]
+    fn spearman_ranks_with_ties() {
+        assert_eq!(spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 25.0, 90.0]), 1.0);
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), -1.0);
+        let rho = spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 2.0, 3.0]);
+        assert!((rho - 0.9486832980505138).abs() < 1e-12, "{rho}");
+    }
 }

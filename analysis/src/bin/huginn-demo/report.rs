@@ -17,8 +17,7 @@ use model::Huginn;
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
-use crate::chains::ExitResult;
-use crate::common::Accuracies;
+use crate::common::{Accuracies, ExitResult};
 
 /// A figure of the gallery: file stem (PNG and SVG beside each other) and caption.
 struct Figure {

@@ -17,7 +17,7 @@ use model::burn::prelude::*;
 use serde_json::json;
 use train::data::{DataConfig, Dataset, TokenizerSource};
 use train::depth::DepthScheme;
-use train::monitor::evaluate;
+use train::monitor::evaluate_depths;
 use train::run::{OptimizerConfig, RunConfig, Trainer};
 use train::schedule::Schedule;
 
@@ -146,7 +146,8 @@ pub fn run(config: &TextDemo, out: &Path, device: &Device, progress: bool, start
     let losses: Vec<(usize, f64)> = config
         .depths
         .iter()
-        .map(|d| (*d, evaluate(&model, &validation.batch, *d, false).loss))
+        .zip(evaluate_depths(&model, &validation.batch, &config.depths, false))
+        .map(|(d, e)| (*d, e.loss))
         .collect();
 
     // A sample with per-token adaptive exit and continuous CoT (warm start from the raw state).
