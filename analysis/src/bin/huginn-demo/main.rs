@@ -53,6 +53,9 @@ struct Args {
     /// Override the number of training steps.
     #[arg(long)]
     steps: Option<u64>,
+    /// Override the training mean depth r̄ (iterations are Poisson-lognormal around r̄ + 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    mean_depth: Option<u64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Hide progress bars.
@@ -79,6 +82,7 @@ fn run(args: Args) -> Result<()> {
         };
         config.seed = args.seed;
         config.steps = args.steps.unwrap_or(config.steps);
+        config.mean_depth = args.mean_depth.map_or(config.mean_depth, |r| r as usize);
         text::run(&config, &args.out, &device, !args.quiet, started)?;
     } else if args.task == Task::Addition {
         let mut config = if args.quick {
@@ -88,6 +92,7 @@ fn run(args: Args) -> Result<()> {
         };
         config.recipe.seed = args.seed;
         config.recipe.steps = args.steps.unwrap_or(config.recipe.steps);
+        config.recipe.mean_depth = args.mean_depth.map_or(config.recipe.mean_depth, |r| r as usize);
         addition::run(&config, &args.out, &device, !args.quiet, started)?;
     } else {
         let mut config = match args.task {
@@ -100,6 +105,7 @@ fn run(args: Args) -> Result<()> {
         let (seed, curriculum) = (args.seed, config.curriculum);
         config.recipe.seed = seed;
         config.recipe.steps = args.steps.unwrap_or(config.recipe.steps);
+        config.recipe.mean_depth = args.mean_depth.map_or(config.recipe.mean_depth, |r| r as usize);
         let (out, progress) = (&args.out, !args.quiet);
         if args.task == Task::Chains {
             hops::run(
@@ -148,4 +154,23 @@ fn prepare(out: &Path) -> Result<()> {
 
 fn main() -> ExitCode {
     infer::cli::main(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_parse_and_out_of_range_depths_are_refused() {
+        let args = Args::try_parse_from(["huginn-demo", "--mean-depth", "12", "--steps", "950"]).unwrap();
+        assert_eq!(
+            (args.mean_depth, args.steps, args.task),
+            (Some(12), Some(950), Task::Pointers)
+        );
+        assert!(Args::try_parse_from(["huginn-demo", "--mean-depth", "-3"]).is_err());
+        for bad in ["0", "65", "six"] {
+            let err = Args::try_parse_from(["huginn-demo", "--mean-depth", bad]).unwrap_err();
+            assert!(err.to_string().contains("--mean-depth"), "{err}");
+        }
+    }
 }
