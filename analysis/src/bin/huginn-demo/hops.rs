@@ -48,7 +48,7 @@ impl HopDemo {
         Self {
             recipe: Recipe {
                 seed: 0,
-                steps: 1200,
+                steps: 900,
                 width: 64,
                 heads: 4,
                 layers: (1, 2, 1),
