@@ -31,18 +31,22 @@ pub fn evaluate_depths(model: &Huginn, batch: &Batch, depths: &[usize], exact_ma
     let [rows, len] = batch.inputs.dims();
     let rotary = model.rotary(0, rows, len);
     let e = model.embed_prelude(batch.inputs.clone(), &rotary, &mut NoCache);
-    let mut state = model.initial_state(&e, &InitialState::Zeros);
+    let s0 = model.initial_state(&e, &InitialState::Zeros);
     let mut found = vec![None; depths.len()];
-    let deepest = depths.iter().copied().max().unwrap_or(0);
-    for steps in 0..=deepest {
-        if steps > 0 {
-            state = model.core_step(state, &e, steps - 1, &rotary, &mut NoCache);
-        }
-        for (slot, _) in depths.iter().enumerate().filter(|(_, d)| **d == steps) {
+    let mut read_out = |steps: usize, state: &Tensor<3>| {
+        if depths.contains(&steps) {
             let logits = model.coda_head(state.clone(), &rotary, &mut NoCache);
-            found[slot] = Some(score(logits, batch, exact_match));
+            let evaluation = score(logits, batch, exact_match);
+            for (slot, _) in depths.iter().enumerate().filter(|(_, d)| **d == steps) {
+                found[slot] = Some(evaluation);
+            }
         }
-    }
+    };
+    read_out(0, &s0);
+    let deepest = depths.iter().copied().max().unwrap_or(0);
+    model.recur(&e, s0, 0..deepest, &rotary, &mut NoCache, |i, state| {
+        read_out(i + 1, state)
+    });
     found.into_iter().map(|e| e.expect("every depth is reached")).collect()
 }
 

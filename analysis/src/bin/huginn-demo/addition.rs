@@ -9,10 +9,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use infer::adaptive::{AdaptiveConfig, generate_batch};
+use infer::adaptive::generate_batch;
 use infer::exit::Criterion;
-use infer::greedy::WarmStart;
-use infer::strategy::Strategy;
 use model::Huginn;
 use model::burn::prelude::*;
 use serde_json::json;
@@ -20,8 +18,8 @@ use train::addition::{self, AdditionTask, Example, Split};
 use train::data::DataConfig;
 
 use crate::common::{
-    Accuracies, ExitResult, Probe, Recipe, accuracy_by_depth, at_depth, print_summary, progress_bar, spearman,
-    task_report, train_both,
+    Accuracies, ExitResult, Probe, Recipe, accuracy_by_depth, at_depth, exit_config, print_summary, progress_bar,
+    spearman, task_report, train_both,
 };
 use crate::report;
 
@@ -85,13 +83,7 @@ fn adaptive(
     exit: (Criterion, f64),
     max_steps: usize,
 ) -> Result<Vec<(f64, bool)>> {
-    let config = AdaptiveConfig {
-        criterion: exit.0,
-        threshold: exit.1,
-        max_steps,
-        warm_start: WarmStart::Cold,
-        strategy: Strategy::default(),
-    };
+    let config = exit_config(exit, max_steps);
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(128) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.tokens[..e.answer_start].to_vec()).collect();

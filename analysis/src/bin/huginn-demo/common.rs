@@ -6,7 +6,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use infer::adaptive::AdaptiveConfig;
 use infer::exit::Criterion;
+use infer::greedy::WarmStart;
+use infer::strategy::Strategy;
 use model::burn::prelude::*;
 use model::{Huginn, HuginnConfig};
 use serde_json::{Value, json};
@@ -361,6 +364,18 @@ pub fn print_summary(accuracies: &Accuracies, exits: &[ExitResult]) {
                 .join(" "),
             e.spearman
         );
+    }
+}
+
+/// A zero-shot exit rule `(criterion, threshold)` with the reference's semantics: a cold start
+/// for every token, the default cache strategy, at most `max_steps` iterations.
+pub fn exit_config((criterion, threshold): (Criterion, f64), max_steps: usize) -> AdaptiveConfig {
+    AdaptiveConfig {
+        criterion,
+        threshold,
+        max_steps,
+        warm_start: WarmStart::Cold,
+        strategy: Strategy::default(),
     }
 }
 

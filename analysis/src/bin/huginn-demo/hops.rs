@@ -12,10 +12,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use infer::adaptive::{AdaptiveConfig, generate_batch};
+use infer::adaptive::generate_batch;
 use infer::exit::Criterion;
-use infer::greedy::WarmStart;
-use infer::strategy::Strategy;
 use model::Huginn;
 use model::burn::prelude::*;
 use serde_json::json;
@@ -25,8 +23,8 @@ use train::hops::{HopExample, HopTask, Split};
 use train::pointers::PointerTask;
 
 use crate::common::{
-    Accuracies, ExitResult, Probe, Recipe, accuracy_by_depth, at_depth, by_depth, print_summary, progress_bar,
-    spearman, task_report, train_both,
+    Accuracies, ExitResult, Probe, Recipe, accuracy_by_depth, at_depth, by_depth, exit_config, print_summary,
+    progress_bar, spearman, task_report, train_both,
 };
 use crate::report;
 
@@ -129,13 +127,7 @@ fn adaptive(
     exit: (Criterion, f64),
     max_steps: usize,
 ) -> Result<Vec<(usize, bool)>> {
-    let config = AdaptiveConfig {
-        criterion: exit.0,
-        threshold: exit.1,
-        max_steps,
-        warm_start: WarmStart::Cold,
-        strategy: Strategy::default(),
-    };
+    let config = exit_config(exit, max_steps);
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(128) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt().to_vec()).collect();

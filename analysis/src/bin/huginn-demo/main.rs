@@ -107,24 +107,23 @@ fn run(args: Args) -> Result<()> {
         config.recipe.steps = args.steps.unwrap_or(config.recipe.steps);
         config.recipe.mean_depth = args.mean_depth.map_or(config.recipe.mean_depth, |r| r as usize);
         let (out, progress) = (&args.out, !args.quiet);
-        if args.task == Task::Chains {
-            hops::run(
+        match args.task {
+            Task::Chains => hops::run(
                 &HopDemoTask::chains(seed, curriculum),
                 &config,
                 out,
                 &device,
                 progress,
                 started,
-            )?;
-        } else {
-            hops::run(
+            )?,
+            _ => hops::run(
                 &HopDemoTask::pointers(seed, curriculum),
                 &config,
                 out,
                 &device,
                 progress,
                 started,
-            )?;
+            )?,
         }
     }
     eprintln!(
