@@ -94,7 +94,7 @@ impl TrainingCurves {
         } else {
             path.to_path_buf()
         };
-        let records = train::metrics::read(&file).map_err(AnalysisError::io(&file))?;
+        let records = train::metrics::read(&file)?;
         Ok(Self::from_records(&records))
     }
 

@@ -12,6 +12,8 @@ pub enum AnalysisError {
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error(transparent)]
+    Metrics(#[from] train::metrics::MetricsError),
+    #[error(transparent)]
     Input(#[from] model::InputError),
     #[error(transparent)]
     Weights(#[from] model::WeightsError),

@@ -8,7 +8,10 @@
 //!
 //! It is written under a temporary name, every file synced, then renamed into place: a process
 //! killed at any moment leaves either the complete directory or only a `.partial-*` one, which
-//! the next start removes. The newest `keep` checkpoints are kept.
+//! the next start removes. The newest `keep` checkpoints are kept; an older one is first renamed
+//! to `.pruning-*` and then deleted, so a kill while deleting never leaves a half-deleted
+//! `step-*` behind. A checkpoint that does not load (damaged on disk) is skipped on resume for
+//! the newest that does, and renamed to `step-N.unreadable` so it is kept but no longer counts.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +19,8 @@ use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use model::{Huginn, HuginnConfig};
 use serde::{Deserialize, Serialize};
+
+use crate::pause::pause_point;
 
 /// Where a run stands, saved with each checkpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -36,6 +41,8 @@ pub enum CheckpointError {
     Io { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("no checkpoint in {dir} loads ({reasons}); they are left as they are")]
+    NoneLoads { dir: PathBuf, reasons: String },
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
@@ -57,7 +64,7 @@ pub struct Checkpoints {
 
 impl Checkpoints {
     /// The checkpoints under `run_dir/checkpoints`, keeping the newest `keep` (at least one).
-    /// Leftovers of an interrupted save are removed.
+    /// Leftovers of an interrupted save or pruning are removed.
     pub fn open(run_dir: &Path, keep: usize) -> Result<Self, CheckpointError> {
         let dir = run_dir.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -66,7 +73,7 @@ impl Checkpoints {
             if path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(".partial-"))
+                .is_some_and(|n| n.starts_with(".partial-") || n.starts_with(".pruning-"))
             {
                 std::fs::remove_dir_all(&path).map_err(io(&path))?;
             }
@@ -113,6 +120,7 @@ impl Checkpoints {
             path: partial.clone(),
             reason: e.to_string(),
         })?;
+        pause_point("checkpoint-after-model");
         let optimizer = partial.join(OPTIMIZER);
         optim.save(&optimizer).map_err(|e| CheckpointError::Io {
             path: optimizer.clone(),
@@ -120,26 +128,132 @@ impl Checkpoints {
         })?;
         let json = serde_json::to_vec_pretty(state).expect("plain data serializes");
         std::fs::write(partial.join(STATE), json).map_err(io(&partial))?;
-        for entry in std::fs::read_dir(&partial).map_err(io(&partial))? {
-            let path = entry.map_err(io(&partial))?.path();
+        // Every file and the directory's own entries, before the rename makes them count.
+        let files = std::fs::read_dir(&partial).map_err(io(&partial))?;
+        for path in files.map(|e| e.map(|e| e.path())).chain([Ok(partial.clone())]) {
+            let path = path.map_err(io(&partial))?;
             std::fs::File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(io(&path))?;
         }
-        if done.exists() {
-            // The same step saved again (a resumed run reaching it): replace.
-            std::fs::remove_dir_all(&done).map_err(io(&done))?;
+        pause_point("checkpoint-before-rename");
+        // The same step saved again (a resumed run reaching it): the old one is moved out of
+        // the way first, so `done` is at every moment absent or complete.
+        let replaced = done.exists().then(|| self.dir.join(format!(".pruning-{name}")));
+        if let Some(replaced) = &replaced {
+            self.discard(&done, replaced)?;
         }
         std::fs::rename(&partial, &done).map_err(io(&done))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        self.sync_dir()?;
+        pause_point("checkpoint-after-rename");
+        if let Some(replaced) = &replaced {
+            std::fs::remove_dir_all(replaced).map_err(io(replaced))?;
+        }
         let all = self.list()?;
         for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
-            std::fs::remove_dir_all(old).map_err(io(old))?;
+            let name = old.file_name().and_then(|n| n.to_str()).unwrap_or("step");
+            let doomed = self.dir.join(format!(".pruning-{name}"));
+            self.discard(old, &doomed)?;
+            pause_point("prune-after-rename");
+            std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
         }
         Ok(done)
     }
+
+    /// Renames `from` to `to` (a name `open` removes) and makes the rename durable.
+    fn discard(&self, from: &Path, to: &Path) -> Result<(), CheckpointError> {
+        if to.exists() {
+            std::fs::remove_dir_all(to).map_err(io(to))?;
+        }
+        std::fs::rename(from, to).map_err(io(from))?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), CheckpointError> {
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+
+    /// Loads the newest checkpoint that loads (see [`load`]), renaming each newer one that
+    /// does not to `step-N.unreadable`. `None` when there is no checkpoint; an error, with every
+    /// checkpoint left as it is, when none loads.
+    pub fn load_newest(
+        &self,
+        device: &Device,
+        optim: impl Fn(&Huginn) -> ModuleOptimizer,
+    ) -> Result<Option<Resumed>, CheckpointError> {
+        let all = self.list()?;
+        let mut failures: Vec<(PathBuf, String)> = Vec::new();
+        for (_, path) in all.iter().rev() {
+            match load(path, device, &optim) {
+                Ok((model, optimizer, state)) => {
+                    let mut skipped = Vec::new();
+                    for (failed, reason) in failures {
+                        let aside = unreadable_name(&failed);
+                        std::fs::rename(&failed, &aside).map_err(io(&failed))?;
+                        skipped.push(Skipped {
+                            checkpoint: failed,
+                            moved_to: aside,
+                            reason,
+                        });
+                    }
+                    if !skipped.is_empty() {
+                        self.sync_dir()?;
+                    }
+                    return Ok(Some(Resumed {
+                        model,
+                        optimizer,
+                        state,
+                        checkpoint: path.clone(),
+                        skipped,
+                    }));
+                }
+                Err(e) => failures.push((path.clone(), e.to_string())),
+            }
+        }
+        if failures.is_empty() {
+            return Ok(None);
+        }
+        Err(CheckpointError::NoneLoads {
+            dir: self.dir.clone(),
+            reasons: failures
+                .into_iter()
+                .map(|(_, reason)| reason)
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
+    }
+}
+
+/// `step-N.unreadable` beside `path`, or `step-N.unreadable-K` if that is taken.
+fn unreadable_name(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("step");
+    let mut aside = path.with_file_name(format!("{name}.unreadable"));
+    let mut k = 2;
+    while aside.exists() {
+        aside = path.with_file_name(format!("{name}.unreadable-{k}"));
+        k += 1;
+    }
+    aside
+}
+
+/// What a resume starts from.
+pub struct Resumed {
+    pub model: Huginn,
+    pub optimizer: ModuleOptimizer,
+    pub state: TrainState,
+    pub checkpoint: PathBuf,
+    /// Newer checkpoints that did not load, each renamed out of the way.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A checkpoint a resume could not load.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub checkpoint: PathBuf,
+    pub moved_to: PathBuf,
+    pub reason: String,
 }
 
 /// Loads a checkpoint directory: the model (on `device`), the optimizer state into `optim`
@@ -159,6 +273,17 @@ pub fn load(
     let optimizer = optim(&model).load(&path).map_err(|e| corrupt(&path, e.to_string()))?;
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let state = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    if named.is_some_and(|step| step != state.step) {
+        return Err(corrupt(
+            &path,
+            format!("holds step {}, not the directory's", state.step),
+        ));
+    }
     Ok((model, optimizer, state))
 }

@@ -25,6 +25,7 @@ pub mod layout;
 pub mod metrics;
 pub mod monitor;
 pub mod optim;
+pub mod pause;
 pub mod pointers;
 pub mod rng;
 pub mod run;

@@ -2,12 +2,16 @@
 //! records as rows of `metrics.csv` (long format: one column per quantity, empty where a kind
 //! of record has none) for spreadsheets and plotting tools.
 //!
-//! Lines are flushed as they are written. On resume both files are cut back to the records of
-//! steps up to the checkpoint's, so a run that crashed after its last checkpoint does not log
-//! the lost steps twice; a half-written last line is dropped.
+//! Lines are flushed as they are written and synced before every checkpoint. Logged bytes are
+//! never rewritten: on resume both files are only cut back, at a line boundary, to the records
+//! of steps up to the checkpoint's (the later steps run again and log themselves again), and a
+//! half-written last line is dropped. A CSV row the crash kept from being written is rebuilt
+//! from its JSON line, number by number from the literal text, so it is the row the run would
+//! have written. A line in the middle that is not a record stops the resume with its line
+//! number and leaves both files as they are.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -71,7 +75,8 @@ const CSV_HEADER: [&str; 14] = [
 ];
 
 fn csv_row(record: &Record) -> [String; 14] {
-    let f = |x: f64| x.to_string();
+    // Empty where JSON writes `null`, so a row rebuilt from its JSON line is the same.
+    let f = |x: f64| if x.is_finite() { x.to_string() } else { String::new() };
     let none = String::new;
     match record {
         Record::Train {
@@ -145,6 +150,31 @@ fn csv_row(record: &Record) -> [String; 14] {
     }
 }
 
+/// Why a run's metrics could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// (`error`, not `source`: the message says it, so error chains need not repeat it.)
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error(
+        "{path}: line {line} is not a metrics record ({reason}); both logs are left as they are: \
+         repair or remove that line, then resume"
+    )]
+    Corrupt { path: PathBuf, line: usize, reason: String },
+    #[error(
+        "{path}: the first line is not the expected header; the file is left as it is: move it \
+         aside and resume to rebuild it from metrics.jsonl"
+    )]
+    Header { path: PathBuf },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> MetricsError + '_ {
+    move |error| MetricsError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
 /// Appends records to a run's `metrics.jsonl` and `metrics.csv`.
 pub struct MetricsLog {
     jsonl: File,
@@ -162,34 +192,58 @@ impl MetricsLog {
 
     /// Opens the logs of the run in `dir`, keeping the records of steps `<= keep_through`
     /// (everything after them is from steps that will run again).
-    pub fn open(dir: &Path, keep_through: u64) -> std::io::Result<Self> {
-        let kept: Vec<Record> = read(&Self::jsonl_path(dir))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| r.step() <= keep_through)
-            .collect();
-        // Rewrite both files from the kept records, through a temporary file each.
-        let mut text = String::new();
-        for r in &kept {
-            text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
-            text.push('\n');
+    pub fn open(dir: &Path, keep_through: u64) -> Result<Self, MetricsError> {
+        let jsonl_path = Self::jsonl_path(dir);
+        let jsonl_bytes = read_bytes(&jsonl_path)?;
+        let lines = complete_lines(&jsonl_bytes);
+        let mut kept = 0;
+        let mut jsonl_end = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let step = step_of(line.text).map_err(|reason| MetricsError::Corrupt {
+                path: jsonl_path.clone(),
+                line: i + 1,
+                reason,
+            })?;
+            if step > keep_through {
+                break;
+            }
+            kept += 1;
+            jsonl_end = line.end;
         }
-        write_atomically(&Self::jsonl_path(dir), text.as_bytes())?;
-        let mut table = csv::Writer::from_writer(Vec::new());
-        table.write_record(CSV_HEADER).map_err(std::io::Error::other)?;
-        for r in &kept {
-            table.write_record(csv_row(r)).map_err(std::io::Error::other)?;
+        let jsonl = open_cut(&jsonl_path, jsonl_end)?;
+
+        let csv_path = Self::csv_path(dir);
+        let header = format!("{}\n", CSV_HEADER.join(","));
+        let csv_bytes = read_bytes(&csv_path)?;
+        let table = complete_lines(&csv_bytes);
+        let (csv_end, rows) = match table.first() {
+            None => (0, 0),
+            Some(first) if first.text == header.trim_end().as_bytes() => {
+                let rows = table.len() - 1;
+                (table[rows.min(kept)].end, rows)
+            }
+            Some(_) => return Err(MetricsError::Header { path: csv_path }),
+        };
+        let mut csv_file = open_cut(&csv_path, csv_end)?;
+        if csv_end == 0 {
+            csv_file.write_all(header.as_bytes()).map_err(io(&csv_path))?;
         }
-        write_atomically(
-            &Self::csv_path(dir),
-            &table.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?,
-        )?;
-        let append = |path: PathBuf| OpenOptions::new().append(true).open(path);
+        // Rows the CSV lacks (a crash between the two writes, or a deleted CSV), rebuilt from
+        // the JSON lines.
+        for (i, line) in lines.iter().enumerate().take(kept).skip(rows) {
+            let row = csv_row_from_json(line.text).map_err(|reason| MetricsError::Corrupt {
+                path: jsonl_path.clone(),
+                line: i + 1,
+                reason,
+            })?;
+            let mut out = csv::Writer::from_writer(Vec::new());
+            out.write_record(&row).map_err(|e| io(&csv_path)(e.into()))?;
+            let bytes = out.into_inner().map_err(|e| io(&csv_path)(e.into_error()))?;
+            csv_file.write_all(&bytes).map_err(io(&csv_path))?;
+        }
         Ok(Self {
-            jsonl: append(Self::jsonl_path(dir))?,
-            csv: csv::WriterBuilder::new()
-                .has_headers(false)
-                .from_writer(append(Self::csv_path(dir))?),
+            jsonl,
+            csv: csv::WriterBuilder::new().has_headers(false).from_writer(csv_file),
         })
     }
 
@@ -197,21 +251,114 @@ impl MetricsLog {
         let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
         self.jsonl.write_all(format!("{line}\n").as_bytes())?;
         self.jsonl.flush()?;
+        crate::pause::pause_point("metrics-between-files");
         self.csv.write_record(csv_row(record)).map_err(std::io::Error::other)?;
         self.csv.flush()
     }
+
+    /// Makes everything logged so far durable (before a checkpoint claims those steps).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.jsonl.sync_data()?;
+        self.csv.flush()?;
+        self.csv.get_ref().sync_data()
+    }
 }
 
-/// The records of a `metrics.jsonl`, skipping a torn last line.
-pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
-    let file = File::open(path)?;
-    let mut records = Vec::new();
-    for line in BufReader::new(file).lines() {
-        if let Ok(record) = serde_json::from_str(&line?) {
-            records.push(record);
-        }
+/// A line of a log file, without its newline, and the offset just past the newline.
+struct Line<'a> {
+    text: &'a [u8],
+    end: u64,
+}
+
+/// The bytes of a log file (none if it does not exist).
+fn read_bytes(path: &Path) -> Result<Vec<u8>, MetricsError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(path)(e)),
     }
-    Ok(records)
+}
+
+/// The complete lines of a log; a last line without its newline (torn by a crash) is not one.
+fn complete_lines(bytes: &[u8]) -> Vec<Line<'_>> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    while let Some(n) = bytes[start..].iter().position(|&b| b == b'\n') {
+        lines.push(Line {
+            text: &bytes[start..start + n],
+            end: (start + n + 1) as u64,
+        });
+        start += n + 1;
+    }
+    lines
+}
+
+/// Opens `path` for appending after cutting it to its first `len` bytes (created if absent);
+/// the bytes before `len` are not touched.
+fn open_cut(path: &Path, len: u64) -> Result<File, MetricsError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    if file.metadata().map_err(io(path))?.len() != len {
+        file.set_len(len).map_err(io(path))?;
+        file.sync_data().map_err(io(path))?;
+    }
+    Ok(file)
+}
+
+/// The step of one JSON line, or why it is not a record.
+fn step_of(line: &[u8]) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    struct Step {
+        step: u64,
+    }
+    serde_json::from_slice::<Step>(line)
+        .map(|s| s.step)
+        .map_err(|e| e.to_string())
+}
+
+/// The CSV row of a record's JSON line, cell by cell from the JSON's literal text: a number is
+/// parsed by Rust's exact parser and printed as [`csv_row`] prints it, so the row is the one
+/// the record wrote (serde_json's own float parser may be an ulp off).
+fn csv_row_from_json(line: &[u8]) -> Result<Vec<String>, String> {
+    let fields: std::collections::BTreeMap<&str, &serde_json::value::RawValue> =
+        serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    CSV_HEADER
+        .iter()
+        .map(|column| {
+            let Some(raw) = fields.get(column) else {
+                return Ok(String::new());
+            };
+            let text = raw.get();
+            match text.as_bytes().first() {
+                Some(b'"') => serde_json::from_str::<String>(text).map_err(|e| e.to_string()),
+                Some(b'n') => Ok(String::new()),
+                _ => text
+                    .parse::<f64>()
+                    .map(|x| x.to_string())
+                    .map_err(|e| format!("`{column}`: {e}")),
+            }
+        })
+        .collect()
+}
+
+/// The records of a `metrics.jsonl`, without a torn last line (a run may be writing it). A
+/// line in the middle that is not a record is an error naming it.
+pub fn read(path: &Path) -> Result<Vec<Record>, MetricsError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    complete_lines(&bytes)
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_slice(line.text).map_err(|e| MetricsError::Corrupt {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
@@ -228,6 +375,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
     fn train(step: u64) -> Record {
         Record::Train {
@@ -242,6 +390,57 @@ mod tests {
         }
     }
 
+    /// Values whose JSON text serde_json's default parser does not read back exactly.
+    fn awkward(step: u64) -> Record {
+        Record::Train {
+            step,
+            loss: f64::from(2.712_529_7_f32) + step as f64,
+            lr: 0.000_109_999_999_999_999_99,
+            grad_norm: 0.1 + 0.2,
+            recurrence: 7,
+            backprop: 3,
+            tokens_per_second: 1.0 / 3.0,
+            elapsed_seconds: 1e-300 * step as f64,
+        }
+    }
+
+    fn eval(step: u64) -> Record {
+        Record::Eval {
+            step,
+            split: "test".into(),
+            depth: 8,
+            loss: 0.3,
+            accuracy: Some(0.75),
+        }
+    }
+
+    fn bytes(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::fs::read(MetricsLog::jsonl_path(dir)).unwrap(),
+            std::fs::read(MetricsLog::csv_path(dir)).unwrap(),
+        )
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        OpenOptions::new()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+
+    /// Steps 1..=5 of awkward train records, an eval at 4.
+    fn logged(dir: &Path) {
+        let mut log = MetricsLog::open(dir, 0).unwrap();
+        for step in 1..=5 {
+            log.write(&awkward(step)).unwrap();
+            if step == 4 {
+                log.write(&eval(4)).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn reopening_cuts_back_to_the_checkpoint_and_both_files_agree() {
         let dir = tempfile::tempdir().unwrap();
@@ -249,29 +448,134 @@ mod tests {
         for step in 1..=5 {
             log.write(&train(step)).unwrap();
         }
-        log.write(&Record::Eval {
-            step: 4,
-            split: "test".into(),
-            depth: 8,
-            loss: 0.3,
-            accuracy: Some(0.75),
-        })
-        .unwrap();
+        log.write(&eval(4)).unwrap();
         drop(log);
         // A torn line from a crash mid-write.
         let path = MetricsLog::jsonl_path(dir.path());
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"kind\":\"train\",\"st").unwrap();
-        drop(f);
+        append(&path, b"{\"kind\":\"train\",\"st");
         let mut log = MetricsLog::open(dir.path(), 4).unwrap();
         log.write(&train(5)).unwrap();
         let records = read(&path).unwrap();
-        assert_eq!(records.iter().map(Record::step).collect::<Vec<_>>(), [1, 2, 3, 4, 4, 5]);
+        assert_eq!(records.iter().map(Record::step).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
         let csv = std::fs::read_to_string(MetricsLog::csv_path(dir.path())).unwrap();
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines.len(), 7);
+        assert_eq!(lines.len(), 6);
         assert!(lines[0].starts_with("kind,step,loss"));
-        assert_eq!(lines[5], "eval,4,0.3,,,,,,,test,8,0.75,,");
-        assert!(lines[6].starts_with("train,5,0.2,"));
+        assert!(lines[4].starts_with("train,4,0.25,"));
+        assert!(lines[5].starts_with("train,5,0.2,"));
+    }
+
+    #[test]
+    fn reopening_never_rewrites_a_logged_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        logged(dir.path());
+        let (jsonl, csv) = bytes(dir.path());
+        // A resume of a finished run keeps everything, byte for byte.
+        drop(MetricsLog::open(dir.path(), 5).unwrap());
+        assert_eq!(bytes(dir.path()), (jsonl.clone(), csv.clone()));
+        // A resume from step 4 cuts at a line boundary: what is left is a prefix.
+        drop(MetricsLog::open(dir.path(), 4).unwrap());
+        let (cut_jsonl, cut_csv) = bytes(dir.path());
+        assert_eq!(complete_lines(&cut_jsonl).len(), 5);
+        assert_eq!(complete_lines(&cut_csv).len(), 6);
+        assert!(jsonl.starts_with(&cut_jsonl) && csv.starts_with(&cut_csv));
+        // Running step 5 again logs the same bytes as the first time.
+        MetricsLog::open(dir.path(), 4).unwrap().write(&awkward(5)).unwrap();
+        assert_eq!(bytes(dir.path()), (jsonl, csv));
+    }
+
+    #[test]
+    fn an_undecodable_tail_is_dropped_and_a_corrupt_line_stops_the_resume_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        logged(dir.path());
+        let (jsonl, csv) = bytes(dir.path());
+        let path = MetricsLog::jsonl_path(dir.path());
+        // One byte that is not UTF-8, torn (no newline): dropped, nothing else lost.
+        append(&path, &[0xFF]);
+        drop(MetricsLog::open(dir.path(), 5).unwrap());
+        assert_eq!(bytes(dir.path()), (jsonl.clone(), csv.clone()));
+        // The same as a whole line: an error naming the line, and both files as they were.
+        append(&path, &[0xFF, b'\n']);
+        let (damaged, _) = bytes(dir.path());
+        let err = MetricsLog::open(dir.path(), 5).err().unwrap();
+        assert!(matches!(err, MetricsError::Corrupt { line: 7, .. }), "{err}");
+        assert!(err.to_string().contains("line 7"), "{err}");
+        assert_eq!(bytes(dir.path()), (damaged, csv));
+        assert!(matches!(read(&path), Err(MetricsError::Corrupt { line: 7, .. })));
+    }
+
+    #[test]
+    fn csv_rows_a_crash_kept_from_being_written_are_rebuilt_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        logged(dir.path());
+        let (jsonl, csv) = bytes(dir.path());
+        let csv_path = MetricsLog::csv_path(dir.path());
+        // Killed between the JSON line and its CSV row: the last row is missing, or torn.
+        let lines = complete_lines(&csv);
+        let without_last = &csv[..lines[lines.len() - 2].end as usize];
+        for damaged in [
+            without_last.to_vec(),
+            [without_last, b"train,5,3.7"].concat(),
+            Vec::new(),
+        ] {
+            std::fs::write(&csv_path, &damaged).unwrap();
+            drop(MetricsLog::open(dir.path(), 5).unwrap());
+            assert_eq!(bytes(dir.path()), (jsonl.clone(), csv.clone()));
+        }
+        std::fs::remove_file(&csv_path).unwrap();
+        drop(MetricsLog::open(dir.path(), 5).unwrap());
+        assert_eq!(bytes(dir.path()), (jsonl.clone(), csv.clone()));
+        // A CSV that is not ours is left alone.
+        std::fs::write(&csv_path, "date,value\n").unwrap();
+        let err = MetricsLog::open(dir.path(), 5).err().unwrap();
+        assert!(matches!(err, MetricsError::Header { .. }), "{err}");
+        assert_eq!(std::fs::read(&csv_path).unwrap(), b"date,value\n");
+    }
+
+    #[test]
+    fn a_row_rebuilt_from_json_is_the_row_written() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut x = || {
+            let bits: u64 = rng.random();
+            match bits % 4 {
+                0 => f64::from_bits(bits),
+                1 => f64::from(f32::from_bits(bits as u32)),
+                2 => (bits % 1000) as f64 / 7.0,
+                _ => 1e-6 * (bits % 100_000) as f64,
+            }
+        };
+        for step in 0..2000 {
+            let record = match step % 3 {
+                0 => Record::Train {
+                    step,
+                    loss: x(),
+                    lr: x(),
+                    grad_norm: x(),
+                    recurrence: 7,
+                    backprop: 3,
+                    tokens_per_second: x(),
+                    elapsed_seconds: x(),
+                },
+                1 => Record::Eval {
+                    step,
+                    split: "hard, \"quoted\"".into(),
+                    depth: 16,
+                    loss: x(),
+                    accuracy: (step % 2 == 0).then(&mut x),
+                },
+                _ => Record::Monitor {
+                    step,
+                    depth: 8,
+                    relative_residual: x(),
+                    token_correlation: x(),
+                },
+            };
+            let json = serde_json::to_string(&record).unwrap();
+            assert_eq!(
+                csv_row_from_json(json.as_bytes()).unwrap(),
+                csv_row(&record).to_vec(),
+                "{json}"
+            );
+        }
     }
 }

@@ -9,7 +9,8 @@
 //! RUN/metrics.jsonl|csv   every record (see `metrics`)
 //! RUN/checkpoints/step-N  the newest checkpoints (see `checkpoint`)
 //! RUN/final/              the model at the end, in the Hugging Face layout (`config.json` +
-//!                         `model.safetensors`), which `infer`, `analysis` and the reference load
+//!                         `model.safetensors`, and a text run's tokenizer with its config),
+//!                         which `infer`, `analysis` and the reference load
 //! ```
 //!
 //! `Trainer::resume` continues from the newest checkpoint bit-exactly: depth, initial state and
@@ -24,10 +25,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use model::{Huginn, HuginnConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, CheckpointError, Checkpoints, TrainState};
+use crate::checkpoint::{CheckpointError, Checkpoints, Skipped, TrainState};
 use crate::data::{DataConfig, Dataset, EvalSplit};
 use crate::depth::DepthScheme;
-use crate::metrics::{MetricsLog, Record, write_atomically};
+use crate::metrics::{MetricsError, MetricsLog, Record, write_atomically};
 use crate::monitor::{evaluate_depths, monitors};
 use crate::optim::{EllisAdamConfig, no_decay_group};
 use crate::schedule::Schedule;
@@ -194,6 +195,8 @@ pub enum TrainError {
     Data(#[from] TextError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("the model's {what} is {model} but the data needs {data}")]
     Mismatch {
         what: &'static str,
@@ -230,6 +233,8 @@ pub struct Trainer {
     eval: Option<Vec<EvalSplit>>,
     checkpoints: Checkpoints,
     log: MetricsLog,
+    resumed_from: Option<PathBuf>,
+    skipped: Vec<Skipped>,
 }
 
 impl Trainer {
@@ -281,15 +286,22 @@ impl Trainer {
         let data = Dataset::new(&config.data, tokenizer)?;
         check_fits(&config.model, &data)?;
         let peak = config.schedule.peak_lr();
-        let (model, optim, state) = match Checkpoints::open(dir, config.keep_checkpoints)?.latest()? {
-            Some(latest) => checkpoint::load(&latest, device, |m| config.optimizer.init(m, peak))?,
-            None => {
-                let model = config.model.init(device, config.seed);
-                let optim = config.optimizer.init(&model, peak);
-                (model, optim, TrainState::default())
-            }
-        };
-        Self::assemble(dir, config, device, data, model, optim, state)
+        let checkpoints = Checkpoints::open(dir, config.keep_checkpoints)?;
+        let (model, optim, state, resumed) =
+            match checkpoints.load_newest(device, |m| config.optimizer.init(m, peak))? {
+                Some(r) => (r.model, r.optimizer, r.state, Some((r.checkpoint, r.skipped))),
+                None => {
+                    let model = config.model.init(device, config.seed);
+                    let optim = config.optimizer.init(&model, peak);
+                    (model, optim, TrainState::default(), None)
+                }
+            };
+        let mut trainer = Self::assemble(dir, config, device, data, model, optim, state)?;
+        if let Some((checkpoint, skipped)) = resumed {
+            trainer.resumed_from = Some(checkpoint);
+            trainer.skipped = skipped;
+        }
+        Ok(trainer)
     }
 
     fn assemble(
@@ -302,7 +314,7 @@ impl Trainer {
         state: TrainState,
     ) -> Result<Self, TrainError> {
         let checkpoints = Checkpoints::open(dir, config.keep_checkpoints)?;
-        let log = MetricsLog::open(dir, state.step).map_err(io_error(dir))?;
+        let log = MetricsLog::open(dir, state.step)?;
         Ok(Self {
             config,
             dir: dir.to_path_buf(),
@@ -314,7 +326,20 @@ impl Trainer {
             eval: None,
             checkpoints,
             log,
+            resumed_from: None,
+            skipped: Vec::new(),
         })
+    }
+
+    /// The checkpoint a resumed run continues from (`None`: a new run, or a resume from the
+    /// start).
+    pub fn resumed_from(&self) -> Option<&Path> {
+        self.resumed_from.as_deref()
+    }
+
+    /// Newer checkpoints a resume could not load, renamed out of the way.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
     }
 
     pub fn state(&self) -> TrainState {
@@ -416,13 +441,7 @@ impl Trainer {
         }
         bar.finish_and_clear();
         if self.state.step == self.config.steps {
-            let dir = self.dir.join("final");
-            self.model()
-                .export_hf(&dir, FINAL_SHARD_BYTES)
-                .map_err(|e| TrainError::Io {
-                    path: dir,
-                    reason: e.to_string(),
-                })?;
+            self.export_final()?;
         }
         Ok(())
     }
@@ -477,9 +496,64 @@ impl Trainer {
         self.log.write(record).map_err(io_error(&self.dir))
     }
 
-    fn save(&self) -> Result<PathBuf, TrainError> {
+    /// Saves a checkpoint, after making the log of the steps it covers durable.
+    fn save(&mut self) -> Result<PathBuf, TrainError> {
+        self.log.sync().map_err(io_error(&self.dir))?;
         let model = self.model.as_ref().expect("the model is always put back");
         Ok(self.checkpoints.save(model, &self.optim, &self.state)?)
+    }
+
+    /// Writes `RUN/final`: the model in the Hugging Face layout and, for a text run, the
+    /// tokenizer with its config, so every command opens the folder as it is. Written beside it
+    /// and renamed into place: `final/` is absent or complete.
+    fn export_final(&self) -> Result<(), TrainError> {
+        let dir = self.dir.join("final");
+        let partial = self.dir.join(".final.partial");
+        let replaced = self.dir.join(".final.replaced");
+        for leftover in [&partial, &replaced] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(leftover).map_err(io_error(leftover))?;
+            }
+        }
+        self.model()
+            .export_hf(&partial, FINAL_SHARD_BYTES)
+            .map_err(|e| TrainError::Io {
+                path: partial.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(tokenizer) = self.data.tokenizer() {
+            let path = partial.join("tokenizer.json");
+            tokenizer.save(&path, true).map_err(|e| TrainError::Io {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let config = serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": crate::text::END_OF_TEXT,
+                "model_max_length": self.config.model.block_size,
+            });
+            let path = partial.join("tokenizer_config.json");
+            let text = serde_json::to_string_pretty(&config).expect("plain data serializes");
+            std::fs::write(&path, text).map_err(io_error(&path))?;
+        }
+        for entry in std::fs::read_dir(&partial).map_err(io_error(&partial))? {
+            let path = entry.map_err(io_error(&partial))?.path();
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_error(&path))?;
+        }
+        crate::pause::pause_point("final-before-rename");
+        if dir.exists() {
+            std::fs::rename(&dir, &replaced).map_err(io_error(&dir))?;
+        }
+        std::fs::rename(&partial, &dir).map_err(io_error(&dir))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.dir))?;
+        if replaced.exists() {
+            std::fs::remove_dir_all(&replaced).map_err(io_error(&replaced))?;
+        }
+        Ok(())
     }
 }
 

@@ -191,6 +191,38 @@ fn the_final_model_is_a_hugging_face_folder() {
     assert_eq!(logits(&loaded), logits(&t.model()));
 }
 
+/// A text run's `final/` is a whole Hugging Face folder: the weights, the tokenizer and its
+/// config, opened and run as `huginn generate --model RUN/final --prompt …` does.
+#[test]
+fn a_text_run_final_folder_opens_with_its_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let flags = "--task text --vocab-size 300 --seq-len 32 --steps 2 --width 16 --heads 2 --layers 1,1,1 \
+                 --batch-size 2 --eval-rows 2 --mean-depth 2 --backprop 1 --quiet --out";
+    let status = Command::new(env!("CARGO_BIN_EXE_huginn-train"))
+        .args(flags.split_whitespace())
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let folder = infer::folder::ModelFolder::open(out.join("final"), &Device::flex()).unwrap();
+    assert!(folder.tokenizer.is_some());
+    let eos = folder
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .token_to_id(train::text::END_OF_TEXT)
+        .unwrap();
+    assert!(folder.stop_tokens.contains(&eos), "{:?}", folder.stop_tokens);
+    let prompt = folder.encode("ROMEO:").unwrap();
+    let generated = infer::greedy::generate(&folder.model, &prompt, 4, 2, infer::greedy::WarmStart::Cold).unwrap();
+    assert_eq!(generated.tokens.len(), 4);
+    assert_eq!(
+        std::fs::read(out.join("final/tokenizer.json")).unwrap(),
+        std::fs::read(out.join("tokenizer.json")).unwrap()
+    );
+}
+
 #[test]
 fn a_config_file_trains_with_a_flag_overriding_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -351,7 +351,22 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
     let device = args.device.device()?.autodiff();
     let mut trainer = if args.resume {
         let t = Trainer::resume(&args.out, &device)?;
-        eprintln!("resuming {} at step {}", args.out.display(), t.state().step);
+        for s in t.skipped() {
+            eprintln!(
+                "skipped a checkpoint that does not load: {}; moved it to {}",
+                s.reason,
+                s.moved_to.display()
+            );
+        }
+        match t.resumed_from() {
+            Some(checkpoint) => eprintln!(
+                "resuming {} at step {} from {}",
+                args.out.display(),
+                t.state().step,
+                checkpoint.display()
+            ),
+            None => eprintln!("resuming {} from the start (no checkpoint yet)", args.out.display()),
+        }
         t
     } else {
         Trainer::create(&args.out, args.run_config(matches)?, &device)?

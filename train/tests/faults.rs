@@ -1,0 +1,298 @@
+//! Fault injection on real `huginn-train` processes: each run is SIGKILLed at a named moment of a
+//! checkpoint write, a pruning, a log write or the final export (`HUGINN_PAUSE_AT`, see
+//! `train::pause`), or has a checkpoint damaged on disk, and is then resumed to the end. The
+//! result is compared with the same run done straight through:
+//! - the final model is byte-identical;
+//! - every logged line is byte-identical, but for the two wall-clock fields
+//!   (`tokens_per_second`, `elapsed_seconds`), which no two runs share;
+//! - the bytes logged before the kill, up to the checkpoint resumed from, are kept unchanged;
+//! - every checkpoint left loads, and one that does not is skipped with a message.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use burn::prelude::*;
+use train::checkpoint::{self, Checkpoints};
+use train::metrics::MetricsLog;
+use train::run::RunConfig;
+
+const BIN: &str = env!("CARGO_BIN_EXE_huginn-train");
+
+/// 12 steps of a tiny addition model; checkpoints at 3, 6, 9, 12, the newest two kept, so
+/// pruning happens at steps 9 and 12.
+fn flags(out: &Path) -> Vec<String> {
+    let flags = "--task addition --max-digits 2 --steps 12 --width 16 --heads 2 --layers 1,1,1 \
+                 --batch-size 4 --eval-rows 8 --eval-every 4 --checkpoint-every 3 --keep 2 \
+                 --mean-depth 2 --backprop 1 --quiet --out";
+    let mut flags: Vec<String> = flags.split_whitespace().map(String::from).collect();
+    flags.push(out.display().to_string());
+    flags
+}
+
+fn run(args: &[String]) -> Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn resume(dir: &Path) -> String {
+    let out = run(&["--resume".to_string(), "--out".into(), dir.display().to_string()]);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The run done straight through, once for all tests.
+fn straight() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        run(&flags(&dir.path().join("run")));
+        dir
+    })
+    .path()
+    .join("run")
+    .leak()
+}
+
+/// Starts a new run that stops at `point` (its `nth` time), and SIGKILLs it there.
+fn killed_at(point: &str, nth: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(flags(&dir.path().join("run")))
+        .env("HUGINN_PAUSE_AT", format!("{point}:{nth}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wanted = format!("paused at {point}");
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line == wanted => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the run never reached {point}:{nth} ({e}); status {:?}", child.wait());
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    dir
+}
+
+fn jsonl(dir: &Path) -> Vec<u8> {
+    std::fs::read(MetricsLog::jsonl_path(dir)).unwrap()
+}
+
+fn csv(dir: &Path) -> Vec<u8> {
+    std::fs::read(MetricsLog::csv_path(dir)).unwrap()
+}
+
+/// A JSON line with the values of the wall-clock fields blanked.
+fn without_clock(line: &str) -> String {
+    let mut line = line.to_string();
+    for field in ["\"tokens_per_second\":", "\"elapsed_seconds\":"] {
+        if let Some(start) = line.find(field).map(|i| i + field.len()) {
+            let end = line[start..].find([',', '}']).map_or(line.len(), |e| start + e);
+            line.replace_range(start..end, "_");
+        }
+    }
+    line
+}
+
+/// CSV row with the wall-clock columns (8th and 9th) blanked.
+fn csv_without_clock(line: &str) -> String {
+    let mut cells: Vec<&str> = line.split(',').collect();
+    if cells.len() > 8 && cells[0] == "train" {
+        cells[7] = "_";
+        cells[8] = "_";
+    }
+    cells.join(",")
+}
+
+/// The first lines of `bytes` whose records are of steps up to `step` (the CSV header
+/// counted), as bytes.
+fn kept_prefix(bytes: &[u8], step: u64, csv: bool) -> &[u8] {
+    let mut end = 0;
+    for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        if !line.ends_with(b"\n") {
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        let line_step = if csv {
+            if i == 0 {
+                0
+            } else {
+                text.split(',').nth(1).unwrap().parse::<u64>().unwrap()
+            }
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["step"].as_u64().unwrap()
+        };
+        if line_step > step {
+            break;
+        }
+        end += line.len();
+    }
+    &bytes[..end]
+}
+
+/// The step a resume reports starting from (0 from the start).
+fn resumed_step(stderr: &str) -> u64 {
+    let line = stderr.lines().find(|l| l.starts_with("resuming")).unwrap();
+    match line.split(" at step ").nth(1) {
+        Some(rest) => rest.split_whitespace().next().unwrap().parse().unwrap(),
+        None => 0,
+    }
+}
+
+/// Every checkpoint of `dir` loads, and nothing half-written is left.
+fn checkpoints_load(dir: &Path) -> Vec<u64> {
+    let config: RunConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap();
+    let device = Device::flex().autodiff();
+    let peak = config.schedule.peak_lr();
+    let list = Checkpoints::open(dir, config.keep_checkpoints).unwrap().list().unwrap();
+    for (step, path) in &list {
+        let (_, _, state) = checkpoint::load(path, &device, |m| config.optimizer.init(m, peak)).unwrap();
+        assert_eq!(state.step, *step);
+    }
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with('.')
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    list.into_iter().map(|(s, _)| s).collect()
+}
+
+/// Resumes the killed run in `dir` to the end and checks it against the straight run.
+fn resumes_to_the_straight_result(dir: &Path) -> String {
+    let (before_jsonl, before_csv) = (jsonl(dir), csv(dir));
+    let stderr = resume(dir);
+    let from = resumed_step(&stderr);
+    let want = straight();
+    assert_eq!(
+        std::fs::read(dir.join("final/model.safetensors")).unwrap(),
+        std::fs::read(want.join("final/model.safetensors")).unwrap(),
+        "the final model"
+    );
+    for (got, want, clock) in [
+        (jsonl(dir), jsonl(want), without_clock as fn(&str) -> String),
+        (csv(dir), csv(want), csv_without_clock),
+    ] {
+        let got = String::from_utf8(got).unwrap();
+        let want = String::from_utf8(want).unwrap();
+        let got: Vec<String> = got.lines().map(clock).collect();
+        let want: Vec<String> = want.lines().map(clock).collect();
+        assert_eq!(got, want);
+    }
+    // What was logged before the kill, up to the checkpoint, is still there byte for byte.
+    assert!(jsonl(dir).starts_with(kept_prefix(&before_jsonl, from, false)));
+    assert!(csv(dir).starts_with(kept_prefix(&before_csv, from, true)));
+    assert_eq!(checkpoints_load(dir), [9, 12]);
+    stderr
+}
+
+#[test]
+fn killed_while_writing_a_checkpoint() {
+    for (point, nth, from) in [
+        ("checkpoint-after-model", 2, 3),
+        ("checkpoint-before-rename", 2, 3),
+        ("checkpoint-after-rename", 2, 6),
+    ] {
+        let dir = killed_at(point, nth);
+        let run = dir.path().join("run");
+        let stderr = resumes_to_the_straight_result(&run);
+        assert_eq!(resumed_step(&stderr), from, "{point}: {stderr}");
+    }
+}
+
+#[test]
+fn killed_while_pruning_or_logging_or_exporting() {
+    for (point, nth, from) in [
+        // Step 9's checkpoint is in place, step 3's renamed for deletion and not yet deleted.
+        ("prune-after-rename", 1, 9),
+        // The 5th record (step 4's first evaluation): its JSON line written, its CSV row not.
+        ("metrics-between-files", 5, 3),
+        // Every step done, the final folder written beside its place.
+        ("final-before-rename", 1, 12),
+    ] {
+        let dir = killed_at(point, nth);
+        let run = dir.path().join("run");
+        let stderr = resumes_to_the_straight_result(&run);
+        assert_eq!(resumed_step(&stderr), from, "{point}: {stderr}");
+    }
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_is_skipped_for_the_one_before() {
+    // Killed right after step 9's checkpoint: it and step 6's are on disk.
+    let dir = killed_at("prune-after-rename", 1);
+    let run = dir.path().join("run");
+    let newest = run.join("checkpoints/step-00000009");
+    let model = newest.join("model.bpk");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    // An empty step directory (what deleting without renaming first could leave).
+    std::fs::create_dir(run.join("checkpoints/step-00000010")).unwrap();
+    let stderr = resumes_to_the_straight_result(&run);
+    assert_eq!(resumed_step(&stderr), 6, "{stderr}");
+    for step in ["step-00000010", "step-00000009"] {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(step))
+            .unwrap_or_else(|| panic!("{stderr}"));
+        assert!(
+            line.starts_with("skipped a checkpoint that does not load: ")
+                && line.ends_with(&format!(
+                    "; moved it to {}",
+                    run.join("checkpoints").join(format!("{step}.unreadable")).display()
+                )),
+            "{line}"
+        );
+    }
+    // The damaged bytes are kept, aside.
+    assert_eq!(
+        std::fs::read(run.join("checkpoints/step-00000009.unreadable/model.bpk"))
+            .unwrap()
+            .len(),
+        bytes.len() / 2
+    );
+}
+
+#[test]
+fn no_loadable_checkpoint_is_an_error_that_changes_nothing() {
+    let dir = killed_at("checkpoint-after-rename", 2);
+    let run = dir.path().join("run");
+    for step in ["step-00000003", "step-00000006"] {
+        std::fs::write(run.join("checkpoints").join(step).join("state.json"), b"{").unwrap();
+    }
+    let (before_jsonl, before_csv) = (jsonl(&run), csv(&run));
+    let out = Command::new(BIN)
+        .arg("--resume")
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no checkpoint in") && stderr.contains("they are left as they are"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!((jsonl(&run), csv(&run)), (before_jsonl, before_csv));
+    assert!(run.join("checkpoints/step-00000006").exists());
+}
