@@ -140,6 +140,11 @@ pub struct Row {
     pub decoding: Decoding,
 }
 
+/// The most recurrence steps per token any command or request may ask for: a bound on absurd
+/// values (a trained model's latent state settles within tens of steps, and a full cache grows
+/// with the depth), refused with this number in the message.
+pub const MAX_STEPS: usize = 1024;
+
 /// Generation for rows that each sample, stop and end on their own: a row ends after
 /// `max_new` tokens, a stop token, or `Break` from `on_token(row, token, steps)`, and then
 /// leaves the batch at once with its cache entries, so the others run on without it. Ragged
@@ -155,8 +160,9 @@ pub fn generate_rows(
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
     if let Some(row) = rows.iter().find(|r| r.prompt.len() + r.max_new > context) {
-        return Err(InputError::TooLong {
-            len: row.prompt.len() + row.max_new,
+        return Err(InputError::NoRoom {
+            prompt: row.prompt.len(),
+            new: row.max_new,
             context,
         });
     }
@@ -264,8 +270,9 @@ impl<'a> Conversation<'a> {
         }
         let context = self.session.model.config().block_size;
         if tokens.len() + max_new > context {
-            return Err(InputError::TooLong {
-                len: tokens.len() + max_new,
+            return Err(InputError::NoRoom {
+                prompt: tokens.len(),
+                new: max_new,
                 context,
             });
         }
@@ -585,7 +592,7 @@ mod tests {
         assert_eq!((same, reused), (edit, edited.len() - 1));
         assert!(matches!(
             chat.reply(&[1; 250], 10, &Decoding::default(), |_, _| ControlFlow::Continue(())),
-            Err(InputError::TooLong { .. })
+            Err(InputError::NoRoom { .. })
         ));
     }
 

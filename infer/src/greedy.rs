@@ -87,7 +87,9 @@ mod tests {
         assert_ne!(cold.tokens, warm.tokens);
         let err = generate(&model, &prompt, 254, 1, WarmStart::Cold).unwrap_err();
         assert!(
-            err.to_string().contains("257 tokens exceeds the context length of 256"),
+            err.to_string().contains(
+                "a prompt of 3 tokens and 254 new ones need 257 positions, more than the context length of 256"
+            ),
             "{err}"
         );
     }

@@ -206,7 +206,7 @@ fn generate_reproduces_the_reference_greedy_run() {
     let out = huginn(&[&args[..], &["--cache", "latest-m7-sideways"]].concat());
     assert!(text(&out).1.contains("unknown cache strategy"));
     let out = huginn(&[&args[..], &["--max-new-tokens", "200"]].concat());
-    assert!(text(&out).1.contains("exceeds the context length of 128"));
+    assert!(text(&out).1.contains("more than the model's context of 128"));
 }
 
 #[test]
@@ -240,6 +240,50 @@ fn bad_input_is_a_one_line_error() {
             "error: the cuda backend is not compiled into this binary; rebuild with `--features cuda`"
         );
     }
+}
+
+/// Values that would run forever, never fire, or not fit are refused up front, with the limit.
+#[test]
+fn absurd_generation_flags_are_refused_with_the_limit() {
+    let model = fixture("tiny-a");
+    let model = model.to_str().unwrap();
+    let ids: Vec<String> = (0..120).map(|i| (i % 100).to_string()).collect();
+    let ids = ids.join(",");
+    let generate = ["generate", "--model", model, "--ids", &ids];
+    let cases: [(&[&str], &str); 7] = [
+        (&["--steps", "99999999999"], "--steps must be in 1..=1024"),
+        (&["--steps", "0"], "--steps must be in 1..=1024"),
+        (
+            &["--criterion", "kl", "--exit-threshold=-1"],
+            "--exit-threshold must be a finite number >= 0 (got -1)",
+        ),
+        (
+            &["--criterion", "kl", "--exit-threshold", "NaN"],
+            "--exit-threshold must be a finite number >= 0 (got NaN)",
+        ),
+        (
+            &["--max-new-tokens", "9"],
+            "the prompt has 120 tokens and --max-new-tokens is 9: 129 positions, more than the model's context of 128",
+        ),
+        (
+            &["--max-new-tokens", "18446744073709551615"],
+            "more than the model's context of 128",
+        ),
+        (
+            &["--max-new-tokens", "4", "--speculate", "8", "--draft-steps", "2"],
+            "and a lookahead of 8: 132 positions",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let args: Vec<&str> = generate.iter().chain(flags).copied().collect();
+        let out = huginn(&args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{flags:?}: {stderr}");
+    }
+    let (_, stderr) = text(&huginn(&["depths", "--ids", "1", "--max-depth", "5000"]));
+    assert!(stderr.contains("--max-depth must be in 1..=1024"), "{stderr}");
 }
 
 #[test]

@@ -76,6 +76,11 @@ pub enum InputError {
     Ragged { first: usize, other: usize },
     #[error("input of {len} tokens exceeds the context length of {context}")]
     TooLong { len: usize, context: usize },
+    #[error(
+        "a prompt of {prompt} tokens and {new} new ones need {} positions, more than the context length of {context}",
+        .prompt + .new
+    )]
+    NoRoom { prompt: usize, new: usize, context: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
 }

@@ -2,7 +2,7 @@
 //! defaults from the folder's `generation_config.json`.
 
 use anyhow::{Result, bail};
-use infer::adaptive::{AdaptiveConfig, Decoding};
+use infer::adaptive::{AdaptiveConfig, Decoding, MAX_STEPS};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
@@ -67,8 +67,13 @@ impl DecodingArgs {
             seed: self.seed,
         };
         sampling.validate().map_err(anyhow::Error::msg)?;
-        if self.steps == 0 {
-            bail!("--steps must be at least 1");
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            bail!("--steps must be in 1..={MAX_STEPS}");
+        }
+        if let Some(t) = self.exit_threshold
+            && !(t.is_finite() && t >= 0.0)
+        {
+            bail!("--exit-threshold must be a finite number >= 0 (got {t})");
         }
         if !self.stop.is_empty() && folder.tokenizer.is_none() {
             bail!("--stop needs a tokenizer (tokenizer.json in the model folder); --stop-token takes ids");
@@ -89,11 +94,34 @@ impl DecodingArgs {
         Ok((config, decoding))
     }
 
-    /// New tokens after a prompt of `len` tokens.
+    /// New tokens after a prompt of `len` tokens, as asked or defaulted (at most the room left
+    /// when the default comes from `generation_config.json`).
     pub fn max_new(&self, folder: &ModelFolder, len: usize) -> usize {
         let room = folder.model.config().block_size.saturating_sub(len);
         self.max_new_tokens
             .or_else(|| folder.generation.max_new_tokens(len).map(|n| n.min(room)))
             .unwrap_or(16)
+    }
+
+    /// [`Self::max_new`], refused when it is 0 or the prompt and it do not fit the context
+    /// (`extra` positions besides, as speculative decoding's lookahead).
+    pub fn fitting_max_new(&self, folder: &ModelFolder, len: usize, extra: usize) -> Result<usize> {
+        let context = folder.model.config().block_size;
+        let max_new = self.max_new(folder, len);
+        if max_new == 0 {
+            bail!("--max-new-tokens must be at least 1");
+        }
+        let needed = len.saturating_add(max_new).saturating_add(extra);
+        if needed > context {
+            let lookahead = if extra > 0 {
+                format!(" and a lookahead of {extra}")
+            } else {
+                String::new()
+            };
+            bail!(
+                "the prompt has {len} tokens and --max-new-tokens is {max_new}{lookahead}: {needed} positions, more than the model's context of {context}"
+            );
+        }
+        Ok(max_new)
     }
 }

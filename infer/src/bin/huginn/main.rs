@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use infer::adaptive::{self, AdaptiveConfig, AdaptiveGeneration, Decoding};
+use infer::adaptive::{self, AdaptiveConfig, AdaptiveGeneration, Decoding, MAX_STEPS};
 use infer::chat::{Message, Role};
 use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
@@ -200,8 +200,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let model = load(model.as_deref(), &device)?;
-            if max_depth == 0 {
-                bail!("--max-depth must be at least 1");
+            if max_depth == 0 || max_depth > MAX_STEPS {
+                bail!("--max-depth must be in 1..={MAX_STEPS}");
             }
             let depths = if depths.is_empty() {
                 (0..).map(|p| 1 << p).take_while(|d| *d <= max_depth).collect()
@@ -275,7 +275,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 Some(text) => folder.encode(&text)?,
             };
-            let max_new = args.max_new(&folder, prompt.len());
+            let max_new = args.fitting_max_new(&folder, prompt.len(), speculate.unwrap_or(0))?;
             let mut stdout = std::io::stdout().lock();
             let started = Instant::now();
             let mut first = None;
@@ -290,6 +290,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 if lookahead == 0 || draft_steps == 0 || !(accept_threshold > 0.0 && accept_threshold <= 1.0) {
                     bail!("--speculate and --draft-steps must be at least 1, --accept-threshold in (0, 1]");
+                }
+                if draft_steps > MAX_STEPS {
+                    bail!("--draft-steps must be in 1..={MAX_STEPS}");
                 }
                 let config = SpeculativeConfig {
                     draft_steps,
@@ -405,6 +408,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .filter(|k| !k.is_empty() && !no_auth);
             if !addr.ip().is_loopback() && api_key.is_none() && !no_auth {
                 bail!("listening on {addr} (beyond loopback) needs --api-key, or --no-auth to serve without one");
+            }
+            if max_steps == 0 || max_steps > MAX_STEPS {
+                bail!("--max-steps must be in 1..={MAX_STEPS}");
             }
             if steps == 0 || steps > max_steps {
                 bail!("--steps must be in 1..=--max-steps ({max_steps})");
