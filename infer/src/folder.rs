@@ -28,8 +28,9 @@ const REFERENCE_STOPS: [&str; 3] = ["<|begin_text|>", "<|end_text|>", "<|end_tur
 pub enum FolderError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The `io::Error` is not a `source`: `{:#}` would print its text twice.
+    #[error("cannot read {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("the model folder has no {0}")]
@@ -211,7 +212,7 @@ fn read_optional<T>(
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| FolderError::Io { path, source })?;
+    let text = std::fs::read_to_string(&path).map_err(|error| FolderError::Io { path, error })?;
     parse(&text).map(Some).map_err(|reason| invalid(dir, file, reason))
 }
 

@@ -374,3 +374,29 @@ fn chat_keeps_its_cache_between_turns() {
     // The second turn's rendering starts with the first turn's tokens.
     assert!(reused[1] > 10, "{stderr}");
 }
+
+#[test]
+fn a_missing_or_incomplete_config_is_one_line_naming_the_file_and_the_field() {
+    let dir = folder(DEFAULT_IDS);
+    let model = dir.path().to_str().unwrap();
+    let config = dir.path().join("config.json");
+    let generate = ["generate", "--model", model, "--ids", "1,2,3", "--max-new-tokens", "2"];
+    let stderr = || String::from_utf8(huginn(&generate).stderr).unwrap();
+
+    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    value.as_object_mut().unwrap().remove("n_embd");
+    std::fs::write(&config, value.to_string()).unwrap();
+    assert_eq!(
+        stderr(),
+        format!(
+            "error: loading {model}: {}: invalid config: n_embd is missing (the weights' shapes depend on it)\n",
+            config.display()
+        )
+    );
+
+    std::fs::remove_file(&config).unwrap();
+    assert_eq!(
+        stderr(),
+        format!("error: loading {model}: {} is missing\n", config.display())
+    );
+}

@@ -6,13 +6,14 @@
 //! model's size in memory plus one tensor, not twice the checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use memmap2::Mmap;
+use safetensors::View;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
-use safetensors::{SafeTensors, View};
 
 use crate::error::WeightsError;
 
@@ -45,20 +46,23 @@ impl Checkpoint {
     /// Opens a `.safetensors` file, or a folder holding `model.safetensors` or a shard index.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, WeightsError> {
         let path = path.as_ref();
-        let files = if path.is_dir() {
-            let index = path.join(INDEX_FILE);
-            let single = path.join(SINGLE_FILE);
-            if index.exists() {
-                shard_files(&index)?
-            } else if single.exists() {
-                vec![single]
-            } else {
-                return Err(WeightsError::NoWeights {
-                    path: path.to_path_buf(),
-                });
-            }
+        let index = path.join(INDEX_FILE);
+        let single = path.join(SINGLE_FILE);
+        let (files, weight_map) = if !path.is_dir() {
+            (vec![path.to_path_buf()], None)
+        } else if index.exists() {
+            let weight_map = read_index(&index)?;
+            let names: BTreeSet<&String> = weight_map.values().collect();
+            (
+                names.into_iter().map(|name| path.join(name)).collect(),
+                Some(weight_map),
+            )
+        } else if single.exists() {
+            (vec![single], None)
         } else {
-            vec![path.to_path_buf()]
+            return Err(WeightsError::NoWeights {
+                path: path.to_path_buf(),
+            });
         };
         let mut shards = Vec::new();
         let mut keys = BTreeMap::new();
@@ -68,6 +72,9 @@ impl Checkpoint {
                 keys.insert(key, shards.len());
             }
             shards.push(shard);
+        }
+        if let Some(weight_map) = weight_map {
+            check_index(&index, &weight_map, &shards)?;
         }
         Ok(Self {
             shards,
@@ -87,8 +94,14 @@ impl Checkpoint {
     }
 
     /// Reads `key` as f32 on the host, checking its shape against `expected` (given in the
-    /// stored layout) and that every value is finite.
-    pub fn read(&mut self, key: &str, expected: &[usize], layout: Layout) -> Result<TensorData, WeightsError> {
+    /// stored layout; `dims` names the config fields it comes from) and that every value is finite.
+    pub fn read(
+        &mut self,
+        key: &str,
+        expected: &[usize],
+        dims: &'static str,
+        layout: Layout,
+    ) -> Result<TensorData, WeightsError> {
         let Some(&shard) = self.keys.get(key) else {
             return Err(WeightsError::MissingKey {
                 path: self.path_of(key).to_path_buf(),
@@ -103,6 +116,7 @@ impl Checkpoint {
                 path: path(),
                 key: key.into(),
                 expected: expected.to_vec(),
+                dims,
                 found: info.shape.clone(),
             });
         }
@@ -132,10 +146,11 @@ impl Checkpoint {
         &mut self,
         key: &str,
         expected: [usize; D],
+        dims: &'static str,
         layout: Layout,
         device: &Device,
     ) -> Result<Tensor<D>, WeightsError> {
-        Ok(Tensor::from_data(self.read(key, &expected, layout)?, device))
+        Ok(Tensor::from_data(self.read(key, &expected, dims, layout)?, device))
     }
 
     /// Marks a key as deliberately ignored (e.g. the stored RoPE table).
@@ -159,17 +174,17 @@ impl Checkpoint {
 
 impl Shard {
     fn open(path: &Path) -> Result<Self, WeightsError> {
-        let io = |source| WeightsError::Io {
+        let io = |error| WeightsError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file truncated by another process while mapped can
         // fault, as with any mmap-based loader (the HF and burn-store loaders alike).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| WeightsError::Corrupt {
+        let (header_len, metadata) = read_header(&map).map_err(|reason| WeightsError::Corrupt {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -185,29 +200,109 @@ impl Shard {
     }
 }
 
-/// The distinct shard files an index names, in order.
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
+/// The header of a safetensors file: its length and the tensors' metadata, checked against the
+/// file's length.
+///
+/// What `SafeTensors::read_metadata` checks, in an order that cannot overflow: safetensors 0.8
+/// adds the data length a header claims to the header's own without checking, so a header whose
+/// offsets reach near 2^64 panics there in a debug build.
+fn read_header(bytes: &[u8]) -> Result<(usize, Metadata), String> {
+    let Some((prefix, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(format!("{} bytes, too short for the header length", bytes.len()));
+    };
+    let claimed = u64::from_le_bytes(*prefix);
+    let Some(header) = usize::try_from(claimed).ok().and_then(|n| rest.get(..n)) else {
+        return Err(format!(
+            "the header length is {claimed} bytes, but only {} follow it",
+            rest.len()
+        ));
+    };
+    let metadata: Metadata = serde_json::from_slice(header).map_err(|e| format!("invalid header: {e}"))?;
+    let data = rest.len() - header.len();
+    let end = metadata
+        .tensors()
+        .values()
+        .map(|info| info.data_offsets.1)
+        .max()
+        .unwrap_or(0);
+    if end != data {
+        return Err(format!(
+            "the header's tensors take {end} bytes, but {data} follow the header"
+        ));
+    }
+    Ok((header.len(), metadata))
+}
+
+/// The `weight_map` of a shard index: tensor name → shard file name in the index's folder.
+fn read_index(index: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
     #[derive(serde::Deserialize)]
     struct Index {
-        weight_map: HashMap<String, String>,
+        weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|source| WeightsError::Io {
+    let invalid = |reason: String| WeightsError::Index {
         path: index.to_path_buf(),
-        source,
-    })?;
-    let parsed: Index = serde_json::from_str(&text).map_err(|e| WeightsError::Index {
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(|error| WeightsError::Io {
         path: index.to_path_buf(),
-        reason: e.to_string(),
+        error,
     })?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let names: BTreeSet<&String> = parsed.weight_map.values().collect();
-    if names.is_empty() {
-        return Err(WeightsError::Index {
-            path: index.to_path_buf(),
-            reason: "empty weight_map".into(),
-        });
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    if parsed.weight_map.is_empty() {
+        return Err(invalid("empty weight_map".into()));
     }
-    Ok(names.into_iter().map(|name| dir.join(name)).collect())
+    // A name with a directory part would read a file outside the model folder.
+    if let Some(name) = parsed
+        .weight_map
+        .values()
+        .find(|name| Path::new(name).file_name() != Some(OsStr::new(name)))
+    {
+        return Err(invalid(format!("shard {name:?} is not a file name")));
+    }
+    Ok(parsed.weight_map)
+}
+
+/// Fails unless each shard holds exactly the tensors `weight_map` puts in it, which also keeps a
+/// tensor from being in two shards.
+fn check_index(index: &Path, weight_map: &BTreeMap<String, String>, shards: &[Shard]) -> Result<(), WeightsError> {
+    let invalid = |reason: String| WeightsError::Index {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let name = |shard: &Shard| {
+        shard
+            .path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    for shard in shards {
+        let stored: BTreeSet<String> = shard.metadata.tensors().into_keys().collect();
+        for key in stored {
+            match weight_map.get(&key) {
+                Some(file) if *file == name(shard) => {}
+                Some(file) => {
+                    return Err(invalid(format!(
+                        "{key:?} is in {}, but weight_map puts it in {file}",
+                        name(shard)
+                    )));
+                }
+                None => return Err(invalid(format!("{key:?} is in {}, but not in weight_map", name(shard)))),
+            }
+        }
+    }
+    for (key, file) in weight_map {
+        let held = shards
+            .iter()
+            .any(|shard| name(shard) == *file && shard.metadata.info(key).is_some());
+        if !held {
+            return Err(invalid(format!(
+                "weight_map puts {key:?} in {file}, which does not hold it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {

@@ -1,10 +1,11 @@
 //! The model configuration, read from the reference `config.json` as `save_pretrained` writes it.
 //!
 //! Every field of the reference `RavenConfig` is here with the reference default, so a
-//! `config.json` that omits fields reads the same way the authors' code reads it. Unknown extra
-//! fields are tolerated (Hugging Face adds its own). Derived fields that the reference writes
-//! (`head_dim`, `init_values`, ...) are read too, and [`HuginnConfig::validate`] checks that they
-//! agree with the fields they derive from.
+//! `config.json` that omits fields reads the same way the authors' code reads it, except for
+//! [`REQUIRED`]: the fields that fix the weights' shapes, which the reference would default to
+//! Huginn-0125's. Unknown extra fields are tolerated (Hugging Face adds its own). Derived fields
+//! that the reference writes (`head_dim`, `init_values`, ...) are read too, and
+//! [`HuginnConfig::validate`] checks that they agree with the fields they derive from.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,6 +13,19 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+
+/// Fields `config.json` must have. Each fixes the weights' shapes, and the reference's default
+/// for it is Huginn-0125's, so a file that lost one would otherwise fail later as a shape
+/// mismatch on some tensor instead of naming the field.
+pub const REQUIRED: [&str; 7] = [
+    "n_embd",
+    "n_heads",
+    "vocab_size",
+    "intermediate_size",
+    "n_layers_in_prelude",
+    "n_layers_in_recurrent_block",
+    "n_layers_in_coda",
+];
 
 /// The architecture hyper-parameters of a recurrent-depth model (reference `RavenConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,16 +169,37 @@ impl HuginnConfig {
     /// Reads and validates a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_json(&text).map_err(|e| e.in_file(path))
     }
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_json::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let fields = value
+            .as_object()
+            .ok_or_else(|| ConfigError::Parse("not a JSON object".into()))?;
+        if let Some(field) = REQUIRED.into_iter().find(|field| !fields.contains_key(*field)) {
+            return Err(ConfigError::Missing(field));
+        }
+        let config = Self::deserialize(&value).map_err(|e| {
+            // serde_json's message does not say which field it is about: find the one that fails
+            // on its own (the others take their defaults).
+            let alone = |(key, value): (&String, &serde_json::Value)| {
+                let one = serde_json::Value::Object([(key.clone(), value.clone())].into_iter().collect());
+                Self::deserialize(&one).err().map(|e| ConfigError::Field {
+                    field: key.clone(),
+                    reason: e.to_string(),
+                })
+            };
+            fields
+                .iter()
+                .find_map(alone)
+                .unwrap_or_else(|| ConfigError::Parse(e.to_string()))
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -194,11 +229,20 @@ impl HuginnConfig {
         serde_json::to_string_pretty(&full).expect("config serialises")
     }
 
-    /// Checks that the configuration describes a model this crate can build exactly.
+    /// Checks that the configuration describes a model this crate can build exactly. Each
+    /// message names the fields it is about.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.n_embd == 0 || self.n_heads == 0 || self.vocab_size == 0 {
-            return bad("n_embd, n_heads and vocab_size must be positive".into());
+        let counts = [
+            ("n_embd", self.n_embd),
+            ("n_heads", self.n_heads),
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+            ("block_size", self.block_size),
+            ("n_layers_in_recurrent_block", self.n_layers_in_recurrent_block),
+        ];
+        if let Some((field, _)) = counts.iter().find(|(_, value)| *value == 0) {
+            return bad(format!("{field} = 0; it must be at least 1"));
         }
         if !self.n_embd.is_multiple_of(self.n_heads) {
             return bad(format!(
@@ -208,19 +252,29 @@ impl HuginnConfig {
         }
         if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
-                "head_dim = {} is odd; rotary embeddings rotate pairs",
+                "head_dim = n_embd / n_heads = {} / {} = {} is odd; rotary embeddings rotate pairs",
+                self.n_embd,
+                self.n_heads,
                 self.head_dim()
             ));
         }
-        if self.n_layers_in_recurrent_block == 0 {
-            return bad("n_layers_in_recurrent_block must be at least 1".into());
+        if self.checked_num_params().is_none() || self.checked_effective_expected_depth().is_none() {
+            return bad(format!(
+                "n_embd = {}, intermediate_size = {}, vocab_size = {}, layers {} + {} + {} and \
+                 mean_recurrence = {} give sizes beyond what this machine can address",
+                self.n_embd,
+                self.intermediate_size,
+                self.vocab_size,
+                self.n_layers_in_prelude,
+                self.n_layers_in_recurrent_block,
+                self.n_layers_in_coda,
+                self.mean_recurrence
+            ));
         }
-        if self.intermediate_size == 0 || self.block_size == 0 {
-            return bad("intermediate_size and block_size must be positive".into());
-        }
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        if !positive(self.norm_eps) || !positive(self.rope_base) {
-            return bad("norm_eps and rope_base must be positive".into());
+        for (field, value) in [("norm_eps", self.norm_eps), ("rope_base", self.rope_base)] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("{field} = {value} must be positive"));
+            }
         }
         let supported = [
             ("block_class_name", self.block_class_name.as_str(), "SandwichBlock"),
@@ -247,15 +301,30 @@ impl HuginnConfig {
             return bad("test_time_noise is not supported (the reference leaves it at 0)".into());
         }
         let derived = [
-            ("head_dim", self.head_dim, self.head_dim()),
-            ("num_key_value_heads", self.num_key_value_heads, self.n_heads),
-            ("padded_vocab_size", self.padded_vocab_size, self.vocab_size),
+            (
+                "head_dim",
+                self.head_dim,
+                self.head_dim(),
+                format!("n_embd / n_heads = {} / {}", self.n_embd, self.n_heads),
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                self.n_heads,
+                "n_heads".into(),
+            ),
+            (
+                "padded_vocab_size",
+                self.padded_vocab_size,
+                self.vocab_size,
+                "vocab_size".into(),
+            ),
         ];
-        for (field, stored, want) in derived {
+        for (field, stored, want, from) in derived {
             if let Some(stored) = stored
                 && stored != want
             {
-                return bad(format!("{field} = {stored} disagrees with the derived value {want}"));
+                return bad(format!("{field} = {stored} disagrees with {from} = {want}"));
             }
         }
         Ok(())
@@ -268,7 +337,14 @@ impl HuginnConfig {
     /// Unrolled depth at the mean recurrence, `l_P + l_C + l_R·r̄`; it sets the init scale of
     /// the output projections.
     pub fn effective_expected_depth(&self) -> usize {
-        self.n_layers_in_prelude + self.n_layers_in_coda + self.n_layers_in_recurrent_block * self.mean_recurrence
+        self.checked_effective_expected_depth()
+            .expect("the unrolled depth overflows usize (validate rejects such a config)")
+    }
+
+    fn checked_effective_expected_depth(&self) -> Option<usize> {
+        (self.n_layers_in_recurrent_block.checked_mul(self.mean_recurrence)?)
+            .checked_add(self.n_layers_in_prelude)?
+            .checked_add(self.n_layers_in_coda)
     }
 
     /// `√h`, multiplied onto the embedding output and onto the "like-init" initial state.
@@ -289,15 +365,34 @@ impl HuginnConfig {
 
     /// Number of unique parameters (the tied head counted once).
     pub fn num_params(&self) -> usize {
-        let h = self.n_embd;
-        let block = 4 * h + 3 * h * h + 2 * h + h * h + 2 * self.intermediate_size * h + self.intermediate_size * h;
-        let blocks = self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda;
-        blocks * block + self.vocab_size * h + 2 * h * h + h
+        self.checked_num_params()
+            .expect("the parameter count overflows usize (validate rejects such a config)")
+    }
+
+    /// [`Self::num_params`], or `None` where it overflows: then some tensor's size does too.
+    fn checked_num_params(&self) -> Option<usize> {
+        let (h, i) = (self.n_embd, self.intermediate_size);
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        // Per block: four norms (4h), Wqkv (3h²), qk_bias (2h), proj (h²), fc (2ih), mlp.proj (ih).
+        let block = mul(4, mul(h, h)?)?
+            .checked_add(mul(6, h)?)?
+            .checked_add(mul(3, mul(i, h)?)?)?;
+        let blocks = self
+            .n_layers_in_prelude
+            .checked_add(self.n_layers_in_recurrent_block)?
+            .checked_add(self.n_layers_in_coda)?;
+        // Plus the embedding (vh), the adapter (2h²) and ln_f (h).
+        mul(blocks, block)?
+            .checked_add(mul(self.vocab_size, h)?)?
+            .checked_add(mul(2, mul(h, h)?)?)?
+            .checked_add(h)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -344,17 +439,62 @@ mod tests {
 
     #[test]
     fn rejects_inconsistent_configs() {
+        let full: serde_json::Value =
+            serde_json::from_str(&HuginnConfig::tiny(100, 32, 4, (1, 2, 1)).to_json()).unwrap();
+        let with = |edits: serde_json::Value| {
+            let mut value = full.clone();
+            for (key, edit) in edits.as_object().unwrap() {
+                value[key] = edit.clone();
+            }
+            value.to_string()
+        };
         let cases = [
-            (r#"{"n_embd": 64, "n_heads": 5}"#, "does not divide"),
-            (r#"{"n_embd": 60, "n_heads": 4}"#, "odd"),
-            (r#"{"n_embd": 64, "n_heads": 4, "head_dim": 32}"#, "head_dim = 32"),
-            (r#"{"injection_type": "add"}"#, "injection_type"),
-            (r#"{"n_embd": "wide"}"#, "invalid type"),
-            (r#"{"n_embd": 64"#, "EOF"),
+            (
+                with(json!({"n_embd": 64, "n_heads": 5})),
+                "n_heads = 5 does not divide n_embd = 64",
+            ),
+            (
+                with(json!({"n_embd": 60, "n_heads": 4})),
+                "head_dim = n_embd / n_heads = 60 / 4 = 15 is odd",
+            ),
+            (
+                with(json!({"n_embd": 64})),
+                "head_dim = 8 disagrees with n_embd / n_heads = 64 / 4 = 16",
+            ),
+            (
+                with(json!({"num_key_value_heads": 2})),
+                "num_key_value_heads = 2 disagrees with n_heads = 4",
+            ),
+            (with(json!({"injection_type": "add"})), "injection_type"),
+            (with(json!({"n_embd": "wide"})), "n_embd: invalid type: string \"wide\""),
+            (with(json!({"rope_base": null})), "rope_base: invalid type: null"),
+            (with(json!({"vocab_size": 0})), "vocab_size = 0"),
+            (
+                with(json!({"intermediate_size": usize::MAX})),
+                "beyond what this machine can address",
+            ),
+            (with(json!({"mean_recurrence": usize::MAX})), "mean_recurrence"),
+            (r#"{"n_embd": 64"#.into(), "EOF"),
+            ("[64]".into(), "not a JSON object"),
         ];
         for (json, needle) in cases {
-            let err = HuginnConfig::from_json(json).unwrap_err().to_string();
+            let err = HuginnConfig::from_json(&json).unwrap_err().to_string();
             assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_required_field_is_named_when_missing() {
+        let full: serde_json::Value =
+            serde_json::from_str(&HuginnConfig::tiny(100, 32, 4, (1, 2, 1)).to_json()).unwrap();
+        for field in REQUIRED {
+            let mut value = full.clone();
+            value.as_object_mut().unwrap().remove(field);
+            let err = HuginnConfig::from_json(&value.to_string()).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("invalid config: {field} is missing (the weights' shapes depend on it)")
+            );
         }
     }
 }

@@ -7,10 +7,14 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}", io_message(path, error))]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("invalid config JSON: {0}")]
     Parse(String),
+    #[error("invalid config: {0} is missing (the weights' shapes depend on it)")]
+    Missing(&'static str),
+    #[error("invalid config: {field}: {reason}")]
+    Field { field: String, reason: String },
     #[error("invalid config: {0}")]
     Invalid(String),
     #[error("{path}: {inner}")]
@@ -29,13 +33,24 @@ impl ConfigError {
     }
 }
 
+/// An I/O failure as one line: a file that is not there is "missing", other failures keep the
+/// OS's words. The `io::Error` is deliberately not the error's `source`, which `{:#}` would print
+/// a second time.
+fn io_message(path: &Path, error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        format!("{} is missing", path.display())
+    } else {
+        format!("cannot read {}: {error}", path.display())
+    }
+}
+
 /// Errors while reading or writing weights.
 #[derive(Debug, Error)]
 pub enum WeightsError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}", io_message(path, error))]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a valid safetensors file (truncated or corrupt?): {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: invalid shard index: {reason}")]
@@ -44,11 +59,13 @@ pub enum WeightsError {
     MissingKey { path: PathBuf, key: String },
     #[error("{path}: unexpected tensor {key:?} (not part of this model)")]
     UnexpectedKey { path: PathBuf, key: String },
-    #[error("{path}: tensor {key:?} has shape {found:?}, the config implies {expected:?}")]
+    #[error("{path}: tensor {key:?} has shape {found:?}, the config implies {expected:?} ({dims})")]
     Shape {
         path: PathBuf,
         key: String,
         expected: Vec<usize>,
+        /// The config fields `expected` comes from, so the message names the one that is wrong.
+        dims: &'static str,
         found: Vec<usize>,
     },
     #[error("{path}: tensor {key:?} has unsupported dtype {dtype} (f32, f16, bf16, f64 are read)")]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::prelude::*;
+use burn::store::{ModuleRecord, RecordError};
 use burn::tensor::Gradients;
 
 use crate::block::SandwichBlock;
@@ -51,9 +52,9 @@ impl Huginn {
         let (nh, hd) = (config.n_heads, config.head_dim());
         use Layout::{AsStored, Transposed};
 
-        let wte = ckpt.read("transformer.wte.weight", &[v, h], AsStored)?;
+        let wte = ckpt.read("transformer.wte.weight", &[v, h], "vocab_size, n_embd", AsStored)?;
         if ckpt.contains("lm_head.weight") {
-            let head = ckpt.read("lm_head.weight", &[v, h], AsStored)?;
+            let head = ckpt.read("lm_head.weight", &[v, h], "vocab_size, n_embd", AsStored)?;
             let max_diff = max_abs_diff(&wte, &head);
             if max_diff > 0.0 {
                 return Err(WeightsError::UntiedHead {
@@ -71,15 +72,45 @@ impl Huginn {
                     let p = format!("{prefix}.{l}");
                     let mut norms = Vec::new();
                     for n in 1..=4 {
-                        norms.push(ckpt.tensor(&format!("{p}.norm_{n}.weight"), [h], AsStored, device)?);
+                        norms.push(ckpt.tensor(&format!("{p}.norm_{n}.weight"), [h], "n_embd", AsStored, device)?);
                     }
                     let mut norms = norms.into_iter();
                     Ok(config.block_from(
-                        ckpt.tensor(&format!("{p}.attn.Wqkv.weight"), [3 * h, h], Transposed, device)?,
-                        ckpt.tensor(&format!("{p}.attn.qk_bias"), [2, 1, nh, hd], AsStored, device)?,
-                        ckpt.tensor(&format!("{p}.attn.proj.weight"), [h, h], Transposed, device)?,
-                        ckpt.tensor(&format!("{p}.mlp.fc.weight"), [2 * i, h], Transposed, device)?,
-                        ckpt.tensor(&format!("{p}.mlp.proj.weight"), [h, i], Transposed, device)?,
+                        ckpt.tensor(
+                            &format!("{p}.attn.Wqkv.weight"),
+                            [3 * h, h],
+                            "3·n_embd, n_embd",
+                            Transposed,
+                            device,
+                        )?,
+                        ckpt.tensor(
+                            &format!("{p}.attn.qk_bias"),
+                            [2, 1, nh, hd],
+                            "2, 1, n_heads, n_embd / n_heads",
+                            AsStored,
+                            device,
+                        )?,
+                        ckpt.tensor(
+                            &format!("{p}.attn.proj.weight"),
+                            [h, h],
+                            "n_embd, n_embd",
+                            Transposed,
+                            device,
+                        )?,
+                        ckpt.tensor(
+                            &format!("{p}.mlp.fc.weight"),
+                            [2 * i, h],
+                            "2·intermediate_size, n_embd",
+                            Transposed,
+                            device,
+                        )?,
+                        ckpt.tensor(
+                            &format!("{p}.mlp.proj.weight"),
+                            [h, i],
+                            "n_embd, intermediate_size",
+                            Transposed,
+                            device,
+                        )?,
                         |_| norms.next().expect("four norms"),
                     ))
                 })
@@ -88,8 +119,14 @@ impl Huginn {
         let prelude = stack(&mut ckpt, STACKS[0], config.n_layers_in_prelude)?;
         let core_block = stack(&mut ckpt, STACKS[1], config.n_layers_in_recurrent_block)?;
         let coda = stack(&mut ckpt, STACKS[2], config.n_layers_in_coda)?;
-        let adapter = ckpt.tensor("transformer.adapter.weight", [h, 2 * h], Transposed, device)?;
-        let ln_f = ckpt.tensor("transformer.ln_f.weight", [h], AsStored, device)?;
+        let adapter = ckpt.tensor(
+            "transformer.adapter.weight",
+            [h, 2 * h],
+            "n_embd, 2·n_embd",
+            Transposed,
+            device,
+        )?;
+        let ln_f = ckpt.tensor("transformer.ln_f.weight", [h], "n_embd", AsStored, device)?;
         ckpt.finish()?;
         Ok(Self {
             wte: Param::from_tensor(wte),
@@ -186,16 +223,30 @@ impl Huginn {
         if !path.exists() {
             return Err(WeightsError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                error: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         }
-        config
-            .init(device, 0)
-            .try_load_file(path)
-            .map_err(|e| WeightsError::Record {
+        let record_err = |e: RecordError| WeightsError::Record {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        // Read before the model is built, so that a corrupt file fails before every weight is
+        // drawn at random only to be overwritten.
+        let record = ModuleRecord::load(path).map_err(record_err)?;
+        let model = config.init(device, 0).try_load_record(record).map_err(record_err)?;
+        // A record holds whatever the saved model held, NaN included; safetensors weights are
+        // checked for that as they are read, a record's only here.
+        match model
+            .reference_params()
+            .into_iter()
+            .find(|(_, param)| !param.is_finite())
+        {
+            Some((key, _)) => Err(WeightsError::NonFinite {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
+                key,
+            }),
+            None => Ok(model),
+        }
     }
 }
 
@@ -214,6 +265,15 @@ impl ParamRef<'_> {
             ParamRef::Vector(p) => Entry::from_tensor(p.val(), Layout::AsStored),
             ParamRef::Matrix(p, layout) => Entry::from_tensor(p.val(), *layout),
             ParamRef::Bias(p) => Entry::from_tensor(p.val(), Layout::AsStored),
+        }
+    }
+
+    /// Whether every value is finite (one boolean read back from the device).
+    fn is_finite(&self) -> bool {
+        match self {
+            ParamRef::Vector(p) => p.val().is_finite().all().into_scalar(),
+            ParamRef::Matrix(p, _) => p.val().is_finite().all().into_scalar(),
+            ParamRef::Bias(p) => p.val().is_finite().all().into_scalar(),
         }
     }
 

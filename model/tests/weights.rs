@@ -8,6 +8,7 @@ use std::path::Path;
 use model::burn::prelude::*;
 use model::{Huginn, HuginnConfig};
 use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
 
 fn tiny() -> HuginnConfig {
     HuginnConfig::tiny(48, 16, 2, (1, 2, 1))
@@ -227,6 +228,107 @@ fn bad_configs_and_missing_files_are_errors() {
     let empty = tempfile::tempdir().unwrap();
     std::fs::write(empty.path().join("config.json"), tiny().to_json()).unwrap();
     assert!(load_err(empty.path()).contains("no weights found"));
+}
+
+#[test]
+fn config_errors_name_the_field_that_is_missing_or_wrong() {
+    let (dir, _, _) = exported();
+    let path = dir.path().join("config.json");
+    let full: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let err_with = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut config = full.clone();
+        edit(config.as_object_mut().unwrap());
+        std::fs::write(&path, config.to_string()).unwrap();
+        load_err(dir.path())
+    };
+    let prefix = format!("{}: invalid config: ", path.display());
+    for field in model::config::REQUIRED {
+        assert_eq!(
+            err_with(&|c| drop(c.remove(field))),
+            format!("{prefix}{field} is missing (the weights' shapes depend on it)")
+        );
+        for bad in [json!(null), json!("16"), json!(-1), json!(1.5), json!([16])] {
+            let err = err_with(&|c| drop(c.insert(field.into(), bad.clone())));
+            assert!(
+                err.starts_with(&format!("{prefix}{field}: invalid ")),
+                "{field} = {bad}: {err}"
+            );
+        }
+    }
+    let err = err_with(&|c| drop(c.insert("norm_class_name".into(), json!(7))));
+    assert!(
+        err.starts_with(&format!("{prefix}norm_class_name: invalid type")),
+        "{err}"
+    );
+
+    let cases: [(&str, serde_json::Value, &str); 7] = [
+        (
+            "n_embd",
+            json!(100),
+            "head_dim = 8 disagrees with n_embd / n_heads = 100 / 2 = 50",
+        ),
+        ("n_embd", json!(17), "n_heads = 2 does not divide n_embd = 17"),
+        ("n_embd", json!(18), "head_dim = n_embd / n_heads = 18 / 2 = 9 is odd"),
+        ("n_embd", json!(0), "n_embd = 0; it must be at least 1"),
+        (
+            "n_heads",
+            json!(4),
+            "head_dim = 8 disagrees with n_embd / n_heads = 16 / 4 = 4",
+        ),
+        (
+            "vocab_size",
+            json!(50),
+            "padded_vocab_size = 48 disagrees with vocab_size = 50",
+        ),
+        (
+            "intermediate_size",
+            json!(usize::MAX),
+            "intermediate_size = 18446744073709551615",
+        ),
+    ];
+    for (field, value, message) in cases {
+        let err = err_with(&|c| drop(c.insert(field.into(), value.clone())));
+        assert!(err.contains(message), "{field} = {value}: {err}");
+    }
+    // Without the derived fields, a wrong size shows up on the tensors, which name the fields.
+    let err = err_with(&|c| {
+        c.insert("n_embd".into(), json!(32));
+        c.remove("head_dim");
+    });
+    assert!(
+        err.contains("\"transformer.wte.weight\" has shape [48, 16], the config implies [48, 32] (vocab_size, n_embd)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files_are_one_line_errors_naming_the_path_once() {
+    let (dir, _, _) = exported();
+    let config = dir.path().join("config.json");
+    std::fs::remove_file(&config).unwrap();
+    let err = Huginn::from_pretrained(dir.path(), &Device::flex()).unwrap_err();
+    assert_eq!(common::chain(&err), format!("{} is missing", config.display()));
+
+    let sharded = tempfile::tempdir().unwrap();
+    tiny()
+        .init(&Device::flex(), 4)
+        .export_hf(sharded.path(), 8 * 1024)
+        .unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sharded.path().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let shard = sharded
+        .path()
+        .join(index["weight_map"]["transformer.wte.weight"].as_str().unwrap());
+    std::fs::remove_file(&shard).unwrap();
+    let err = Huginn::from_pretrained(sharded.path(), &Device::flex()).unwrap_err();
+    assert_eq!(common::chain(&err), format!("{} is missing", shard.display()));
+
+    // Other I/O failures keep the OS's words, once.
+    std::fs::create_dir(&shard).unwrap();
+    let err = common::chain(&Huginn::from_pretrained(sharded.path(), &Device::flex()).unwrap_err());
+    assert!(err.starts_with(&format!("cannot read {}: ", shard.display())), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
 }
 
 #[test]

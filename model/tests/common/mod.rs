@@ -20,3 +20,16 @@ pub fn fixture_cases() -> Vec<PathBuf> {
     cases.sort();
     cases
 }
+
+/// An error as `anyhow`'s `{:#}` prints it (what the binaries show): the message, then each
+/// source after ": ".
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
