@@ -1,6 +1,7 @@
 //! `huginn serve` over loopback with a real HTTP client against a tiny model folder: answers
 //! equal the CLI's, 32 concurrent clients, every kind of bad request, a full queue, the KV
-//! budget, a client that leaves mid-stream, the API key, and shutdown on SIGINT.
+//! budget, clients that leave at every moment of a request, the API key, and shutdown on
+//! SIGINT. Raw TCP stands in for a client where the moment it leaves matters.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -19,6 +20,7 @@ use infer::text::TextStream;
 use model::burn::prelude::Device;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 
 mod common;
 
@@ -59,6 +61,96 @@ async fn post(client: &Client, url: &str, path: &str, body: Value) -> (StatusCod
     let response = client.post(format!("{url}{path}")).json(&body).send().await.unwrap();
     let status = response.status();
     (status, response.json().await.unwrap())
+}
+
+/// The bytes of a completion request, for a client that sends them itself.
+fn raw_request(body: &Value) -> Vec<u8> {
+    let body = body.to_string();
+    let head = raw_head(body.len());
+    [head.as_bytes(), body.as_bytes()].concat()
+}
+
+fn raw_head(content_length: usize) -> String {
+    format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {content_length}\r\n\r\n"
+    )
+}
+
+async fn connect(url: &str) -> TcpStream {
+    TcpStream::connect(url.strip_prefix("http://").unwrap()).await.unwrap()
+}
+
+/// Writes all of `bytes` (tokio's `net` alone has no `write_all`).
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        stream.writable().await.unwrap();
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("writing to the server: {e}"),
+        }
+    }
+}
+
+/// Reads what has come, waiting for something; 0 once the server has closed.
+async fn read_some(stream: &TcpStream, buffer: &mut [u8]) -> usize {
+    loop {
+        stream.readable().await.unwrap();
+        match stream.try_read(buffer) {
+            Ok(n) => return n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("reading from the server: {e}"),
+        }
+    }
+}
+
+/// Reads a response up to the end of its headers (within a minute): the headers, and what
+/// came after them.
+async fn read_head(stream: &TcpStream) -> (String, Vec<u8>) {
+    let mut read = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                return end + 4;
+            }
+            let n = read_some(stream, &mut buffer).await;
+            assert!(n > 0, "the server closed the connection before its headers");
+            read.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await
+    .expect("no response headers within a minute");
+    let rest = read.split_off(end);
+    (String::from_utf8(read).unwrap(), rest)
+}
+
+/// Once the engine is idle, a normal request is answered and `/health` says ok. (Waiting for
+/// idle first keeps a request sent meanwhile from hiding an engine that ended on becoming
+/// idle.)
+async fn assert_serving(client: &Client, url: &str, app: &App, after: &str) {
+    let since = Instant::now();
+    while app.engine_load() != (0, 0) {
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "after {after}: {:?} still queued and running",
+            app.engine_load()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, answer) = post(
+        client,
+        url,
+        "/v1/completions",
+        json!({"prompt": [1, 2, 3], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "after {after}: {answer}");
+    let health = client.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "after {after}");
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["status"], "ok", "after {after}: {health}");
 }
 
 /// The `data:` payloads of a server-sent event stream, in order.
@@ -346,6 +438,84 @@ async fn bad_requests_get_400_with_a_reason_and_leave_the_server_healthy() {
     .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_at_any_moment_leave_the_server_serving() {
+    let dir = folder(DEFAULT_IDS);
+    // One row at a time, so that a request sent while another runs waits in the queue.
+    let limits = EngineLimits {
+        max_batch: 1,
+        ..limits()
+    };
+    let (url, app) = start(dir.path(), limits, None).await;
+    let client = Client::new();
+    let whole = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 4}));
+    let streamed = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 4, "stream": true}));
+
+    // Before the response: a bare connection, half a request, whole requests left unread.
+    drop(connect(&url).await);
+    assert_serving(&client, &url, &app, "a bare connection").await;
+    let half = connect(&url).await;
+    write_all(&half, &whole[..whole.len() - 5]).await;
+    drop(half);
+    assert_serving(&client, &url, &app, "half a request").await;
+    for (request, what) in [(&whole, "an unread answer"), (&streamed, "an unread stream")] {
+        let stream = connect(&url).await;
+        write_all(&stream, request).await;
+        drop(stream);
+        assert_serving(&client, &url, &app, what).await;
+    }
+    // Right after a stream's headers.
+    let stream = connect(&url).await;
+    write_all(&stream, &streamed).await;
+    let (head, _) = read_head(&stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(stream);
+    assert_serving(&client, &url, &app, "a stream's headers").await;
+    // Mid-stream, after some tokens.
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 40, "stream": true, "stop": ["never"]});
+    let mut response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        response.chunk().await.unwrap().unwrap();
+    }
+    drop(response);
+    assert_serving(&client, &url, &app, "a stream left midway").await;
+
+    // Waiting behind a long request: an answer and a stream left unread, and a stream left
+    // after its headers, before its first token.
+    let long = json!({"prompt": [1, 2, 3], "max_tokens": 250, "num_steps": 200, "stream": true, "stop": ["never"]});
+    let mut running = client
+        .post(format!("{url}/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    running.chunk().await.unwrap().unwrap();
+    let mut waiting = Vec::new();
+    for request in [&whole, &streamed, &streamed] {
+        let stream = connect(&url).await;
+        write_all(&stream, request).await;
+        waiting.push(stream);
+    }
+    let (head, _) = read_head(&waiting[2]).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let sent = Instant::now();
+    while app.engine_load().0 < 3 {
+        assert!(sent.elapsed() < Duration::from_secs(60), "the requests were not queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(waiting);
+    // Time for the server to see them go before the long request ends (not asserted: a
+    // slower server only leaves fewer of them gone by then).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(running);
+    assert_serving(&client, &url, &app, "requests that left the queue").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,8 +8,10 @@
 //! rows that exited earlier (as in the reference's batched generation), so the answer would
 //! depend on which requests happened to arrive together.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -102,6 +104,8 @@ struct Shared {
     generated: AtomicUsize,
     /// Set once: end everything now.
     cancel: AtomicBool,
+    /// Set once the engine thread has ended, however it ended.
+    stopped: AtomicBool,
 }
 
 /// The handle the HTTP side holds: submits jobs, reports load, stops the engine.
@@ -121,7 +125,7 @@ pub enum Refusal {
     Busy,
     /// The request alone needs more KV cache than the budget.
     TooLarge { needed: usize, budget: usize },
-    /// The engine has stopped (shutting down).
+    /// The engine thread has ended.
     Stopped,
 }
 
@@ -156,6 +160,9 @@ impl Engine {
 
     /// Queues a job, or says why not.
     pub fn submit(&self, job: Job) -> Result<(), Refusal> {
+        if !self.alive() {
+            return Err(Refusal::Stopped);
+        }
         let needed = self.per_position.row(&job);
         if needed > self.limits.kv_budget_bytes {
             return Err(Refusal::TooLarge {
@@ -193,6 +200,12 @@ impl Engine {
         self.shared.generated.load(Ordering::Acquire)
     }
 
+    /// Whether the engine thread is still running (it ends only when the engine is dropped,
+    /// unless something in it failed beyond a single batch).
+    pub fn alive(&self) -> bool {
+        !self.shared.stopped.load(Ordering::Acquire)
+    }
+
     /// The model's context length.
     pub fn context(&self) -> usize {
         self.context
@@ -203,13 +216,19 @@ impl Engine {
     pub fn cancel_all(&self) {
         self.shared.cancel.store(true, Ordering::Release);
     }
+
+    /// Closes the queue: the engine finishes what it has, then its thread ends and later jobs
+    /// are refused with [`Refusal::Stopped`].
+    pub(crate) fn close(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.sender, closed));
+    }
 }
 
 impl Drop for Engine {
     /// Closes the queue and waits for the engine to finish what it has.
     fn drop(&mut self) {
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.sender, closed));
+        self.close();
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
@@ -258,8 +277,23 @@ struct Worker {
     per_position: PositionBytes,
 }
 
+/// Marks the engine stopped and says so, however its thread ends (a panic included).
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; the server can no longer answer requests");
+        } else {
+            tracing::info!("the engine stopped: its queue is closed");
+        }
+    }
+}
+
 impl Worker {
     fn run(mut self) {
+        let _exit = ExitGuard(self.shared.clone());
         while let Some(batch) = self.next_batch() {
             self.shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
             if self.shared.cancel.load(Ordering::Acquire) {
@@ -273,7 +307,7 @@ impl Worker {
                 continue;
             }
             self.shared.running.store(batch.len(), Ordering::Release);
-            self.decode(batch);
+            guarded(&batch, |batch| self.decode(batch));
             self.shared.running.store(0, Ordering::Release);
         }
     }
@@ -281,22 +315,31 @@ impl Worker {
     /// The oldest waiting job and the waiting jobs that can run beside it; `None` once the
     /// queue is closed and empty.
     fn next_batch(&mut self) -> Option<Vec<Job>> {
-        if self.waiting.is_empty() {
-            let job = self.receiver.blocking_recv()?;
-            let batchable = job.config.criterion == Criterion::None && self.limits.max_batch > 1;
-            self.waiting.push_back(job);
-            if batchable && !self.limits.batch_window.is_zero() {
-                std::thread::sleep(self.limits.batch_window);
+        loop {
+            if self.waiting.is_empty() {
+                let job = self.receiver.blocking_recv()?;
+                let batchable = job.config.criterion == Criterion::None && self.limits.max_batch > 1;
+                self.waiting.push_back(job);
+                if batchable && !self.limits.batch_window.is_zero() {
+                    std::thread::sleep(self.limits.batch_window);
+                }
+            }
+            while let Ok(job) = self.receiver.try_recv() {
+                self.waiting.push_back(job);
+            }
+            // A request whose client left while it waited is dropped here; when that was every
+            // waiting request, wait for the next one.
+            let gone = self.waiting.iter().filter(|j| j.events.is_closed()).count();
+            self.shared.queued.fetch_sub(gone, Ordering::AcqRel);
+            self.waiting.retain(|j| !j.events.is_closed());
+            if let Some(first) = self.waiting.pop_front() {
+                return Some(self.fill(first));
             }
         }
-        while let Ok(job) = self.receiver.try_recv() {
-            self.waiting.push_back(job);
-        }
-        // A request whose client left while it waited is dropped here.
-        let gone = self.waiting.iter().filter(|j| j.events.is_closed()).count();
-        self.shared.queued.fetch_sub(gone, Ordering::AcqRel);
-        self.waiting.retain(|j| !j.events.is_closed());
-        let first = self.waiting.pop_front()?;
+    }
+
+    /// `first` and the waiting jobs that can run beside it.
+    fn fill(&mut self, first: Job) -> Vec<Job> {
         let mut batch = vec![first];
         // Rows share a batch only with the same recurrence (steps, cache strategy, warm start).
         if batch[0].config.criterion == Criterion::None {
@@ -314,10 +357,10 @@ impl Worker {
                 }
             }
         }
-        Some(batch)
+        batch
     }
 
-    fn decode(&self, batch: Vec<Job>) {
+    fn decode(&self, batch: &[Job]) {
         let folder = &self.folder;
         let rows: Vec<Row> = batch
             .iter()
@@ -402,10 +445,83 @@ impl Worker {
                 }
             }
             Err(e) => {
-                for job in &batch {
+                for job in batch {
                     let _ = job.events.send(Event::Failed(e.to_string()));
                 }
             }
+        }
+    }
+}
+
+/// Runs `decode` on `batch`. A panic in it (a bug, a device fault) fails that batch's requests
+/// and is logged, and the engine goes on with the next batch. A request that had already ended
+/// has stopped listening, so its extra event is harmless.
+fn guarded(batch: &[Job], decode: impl FnOnce(&[Job])) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| decode(batch))) {
+        let reason = panic_message(panic.as_ref());
+        tracing::error!("decoding a batch of {} panicked: {reason}", batch.len());
+        for job in batch {
+            let _ = job
+                .events
+                .send(Event::Failed(format!("the engine failed on this request: {reason}")));
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::greedy::WarmStart;
+    use crate::strategy::Strategy;
+
+    fn job() -> (Job, mpsc::UnboundedReceiver<Event>) {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let job = Job {
+            row: Row {
+                prompt: vec![1, 2],
+                max_new: 2,
+                ..Row::default()
+            },
+            config: AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()),
+            stop_strings: Vec::new(),
+            events,
+        };
+        (job, receiver)
+    }
+
+    #[test]
+    fn a_panic_while_decoding_fails_that_batch_only() {
+        let (batch, mut receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| job()).unzip();
+        guarded(&batch, |_| panic!("the device is lost"));
+        for receiver in &mut receivers {
+            match receiver.try_recv() {
+                Ok(Event::Failed(reason)) => assert!(reason.contains("the device is lost"), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        guarded(&batch, |_| {});
+        assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
+    }
+
+    #[test]
+    fn the_engine_is_marked_stopped_however_its_thread_ends() {
+        for panics in [false, true] {
+            let shared = Arc::new(Shared::default());
+            let exit = ExitGuard(shared.clone());
+            let thread = std::thread::spawn(move || {
+                let _exit = exit;
+                assert!(!panics, "a bug in the engine");
+            });
+            assert_eq!(thread.join().is_err(), panics);
+            assert!(shared.stopped.load(Ordering::Acquire));
         }
     }
 }

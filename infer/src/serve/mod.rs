@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod engine;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -133,19 +135,23 @@ async fn authorize(State(app): State<Arc<App>>, request: HttpRequest, next: Next
     next.run(request).await
 }
 
+/// 200 while the engine runs ("ok", or "shutting down" while draining); 503 once it has
+/// stopped, since the server then cannot answer.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let status = if app.draining.load(Ordering::Acquire) {
-        "shutting down"
+    let (code, status) = if !app.engine.alive() {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine stopped")
+    } else if app.draining.load(Ordering::Acquire) {
+        (StatusCode::OK, "shutting down")
     } else {
-        "ok"
+        (StatusCode::OK, "ok")
     };
-    axum::Json(json!({
+    let body = json!({
         "status": status,
         "queued": app.engine.queued(),
         "running": app.engine.running(),
         "tokens_generated": app.engine.generated(),
-    }))
-    .into_response()
+    });
+    (code, axum::Json(body)).into_response()
 }
 
 async fn models(State(app): State<Arc<App>>) -> Response {
@@ -195,6 +201,9 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, body: Bytes) -> Result<Respon
             "the server is shutting down",
         ));
     }
+    if !app.engine.alive() {
+        return Err(engine_stopped());
+    }
     let parsed = api::read_request(&body)?.validate(endpoint, &app.folder, &app.defaults)?;
     let (events, receiver) = mpsc::unbounded_channel();
     let prefix = match endpoint {
@@ -232,11 +241,7 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, body: Bytes) -> Result<Respon
                  ask for fewer tokens or steps, or a compressing cache_strategy"
             ),
         ),
-        Refusal::Stopped => ApiError::with(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        ),
+        Refusal::Stopped => engine_stopped(),
     })?;
     if parsed.stream {
         Ok(Sse::new(stream(meta, receiver, parsed.include_usage))
@@ -258,6 +263,15 @@ fn usage(prompt_tokens: usize, steps_per_token: &[usize]) -> Value {
         "mean_steps_per_token": mean,
         "max_steps_per_token": steps_per_token.iter().copied().max().unwrap_or(0),
     })
+}
+
+/// The engine thread has ended: nothing can be answered until the server restarts.
+fn engine_stopped() -> ApiError {
+    ApiError::with(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "engine_stopped",
+        "the server's engine has stopped (see the server's log); it cannot answer until restarted",
+    )
 }
 
 fn engine_gone() -> ApiError {
