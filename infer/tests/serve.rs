@@ -1,7 +1,8 @@
 //! `huginn serve` over loopback with a real HTTP client against a tiny model folder: answers
-//! equal the CLI's, 32 concurrent clients, every kind of bad request, a full queue, the KV
-//! budget, clients that leave at every moment of a request, the API key, and shutdown on
-//! SIGINT. Raw TCP stands in for a client where the moment it leaves matters.
+//! equal the CLI's, 32 concurrent clients, every kind of bad request, bodies and prompts beyond
+//! the context, a full queue, the KV budget, clients that leave at every moment of a request,
+//! the API key, and shutdown on SIGINT. Raw TCP stands in for a client where the moment it
+//! leaves matters.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -124,6 +125,33 @@ async fn read_head(stream: &TcpStream) -> (String, Vec<u8>) {
     .expect("no response headers within a minute");
     let rest = read.split_off(end);
     (String::from_utf8(read).unwrap(), rest)
+}
+
+/// A whole (not streamed) response read off a raw connection: its status and JSON body.
+async fn read_response(stream: &TcpStream) -> (u16, Value) {
+    let (head, mut body) = read_head(stream).await;
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while body.len() < length {
+            let n = read_some(stream, &mut buffer).await;
+            assert!(n > 0, "the server closed the connection mid-body");
+            body.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await
+    .expect("no response body within a minute");
+    (status, serde_json::from_slice(&body).unwrap())
 }
 
 /// Once the engine is idle, a normal request is answered and `/health` says ok. (Waiting for
@@ -398,6 +426,20 @@ async fn bad_requests_get_400_with_a_reason_and_leave_the_server_healthy() {
         assert!(message.contains(reason), "{shown}: {message:?} lacks {reason:?}");
         assert_eq!(answer["error"]["type"], "invalid_request_error");
     }
+    // Broken JSON names no parameter; a wrong value names its own.
+    let params: Vec<(&[u8], Value)> = vec![
+        (b"{\"prompt\": \"Hi\",", Value::Null),
+        (b"{\"prompt\": [1, 2,}", Value::Null),
+        (b"{\"prompt\": \"Hi\"} {", Value::Null),
+        (b"{\"prompt\": \"Hi\", \"max_tokens\": \"ten\"}", json!("max_tokens")),
+        (b"{\"messages\": [{\"role\": 1}]}", json!("messages[0].role")),
+    ];
+    for (body, param) in params {
+        let shown = String::from_utf8_lossy(body).into_owned();
+        let (status, answer) = raw(body.to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{shown}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{shown}: {answer}");
+    }
     let (status, answer) = post(
         &client,
         &url,
@@ -438,6 +480,83 @@ async fn bad_requests_get_400_with_a_reason_and_leave_the_server_healthy() {
     .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_and_prompts_beyond_the_context_are_refused_unread() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    // The tokenizer's longest entry is `<|begin_header|>`, 16 bytes; the context is 256 tokens.
+    let input = app.input_limits();
+    assert_eq!(input.text_bytes(), Some(16 * 256));
+    assert!(input.body_bytes() < 1 << 20, "{input:?}");
+
+    // A 16 MB body is refused on its length, before any of it is read, in JSON like every
+    // error; one that does not say its length is cut off at the limit.
+    let stream = connect(&url).await;
+    write_all(&stream, raw_head(16 << 20).as_bytes()).await;
+    let (status, answer) = read_response(&stream).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error"]["code"], "request_too_large", "{answer}");
+    assert_eq!(answer["error"]["type"], "invalid_request_error");
+    // A client that sends all of it before reading gets the answer too (the server reads
+    // the rest and drops it), and the connection is not kept for another request.
+    for megabytes in [1, 16] {
+        let body = json!({"prompt": "x".repeat(megabytes << 20)}).to_string();
+        let response = client
+            .post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(response.headers()["connection"], "close");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "request_too_large", "{answer}");
+    }
+    let over = input.body_bytes() + 1;
+    let stream = connect(&url).await;
+    let head = "POST /v1/completions HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n";
+    write_all(&stream, format!("{head}{over:x}\r\n").as_bytes()).await;
+    write_all(&stream, &vec![b' '; over]).await;
+    let (status, answer) = read_response(&stream).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error"]["code"], "request_too_large", "{answer}");
+
+    // Text that cannot fit is refused on its length, before it is tokenized.
+    let over = "x".repeat(16 * 256 + 1);
+    let cases = [
+        ("/v1/completions", json!({"prompt": over}), "prompt"),
+        ("/v1/completions", json!({"prompt": [over]}), "prompt"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": over}]}),
+            "messages",
+        ),
+    ];
+    for (path, body, param) in cases {
+        let (status, answer) = post(&client, &url, path, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let error = &answer["error"];
+        assert_eq!(error["code"], "context_length_exceeded", "{answer}");
+        assert_eq!(error["param"], param, "{answer}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("bytes, more than the context of 256 tokens"),
+            "{answer}"
+        );
+    }
+    // Within the bound, text is tokenized and refused on its tokens; so are token ids.
+    for prompt in [json!("x".repeat(16 * 256)), json!(vec![1; 257])] {
+        let (status, answer) = post(&client, &url, "/v1/completions", json!({"prompt": prompt})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let error = &answer["error"];
+        assert_eq!(error["code"], "context_length_exceeded", "{answer}");
+        assert!(error["message"].as_str().unwrap().contains("tokens"), "{answer}");
+    }
+    assert_serving(&client, &url, &app, "refused bodies and prompts").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

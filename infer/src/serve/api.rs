@@ -177,6 +177,72 @@ pub struct ServerDefaults {
     pub max_num_steps: usize,
 }
 
+/// How much of a request the server reads, from the model's context: text that cannot fit is
+/// refused before it is tokenized (tokenizing a megabyte of text takes a couple of hundred
+/// megabytes), and a body too big to hold a request that fits is refused before it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    /// The model's context, in tokens.
+    pub context: usize,
+    /// The longest vocabulary entry, in bytes of UTF-8; `None` without a tokenizer.
+    pub token_bytes: Option<usize>,
+}
+
+/// Bytes of a request body besides its text: JSON per token of context (a token id, a
+/// message's wrapping) and the other fields.
+const JSON_BYTES_PER_TOKEN: usize = 64;
+const OTHER_FIELDS_BYTES: usize = 64 << 10;
+
+impl InputLimits {
+    pub fn of(folder: &ModelFolder) -> Self {
+        Self {
+            context: folder.model.config().block_size,
+            token_bytes: folder
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.get_vocab(true).keys().map(String::len).max()),
+        }
+    }
+
+    /// The most bytes of text a prompt may have. A token matches at most as many bytes of text
+    /// as its vocabulary entry spells (a byte-level entry spells each byte in one or two
+    /// characters), so longer text has more tokens than the context. That holds for tokenizers
+    /// that drop no text, Huginn's byte-level BPE among them; with one that does (a normalizer
+    /// that removes characters), a longer text that would have fit is refused all the same.
+    pub fn text_bytes(&self) -> Option<usize> {
+        self.token_bytes.map(|bytes| bytes.saturating_mul(self.context))
+    }
+
+    /// The most bytes of a request body: the longest text with every byte written as a `\u`
+    /// escape (six bytes), plus the JSON around it.
+    pub fn body_bytes(&self) -> usize {
+        self.text_bytes()
+            .unwrap_or(0)
+            .saturating_mul(6)
+            .saturating_add(self.context.saturating_mul(JSON_BYTES_PER_TOKEN))
+            .saturating_add(OTHER_FIELDS_BYTES)
+    }
+
+    /// Refuses `bytes` of prompt text that cannot fit the context, before it is tokenized.
+    fn check_text(&self, bytes: usize, name: &str) -> Result<(), ApiError> {
+        match (self.text_bytes(), self.token_bytes) {
+            (Some(most), Some(per_token)) if bytes > most => Err(ApiError {
+                param: param(name),
+                ..ApiError::with(
+                    StatusCode::BAD_REQUEST,
+                    "context_length_exceeded",
+                    format!(
+                        "the prompt's text is {bytes} bytes, more than the context of {} tokens can hold \
+                         ({most} bytes: no token of this tokenizer is over {per_token} bytes)",
+                        self.context
+                    ),
+                )
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A validated request: the engine's row and settings, and how to answer.
 #[derive(Debug, Clone)]
 pub struct Parsed {
@@ -195,14 +261,15 @@ pub fn read_request(body: &[u8]) -> Result<Request, ApiError> {
     let request: Request = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let message = if inner.is_syntax() || inner.is_eof() {
-            format!("the request body is not valid JSON: {inner}")
-        } else if path == "." {
-            format!("invalid request: {inner}")
+        // Broken JSON names no field: the message says where it breaks.
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::invalid(None, format!("the request body is not valid JSON: {inner}"));
+        }
+        if path == "." {
+            ApiError::invalid(None, format!("invalid request: {inner}"))
         } else {
-            format!("invalid value for `{path}`: {inner}")
-        };
-        ApiError::invalid((path != ".").then_some(path), message)
+            ApiError::invalid(Some(path.clone()), format!("invalid value for `{path}`: {inner}"))
+        }
     })?;
     deserializer
         .end()
@@ -217,6 +284,7 @@ impl Request {
         endpoint: Endpoint,
         folder: &ModelFolder,
         defaults: &ServerDefaults,
+        limits: &InputLimits,
     ) -> Result<Parsed, ApiError> {
         if let Some(name) = &self.model
             && *name != defaults.model_name
@@ -246,7 +314,7 @@ impl Request {
                     .prompt
                     .clone()
                     .ok_or_else(|| ApiError::invalid(param("prompt"), "`prompt` is required"))?;
-                self.encode_prompt(prompt, folder)?
+                self.encode_prompt(prompt, folder, limits)?
             }
             Endpoint::Chat => {
                 if self.prompt.is_some() {
@@ -259,7 +327,7 @@ impl Request {
                     .messages
                     .as_deref()
                     .ok_or_else(|| ApiError::invalid(param("messages"), "`messages` is required"))?;
-                encode_chat(messages, folder)?
+                encode_chat(messages, folder, limits)?
             }
         };
         if prompt.is_empty() {
@@ -369,7 +437,7 @@ impl Request {
         Ok(())
     }
 
-    fn encode_prompt(&self, prompt: Prompt, folder: &ModelFolder) -> Result<Vec<u32>, ApiError> {
+    fn encode_prompt(&self, prompt: Prompt, folder: &ModelFolder, limits: &InputLimits) -> Result<Vec<u32>, ApiError> {
         let one = |n: usize| {
             if n == 1 {
                 Ok(())
@@ -389,6 +457,7 @@ impl Request {
                 texts.pop().expect("one text")
             }
         };
+        limits.check_text(text.len(), "prompt")?;
         folder
             .encode(&text)
             .map_err(|e| ApiError::invalid(param("prompt"), e.to_string()))
@@ -463,10 +532,19 @@ impl Request {
     }
 }
 
-fn encode_chat(messages: &[ChatMessage], folder: &ModelFolder) -> Result<Vec<u32>, ApiError> {
+fn encode_chat(messages: &[ChatMessage], folder: &ModelFolder, limits: &InputLimits) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(param("messages"), "`messages` is empty"));
     }
+    // Bounded before the template runs, which wraps the text in more (Huginn's also trims it).
+    let text_bytes: usize = messages
+        .iter()
+        .map(|m| match &m.content {
+            Content::Text(text) => text.len(),
+            Content::Parts(parts) => parts.iter().map(|p| p.text.len()).sum(),
+        })
+        .sum();
+    limits.check_text(text_bytes, "messages")?;
     let messages = messages
         .iter()
         .enumerate()

@@ -4,7 +4,7 @@
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
 //! `GET /health`. Every error is a JSON body `{"error": {...}}` with a 4xx/5xx status; a full
 //! queue answers 503 and shutting down finishes (then, after a grace period, cancels) what is
-//! running.
+//! running. Bodies and prompt text are bounded by what the model's context can hold.
 
 pub mod api;
 pub mod engine;
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{BodyDataStream, Bytes};
 use axum::extract::{Request as HttpRequest, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -27,13 +27,13 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::folder::ModelFolder;
-use api::{ApiError, Endpoint, ServerDefaults};
+use api::{ApiError, Endpoint, InputLimits, ServerDefaults};
 use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
 
 /// Everything the handlers share.
@@ -41,6 +41,7 @@ pub struct App {
     folder: Arc<ModelFolder>,
     engine: Engine,
     defaults: ServerDefaults,
+    input: InputLimits,
     api_key: Option<String>,
     draining: AtomicBool,
     next_id: AtomicU64,
@@ -53,6 +54,7 @@ impl App {
         let folder = Arc::new(folder);
         Self {
             engine: Engine::start(folder.clone(), limits),
+            input: InputLimits::of(&folder),
             folder,
             defaults,
             api_key,
@@ -72,6 +74,11 @@ impl App {
     /// Tokens generated since the start.
     pub fn tokens_generated(&self) -> usize {
         self.engine.generated()
+    }
+
+    /// What the server reads of a request.
+    pub fn input_limits(&self) -> InputLimits {
+        self.input
     }
 }
 
@@ -172,16 +179,27 @@ async fn models(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    answer(app, Endpoint::Completions, body)
+async fn completions(State(app): State<Arc<App>>, request: HttpRequest) -> Response {
+    answer(app, Endpoint::Completions, request)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(refusal)
 }
 
-async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    answer(app, Endpoint::Chat, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+async fn chat_completions(State(app): State<Arc<App>>, request: HttpRequest) -> Response {
+    answer(app, Endpoint::Chat, request).await.unwrap_or_else(refusal)
+}
+
+/// An error answer. One to a body left unread also closes the connection, and says so, so
+/// that the client sends its next request on a new one.
+fn refusal(error: ApiError) -> Response {
+    let unread = error.status == StatusCode::PAYLOAD_TOO_LARGE;
+    let mut response = error.into_response();
+    if unread {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// What every chunk or answer of one request repeats.
@@ -193,7 +211,7 @@ struct Meta {
     prompt_tokens: usize,
 }
 
-async fn answer(app: Arc<App>, endpoint: Endpoint, body: Bytes) -> Result<Response, ApiError> {
+async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Result<Response, ApiError> {
     if app.draining.load(Ordering::Acquire) {
         return Err(ApiError::with(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,7 +222,8 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, body: Bytes) -> Result<Respon
     if !app.engine.alive() {
         return Err(engine_stopped());
     }
-    let parsed = api::read_request(&body)?.validate(endpoint, &app.folder, &app.defaults)?;
+    let body = read_body(request, app.input.body_bytes()).await?;
+    let parsed = api::read_request(&body)?.validate(endpoint, &app.folder, &app.defaults, &app.input)?;
     let (events, receiver) = mpsc::unbounded_channel();
     let prefix = match endpoint {
         Endpoint::Completions => "cmpl",
@@ -263,6 +282,62 @@ fn usage(prompt_tokens: usize, steps_per_token: &[usize]) -> Value {
         "mean_steps_per_token": mean,
         "max_steps_per_token": steps_per_token.iter().copied().max().unwrap_or(0),
     })
+}
+
+/// The request's body, at most `limit` bytes: refused unread when its length says it is over,
+/// and cut off at `limit` when it does not say.
+async fn read_body(request: HttpRequest, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::with(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is over {limit} bytes, more than a request within the model's context needs"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = request.into_body().into_data_stream();
+    if declared.is_some_and(|length| length > limit as u64) {
+        drain(body);
+        return Err(too_large());
+    }
+    let mut read = Vec::with_capacity(declared.map_or(0, |length| length as usize));
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::with(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        if read.len() + chunk.len() > limit {
+            drain(body);
+            return Err(too_large());
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(read.into())
+}
+
+/// Most bytes, and time, spent reading a refused body to its end.
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// Reads a refused body to its end and drops it, within bounds: most clients send the whole
+/// body before they read the answer, and a connection closed with bytes unread is reset, so
+/// they would see the reset rather than the 413.
+fn drain(mut body: BodyDataStream) {
+    tokio::spawn(tokio::time::timeout(DRAIN_TIME, async move {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len();
+            if read > DRAIN_BYTES {
+                break;
+            }
+        }
+    }));
 }
 
 /// The engine thread has ended: nothing can be answered until the server restarts.
