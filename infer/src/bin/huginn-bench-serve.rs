@@ -201,16 +201,12 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
     let mut buffer = String::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         buffer += &String::from_utf8_lossy(&chunk);
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
+        while let Some(data) = next_data(&mut buffer) {
             if data == "[DONE]" {
                 sample.ok = true;
                 continue;
             }
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(data) else {
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&data) else {
                 continue;
             };
             if value["choices"][0]["num_steps"].is_u64() {
@@ -224,6 +220,17 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
         }
     }
     sample
+}
+
+/// Takes the next complete server-sent event that carries data out of `buffer`; its payload.
+fn next_data(buffer: &mut String) -> Option<String> {
+    while let Some(end) = buffer.find("\n\n") {
+        let event: String = buffer.drain(..end + 2).collect();
+        if let Some(data) = event.trim().strip_prefix("data: ") {
+            return Some(data.to_string());
+        }
+    }
+    None
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -555,15 +562,11 @@ async fn read_events(mut response: reqwest::Response, leave_after: usize) -> Res
             return Ok((tokens, false));
         };
         buffer += &String::from_utf8_lossy(&chunk);
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
+        while let Some(data) = next_data(&mut buffer) {
             if data == "[DONE]" {
                 return Ok((tokens, true));
             }
-            let value: Value = serde_json::from_str(data).map_err(|e| format!("an event that is not JSON: {e}"))?;
+            let value: Value = serde_json::from_str(&data).map_err(|e| format!("an event that is not JSON: {e}"))?;
             if !value["error"].is_null() {
                 return Err(format!("an error event: {value}"));
             }
