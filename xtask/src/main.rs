@@ -167,7 +167,35 @@ fn demo_features(device: &str) -> &'static str {
     }
 }
 
+/// Builds `bin` of `package` with `features` in the foreground, cargo's own progress showing,
+/// after saying what is being built and how long a first build takes. The `cargo run --quiet`
+/// that follows then starts at once: a newcomer never watches a silent terminal for minutes.
+fn build(what: &str, package: &str, features: &str, bin: &str) -> Result<()> {
+    eprintln!("{}", build_notice(what, features));
+    let mut args = vec!["build", "-p", package, "--bin", bin];
+    if !features.is_empty() {
+        args.extend(["--features", features]);
+    }
+    cargo(&args)
+}
+
+/// What a build is about to do. The minutes are the measured cold builds on the 2-core machine
+/// (README, Build times): Burn on the CPU backend alone 8.4, with wgpu about 25.
+fn build_notice(what: &str, features: &str) -> String {
+    let burn = if features.contains("cuda") {
+        "Burn with the CUDA backend (its build downloads CUDA's compiler: it needs the network)".to_string()
+    } else if features.contains("wgpu") {
+        "Burn with the wgpu backend, about 25 minutes on 2 cores".to_string()
+    } else {
+        "Burn, about 8 minutes on 2 cores".to_string()
+    };
+    format!("== building {what}: the first build compiles {burn}; later builds take seconds")
+}
+
 fn demo(device: &str, features: &str, quick: bool, task: &str, text: bool, out: &Path, quiet: bool) -> Result<()> {
+    if !quiet {
+        build("the demo", "analysis", features, "huginn-demo")?;
+    }
     let out = out.display().to_string();
     let mut args = vec!["run", "--quiet", "-p", "analysis"];
     if !features.is_empty() {
@@ -195,6 +223,7 @@ fn bench(package: &str, bin: &str, args: &[String]) -> Result<()> {
     let cuda =
         args.windows(2).any(|w| w[0] == "--device" && w[1] == "cuda") || args.iter().any(|a| a == "--device=cuda");
     let features = device_features(if cuda { "cuda" } else { "cpu" });
+    build(&format!("the benchmark ({bin})"), package, features, bin)?;
     let mut cargo_args = vec![
         "run",
         "--quiet",
@@ -231,6 +260,7 @@ fn check_fixture(dirs: &[PathBuf], json: bool, device: &str, features: &str) -> 
     } else {
         features
     };
+    build("the fixture checker (huginn)", "infer", features, "huginn")?;
     let mut args = vec![
         "run",
         "--quiet",
@@ -255,6 +285,10 @@ fn check_fixture(dirs: &[PathBuf], json: bool, device: &str, features: &str) -> 
 
 fn ci() -> Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
+    eprintln!(
+        "{} (twice: clippy's check build, then the test build)",
+        build_notice("the workspace", CI_FEATURES)
+    );
     cargo(&[
         "clippy",
         "--workspace",
@@ -274,4 +308,23 @@ fn ci() -> Result<()> {
         demo("cpu", CI_FEATURES, true, task, false, &scratch.join(task), true)?;
     }
     demo("cpu", CI_FEATURES, true, "pointers", true, &scratch.join("text"), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_says_what_it_builds_and_how_long_a_first_build_takes() {
+        assert_eq!(
+            build_notice("the demo", ""),
+            "== building the demo: the first build compiles Burn, about 8 minutes on 2 cores; \
+             later builds take seconds"
+        );
+        assert!(build_notice("the benchmark", CI_FEATURES).contains("wgpu backend, about 25 minutes"));
+        assert!(build_notice("the demo", demo_features("cuda")).contains("needs the network"));
+        for device in ["cpu", "wgpu", "cuda"] {
+            assert!(build_notice("x", device_features(device)).starts_with("== building x: the first build"));
+        }
+    }
 }
