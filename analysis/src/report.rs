@@ -262,8 +262,10 @@ pub fn write_report(
         format!(
             "Trajectories of {} of {} tokens over {} iterations, projected on the first {k} principal components of all \
              tokens' normalised states ln_f(s_i) (together {:.1}% of their variance); colour runs from the first \
-             iteration (dark) to the last (bright), the cross marks each trajectory's centre of mass. Motifs over all \
-             tokens: {count_text}.",
+             iteration (dark) to the last (bright) on a logarithmic scale, log(1 + i), so that the first iterations, \
+             where the state moves, get most of the colours; the circle marks the start, the square the end, \
+             arrowheads the direction of the first moves, the cross each trajectory's centre of mass. Each panel is \
+             titled with the token and its position in the prompt. Motifs over all tokens: {count_text}.",
             tokens.len(),
             capture.positions(),
             capture.meta.steps,

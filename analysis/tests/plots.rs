@@ -10,7 +10,7 @@ use analysis::plot::depth::{DepthFigure, plot_depth_curves};
 use analysis::plot::heatmap::{ConvergenceFigure, plot_convergence};
 use analysis::plot::histogram::{ExitHistogram, plot_exit_histogram};
 use analysis::plot::training::{TrainingFigure, plot_training_curves};
-use analysis::plot::trajectories::{TokenTrajectory, TrajectoryFigure, plot_trajectories};
+use analysis::plot::trajectories::{TokenTrajectory, TrajectoryFigure, iteration_colour, plot_trajectories};
 use analysis::plot::{Figure, render};
 use common::{assert_drawn, check_saved, contains_colour, svg_texts};
 use train::metrics::Record;
@@ -60,6 +60,11 @@ fn trajectory_grid_shows_paths_centres_and_motifs() {
         "Trajectories",
         "PC1",
         "PC4",
+        "at position 0: fixed point",
+        "at position 2: slider",
+        "start (iteration 0)",
+        "end (iteration 48)",
+        "iteration (log scale)",
         "fixed point",
         "orbit",
         "slider",
@@ -68,9 +73,67 @@ fn trajectory_grid_shows_paths_centres_and_motifs() {
     ] {
         assert!(svg.contains(text), "svg lacks {text:?}");
     }
+    // Panel titles in words, the token's text quoted.
+    assert!(
+        svg.contains("token \"three\" at position 1") || svg.contains("token &quot;three&quot; at position 1"),
+        "panel title in words"
+    );
+    // The colour bar's ticks at the iterations of the log scale.
+    let texts = svg_texts(&svg);
+    for tick in ["1", "2", "4", "8", "16", "32", "48"] {
+        assert!(texts.iter().any(|t| t == tick), "no colour-bar tick {tick}: {texts:?}");
+    }
     let err = plot_trajectories(&base, "t", &tokens, &[(0, 4)]).unwrap_err();
     assert!(matches!(err, AnalysisError::Invalid(_)), "{err}");
     assert!(plot_trajectories(&base, "t", &[], &pairs).is_err());
+}
+
+#[test]
+fn trajectory_points_take_the_colours_of_their_iterations() {
+    // A straight path at even speed, so that every iterate has its own place on the panel.
+    let steps = 48;
+    let points: Vec<Vec<f32>> = (0..=steps).map(|i| vec![i as f32, 0.5 * i as f32]).collect();
+    let tokens = [TokenTrajectory {
+        label: "0 #5".into(),
+        points,
+        dynamics: None,
+    }];
+    let figure = TrajectoryFigure {
+        title: "One path",
+        tokens: &tokens,
+        pairs: &[(0, 1)],
+    };
+    let (width, height) = figure.size();
+    let pixels = render(&figure).unwrap();
+    // The left two thirds of a one-panel figure: the panel, not the colour bar at the right.
+    let panel: Vec<(u8, u8, u8)> = (0..height as usize)
+        .flat_map(|y| (0..(2 * width / 3) as usize).map(move |x| (y, x)))
+        .map(|(y, x)| {
+            let p = &pixels[(y * width as usize + x) * 3..][..3];
+            (p[0], p[1], p[2])
+        })
+        .collect();
+    let shown = |i: usize| {
+        panel.contains(&{
+            let c = iteration_colour(i, steps);
+            (c.0, c.1, c.2)
+        })
+    };
+    for i in [1, 2, 4, 8, 16, 32] {
+        assert!(shown(i), "iteration {i}'s colour is not on the panel");
+    }
+    let distinct = (0..=steps)
+        .map(|i| {
+            let c = iteration_colour(i, steps);
+            (c.0, c.1, c.2)
+        })
+        .collect::<std::collections::BTreeSet<_>>();
+    let drawn = distinct.iter().filter(|c| panel.contains(c)).count();
+    assert!(
+        drawn >= 20,
+        "only {drawn} of {} iteration colours drawn",
+        distinct.len()
+    );
 }
 
 #[test]

@@ -8,12 +8,14 @@ use super::{DrawError, text};
 
 /// Draws a bar over `range` into `area`, coloured by `colour(value)`, its scale on the right
 /// formatted by `format` and titled `label` (reading upwards, beside the scale). The `margins`
-/// (top, bottom) line it up with the plotting area of the chart beside it.
+/// (top, bottom) line it up with the plotting area of the chart beside it. `ticks` puts the
+/// scale's ticks at those values (in the bar's own units); `None` lets plotters choose about six.
 pub(crate) fn draw_colorbar<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     range: (f64, f64),
     label: &str,
     margins: (u32, u32),
+    ticks: Option<&[f64]>,
     colour: impl Fn(f64) -> RGBColor,
     format: impl Fn(&f64) -> String,
 ) -> Result<(), DrawError> {
@@ -33,7 +35,7 @@ pub(crate) fn draw_colorbar<DB: DrawingBackend>(
         .configure_mesh()
         .disable_mesh()
         .disable_x_axis()
-        .y_labels(6)
+        .y_labels(if ticks.is_some() { 0 } else { 6 })
         .y_label_formatter(&format)
         .label_style(text(12.0))
         .draw()?;
@@ -47,6 +49,15 @@ pub(crate) fn draw_colorbar<DB: DrawingBackend>(
         [(0.0, lo), (1.0, hi)],
         BLACK.stroke_width(1),
     )))?;
+    // Chosen ticks: a mark on the bar's right edge and the value beside it, as the mesh's own.
+    for &t in ticks.unwrap_or_default().iter().filter(|t| (lo..=hi).contains(*t)) {
+        let style = text(12.0).pos(Pos::new(HPos::Left, VPos::Center));
+        chart.plotting_area().draw(
+            &(EmptyElement::at((1.0, t))
+                + PathElement::new(vec![(0, 0), (5, 0)], BLACK.stroke_width(1))
+                + Text::new(format(&t), (9, 0), style)),
+        )?;
+    }
     let (width, height) = area.dim_in_pixel();
     let style = text(13.0)
         .transform(FontTransform::Rotate270)

@@ -105,6 +105,7 @@ impl Figure for ConvergenceFigure<'_> {
             (lo, hi),
             "log₁₀ ‖ln_f(s_i) − s*‖",
             (8, 48),
+            None,
             |v| sequential((v - lo) / (hi - lo).max(1e-12)),
             |v| format!("{v:.1}"),
         )
