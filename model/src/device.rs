@@ -159,8 +159,19 @@ impl fmt::Display for Backend {
 /// The process's peak resident set (`VmHWM` in `/proc/self/status`), where the OS reports one:
 /// what the benchmarks report as memory (on the CPU backend, where the tensors live).
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// The process's resident set now (`VmRSS`), where the OS reports one: what a soak test
+/// watches for growth.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+/// A size field of `/proc/self/status` (given in KiB), in bytes.
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

@@ -22,7 +22,7 @@ use infer::folder::ModelFolder;
 use infer::serve::api::{InputLimits, ServerDefaults};
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, serve};
-use model::{Backend, HuginnConfig, peak_rss_bytes};
+use model::{Backend, HuginnConfig, peak_rss_bytes, rss_bytes};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
@@ -663,14 +663,6 @@ async fn read_response(stream: &TcpStream) -> Result<(u16, Value), String> {
     }
     let answer = serde_json::from_slice(&body).map_err(|e| format!("a {status} without JSON: {e}"))?;
     Ok((status, answer))
-}
-
-/// The process's resident memory now, where the system says (Linux).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// What the soak counted for one kind of request.
