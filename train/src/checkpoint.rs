@@ -128,14 +128,7 @@ impl Checkpoints {
         })?;
         let json = serde_json::to_vec_pretty(state).expect("plain data serializes");
         std::fs::write(partial.join(STATE), json).map_err(io(&partial))?;
-        // Every file and the directory's own entries, before the rename makes them count.
-        let files = std::fs::read_dir(&partial).map_err(io(&partial))?;
-        for path in files.map(|e| e.map(|e| e.path())).chain([Ok(partial.clone())]) {
-            let path = path.map_err(io(&partial))?;
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&path))?;
-        }
+        sync_folder(&partial)?;
         pause_point("checkpoint-before-rename");
         // The same step saved again (a resumed run reaching it): the old one is moved out of
         // the way first, so `done` is at every moment absent or complete.
@@ -144,7 +137,7 @@ impl Checkpoints {
             self.discard(&done, replaced)?;
         }
         std::fs::rename(&partial, &done).map_err(io(&done))?;
-        self.sync_dir()?;
+        sync(&self.dir)?;
         pause_point("checkpoint-after-rename");
         if let Some(replaced) = &replaced {
             std::fs::remove_dir_all(replaced).map_err(io(replaced))?;
@@ -166,13 +159,7 @@ impl Checkpoints {
             std::fs::remove_dir_all(to).map_err(io(to))?;
         }
         std::fs::rename(from, to).map_err(io(from))?;
-        self.sync_dir()
-    }
-
-    fn sync_dir(&self) -> Result<(), CheckpointError> {
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))
+        sync(&self.dir)
     }
 
     /// Loads the newest checkpoint that loads (see [`load`]), renaming each newer one that
@@ -199,7 +186,7 @@ impl Checkpoints {
                         });
                     }
                     if !skipped.is_empty() {
-                        self.sync_dir()?;
+                        sync(&self.dir)?;
                     }
                     return Ok(Some(Resumed {
                         model,
@@ -224,6 +211,20 @@ impl Checkpoints {
                 .join("; "),
         })
     }
+}
+
+/// Syncs every file in `dir`, then `dir`'s own entries: before a rename makes the folder count,
+/// so that what it holds survives a power loss.
+pub(crate) fn sync_folder(dir: &Path) -> Result<(), CheckpointError> {
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        sync(&entry.map_err(io(dir))?.path())?;
+    }
+    sync(dir)
+}
+
+/// Syncs one file or directory (a directory: its entries, as renames into it).
+pub(crate) fn sync(path: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
 
 /// `step-N.unreadable` beside `path`, or `step-N.unreadable-K` if that is taken.

@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use model::{Huginn, HuginnConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{CheckpointError, Checkpoints, Skipped, TrainState};
+use crate::checkpoint::{self, CheckpointError, Checkpoints, Skipped, TrainState};
 use crate::data::{DataConfig, Dataset, EvalSplit};
 use crate::depth::DepthScheme;
 use crate::metrics::{MetricsError, MetricsLog, Record, write_atomically};
@@ -536,20 +536,13 @@ impl Trainer {
             let text = serde_json::to_string_pretty(&config).expect("plain data serializes");
             std::fs::write(&path, text).map_err(io_error(&path))?;
         }
-        for entry in std::fs::read_dir(&partial).map_err(io_error(&partial))? {
-            let path = entry.map_err(io_error(&partial))?.path();
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io_error(&path))?;
-        }
+        checkpoint::sync_folder(&partial)?;
         crate::pause::pause_point("final-before-rename");
         if dir.exists() {
             std::fs::rename(&dir, &replaced).map_err(io_error(&dir))?;
         }
         std::fs::rename(&partial, &dir).map_err(io_error(&dir))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&self.dir))?;
+        checkpoint::sync(&self.dir)?;
         if replaced.exists() {
             std::fs::remove_dir_all(&replaced).map_err(io_error(&replaced))?;
         }

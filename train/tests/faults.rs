@@ -205,13 +205,9 @@ fn resumes_to_the_straight_result(dir: &Path) -> String {
     stderr
 }
 
-#[test]
-fn killed_while_writing_a_checkpoint() {
-    for (point, nth, from) in [
-        ("checkpoint-after-model", 2, 3),
-        ("checkpoint-before-rename", 2, 3),
-        ("checkpoint-after-rename", 2, 6),
-    ] {
+/// Each run killed at `(point, nth)` resumes from step `from` to the straight run's result.
+fn each_killed_and_resumed(cases: &[(&str, usize, u64)]) {
+    for &(point, nth, from) in cases {
         let dir = killed_at(point, nth);
         let run = dir.path().join("run");
         let stderr = resumes_to_the_straight_result(&run);
@@ -220,20 +216,24 @@ fn killed_while_writing_a_checkpoint() {
 }
 
 #[test]
+fn killed_while_writing_a_checkpoint() {
+    each_killed_and_resumed(&[
+        ("checkpoint-after-model", 2, 3),
+        ("checkpoint-before-rename", 2, 3),
+        ("checkpoint-after-rename", 2, 6),
+    ]);
+}
+
+#[test]
 fn killed_while_pruning_or_logging_or_exporting() {
-    for (point, nth, from) in [
+    each_killed_and_resumed(&[
         // Step 9's checkpoint is in place, step 3's renamed for deletion and not yet deleted.
         ("prune-after-rename", 1, 9),
         // The 5th record (step 4's first evaluation): its JSON line written, its CSV row not.
         ("metrics-between-files", 5, 3),
         // Every step done, the final folder written beside its place.
         ("final-before-rename", 1, 12),
-    ] {
-        let dir = killed_at(point, nth);
-        let run = dir.path().join("run");
-        let stderr = resumes_to_the_straight_result(&run);
-        assert_eq!(resumed_step(&stderr), from, "{point}: {stderr}");
-    }
+    ]);
 }
 
 #[test]
@@ -292,7 +292,9 @@ fn no_loadable_checkpoint_is_an_error_that_changes_nothing() {
         stderr.contains("no checkpoint in") && stderr.contains("they are left as they are"),
         "{stderr}"
     );
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // Mesa's loader warns on stderr where XDG_RUNTIME_DIR is unset (CI sets one); not ours.
+    let ours = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).count();
+    assert_eq!(ours, 1, "{stderr}");
     assert_eq!((jsonl(&run), csv(&run)), (before_jsonl, before_csv));
     assert!(run.join("checkpoints/step-00000006").exists());
 }
