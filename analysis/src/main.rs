@@ -39,7 +39,8 @@ enum Command {
     /// Run a prompt for R iterations and store every normalised state and read-out
     /// (<OUT>.safetensors + <OUT>.json).
     Capture {
-        /// Model folder: a training run's final/, any Hugging Face folder, or a Burn record (model.bpk).
+        /// Model folder: a training run's final/, any Hugging Face folder, a Burn record (model.bpk),
+        /// or ORG/NAME[@REVISION] on the hub.
         #[arg(long)]
         model: PathBuf,
         #[command(flatten)]
@@ -203,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             raw,
             out,
         } => {
+            let model = infer::hub::resolve(&model)?;
             let tokenizer = tokenizer.or_else(|| find_tokenizer(&model));
             let prompt = match (prompt.input(), &tokenizer) {
                 (PromptInput::Text(text), Some(path)) => Prompt::from_text(&text, path)?,

@@ -234,7 +234,8 @@ fn read_header(bytes: &[u8]) -> Result<(usize, Metadata), String> {
 }
 
 /// The `weight_map` of a shard index: tensor name → shard file name in the index's folder.
-fn read_index(index: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
+/// Public so that a download fetches exactly the shards the loader will read.
+pub fn read_index(index: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,

@@ -38,7 +38,7 @@ struct Args {
     /// Float type: f32, f16 or bf16 (as the device supports).
     #[arg(long, default_value = "f32")]
     dtype: Precision,
-    /// Model folder; without it, random weights of the shape below.
+    /// Model folder or ORG/NAME[@REVISION]; without it, random weights of the shape below.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Random weights in Huginn-0125's shape (h = 5280, 55 heads, (2, 4, 2) layers, MLP 17920,
@@ -116,7 +116,8 @@ fn run(args: Args) -> Result<()> {
     let device = args.device.device_in(args.dtype)?;
     let model = match &args.model {
         Some(dir) => {
-            ModelFolder::open(dir, &device)
+            let dir = infer::hub::resolve(dir)?;
+            ModelFolder::open(&dir, &device)
                 .with_context(|| format!("loading {}", dir.display()))?
                 .model
         }

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 struct Args {
     #[arg(long, default_value = "cpu")]
     device: Backend,
-    /// Model folder; without it, a random model of --width and --layers.
+    /// Model folder or ORG/NAME[@REVISION]; without it, a random model of --width and --layers.
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
@@ -101,7 +101,10 @@ fn run(args: Args) -> Result<()> {
     }
     let device = args.device.device()?;
     let mut folder = match &args.model {
-        Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
+        Some(dir) => {
+            let dir = infer::hub::resolve(dir)?;
+            ModelFolder::open(&dir, &device).with_context(|| format!("loading {}", dir.display()))?
+        }
         None => {
             let [prelude, core, coda] = args.layers[..] else {
                 bail!("--layers takes three counts: prelude,core,coda");

@@ -51,7 +51,8 @@ struct Cli {
 enum Command {
     /// Show the next-token prediction after each recurrence step.
     Depths {
-        /// Model folder (config.json + safetensors or model.bpk). Without it, a random tiny model.
+        /// Model folder (config.json + safetensors or model.bpk), or ORG/NAME[@REVISION] on the
+        /// Hugging Face hub. Without it, a random tiny model.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Prompt token ids, comma separated.
@@ -78,7 +79,8 @@ enum Command {
     /// per token go to stderr. Defaults come from the folder's generation_config.json.
     Generate {
         /// Model folder: config.json and weights, optionally tokenizer.json,
-        /// tokenizer_config.json, generation_config.json. Without it, a random tiny model.
+        /// tokenizer_config.json, generation_config.json; or ORG/NAME[@REVISION] on the Hugging
+        /// Face hub. Without it, a random tiny model.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Prompt token ids, comma separated.
@@ -112,7 +114,7 @@ enum Command {
     /// line of standard input (`/exit` or end of input ends it), the reply streamed to stdout.
     /// The KV cache is kept between turns, so each turn runs only what is new.
     Chat {
-        /// Model folder with tokenizer.json and a chat template.
+        /// Model folder with tokenizer.json and a chat template, or ORG/NAME[@REVISION].
         #[arg(long)]
         model: PathBuf,
         /// A system message before the conversation.
@@ -245,7 +247,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             accept_threshold,
         } => {
             let mut folder = match &model {
-                Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
+                Some(dir) => open_folder(dir, &device)?,
                 None => ModelFolder::from_model(load(None, &device)?),
             };
             let (config, decoding) = args.resolve(&mut folder)?;
@@ -385,7 +387,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             system,
             decoding: args,
         } => {
-            let folder = ModelFolder::open(&model, &device).with_context(|| format!("loading {}", model.display()))?;
+            let folder = open_folder(&model, &device)?;
             chat::run(folder, system, &args)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -427,12 +429,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let name = model_name.unwrap_or_else(|| {
                 model
                     .as_deref()
-                    .and_then(|dir| dir.canonicalize().ok())
+                    .map(|dir| dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()))
                     .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
                     .unwrap_or_else(|| "huginn".into())
             });
             let folder = match &model {
-                Some(dir) => ModelFolder::open(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
+                Some(dir) => open_folder(dir, &device)?,
                 None => ModelFolder::from_model(load(None, &device)?),
             };
             tracing_subscriber::fmt()
@@ -582,9 +584,18 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// A model folder here, or `ORG/NAME[@REVISION]` fetched into the Hugging Face cache.
+fn open_folder(spec: &std::path::Path, device: &Device) -> Result<ModelFolder> {
+    let dir = infer::hub::resolve(spec)?;
+    ModelFolder::open(&dir, device).with_context(|| format!("loading {}", dir.display()))
+}
+
 fn load(dir: Option<&std::path::Path>, device: &Device) -> Result<Huginn> {
     match dir {
-        Some(dir) => Huginn::from_pretrained(dir, device).with_context(|| format!("loading {}", dir.display())),
+        Some(spec) => {
+            let dir = infer::hub::resolve(spec)?;
+            Huginn::from_pretrained(&dir, device).with_context(|| format!("loading {}", dir.display()))
+        }
         None => Ok(HuginnConfig::tiny(256, 64, 4, (1, 2, 1)).init(device, 0)),
     }
 }
