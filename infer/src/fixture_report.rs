@@ -8,6 +8,7 @@ use model::fixture::{Check, Fixture, FixtureError};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
 use crate::strategy::Strategy;
 use crate::{adaptive, greedy, speculative};
@@ -114,13 +115,30 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
                     let between = (0..steps[0].len())
                         .map(|t| steps.iter().map(|r| r[t]).max().unwrap_or(0))
                         .collect();
-                    (rows.into_iter().map(|r| r.tokens).collect::<Vec<_>>(), steps, between)
-                }),
+                    (
+                        rows.into_iter().map(|r| r.tokens).collect::<Vec<_>>(),
+                        steps,
+                        between,
+                        None,
+                    )
+                })
+                .map_err(|e| e.to_string()),
             Mode::Speculative(config) => speculative::generate(&fixture.model, &plan.prompts[0], plan.max_new, config)
-                .map(|g| (vec![g.tokens], vec![], g.steps_between_tokens)),
+                .map(|g| (vec![g.tokens], vec![], g.steps_between_tokens, None))
+                .map_err(|e| e.to_string()),
+            Mode::Diffusion(config) => diffusion::generate(
+                &fixture.model,
+                &plan.prompts[0],
+                plan.max_new,
+                &config,
+                &adaptive::Decoding::default(),
+                |_| std::ops::ControlFlow::Continue(()),
+            )
+            .map_err(|e| e.to_string())
+            .map(|g| (vec![g.tokens], vec![], g.steps_between_samplings, Some(g.sampled))),
         };
         match result {
-            Ok((tokens, steps, between)) => {
+            Ok((tokens, steps, between, sampled)) => {
                 let batched = tokens.len() > 1;
                 for (b, (got, want)) in tokens.iter().zip(&want).enumerate() {
                     let row = if batched { format!(" row {b}") } else { String::new() };
@@ -151,8 +169,26 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
                         &between_want[..n],
                     ));
                 }
+                // The chosen logit and the log-sum-exp at every sampling: the numbers behind
+                // the tokens, which catch a different cache read even where the argmax agrees.
+                if let Some(sampled) = sampled.filter(|_| reliable == usize::MAX) {
+                    let floats = |key: &str| -> Vec<f32> {
+                        run[key]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|v| v.as_f64().map(|v| v as f32)).collect())
+                            .unwrap_or_default()
+                    };
+                    let (logit, lse): (Vec<f32>, Vec<f32>) = sampled.into_iter().unzip();
+                    for (key, got) in [("sampled_logit", logit), ("sampled_logsumexp", lse)] {
+                        let want = floats(key);
+                        if !want.is_empty() {
+                            let tolerance = model::fixture::FORWARD_TOLERANCE;
+                            checks.push(Check::compare(format!("{name} {key}"), &got, &want, tolerance));
+                        }
+                    }
+                }
             }
-            Err(err) => checks.push(Check::failed(name, err.to_string())),
+            Err(err) => checks.push(Check::failed(name, err)),
         }
     }
     check_token_by_token(fixture, &json, case, &mut checks, &mut unsupported);
@@ -243,6 +279,8 @@ enum Mode {
     Adaptive(adaptive::AdaptiveConfig),
     /// Self-speculative decoding (`generate_speculative`).
     Speculative(speculative::SpeculativeConfig),
+    /// The wavefront sampler (`generate_diffusion_style`).
+    Diffusion(DiffusionConfig),
 }
 
 impl Plan {
@@ -253,8 +291,17 @@ impl Plan {
             None => Strategy::default(),
             Some(name) => name.as_str()?.parse().ok()?,
         };
-        if kwargs.contains_key("headway") || run.get("error").is_some() {
+        if run.get("error").is_some() {
             return None;
+        }
+        // The reference's dispatcher sends any of these to `generate_diffusion_style`.
+        let diffusion_keys = ["headway", "state_noise_mixing", "inner_recurrence", "freeze_strategy"];
+        if function.ends_with(".generate_diffusion_style") || diffusion_keys.iter().any(|k| kwargs.contains_key(*k)) {
+            return Some(Self {
+                prompts: Self::prompts(run, json)?,
+                max_new: Self::max_new(kwargs, json)?,
+                mode: Mode::Diffusion(diffusion_config(kwargs)?),
+            });
         }
         let steps = kwargs.get("num_steps")?.as_u64()? as usize;
         let continuous = kwargs.get("continuous_compute").and_then(Value::as_bool) == Some(true);
@@ -326,14 +373,55 @@ impl Plan {
             return None;
         };
         Some(Self {
-            prompts: rows(&json[run["prompt"].as_str()?])
-                .into_iter()
-                .map(|r| r.into_iter().map(|t| t as u32).collect())
-                .collect(),
-            max_new: kwargs.get("max_new_tokens").or(json.get("max_new_tokens"))?.as_u64()? as usize,
+            prompts: Self::prompts(run, json)?,
+            max_new: Self::max_new(kwargs, json)?,
             mode,
         })
     }
+
+    fn prompts(run: &Value, json: &Value) -> Option<Vec<Vec<u32>>> {
+        let prompts: Vec<Vec<u32>> = rows(&json[run["prompt"].as_str()?])
+            .into_iter()
+            .map(|r| r.into_iter().map(|t| t as u32).collect())
+            .collect();
+        Some(prompts)
+    }
+
+    fn max_new(kwargs: &serde_json::Map<String, Value>, json: &Value) -> Option<usize> {
+        Some(kwargs.get("max_new_tokens").or(json.get("max_new_tokens"))?.as_u64()? as usize)
+    }
+}
+
+/// The sampler's settings from a run's keyword arguments (the reference's defaults for the
+/// others); `None` for an argument this build does not know or a run it cannot reproduce:
+/// random initial states and noise come from torch's generator, so only `init_scale = 0` runs
+/// (with one prompt) can be compared.
+fn diffusion_config(kwargs: &serde_json::Map<String, Value>) -> Option<DiffusionConfig> {
+    let mut config = DiffusionConfig::default();
+    for (key, value) in kwargs {
+        let count = || value.as_u64().map(|v| v as usize);
+        match key.as_str() {
+            "max_new_tokens" => {}
+            "num_steps" => config.num_steps = count()?,
+            "inner_recurrence" => config.inner_recurrence = count()?,
+            "headway" => config.headway = count()?,
+            "max_wavefront" => config.max_wavefront = count()?,
+            "max_diffusion_steps" => config.max_diffusion_steps = count()?,
+            "ema_embeds" => config.ema_embeds = value.as_f64()?,
+            "state_noise_mixing" => config.state_noise_mixing = value.as_f64()?,
+            "exit_t" => config.exit_t = value.as_f64()?,
+            "init_scale" => config.init_scale = value.as_f64()?,
+            "dampened_state_mixer" => config.dampened_state_mixer = value.as_bool()?,
+            "sqrt_mixer" => config.sqrt_mixer = value.as_bool()?,
+            "full_prefill" => config.full_prefill = value.as_bool()?,
+            "continuous_compute" => config.continuous_compute = value.as_bool()?,
+            "freeze_strategy" => config.freeze = value.as_str()?.parse().ok()?,
+            "cache_lookup_strategy" => config.strategy = value.as_str()?.parse().ok()?,
+            _ => return None,
+        }
+    }
+    // Guessed tokens (headway > 1) are random too.
+    (config.init_scale == 0.0 && config.headway == 1).then_some(config)
 }
 
 fn rows(value: &Value) -> Vec<Vec<usize>> {
