@@ -33,7 +33,7 @@ pub mod rope;
 
 pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};
 pub use config::HuginnConfig;
-pub use device::{Backend, DeviceError, Precision, peak_rss_bytes, rss_bytes};
+pub use device::{Backend, DeviceError, DeviceSpec, Precision, peak_rss_bytes, rss_bytes};
 pub use error::{ConfigError, InputError, WeightsError};
 pub use huginn::{Forward, Huginn, InitialState, cross_entropy};
 pub use rope::Rotary;

@@ -22,7 +22,7 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use model::{Huginn, HuginnConfig};
+use model::{DeviceSpec, Huginn, HuginnConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError, Checkpoints, Skipped, TrainState};
@@ -32,7 +32,7 @@ use crate::metrics::{MetricsError, MetricsLog, Record, write_atomically};
 use crate::monitor::{evaluate_depths, monitors};
 use crate::optim::{EllisAdamConfig, no_decay_group};
 use crate::schedule::Schedule;
-use crate::step::{MicroBatch, StepConfig, StepError, train_step};
+use crate::step::{MicroBatch, StepConfig, StepError, train_step_on};
 use crate::text::TextError;
 
 /// Safetensors shard size of the final model: one file for any model this crate trains, shards
@@ -118,6 +118,12 @@ pub struct RunConfig {
     pub eval_depths: Vec<usize>,
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// The devices the run trains on, one backend, the first holding the model and optimizer;
+    /// the micro-batches are spread over them and the numbers do not depend on how many there
+    /// are. Empty: the one device the caller gives (`huginn-train --device`). `--devices` on a
+    /// resume overrides it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
 }
 
 impl RunConfig {
@@ -165,9 +171,28 @@ impl RunConfig {
         if !((0.0..1.0).contains(&beta_1) && (0.0..1.0).contains(&beta_2)) {
             return bad(format!("optimizer betas must lie in [0, 1), not ({beta_1}, {beta_2})"));
         }
+        if !self.devices.is_empty() {
+            DeviceSpec::check_list(&self.devices).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
+            self.check_split(self.devices.len())?;
+        }
         self.model
             .validate()
             .map_err(|e| TrainError::InvalidConfig(format!("model: {e}")))
+    }
+
+    /// Whether the micro-batches of a step split evenly over `devices` devices: each device
+    /// runs whole micro-batches, so that a micro-batch's rows and seeded initial state are the
+    /// same however many devices share the step.
+    pub fn check_split(&self, devices: usize) -> Result<(), TrainError> {
+        match devices > 0 && self.accumulation.is_multiple_of(devices) {
+            true => Ok(()),
+            false if devices == 0 => Err(TrainError::InvalidConfig("a run needs a device".into())),
+            false => Err(TrainError::InvalidConfig(format!(
+                "the global batch ({} micro-batches of {} rows) does not split over {devices} devices: \
+                 make accumulation a multiple of {devices}",
+                self.accumulation, self.batch_size
+            ))),
+        }
     }
 
     /// Powers of two from 1 to four times the training mean depth.
@@ -225,7 +250,8 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
 pub struct Trainer {
     pub config: RunConfig,
     dir: PathBuf,
-    device: Device,
+    /// Where the steps run; the first holds the model, the optimizer and the evaluation.
+    devices: Vec<Device>,
     model: Option<Huginn>,
     optim: ModuleOptimizer,
     state: TrainState,
@@ -240,10 +266,18 @@ pub struct Trainer {
 impl Trainer {
     /// Starts a new run in `dir` (which must not hold one) on `device` (an autodiff device).
     pub fn create(dir: &Path, config: RunConfig, device: &Device) -> Result<Self, TrainError> {
+        Self::create_on(dir, config, std::slice::from_ref(device))
+    }
+
+    /// Starts a new run in `dir` on `devices` (autodiff devices of one backend; the model lives
+    /// on the first). Bad input is an error before anything is written.
+    pub fn create_on(dir: &Path, config: RunConfig, devices: &[Device]) -> Result<Self, TrainError> {
         if dir.join("run.json").exists() {
             return Err(TrainError::Exists(dir.to_path_buf()));
         }
         config.validate()?;
+        config.check_split(devices.len())?;
+        let device = &devices[0];
         let toml = config.to_toml().map_err(TrainError::InvalidConfig)?;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let data = Dataset::new(&config.data, None)?;
@@ -263,21 +297,21 @@ impl Trainer {
         write_atomically(&path, json.as_bytes()).map_err(io_error(&path))?;
         let model = config.model.init(device, config.seed);
         let optim = config.optimizer.init(&model, config.schedule.peak_lr());
-        Self::assemble(dir, config, device, data, model, optim, TrainState::default())
+        Self::assemble(dir, config, devices, data, model, optim, TrainState::default())
     }
 
     /// Continues the run in `dir` from its newest checkpoint (or from the start when it was
     /// stopped before its first one).
     pub fn resume(dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        let path = dir.join("run.json");
-        if !path.exists() {
-            return Err(TrainError::NoRun(dir.to_path_buf()));
-        }
-        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-        let config: RunConfig = serde_json::from_str(&text).map_err(|e| TrainError::BadRun {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        Self::resume_on(dir, std::slice::from_ref(device))
+    }
+
+    /// Continues the run in `dir` on `devices`, which need not be those it started on: the
+    /// numbers do not depend on them.
+    pub fn resume_on(dir: &Path, devices: &[Device]) -> Result<Self, TrainError> {
+        let config = Self::stored_config(dir)?;
+        config.check_split(devices.len())?;
+        let device = &devices[0];
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = match tokenizer_path.exists() {
             true => Some(crate::text::load_tokenizer(&tokenizer_path)?),
@@ -296,7 +330,7 @@ impl Trainer {
                     (model, optim, TrainState::default(), None)
                 }
             };
-        let mut trainer = Self::assemble(dir, config, device, data, model, optim, state)?;
+        let mut trainer = Self::assemble(dir, config, devices, data, model, optim, state)?;
         if let Some((checkpoint, skipped)) = resumed {
             trainer.resumed_from = Some(checkpoint);
             trainer.skipped = skipped;
@@ -304,10 +338,23 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// The configuration of the run in `dir` (its `run.json`).
+    pub fn stored_config(dir: &Path) -> Result<RunConfig, TrainError> {
+        let path = dir.join("run.json");
+        if !path.exists() {
+            return Err(TrainError::NoRun(dir.to_path_buf()));
+        }
+        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+        serde_json::from_str(&text).map_err(|e| TrainError::BadRun {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    }
+
     fn assemble(
         dir: &Path,
         config: RunConfig,
-        device: &Device,
+        devices: &[Device],
         data: Dataset,
         model: Huginn,
         optim: ModuleOptimizer,
@@ -318,7 +365,7 @@ impl Trainer {
         Ok(Self {
             config,
             dir: dir.to_path_buf(),
-            device: device.clone(),
+            devices: devices.to_vec(),
             model: Some(model),
             optim,
             state,
@@ -371,17 +418,14 @@ impl Trainer {
             let started = Instant::now();
             let step = self.state.step;
             let depth = self.config.depth.sample(self.config.seed, step);
-            let batches: Vec<MicroBatch> = (0..self.config.accumulation as u64)
-                .map(|m| {
-                    let b = self
-                        .data
-                        .train_batch(self.config.seed, self.state.batches + m, rows, &self.device);
-                    MicroBatch {
-                        inputs: b.inputs,
-                        labels: b.labels,
-                    }
-                })
-                .collect();
+            let (data, seed, first) = (&self.data, self.config.seed, self.state.batches);
+            let batch = |m: usize, device: &Device| {
+                let b = data.train_batch(seed, first + m as u64, rows, device);
+                MicroBatch {
+                    inputs: b.inputs,
+                    labels: b.labels,
+                }
+            };
             let lr = self.config.schedule.lr(step);
             let step_config = StepConfig {
                 depth,
@@ -391,7 +435,14 @@ impl Trainer {
                 state_scale: 1.0,
             };
             let model = self.model.take().expect("the model is always put back");
-            let (model, report) = train_step(model, &mut self.optim, &batches, step_config);
+            let (model, report) = train_step_on(
+                model,
+                &mut self.optim,
+                &self.devices,
+                self.config.accumulation,
+                &batch,
+                step_config,
+            );
             self.model = Some(model);
             let report = match report {
                 Ok(report) => report,

@@ -16,9 +16,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+use burn::prelude::Device;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
-use model::{Backend, HuginnConfig};
+use model::{Backend, DeviceSpec, HuginnConfig};
 use train::data::{DataConfig, Dataset, TokenizerSource};
 use train::depth::DepthScheme;
 use train::layout::parse_layers;
@@ -43,6 +44,11 @@ struct Args {
     print_config: bool,
     #[arg(long, default_value = "cpu")]
     device: Backend,
+    /// Devices of one backend to train on together, e.g. `wgpu:0,wgpu:1` or `cuda:0,cuda:1`:
+    /// each runs whole micro-batches (--accumulation must be a multiple of their number) and the
+    /// numbers are those of one device. Kept in the run; given with --resume, replaces its list.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    devices: Vec<DeviceSpec>,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
@@ -241,6 +247,7 @@ impl Args {
             eval_depths,
             checkpoint_every: self.checkpoint_every,
             keep_checkpoints: self.keep,
+            devices: self.devices.clone(),
         })
     }
 
@@ -276,6 +283,22 @@ impl Args {
                 vocab_size: self.vocab_size,
             },
         }
+    }
+
+    /// The autodiff devices to train on: `--devices`, else `--device` when typed, else the
+    /// run's own list (`stored`), else `--device`'s default.
+    fn devices_for(&self, stored: &[DeviceSpec], matches: &ArgMatches) -> Result<Vec<Device>> {
+        let typed = matches.value_source("device") == Some(ValueSource::CommandLine);
+        let specs = match (self.devices.is_empty(), typed || stored.is_empty()) {
+            (false, _) => self.devices.clone(),
+            (true, true) => vec![DeviceSpec {
+                backend: self.device,
+                index: 0,
+            }],
+            (true, false) => stored.to_vec(),
+        };
+        let devices = DeviceSpec::devices(&specs)?;
+        Ok(devices.into_iter().map(Device::autodiff).collect())
     }
 
     fn max_grad_norm(&self) -> Option<f64> {
@@ -348,9 +371,9 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         print!("{}", args.run_config(matches)?.to_toml().map_err(anyhow::Error::msg)?);
         return Ok(());
     }
-    let device = args.device.device()?.autodiff();
     let mut trainer = if args.resume {
-        let t = Trainer::resume(&args.out, &device)?;
+        let devices = args.devices_for(&Trainer::stored_config(&args.out)?.devices, matches)?;
+        let t = Trainer::resume_on(&args.out, &devices)?;
         for s in t.skipped() {
             eprintln!(
                 "skipped a checkpoint that does not load: {}; moved it to {}",
@@ -369,7 +392,9 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         }
         t
     } else {
-        Trainer::create(&args.out, args.run_config(matches)?, &device)?
+        let config = args.run_config(matches)?;
+        let devices = args.devices_for(&config.devices, matches)?;
+        Trainer::create_on(&args.out, config, &devices)?
     };
     trainer.run(None, !args.quiet)?;
     let state = trainer.state();

@@ -62,6 +62,9 @@ fn run(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) {
         config.checkpoint_every,
     );
     config.keep_checkpoints = pick(given("keep"), args.keep, config.keep_checkpoints);
+    if given("devices") {
+        config.devices = args.devices.clone();
+    }
 }
 
 fn data(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) -> Result<()> {
@@ -362,6 +365,8 @@ mod tests {
             "10",
             "--keep",
             "1",
+            "--devices",
+            "cpu:0",
         ];
         let (args, _) = parse(&flags);
         assert_eq!(with_flags(&file(), &flags).unwrap(), args.flags_config().unwrap());
