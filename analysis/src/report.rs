@@ -511,7 +511,7 @@ fn default_prompt(run: &Path, tokenizer: Option<&Path>) -> Result<Prompt, Analys
         }
         DataConfig::Chains { seed, .. } => Ok(hop_prompt(&train::chains::ChainTask { seed })),
         DataConfig::Pointers { seed, .. } => Ok(hop_prompt(&train::pointers::PointerTask { seed })),
-        DataConfig::Text { .. } => match tokenizer {
+        DataConfig::Text { .. } | DataConfig::Chat { .. } => match tokenizer {
             Some(path) => Prompt::from_text("To be, or not to be, that is the question:", path),
             None => Err(AnalysisError::Invalid(format!(
                 "{} is a text run without tokenizer.json; give token ids",

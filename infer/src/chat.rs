@@ -85,6 +85,8 @@ pub enum ChatError {
     Template(Error),
     #[error("chat template failed: {0}")]
     Render(Error),
+    #[error("a message contains U+{0:04X}, which marks the assistant's text when training")]
+    Marker(u32),
 }
 
 /// A compiled chat template with the special tokens it renders.
@@ -95,6 +97,11 @@ pub struct ChatTemplate {
 }
 
 const NAME: &str = "chat_template";
+/// The same template with `{% generation %}` bodies wrapped in [`OPEN`] and [`CLOSE`].
+const MARKED: &str = "chat_template_marked";
+/// Private-use characters around the assistant's text in a [`MARKED`] rendering.
+const OPEN: char = '\u{F8FE}';
+const CLOSE: char = '\u{F8FF}';
 
 impl ChatTemplate {
     pub fn new(source: &str, special: SpecialTokens) -> Result<Self, ChatError> {
@@ -104,14 +111,49 @@ impl ChatTemplate {
         env.set_syntax(syntax.build().map_err(ChatError::Template)?);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, strip_generation_tags(source))
+        env.add_filter("assistant_text", |body: String| format!("{OPEN}{body}{CLOSE}"));
+        env.add_template_owned(NAME, rewrite_generation_tags(source, "if true", "endif"))
             .map_err(ChatError::Template)?;
+        env.add_template_owned(
+            MARKED,
+            rewrite_generation_tags(source, "filter assistant_text", "endfilter"),
+        )
+        .map_err(ChatError::Template)?;
         Ok(Self { env, special })
+    }
+
+    /// The whole conversation as training text, with the byte ranges of the assistant's text:
+    /// what the template's `{% generation %}` tags enclose (`transformers`' assistant mask).
+    pub fn render_with_assistant_spans(
+        &self,
+        messages: &[Message],
+    ) -> Result<(String, Vec<std::ops::Range<usize>>), ChatError> {
+        if let Some(c) = messages
+            .iter()
+            .flat_map(|m| m.content.chars())
+            .find(|c| [OPEN, CLOSE].contains(c))
+        {
+            return Err(ChatError::Marker(c as u32));
+        }
+        let marked = self.render_named(MARKED, messages, false)?;
+        let (mut text, mut spans, mut start) = (String::with_capacity(marked.len()), Vec::new(), None);
+        for c in marked.chars() {
+            match c {
+                OPEN => start = Some(text.len()),
+                CLOSE => spans.extend(start.take().map(|s| s..text.len())),
+                c => text.push(c),
+            }
+        }
+        Ok((text, spans))
     }
 
     /// The prompt text for `messages`; with `add_generation_prompt` it ends where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
+        self.render_named(NAME, messages, add_generation_prompt)
+    }
+
+    fn render_named(&self, name: &str, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
         let messages: Vec<Value> = messages.iter().map(|m| Value::from_object(m.clone())).collect();
         let mut context = BTreeMap::from([
             ("messages", Value::from(messages)),
@@ -129,15 +171,15 @@ impl ChatTemplate {
                 context.insert(name, Value::from(token.as_str()));
             }
         }
-        let template = self.env.get_template(NAME).map_err(ChatError::Template)?;
+        let template = self.env.get_template(name).map_err(ChatError::Template)?;
         template.render(context).map_err(ChatError::Render)
     }
 }
 
-/// `transformers` renders `{% generation %}…{% endgeneration %}` as its body (the tag records
-/// which characters are the assistant's); here it becomes an always-true `if`, keeping its
-/// whitespace control.
-fn strip_generation_tags(source: &str) -> String {
+/// `transformers` renders `{% generation %}…{% endgeneration %}` as its body and records which
+/// characters are the assistant's. Here the tags become `open` and `close` (an always-true
+/// `if` to render, a filter block to mark), keeping their whitespace control.
+fn rewrite_generation_tags(source: &str, open: &str, close: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
@@ -149,8 +191,8 @@ fn strip_generation_tags(source: &str) -> String {
         let inner = &tag[2..end];
         let trimmed = inner.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         let replacement = match trimmed {
-            "generation" => Some("if true"),
-            "endgeneration" => Some("endif"),
+            "generation" => Some(open),
+            "endgeneration" => Some(close),
             _ => None,
         };
         match replacement {
@@ -347,6 +389,27 @@ mod tests {
     }
 
     #[test]
+    fn assistant_spans_are_what_the_generation_tags_enclose() {
+        let messages = [
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, " Hello. "),
+            Message::new(Role::User, "Bye"),
+            Message::new(Role::Assistant, "Bye!"),
+        ];
+        let (text, spans) = huginn().render_with_assistant_spans(&messages).unwrap();
+        assert_eq!(text, huginn().render(&messages, false).unwrap());
+        let marked: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(marked, ["Hello.<|end_turn|>", "Bye!<|end_turn|>"]);
+        // Without the tags nothing is the assistant's; a marker in a message is refused.
+        let plain = ChatTemplate::new("{{ messages[0].content }}", SpecialTokens::default()).unwrap();
+        assert!(plain.render_with_assistant_spans(&messages).unwrap().1.is_empty());
+        let err = huginn()
+            .render_with_assistant_spans(&[Message::new(Role::User, "a\u{F8FF}")])
+            .unwrap_err();
+        assert!(err.to_string().contains("U+F8FF"), "{err}");
+    }
+
+    #[test]
     fn blocks_trim_like_transformers_and_loop_controls_work() {
         let source = "{% for m in messages %}\n  {% if m.role == 'system' %}{% continue %}{% endif %}\n[{{ loop.index }}/{{ loop.length }} {{ m.role }}] {{ m.content }}\n{% endfor %}\n{%- if add_generation_prompt %}>{% endif %}";
         let t = ChatTemplate::new(source, SpecialTokens::default()).unwrap();
@@ -361,10 +424,17 @@ mod tests {
     #[test]
     fn generation_tags_keep_their_whitespace_control() {
         assert_eq!(
-            strip_generation_tags("a {%- generation +%} b {% endgeneration -%} {% if x %}"),
+            rewrite_generation_tags(
+                "a {%- generation +%} b {% endgeneration -%} {% if x %}",
+                "if true",
+                "endif"
+            ),
             "a {%- if true +%} b {% endif -%} {% if x %}"
         );
-        assert_eq!(strip_generation_tags("{% generation"), "{% generation");
+        assert_eq!(
+            rewrite_generation_tags("{% generation", "if true", "endif"),
+            "{% generation"
+        );
     }
 
     #[test]

@@ -75,36 +75,11 @@ impl ModelFolder {
     pub fn open(dir: impl AsRef<Path>, device: &Device) -> Result<Self, FolderError> {
         let dir = dir.as_ref();
         let model = Huginn::from_pretrained(dir, device)?;
-        let vocab = model.config().vocab_size;
-        let tokenizer = read_optional(dir, TOKENIZER_FILE, |text| {
-            let tokenizer: Tokenizer = text.parse().map_err(|e| format!("invalid tokenizer: {e}"))?;
-            match tokenizer.get_vocab(true).values().max() {
-                Some(&max) if max as usize >= vocab => {
-                    Err(format!("token id {max} is outside the model's vocabulary of {vocab}"))
-                }
-                _ => Ok(tokenizer),
-            }
-        })?;
-        let config = read_optional(dir, TOKENIZER_CONFIG_FILE, TokenizerConfig::from_json)?.unwrap_or_default();
-        let special_tokens = SpecialTokens {
-            bos: config.bos_token.map(TokenText::into_string),
-            eos: config.eos_token.map(TokenText::into_string),
-            pad: config.pad_token.map(TokenText::into_string),
-            unk: config.unk_token.map(TokenText::into_string),
-        };
-        let compile = |source: &str| ChatTemplate::new(source, special_tokens.clone()).map_err(|e| e.to_string());
-        let chat_template = match read_optional(dir, CHAT_TEMPLATE_FILE, compile)? {
-            Some(template) => Some(template),
-            None => config
-                .chat_template
-                .map(|field| {
-                    field
-                        .default_template()
-                        .and_then(|source| compile(&source))
-                        .map_err(|reason| invalid(dir, TOKENIZER_CONFIG_FILE, reason))
-                })
-                .transpose()?,
-        };
+        let TextFiles {
+            tokenizer,
+            special_tokens,
+            chat_template,
+        } = TextFiles::open(dir, model.config().vocab_size)?;
         let generation = read_optional(dir, GENERATION_CONFIG_FILE, |text| {
             GenerationConfig::from_json(text).map_err(|e| format!("invalid generation config: {e}"))
         })?
@@ -203,6 +178,55 @@ fn invalid(dir: &Path, file: &str, reason: String) -> FolderError {
 }
 
 /// Parses `dir/file` when it exists.
+/// A folder's tokenizer, special tokens and chat template, without its weights (what training
+/// on chat data needs).
+#[derive(Debug)]
+pub struct TextFiles {
+    pub tokenizer: Option<Tokenizer>,
+    pub special_tokens: SpecialTokens,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl TextFiles {
+    /// Reads the text files of `dir`, for a model of `vocab` tokens.
+    pub fn open(dir: &Path, vocab: usize) -> Result<Self, FolderError> {
+        let tokenizer = read_optional(dir, TOKENIZER_FILE, |text| {
+            let tokenizer: Tokenizer = text.parse().map_err(|e| format!("invalid tokenizer: {e}"))?;
+            match tokenizer.get_vocab(true).values().max() {
+                Some(&max) if max as usize >= vocab => {
+                    Err(format!("token id {max} is outside the model's vocabulary of {vocab}"))
+                }
+                _ => Ok(tokenizer),
+            }
+        })?;
+        let config = read_optional(dir, TOKENIZER_CONFIG_FILE, TokenizerConfig::from_json)?.unwrap_or_default();
+        let special_tokens = SpecialTokens {
+            bos: config.bos_token.map(TokenText::into_string),
+            eos: config.eos_token.map(TokenText::into_string),
+            pad: config.pad_token.map(TokenText::into_string),
+            unk: config.unk_token.map(TokenText::into_string),
+        };
+        let compile = |source: &str| ChatTemplate::new(source, special_tokens.clone()).map_err(|e| e.to_string());
+        let chat_template = match read_optional(dir, CHAT_TEMPLATE_FILE, compile)? {
+            Some(template) => Some(template),
+            None => config
+                .chat_template
+                .map(|field| {
+                    field
+                        .default_template()
+                        .and_then(|source| compile(&source))
+                        .map_err(|reason| invalid(dir, TOKENIZER_CONFIG_FILE, reason))
+                })
+                .transpose()?,
+        };
+        Ok(Self {
+            tokenizer,
+            special_tokens,
+            chat_template,
+        })
+    }
+}
+
 fn read_optional<T>(
     dir: &Path,
     file: &str,

@@ -116,6 +116,7 @@ mod tests {
             eval_depths: vec![1, 4, 16],
             checkpoint_every: 50,
             keep_checkpoints: 2,
+            init_from: None,
             devices: Vec::new(),
         }
     }

@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 use crate::addition::{self, AdditionTask};
 use crate::batch::{Batch, make_batch};
 use crate::chains::ChainTask;
+use crate::chat_data::{ChatData, ChatDataError, ChatFormat};
 use crate::hops::{HopTask, Split};
 use crate::pointers::PointerTask;
 use crate::text::{self, TextCorpus, TextError};
@@ -47,6 +48,14 @@ pub enum DataConfig {
         tokenizer: TokenizerSource,
         seq_len: usize,
     },
+    /// Chat records (JSONL) through the chat template and tokenizer of the model folder
+    /// `folder` (a path or a hub name, usually the run's `init_from`); the loss is on the
+    /// assistant's tokens (see `chat_data`).
+    Chat {
+        file: PathBuf,
+        format: ChatFormat,
+        folder: PathBuf,
+    },
 }
 
 fn default_field() -> String {
@@ -77,6 +86,7 @@ pub enum Dataset {
     Pointers { task: PointerTask, curriculum: u64 },
     Addition(AdditionTask),
     Text { corpus: Box<TextCorpus>, seq_len: usize },
+    Chat(Box<ChatData>),
 }
 
 impl Dataset {
@@ -122,6 +132,10 @@ impl Dataset {
                     seq_len: *seq_len,
                 }
             }
+            DataConfig::Chat { file, format, folder } => {
+                let folder = infer::hub::resolve(folder).map_err(|e| ChatDataError::Folder(e.to_string()))?;
+                Dataset::Chat(Box::new(ChatData::new(file, format, &folder, tokenizer)?))
+            }
         })
     }
 
@@ -132,6 +146,7 @@ impl Dataset {
             Dataset::Pointers { .. } => PointerTask::VOCAB_SIZE,
             Dataset::Addition(_) => addition::VOCAB_SIZE,
             Dataset::Text { corpus, .. } => corpus.tokenizer.get_vocab_size(true),
+            Dataset::Chat(data) => data.tokenizer.get_vocab_size(true),
         }
     }
 
@@ -142,6 +157,7 @@ impl Dataset {
             Dataset::Pointers { .. } => PointerTask::MAX_LEN - 1,
             Dataset::Addition(task) => task.max_len(addition::Split::Harder) - 1,
             Dataset::Text { seq_len, .. } => *seq_len,
+            Dataset::Chat(data) => data.max_len() - 1,
         }
     }
 
@@ -156,6 +172,7 @@ impl Dataset {
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         match self {
             Dataset::Text { corpus, .. } => Some(&corpus.tokenizer),
+            Dataset::Chat(data) => Some(&data.tokenizer),
             _ => None,
         }
     }
@@ -173,6 +190,7 @@ impl Dataset {
                 make_batch(&examples, addition::PAD, device)
             }
             Dataset::Text { corpus, seq_len } => text_batch(&corpus.train_rows(seed, index, rows, *seq_len), device),
+            Dataset::Chat(data) => data.train_batch(seed, index, rows, device),
         }
     }
 
@@ -198,6 +216,11 @@ impl Dataset {
             Dataset::Text { corpus, seq_len } => vec![EvalSplit {
                 name: "validation",
                 batch: text_batch(&corpus.valid_rows(rows, *seq_len), device),
+                exact_match: false,
+            }],
+            Dataset::Chat(data) => vec![EvalSplit {
+                name: "validation",
+                batch: data.valid_batch(rows, device),
                 exact_match: false,
             }],
         }

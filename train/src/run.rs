@@ -9,7 +9,8 @@
 //! RUN/metrics.jsonl|csv   every record (see `metrics`)
 //! RUN/checkpoints/step-N  the newest checkpoints (see `checkpoint`)
 //! RUN/final/              the model at the end, in the Hugging Face layout (`config.json` +
-//!                         `model.safetensors`, and a text run's tokenizer with its config),
+//!                         `model.safetensors`, and a text run's tokenizer with its config;
+//!                         a fine-tuned run's also the chat template and generation config),
 //!                         which `infer`, `analysis` and the reference load
 //! ```
 //!
@@ -124,6 +125,10 @@ pub struct RunConfig {
     /// resume overrides it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceSpec>,
+    /// Fine-tuning: the model folder or hub name whose weights the run starts from (`model`
+    /// must be its shape; see `finetune`). None: fresh weights from `seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -279,6 +284,7 @@ impl Trainer {
         config.check_split(devices.len())?;
         let device = &devices[0];
         let toml = config.to_toml().map_err(TrainError::InvalidConfig)?;
+        let model = config.initial_model(device)?;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let data = Dataset::new(&config.data, None)?;
         check_fits(&config.model, &data)?;
@@ -295,7 +301,6 @@ impl Trainer {
         let json = serde_json::to_string_pretty(&config).expect("plain data serializes");
         let path = dir.join("run.json");
         write_atomically(&path, json.as_bytes()).map_err(io_error(&path))?;
-        let model = config.model.init(device, config.seed);
         let optim = config.optimizer.init(&model, config.schedule.peak_lr());
         Self::assemble(dir, config, devices, data, model, optim, TrainState::default())
     }
@@ -325,7 +330,7 @@ impl Trainer {
             match checkpoints.load_newest(device, |m| config.optimizer.init(m, peak))? {
                 Some(r) => (r.model, r.optimizer, r.state, Some((r.checkpoint, r.skipped))),
                 None => {
-                    let model = config.model.init(device, config.seed);
+                    let model = config.initial_model(device)?;
                     let optim = config.optimizer.init(&model, peak);
                     (model, optim, TrainState::default(), None)
                 }
@@ -587,6 +592,7 @@ impl Trainer {
             let text = serde_json::to_string_pretty(&config).expect("plain data serializes");
             std::fs::write(&path, text).map_err(io_error(&path))?;
         }
+        self.config.copy_init_text_files(&partial)?;
         checkpoint::sync_folder(&partial)?;
         crate::pause::pause_point("final-before-rename");
         if dir.exists() {

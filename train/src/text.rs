@@ -33,6 +33,8 @@ pub enum TextError {
     Jsonl { path: PathBuf, line: usize, field: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error(transparent)]
+    Chat(#[from] crate::chat_data::ChatDataError),
     #[error("the tokenizer has no `{END_OF_TEXT}` token")]
     NoEndOfText,
     #[error("the corpus has {tokens} tokens, too few for rows of {seq_len} (need {need} in each split)")]

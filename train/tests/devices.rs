@@ -52,6 +52,7 @@ fn config() -> RunConfig {
         eval_depths: vec![2],
         checkpoint_every: 3,
         keep_checkpoints: 2,
+        init_from: None,
         devices: Vec::new(),
     }
 }

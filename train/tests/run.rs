@@ -39,6 +39,7 @@ fn config(steps: u64, optimizer: OptimizerConfig, peak_lr: f64) -> RunConfig {
         eval_depths: vec![1, 4],
         checkpoint_every: 2,
         keep_checkpoints: 2,
+        init_from: None,
         devices: Vec::new(),
     }
 }

@@ -84,6 +84,7 @@ impl Recipe {
             eval_depths: vec![1, self.mean_depth + 1, 4 * (self.mean_depth + 1)],
             checkpoint_every: (self.steps / 4).max(1),
             keep_checkpoints: 1,
+            init_from: None,
             devices: Vec::new(),
         }
     }

@@ -123,6 +123,7 @@ impl TextDemo {
             eval_rows: self.eval_rows,
             checkpoint_every: (self.steps / 4).max(1),
             keep_checkpoints: 1,
+            init_from: None,
             devices: Vec::new(),
         }
     }

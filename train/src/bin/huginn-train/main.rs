@@ -8,8 +8,10 @@
 //! huginn-train --task text --text-file book.txt --vocab-size 4096 --seq-len 128 --out runs/lm
 //! huginn-train --config train/configs/chains.toml --steps 500 --out runs/short   # a file, one flag changed
 //! huginn-train --task text --width 128 --print-config > lm.toml                  # start a file
+//! huginn-train --init-from tomg-group-umd/huginn-0125 --task chat --data qa.jsonl --out runs/ft
 //! ```
 
+mod init;
 mod overrides;
 
 use std::path::PathBuf;
@@ -20,6 +22,7 @@ use burn::prelude::Device;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use model::{Backend, DeviceSpec, HuginnConfig};
+use train::chat_data::ChatFormat;
 use train::data::{DataConfig, Dataset, TokenizerSource};
 use train::depth::DepthScheme;
 use train::layout::parse_layers;
@@ -52,6 +55,10 @@ struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Fine-tune: start from this model folder or hub name (ORG/NAME[@REVISION]), its shape
+    /// and weights, with a fresh optimizer. The training depth defaults to the model's.
+    #[arg(long, conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
 
     // Data.
     #[arg(long, value_enum, default_value_t = Task::Chains)]
@@ -62,6 +69,19 @@ struct Args {
     /// The JSONL field holding a document's text.
     #[arg(long, default_value = "text")]
     jsonl_field: String,
+    /// Chat records, JSONL (`--task chat`): a list of messages per record, or a question and
+    /// an answer (--question-field, --answer-field).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The field of a chat record holding its messages (`role`, `content`).
+    #[arg(long, default_value = "messages")]
+    messages_field: String,
+    /// Chat records as question/answer pairs: the question's field.
+    #[arg(long, requires = "answer_field")]
+    question_field: Option<String>,
+    /// The answer's field.
+    #[arg(long, requires = "question_field")]
+    answer_field: Option<String>,
     /// A tokenizer.json to use instead of training a byte-level BPE.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -151,6 +171,8 @@ enum Task {
     Pointers,
     Addition,
     Text,
+    /// Chat records through the --init-from model's chat template; loss on the assistant's tokens.
+    Chat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
@@ -178,15 +200,16 @@ impl Args {
     /// top, or, without a file, the flags' (given or default).
     fn run_config(&self, matches: &ArgMatches) -> Result<RunConfig> {
         self.check_flags()?;
-        let config = match &self.config {
+        let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let mut config = match &self.config {
             Some(path) => {
                 let mut config = RunConfig::from_toml_file(path)?;
-                let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
                 overrides::apply(&mut config, self, &given)?;
                 config
             }
             None => self.flags_config()?,
         };
+        init::apply(&mut config, self, &given)?;
         config.validate()?;
         Ok(config)
     }
@@ -207,6 +230,9 @@ impl Args {
         }
         if self.mean_depth == 0 || self.backprop == 0 {
             bail!("--mean-depth and --backprop must be positive");
+        }
+        if self.task == Task::Chat && (self.data.is_none() || self.init_from.is_none()) {
+            bail!("--task chat needs --data FILE.jsonl and --init-from MODEL (whose chat template it uses)");
         }
         Ok(())
     }
@@ -247,6 +273,7 @@ impl Args {
             eval_depths,
             checkpoint_every: self.checkpoint_every,
             keep_checkpoints: self.keep,
+            init_from: None,
             devices: self.devices.clone(),
         })
     }
@@ -272,6 +299,19 @@ impl Args {
                 field: self.jsonl_field.clone(),
                 tokenizer: self.tokenizer_source(),
                 seq_len: self.seq_len,
+            },
+            Task::Chat => DataConfig::Chat {
+                file: self.data.clone().unwrap_or_default(),
+                format: match (&self.question_field, &self.answer_field) {
+                    (Some(question), Some(answer)) => ChatFormat::Pair {
+                        question: question.clone(),
+                        answer: answer.clone(),
+                    },
+                    _ => ChatFormat::Messages {
+                        field: self.messages_field.clone(),
+                    },
+                },
+                folder: self.init_from.clone().unwrap_or_default(),
             },
         }
     }

@@ -21,6 +21,7 @@ use crate::{Args, Optimizer, ScheduleKind, Scheme, depth_scheme, fit_to_data, fi
 const HOP_TASKS: &[&str] = &["curriculum"];
 const ADDITION: &[&str] = &["max_digits", "padded"];
 const TEXT: &[&str] = &["text_files", "jsonl_field", "tokenizer", "vocab_size", "seq_len"];
+const CHAT: &[&str] = &["data"];
 
 /// Applies to `config` the flags of `args` for which `given(id)` (the flag's clap id) holds.
 pub fn apply(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) -> Result<()> {
@@ -68,13 +69,13 @@ fn run(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) {
 }
 
 fn data(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) -> Result<()> {
-    let flags = [HOP_TASKS, ADDITION, TEXT].concat();
+    let flags = [HOP_TASKS, ADDITION, TEXT, CHAT].concat();
     if given("task") {
         let seed = match config.data {
             DataConfig::Chains { seed, .. } | DataConfig::Pointers { seed, .. } | DataConfig::Addition { seed, .. } => {
                 seed
             }
-            DataConfig::Text { .. } => config.seed,
+            DataConfig::Text { .. } | DataConfig::Chat { .. } => config.seed,
         };
         config.data = args.data(seed);
     } else if flags.iter().any(|f| given(f)) {
@@ -109,6 +110,12 @@ fn data(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) -> Re
                 }
                 *seq_len = pick(given("seq_len"), args.seq_len, *seq_len);
                 ("text", TEXT)
+            }
+            DataConfig::Chat { file, .. } => {
+                if let (true, Some(data)) = (given("data"), &args.data) {
+                    *file = data.clone();
+                }
+                ("chat", CHAT)
             }
         };
         if let Some(id) = flags.iter().find(|f| given(f) && !own.contains(f)) {
