@@ -74,11 +74,17 @@ fn check_generation(fixture: &Fixture, dir: &Path) -> Result<(Vec<Check>, Vec<St
     if !path.exists() {
         return Ok((vec![], vec![]));
     }
+    check_runs(fixture, &path)
+}
+
+/// [`check_dir`]'s generation checks for one file in `generate.json`'s format (runs recorded
+/// with the reference for the fixture's model): the checks, and the runs not reproduced.
+pub fn check_runs(fixture: &Fixture, path: &Path) -> Result<(Vec<Check>, Vec<String>), FixtureError> {
     let format = |reason: String| FixtureError::Format {
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| format(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format(e.to_string()))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
     let case = json["case"].as_str().unwrap_or("?");
     let runs = json["runs"]
