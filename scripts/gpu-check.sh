@@ -5,7 +5,9 @@
 #                                    # fetch the Vulkan loader; everything goes to .gpu/ (ignored)
 #   bash scripts/gpu-check.sh run    # there, with .gpu carried: unpack, then parity on every
 #                                    # reference fixture, generation at Huginn-0125's shape,
-#                                    # training speed; the figures go to $OUT (or gpu-check/)
+#                                    # training speed, and training on every GPU the machine has
+#                                    # (1, 2, …, n of them; one GPU says so); the figures go to
+#                                    # $OUT (or gpu-check/)
 #
 # The binary is x86-64 Linux, built against this machine's glibc (2.36). Extra arguments of
 # `run` go to huginn-gpu-check (e.g. --bandwidth-gbs 3350 for an H100).

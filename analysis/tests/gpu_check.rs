@@ -12,7 +12,17 @@ fn fixture(case: &str) -> PathBuf {
 
 fn check(fixtures: &[PathBuf], out: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_huginn-gpu-check"))
-        .args(["--device", "cpu", "--small", "--train-steps", "2", "--runs", "1"])
+        .args([
+            "--device",
+            "cpu",
+            "--small",
+            "--train-steps",
+            "2",
+            "--scale-steps",
+            "1",
+            "--runs",
+            "1",
+        ])
         .args(["--new-tokens", "3", "--steps", "4", "--prompt-len", "8", "--out"])
         .arg(out)
         .arg("--fixtures")
@@ -43,6 +53,13 @@ fn every_stage_reports_and_a_failed_one_does_not_stop_the_others() {
     let limit = report["generate"]["limit_tokens_per_second"].as_f64().unwrap();
     assert!(limit.is_finite() && limit > 0.0);
     assert!(report["train"]["result"]["tokens_per_second"].as_f64().unwrap() > 0.0);
+    // The CPU backend has one device: the scaling stage trains on it and says so.
+    assert_eq!(report["scale"]["devices"], 1);
+    assert_eq!(report["scale"]["runs"][0]["speedup"], 1.0);
+    assert!(
+        stdout.contains("scale: one cpu device on this machine, nothing to scale"),
+        "{stdout}"
+    );
 
     // A folder that is not a fixture: parity fails with its reason, the rest still run.
     let dir = tempfile::tempdir().unwrap();

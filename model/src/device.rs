@@ -150,6 +150,24 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The backend's devices that are cards on a bus, once each, in [`devices`](Self::devices)'
+    /// order: what "every GPU" means, without software adapters such as Mesa's lavapipe, which
+    /// wgpu lists beside them. The CPU backend's one device stands for itself.
+    pub fn gpus(self) -> Result<Vec<Device>, DeviceError> {
+        let devices = self.devices()?;
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        if self != Backend::Cpu {
+            let cards = Device::enumerate_physical();
+            return Ok(devices
+                .into_iter()
+                .filter(|d| cards.iter().any(|card| card.devices.contains(d)))
+                .collect());
+        }
+        Ok(devices)
+    }
+}
+
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn all(kind: DeviceType, name: &'static str, hint: &'static str) -> Result<Vec<Device>, DeviceError> {
     let devices = Device::enumerate(kind).into_vec();

@@ -1,7 +1,7 @@
-//! Training throughput and memory of one model shape and depth scheme on one device: the numbers
-//! `huginn-bench` reports. The steps are the training loop's own (`step::train_step` on a fixed
-//! random batch), so what is measured is what a run spends, minus data, evaluation and
-//! checkpoints.
+//! Training throughput and memory of one model shape and depth scheme on one device or several:
+//! the numbers `huginn-bench` reports. The steps are the training loop's own
+//! (`step::train_step_on` on a fixed random batch per device), so what is measured is what a run
+//! spends, minus data, evaluation and checkpoints.
 //!
 //! Memory is the process's peak resident set (`VmHWM`, Linux), which on the CPU backend is where
 //! the tensors live; a device with its own memory (wgpu) also reports its allocator's pool, sampled
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::depth::DepthScheme;
 use crate::optim::EllisAdamConfig;
 use crate::rng::SplitMix64;
-use crate::step::{MicroBatch, StepConfig, StepError, train_step};
+use crate::step::{MicroBatch, StepConfig, StepError, train_step_on};
 
 /// What to measure.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,17 +56,22 @@ pub enum BenchError {
     Step { step: u64, source: StepError },
     #[error("the device failed: {0}")]
     Device(String),
+    #[error("no device to measure on")]
+    NoDevice,
 }
 
-/// Trains `config.steps + 1` steps on `device` (an autodiff device) and measures the last
-/// `config.steps`.
-pub fn measure(config: &BenchConfig, device: &Device) -> Result<BenchResult, BenchError> {
+/// Trains `config.steps + 1` steps on `devices` (autodiff devices; the model lives on the first)
+/// and measures the last `config.steps`. Each step runs one micro-batch of `config.batch_size`
+/// rows per device, so the tokens per step grow with the devices (weak scaling).
+pub fn measure(config: &BenchConfig, devices: &[Device]) -> Result<BenchResult, BenchError> {
+    let device = devices.first().ok_or(BenchError::NoDevice)?;
     let mut shape = HuginnConfig::tiny(config.vocab_size, config.width, config.heads, config.layers);
     shape.block_size = config.seq_len;
     shape.validate().map_err(BenchError::Model)?;
     let mut model = shape.init(device, 0);
     let mut optim = EllisAdamConfig::new(1e-4).init_grouped(&model);
-    let batch = [random_batch(config, device)];
+    let batches: Vec<MicroBatch> = devices.iter().map(|d| random_batch(config, d)).collect();
+    let batch = |i: usize, _: &Device| batches[i].clone();
     let mut device_reserved = None;
     let mut timed = 0.0;
     let mut depth_sum = 0;
@@ -80,12 +85,14 @@ pub fn measure(config: &BenchConfig, device: &Device) -> Result<BenchResult, Ben
             state_scale: 1.0,
         };
         let started = Instant::now();
-        let (next, report) = train_step(model, &mut optim, &batch, step_config);
+        let (next, report) = train_step_on(model, &mut optim, devices, devices.len(), &batch, step_config);
         model = next;
         report.map_err(|source| BenchError::Step { step, source })?;
-        device
-            .sync()
-            .map_err(|e| BenchError::Device(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
+        for device in devices {
+            device
+                .sync()
+                .map_err(|e| BenchError::Device(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
+        }
         if step > 0 {
             timed += started.elapsed().as_secs_f64();
             depth_sum += depth.total();
@@ -95,7 +102,7 @@ pub fn measure(config: &BenchConfig, device: &Device) -> Result<BenchResult, Ben
         }
     }
     let steps = config.steps.max(1) as f64;
-    let tokens = (config.batch_size * config.seq_len) as f64 * steps;
+    let tokens = (devices.len() * config.batch_size * config.seq_len) as f64 * steps;
     Ok(BenchResult {
         tokens_per_second: tokens / timed.max(1e-9),
         seconds_per_step: timed / steps,

@@ -78,11 +78,49 @@ fn the_bench_reports_speed_and_memory_of_each_configuration() {
 }
 
 #[test]
+fn the_bench_measures_tokens_per_second_per_device_count() {
+    // The CPU backend has one device: two handles of it are two workers.
+    let flags = [&TINY[..16], &["--devices", "cpu", "--handles", "2", "--json"]].concat();
+    let output = bench(&flags);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["devices"], "cpu:0");
+    let runs = report["runs"].as_array().unwrap();
+    let column = |key: &str| runs.iter().map(|r| r[key].clone()).collect::<Vec<_>>();
+    assert_eq!(column("depth"), ["cpu:0", "cpu:0,cpu:0"]);
+    assert_eq!(column("workers"), [1, 2]);
+    assert_eq!(column("tokens_per_step"), [16, 32]);
+    assert_eq!(runs[0]["speedup"], 1.0);
+    assert!(runs[1]["tokens_per_second"].as_f64().unwrap() > 0.0);
+
+    let output = bench(&[&TINY[..16], &["--devices", "cpu", "--handles", "2"]].concat());
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        table.lines().next().unwrap().ends_with("= 16 tokens/step per device"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("tokens/s over one worker: 1 ×1.00, 2 ×"),
+        "{table}"
+    );
+}
+
+#[test]
 fn the_bench_refuses_bad_input_in_one_line() {
     for (flags, message) in [
         (&["--width", "30", "--heads", "4"][..], "model shape"),
         (&["--memory-depths", "8,0"], "must be positive"),
         (&["--layers", "1,0,1"], "the core needs at least one"),
+        (&["--devices", "cpu:3"], "no device cpu:3 on this machine"),
+        (&["--devices", "cpu,cpu"], "device cpu:0 is listed twice"),
+        (
+            &["--handles", "2"],
+            "--handles takes a positive count, and applies to --devices",
+        ),
     ] {
         let output = bench(flags);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -9,7 +9,10 @@
 //!    cache), in the first float type the device takes of bf16, f16 and f32, against the
 //!    limit set by re-reading the core's weights every iteration at `--bandwidth-gbs`;
 //! 3. **training speed**: `--train-steps` optimizer steps of a small model (h = 256, (2, 4, 2),
-//!    r̄ = 8, k = 4, sequence 256, batch 8).
+//!    r̄ = 8, k = 4, sequence 256, batch 8);
+//! 4. **scaling**: the same model trained on every device of the backend the machine has, on
+//!    the first 1, 2, …, n of them (`--scale-steps` steps each, batch 8 per device), with the
+//!    speed-up over one; a machine with one device says so.
 //!
 //! Each stage runs in a process of its own (the program runs itself), and a stage that fails
 //! does not stop the others. It prints a table and writes every figure to
@@ -59,6 +62,9 @@ struct Args {
     /// Optimizer steps of the training measurement (0: skip it).
     #[arg(long, default_value_t = 300)]
     train_steps: u64,
+    /// Optimizer steps of each scaling measurement (0: skip it).
+    #[arg(long, default_value_t = 100)]
+    scale_steps: u64,
     /// The device's memory bandwidth in GB/s, for the generation limit (an H200: 4800).
     #[arg(long, default_value_t = 4800.0)]
     bandwidth_gbs: f64,
@@ -81,6 +87,7 @@ enum Stage {
     Parity,
     Generate,
     Train,
+    Scale,
 }
 
 impl Stage {
@@ -89,6 +96,7 @@ impl Stage {
             Stage::Parity => "parity",
             Stage::Generate => "generate",
             Stage::Train => "train",
+            Stage::Scale => "scale",
         }
     }
 }
@@ -100,6 +108,7 @@ fn run(args: Args) -> Result<()> {
             Stage::Parity => parity(&args)?,
             Stage::Generate => generate(&args)?,
             Stage::Train => train(&args)?,
+            Stage::Scale => scale(&args)?,
         };
         write_json(&args.out.join(format!("gpu-check-{}.json", stage.name())), &figures)?;
         println!("{line}");
@@ -112,6 +121,9 @@ fn run(args: Args) -> Result<()> {
     }
     if args.train_steps > 0 {
         stages.push(Stage::Train);
+    }
+    if args.scale_steps > 0 {
+        stages.push(Stage::Scale);
     }
     let exe = std::env::current_exe().context("finding this program")?;
     let mut report = json!({ "device": args.device.name() });
@@ -225,10 +237,10 @@ fn generate(args: &Args) -> Result<(String, Value)> {
 }
 
 /// Training speed of a small model.
-fn train(args: &Args) -> Result<(String, Value)> {
-    let device = args.device.device().context("opening the device")?.autodiff();
+/// The training measurement's model, `steps` steps.
+fn train_config(args: &Args, steps: u64) -> BenchConfig {
     let (width, seq_len) = if args.small { (64, 64) } else { (256, 256) };
-    let config = BenchConfig {
+    BenchConfig {
         width,
         heads: 4,
         layers: (2, 4, 2),
@@ -236,9 +248,15 @@ fn train(args: &Args) -> Result<(String, Value)> {
         seq_len,
         batch_size: 8,
         depth: DepthScheme::PoissonLognormalFilling { mean: 8, backprop: 4 },
-        steps: args.train_steps,
-    };
-    let result = measure(&config, &device)?;
+        steps,
+    }
+}
+
+fn train(args: &Args) -> Result<(String, Value)> {
+    let device = args.device.device().context("opening the device")?.autodiff();
+    let config = train_config(args, args.train_steps);
+    let (width, seq_len) = (config.width, config.seq_len);
+    let result = measure(&config, &[device])?;
     let line = format!(
         "train (h = {width}, (2, 4, 2), r̄ = 8, k = 4, sequence {seq_len}, batch 8, {} steps): {:.0} tok/s, \
          {:.3} s per step, device pool {}",
@@ -251,6 +269,65 @@ fn train(args: &Args) -> Result<(String, Value)> {
         ))
     );
     let value = json!({ "width": width, "seq_len": seq_len, "steps": args.train_steps, "result": result });
+    Ok((line, value))
+}
+
+/// Training speed on the first 1, 2, …, n of the backend's n devices, one micro-batch per device
+/// and step.
+fn scale(args: &Args) -> Result<(String, Value)> {
+    let cards = args.device.gpus().context("listing the devices")?;
+    // A driver that reports no bus address leaves no card identified: then every adapter.
+    let identified = !cards.is_empty();
+    let devices = match identified {
+        true => cards,
+        false => {
+            eprintln!(
+                "no {} device is identified as a card on a bus: training on every one listed",
+                args.device.name()
+            );
+            args.device.devices()?
+        }
+    };
+    let devices: Vec<_> = devices.into_iter().map(|d| d.autodiff()).collect();
+    let config = train_config(args, args.scale_steps);
+    let mut runs = Vec::new();
+    for n in 1..=devices.len() {
+        eprintln!("training on {n} of {} {} device(s)", devices.len(), args.device.name());
+        runs.push(measure(&config, &devices[..n])?);
+    }
+    let one = runs[0].tokens_per_second;
+    let line = match &runs[..] {
+        [only] => format!(
+            "scale: one {} device on this machine, nothing to scale ({:.0} tok/s on it)",
+            args.device.name(),
+            only.tokens_per_second
+        ),
+        _ => format!(
+            "scale (batch 8 per device, {} steps): {}",
+            args.scale_steps,
+            runs.iter()
+                .enumerate()
+                .map(|(i, r)| format!(
+                    "{} device(s) {:.0} tok/s (×{:.2})",
+                    i + 1,
+                    r.tokens_per_second,
+                    r.tokens_per_second / one
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let value = json!({
+        "devices": devices.len(),
+        "cards_identified": identified,
+        "steps": args.scale_steps,
+        "runs": runs.iter().enumerate().map(|(i, r)| json!({
+            "devices": i + 1,
+            "tokens_per_second": r.tokens_per_second,
+            "seconds_per_step": r.seconds_per_step,
+            "speedup": r.tokens_per_second / one,
+        })).collect::<Vec<_>>(),
+    });
     Ok((line, value))
 }
 

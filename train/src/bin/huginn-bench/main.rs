@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! huginn-bench --device cpu --width 256 --layers 2,4,2 --mean-depth 8 --backprop 4 --seq-len 256 --batch-size 8
+//! huginn-bench --devices wgpu:0,wgpu:1     # tokens/s on 1 and 2 devices, batch 8 on each
+//! huginn-bench --devices cpu --handles 2   # the CPU's one device through 1 and 2 handles
 //! ```
 //!
 //! Each measurement runs in a fresh child process (this binary with `--child`), so each peak
@@ -13,8 +15,9 @@
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+use burn::prelude::Device;
 use clap::Parser;
-use model::{Backend, HuginnConfig};
+use model::{Backend, DeviceSpec, HuginnConfig};
 use serde_json::json;
 use train::bench::{BenchConfig, BenchResult, measure};
 use train::depth::DepthScheme;
@@ -29,6 +32,14 @@ use train::layout::parse_layers;
 struct Args {
     #[arg(long, default_value = "cpu")]
     device: Backend,
+    /// Measure scaling instead: the randomized-depth speed on the first 1, 2, …, n devices of
+    /// this list (one backend), one micro-batch of --batch-size rows per device and step.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    devices: Vec<DeviceSpec>,
+    /// With --devices: use each device through this many handles (a thread and replica each),
+    /// listed in turn after the devices themselves; how the CPU's one device is measured.
+    #[arg(long, default_value_t = 1)]
+    handles: usize,
     #[arg(long, default_value_t = 256)]
     width: usize,
     #[arg(long, default_value_t = 4)]
@@ -74,14 +85,19 @@ enum Depth {
     Random,
     /// Always `r` iterations, the last `--backprop` with gradient.
     Fixed(usize),
+    /// The randomized depth on the first `n` workers of `--devices` × `--handles`.
+    Workers(usize),
 }
 
 impl Depth {
     fn parse(s: &str) -> Result<Self> {
+        if let Some(n) = s.strip_prefix("workers:") {
+            return Ok(Depth::Workers(n.parse().context("--child workers:N needs a count")?));
+        }
         match s.strip_prefix("fixed:") {
             Some(r) => Ok(Depth::Fixed(r.parse().context("--child fixed:R needs a depth")?)),
             None if s == "random" => Ok(Depth::Random),
-            None => bail!("--child takes random or fixed:R, not {s}"),
+            None => bail!("--child takes random, fixed:R or workers:N, not {s}"),
         }
     }
 
@@ -89,6 +105,7 @@ impl Depth {
         match self {
             Depth::Random => "random".into(),
             Depth::Fixed(r) => format!("fixed:{r}"),
+            Depth::Workers(n) => format!("workers:{n}"),
         }
     }
 
@@ -96,6 +113,7 @@ impl Depth {
         match self {
             Depth::Random => format!("random r̄={} k={}", args.mean_depth, args.backprop),
             Depth::Fixed(r) => format!("fixed r={r} k={}", args.backprop),
+            Depth::Workers(n) => names(&args.workers()[..n]),
         }
     }
 }
@@ -114,6 +132,13 @@ impl Args {
         if counts.contains(&0) || self.steps == 0 || self.memory_steps == 0 || self.memory_depths.contains(&0) {
             bail!("every size, depth and step count must be positive");
         }
+        if self.handles == 0 || (self.handles > 1 && self.devices.is_empty()) {
+            bail!("--handles takes a positive count, and applies to --devices");
+        }
+        if !self.devices.is_empty() {
+            // Found here too, so that a bad list is one error before any measurement.
+            DeviceSpec::devices(&self.devices)?;
+        }
         HuginnConfig::tiny(self.vocab_size, self.width, self.heads, self.layers)
             .validate()
             .context("model shape")?;
@@ -129,7 +154,7 @@ impl Args {
             seq_len: self.seq_len,
             batch_size: self.batch_size,
             depth: match depth {
-                Depth::Random => DepthScheme::PoissonLognormalFilling {
+                Depth::Random | Depth::Workers(_) => DepthScheme::PoissonLognormalFilling {
                     mean: self.mean_depth,
                     backprop: self.backprop,
                 },
@@ -142,19 +167,50 @@ impl Args {
         }
     }
 
-    /// The measurements: the randomized depth for speed, then each fixed depth for memory.
+    /// The measurements: the randomized depth for speed, then each fixed depth for memory; or,
+    /// with --devices, the randomized depth on each number of workers.
     fn runs(&self) -> Vec<(Depth, u64)> {
+        if !self.devices.is_empty() {
+            return (1..=self.workers().len())
+                .map(|n| (Depth::Workers(n), self.steps))
+                .collect();
+        }
         std::iter::once((Depth::Random, self.steps))
             .chain(self.memory_depths.iter().map(|&r| (Depth::Fixed(r), self.memory_steps)))
             .collect()
+    }
+
+    /// `--devices` once each, then again for every further handle: a prefix of this list uses
+    /// distinct devices before it shares one.
+    fn workers(&self) -> Vec<DeviceSpec> {
+        (0..self.handles).flat_map(|_| self.devices.iter().copied()).collect()
+    }
+
+    /// The autodiff devices a measurement runs on.
+    fn measured_on(&self, depth: Depth) -> Result<Vec<Device>> {
+        let devices = match depth {
+            Depth::Workers(n) => {
+                let found = DeviceSpec::devices(&self.devices)?;
+                let workers: Vec<Device> = (0..self.handles).flat_map(|_| found.iter().cloned()).collect();
+                workers.into_iter().take(n).collect()
+            }
+            Depth::Random | Depth::Fixed(_) => vec![self.device.device()?],
+        };
+        Ok(devices.into_iter().map(Device::autodiff).collect())
     }
 
     /// Runs one measurement in a child process and reads its result.
     fn spawn(&self, depth: Depth, steps: u64) -> Result<BenchResult> {
         let (p, c, o) = self.layers;
         let exe = std::env::current_exe().context("finding this binary to run a measurement")?;
-        let output = Command::new(exe)
-            .args(["--device", self.device.name()])
+        let mut command = Command::new(exe);
+        match self.devices.is_empty() {
+            true => command.args(["--device", self.device.name()]),
+            false => command
+                .args(["--devices", &names(&self.devices)])
+                .args(["--handles", &self.handles.to_string()]),
+        };
+        let output = command
             .args(["--width", &self.width.to_string(), "--heads", &self.heads.to_string()])
             .args(["--layers", &format!("{p},{c},{o}")])
             .args(["--vocab-size", &self.vocab_size.to_string()])
@@ -182,6 +238,16 @@ impl Args {
     }
 }
 
+/// A device list as `--devices` takes it.
+fn names(specs: &[DeviceSpec]) -> String {
+    specs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Tokens/s of a measurement over that of the first (one worker).
+fn speedup(results: &[(Depth, u64, BenchResult)], r: &BenchResult) -> f64 {
+    r.tokens_per_second / results[0].2.tokens_per_second
+}
+
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
 }
@@ -197,12 +263,20 @@ fn change(a: Option<u64>, b: Option<u64>) -> String {
 fn report(args: &Args, results: &[(Depth, u64, BenchResult)]) {
     let (p, c, o) = args.layers;
     let tokens = args.batch_size * args.seq_len;
+    let backend = args.devices.first().map_or(args.device, |d| d.backend).name();
+    let workers = |depth: &Depth| match depth {
+        Depth::Workers(n) => *n,
+        Depth::Random | Depth::Fixed(_) => 1,
+    };
     if args.json {
         let runs: Vec<_> = results
             .iter()
             .map(|(depth, steps, r)| {
                 json!({
                     "depth": depth.label(args),
+                    "workers": workers(depth),
+                    "tokens_per_step": workers(depth) * tokens,
+                    "speedup": speedup(results, r),
                     "steps": steps,
                     "mean_depth": r.mean_depth,
                     "seconds_per_step": r.seconds_per_step,
@@ -213,7 +287,9 @@ fn report(args: &Args, results: &[(Depth, u64, BenchResult)]) {
             })
             .collect();
         let out = json!({
-            "device": args.device.name(),
+            "device": backend,
+            "devices": (!args.devices.is_empty()).then(|| names(&args.devices)),
+            "handles": args.handles,
             "width": args.width,
             "heads": args.heads,
             "layers": [p, c, o],
@@ -227,13 +303,13 @@ fn report(args: &Args, results: &[(Depth, u64, BenchResult)]) {
         return;
     }
     println!(
-        "{} · width {} · heads {} · layers {p},{c},{o} · vocab {} · seq {} × batch {} = {tokens} tokens/step",
-        args.device.name(),
+        "{backend} · width {} · heads {} · layers {p},{c},{o} · vocab {} · seq {} × batch {} = {tokens} tokens/step{}",
         args.width,
         args.heads,
         args.vocab_size,
         args.seq_len,
-        args.batch_size
+        args.batch_size,
+        if args.devices.is_empty() { "" } else { " per device" }
     );
     println!(
         "{:<20} {:>7} {:>6} {:>9} {:>10} {:>12} {:>12}",
@@ -251,6 +327,13 @@ fn report(args: &Args, results: &[(Depth, u64, BenchResult)]) {
             mib(r.device_reserved_bytes)
         );
     }
+    if !args.devices.is_empty() {
+        let gains: Vec<String> = results
+            .iter()
+            .map(|(depth, _, r)| format!("{} ×{:.2}", workers(depth), speedup(results, r)))
+            .collect();
+        println!("tokens/s over one worker: {}", gains.join(", "));
+    }
     let fixed: Vec<_> = results.iter().filter(|(d, ..)| matches!(d, Depth::Fixed(_))).collect();
     if let [(Depth::Fixed(shallow), _, a), .., (Depth::Fixed(deep), _, b)] = fixed[..] {
         let device = match (a.device_reserved_bytes, b.device_reserved_bytes) {
@@ -260,10 +343,7 @@ fn report(args: &Args, results: &[(Depth, u64, BenchResult)]) {
                 mib(b.device_reserved_bytes),
                 change(a.device_reserved_bytes, b.device_reserved_bytes)
             ),
-            _ => format!(
-                "no device pool reported by the {} backend: RSS only",
-                args.device.name()
-            ),
+            _ => format!("no device pool reported by the {backend} backend: RSS only"),
         };
         println!(
             "memory r={deep} vs r={shallow}: peak RSS {} → {} ({}); {device}",
@@ -278,8 +358,7 @@ fn run(args: &Args) -> Result<()> {
     args.check()?;
     if let Some(depth) = &args.child {
         let depth = Depth::parse(depth)?;
-        let device = args.device.device()?.autodiff();
-        let result = measure(&args.config(depth, args.steps), &device)?;
+        let result = measure(&args.config(depth, args.steps), &args.measured_on(depth)?)?;
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
