@@ -46,6 +46,8 @@ pub enum HubError {
         "{name}: no such folder, and the hub has no such model (HTTP {status}; a gated or private one needs HF_TOKEN)"
     )]
     NoRepository { name: String, status: u16 },
+    #[error("{name}: no such folder, and the hub could not be asked ({reason})")]
+    Unreachable { name: String, reason: String },
     #[error("{name}: the hub answered HTTP {status} for {file}")]
     Status { name: String, file: String, status: u16 },
     #[error("{name}: not a model folder: the repository has no {CONFIG_FILE}")]
@@ -204,7 +206,10 @@ impl Hub {
                     name: display.clone(),
                     status,
                 },
-                _ => fetch_error(&display, "the file list", e),
+                _ => HubError::Unreachable {
+                    name: display.clone(),
+                    reason: e.to_string(),
+                },
             })?;
         // Every file comes from the commit the list describes, even if the branch moves meanwhile.
         let repo = api.repo(Repo::with_revision(

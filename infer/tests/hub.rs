@@ -1,184 +1,18 @@
-//! `--model ORG/NAME` against a loopback hub: a server started here serves model folders in the
-//! hub's URL layout (the file list at `/api/models/ORG/NAME/revision/REV`, files at
-//! `/ORG/NAME/resolve/REV/FILE` with the `etag`, `x-repo-commit` and range headers `hf-hub`
-//! reads), `HF_ENDPOINT` points the `huginn` binary at it and `HF_HOME` at a fresh cache.
+//! `--model ORG/NAME` against a loopback hub (`common::hub_server`): `HF_ENDPOINT` points the
+//! `huginn` binary at it and `HF_HOME` at a fresh cache.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Output;
 
+use common::hub_server::{COMMIT, Hub};
 use common::{DEFAULT_IDS, folder};
 use model::HuginnConfig;
 use model::burn::prelude::Device;
 
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const REPO: &str = "test-org/tiny-huginn";
-
-/// What the server does wrong, per file name.
-#[derive(Default)]
-struct Faults {
-    /// Listed, but answered with 404.
-    not_found: BTreeSet<String>,
-    /// Sent with the full `Content-Length` but only half the bytes, then the connection closes.
-    truncated: BTreeSet<String>,
-    /// Sent as half the bytes with a matching `Content-Length`: a clean end, the wrong size.
-    short: BTreeSet<String>,
-}
-
-#[derive(Default)]
-struct State {
-    repos: BTreeMap<String, PathBuf>,
-    faults: Faults,
-    /// Each request's path and `Authorization` header.
-    requests: Vec<(String, Option<String>)>,
-}
-
-struct Hub {
-    endpoint: String,
-    state: Arc<Mutex<State>>,
-}
-
-impl Hub {
-    fn start(repos: &[(&str, &Path)]) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(State {
-            repos: repos.iter().map(|(r, d)| (r.to_string(), d.to_path_buf())).collect(),
-            ..State::default()
-        }));
-        let shared = state.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let state = shared.clone();
-                std::thread::spawn(move || answer(stream, &state));
-            }
-        });
-        Self { endpoint, state }
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.state
-            .lock()
-            .unwrap()
-            .requests
-            .iter()
-            .map(|(p, _)| p.clone())
-            .collect()
-    }
-
-    fn faults(&self, edit: impl FnOnce(&mut Faults)) {
-        edit(&mut self.state.lock().unwrap().faults);
-    }
-
-    /// `huginn ARGS` with this hub and the cache in `home`.
-    fn huginn(&self, home: &Path, offline: bool, args: &[&str]) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_huginn"));
-        command
-            .args(args)
-            .env("HF_ENDPOINT", &self.endpoint)
-            .env("HF_HOME", home)
-            .env_remove("HF_TOKEN")
-            .env_remove("HF_HUB_OFFLINE");
-        if offline {
-            command.env("HF_HUB_OFFLINE", "1");
-        }
-        command.output().unwrap()
-    }
-}
-
-fn answer(stream: TcpStream, state: &Mutex<State>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let (mut range_start, mut auth) = (None, None);
-    loop {
-        let mut header = String::new();
-        reader.read_line(&mut header).unwrap();
-        if header.trim().is_empty() {
-            break;
-        }
-        let (key, value) = header.split_once(':').unwrap();
-        match key.to_ascii_lowercase().as_str() {
-            "range" => range_start = value.trim().strip_prefix("bytes=").map(str::to_string),
-            "authorization" => auth = Some(value.trim().to_string()),
-            _ => {}
-        }
-    }
-    let mut state = state.lock().unwrap();
-    state.requests.push((path.clone(), auth));
-    let mut stream = stream;
-    let reply = |stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8], sent: usize| {
-        let mut head = format!(
-            "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        let _ = stream.write_all(head.as_bytes());
-        let _ = stream.write_all(&body[..sent]);
-    };
-    let not_found = |stream: &mut TcpStream| reply(stream, "404 Not Found", &[], b"", 0);
-    if let Some(rest) = path.strip_prefix("/api/models/") {
-        let Some((repo, _revision)) = rest.split_once("/revision/") else {
-            return not_found(&mut stream);
-        };
-        let Some(dir) = state.repos.get(repo) else {
-            return not_found(&mut stream);
-        };
-        let siblings: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| serde_json::json!({"rfilename": e.unwrap().file_name().to_string_lossy()}))
-            .collect();
-        let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
-        return reply(&mut stream, "200 OK", &[], body.as_bytes(), body.len());
-    }
-    let Some((repo, file)) = path.trim_start_matches('/').split_once("/resolve/") else {
-        return not_found(&mut stream);
-    };
-    let file = file.split_once('/').map_or("", |(_rev, f)| f).to_string();
-    let Some(bytes) = state.repos.get(repo).and_then(|d| std::fs::read(d.join(&file)).ok()) else {
-        return not_found(&mut stream);
-    };
-    if state.faults.not_found.contains(&file) {
-        return not_found(&mut stream);
-    }
-    let (start, end) = match range_start.as_deref().and_then(|r| r.split_once('-')) {
-        Some((a, b)) => (a.parse().unwrap(), b.parse().map_or(bytes.len(), |b: usize| b + 1)),
-        None => (0, bytes.len()),
-    };
-    let mut body = &bytes[start..end.min(bytes.len())];
-    let probe = end - start == 1;
-    if state.faults.short.contains(&file) && !probe {
-        body = &body[..body.len() / 2];
-    }
-    let sent = if state.faults.truncated.contains(&file) && !probe {
-        body.len() / 2
-    } else {
-        body.len()
-    };
-    let headers = [
-        ("etag", format!("\"{:016x}\"", content_hash(&bytes))),
-        ("x-repo-commit", COMMIT.to_string()),
-        ("content-range", format!("bytes {start}-{}/{}", end - 1, bytes.len())),
-    ];
-    reply(&mut stream, "206 Partial Content", &headers, body, sent);
-}
-
-/// The blob name `hf-hub` stores the file under (the hub's is a SHA-256 for weights).
-fn content_hash(bytes: &[u8]) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
-}
 
 /// The tiny test model in shards, with its text files and two files the loader never reads.
 fn model_folder() -> tempfile::TempDir {
@@ -206,7 +40,10 @@ const GENERATE: &[&str] = &["generate", "--prompt", "Hi", "--steps", "3", "--max
 fn generate(hub: &Hub, home: &Path, offline: bool, model: &str) -> Output {
     let mut args = GENERATE.to_vec();
     args.extend(["6", "--model", model]);
-    hub.huginn(home, offline, &args)
+    hub.command(env!("CARGO_BIN_EXE_huginn"), home, offline)
+        .args(&args)
+        .output()
+        .unwrap()
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -287,12 +124,10 @@ fn hf_token_is_sent_to_the_hub() {
     let dir = model_folder();
     let hub = Hub::start(&[(REPO, dir.path())]);
     let home = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_huginn"))
+    let out = hub
+        .command(env!("CARGO_BIN_EXE_huginn"), home.path(), false)
         .args(["depths", "--ids", "1,2", "--max-depth", "2", "--model", REPO])
-        .env("HF_ENDPOINT", &hub.endpoint)
-        .env("HF_HOME", home.path())
         .env("HF_TOKEN", "hf_secret")
-        .env_remove("HF_HUB_OFFLINE")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out).1);
@@ -331,6 +166,18 @@ fn an_unknown_name_a_404_a_truncated_body_and_a_missing_shard_are_one_line_error
         &generate(&hub, home.path(), false, "test-org/no-such-model"),
         "test-org/no-such-model: no such folder, and the hub has no such model (HTTP 404",
     );
+    // A hub that cannot be reached (a closed port): a mistyped local path reads as this too.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = hub
+        .command(env!("CARGO_BIN_EXE_huginn"), home.path(), false)
+        .args(["depths", "--ids", "1", "--model", "runs/final"])
+        .env("HF_ENDPOINT", format!("http://{closed}"))
+        .output()
+        .unwrap();
+    one_line_error(&out, "runs/final: no such folder, and the hub could not be asked");
 
     hub.faults(|f| {
         f.not_found.insert("tokenizer.json".into());

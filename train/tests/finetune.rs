@@ -5,12 +5,15 @@
 
 #[path = "../../infer/tests/common/fixture.rs"]
 mod common;
+#[path = "../../infer/tests/common/hub_server.rs"]
+mod hub_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use burn::prelude::*;
 use common::{DEFAULT_IDS, folder};
+use hub_server::Hub;
 use infer::adaptive::{self, AdaptiveConfig, Decoding};
 use infer::chat::{Message, Role};
 use infer::folder::ModelFolder;
@@ -326,4 +329,36 @@ fn contradicting_flags_and_bad_chat_data_are_one_line_errors() {
         );
         assert!(!Path::new(out).join("run.json").exists(), "{args:?}");
     }
+}
+
+#[test]
+fn init_from_takes_a_hub_name_and_reuses_the_cache() {
+    let model = folder(DEFAULT_IDS);
+    let hub = Hub::start(&[("test-org/tiny", model.path())]);
+    let work = tempfile::tempdir().unwrap();
+    let data = pairs_file(work.path());
+    let run = |out: &str, offline: bool| {
+        let out = work.path().join(out);
+        let flags = "--init-from test-org/tiny --task chat --question-field q --answer-field a --steps 2 \
+                     --batch-size 2 --eval-rows 2 --quiet";
+        let result = hub
+            .command(env!("CARGO_BIN_EXE_huginn-train"), work.path(), offline)
+            .args(flags.split_whitespace())
+            .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{}", stderr(&result));
+        out
+    };
+    let out = run("online", false);
+    assert!(!hub.requests().is_empty());
+    let stored = Trainer::stored_config(&out).unwrap();
+    assert_eq!(stored.init_from.as_deref(), Some(Path::new("test-org/tiny")));
+    assert_eq!(
+        std::fs::read(out.join("final/tokenizer_config.json")).unwrap(),
+        std::fs::read(model.path().join("tokenizer_config.json")).unwrap()
+    );
+    let before = hub.requests().len();
+    run("offline", true);
+    assert_eq!(hub.requests().len(), before, "the second run reads the cache");
 }

@@ -1,7 +1,9 @@
-//! What the infer tests share: the fixture folder, and running the `huginn` binary.
+//! What the infer tests share: the fixture folder, a loopback hub, and running the `huginn`
+//! binary.
 #![allow(dead_code)] // each test file uses its own part
 
 mod fixture;
+pub mod hub_server;
 
 use std::process::{Command, Output};
 
