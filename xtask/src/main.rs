@@ -43,7 +43,8 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Everything CI checks: formatting, clippy, the test suite, the fixture check.
+    /// Everything CI checks: formatting, clippy, the CUDA code's type-check, the test suite, the
+    /// fixture check.
     Ci,
     /// Benchmarks, built with CI's features so nothing is compiled twice.
     Bench {
@@ -138,15 +139,60 @@ fn workspace_root() -> PathBuf {
 
 /// Runs `cargo args…`, failing with the command line if it fails.
 fn cargo(args: &[&str]) -> Result<()> {
-    eprintln!("$ cargo {}", args.join(" "));
+    cargo_with(&[], args)
+}
+
+/// Runs `cargo args…` with the environment variables `env` set.
+fn cargo_with(env: &[(&str, &std::ffi::OsStr)], args: &[&str]) -> Result<()> {
+    let shown: Vec<String> = env
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.to_string_lossy()))
+        .chain(["cargo".to_string()])
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    eprintln!("$ {}", shown.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .envs(env.iter().copied())
         .args(args)
         .status()
         .context("starting cargo")?;
     if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
+        bail!("`{}` failed ({status})", shown.join(" "));
     }
     Ok(())
+}
+
+/// Where the CUDA type-check builds: beside the test build's target directory, never in it, so
+/// neither invalidates the other.
+fn cuda_target_dir(target: Option<std::ffi::OsString>) -> PathBuf {
+    match target {
+        Some(mut dir) => {
+            dir.push("-cuda");
+            PathBuf::from(dir)
+        }
+        None => PathBuf::from("target/cuda-check"),
+    }
+}
+
+/// Type-checks the code behind the `cuda` feature (model, infer, train), which no CI machine can
+/// build: with `DOCS_RS=1` the build script of Burn's CUDA runtime skips its LLVM download,
+/// which needs the network. About 5 minutes cold on 2 cores, seconds warm.
+fn cuda_check() -> Result<()> {
+    let target = cuda_target_dir(std::env::var_os("CARGO_TARGET_DIR"));
+    let env = [("DOCS_RS", "1".as_ref()), ("CARGO_TARGET_DIR", target.as_os_str())];
+    cargo_with(
+        &env,
+        &[
+            "check",
+            "-p",
+            "infer",
+            "-p",
+            "train",
+            "--features",
+            "model/cuda",
+            "--bins",
+        ],
+    )
 }
 
 /// Features for a run on `device`: always CI's (so the demo, the tests and the fixture check
@@ -299,6 +345,7 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    cuda_check()?;
     cargo(&["test", "--workspace", "--features", CI_FEATURES])?;
     // The wgpu parity runs as tests above (skipped, with the reason, where no adapter exists).
     check_fixture(&[], false, "cpu", CI_FEATURES)?;
@@ -313,6 +360,15 @@ fn ci() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cuda_check_builds_beside_the_test_build() {
+        assert_eq!(
+            cuda_target_dir(Some("/var/cache/huginn-rs/target".into())),
+            PathBuf::from("/var/cache/huginn-rs/target-cuda")
+        );
+        assert_eq!(cuda_target_dir(None), PathBuf::from("target/cuda-check"));
+    }
 
     #[test]
     fn a_build_says_what_it_builds_and_how_long_a_first_build_takes() {
