@@ -835,3 +835,83 @@ fn sigint_finishes_the_running_request_and_exits_cleanly() {
     assert!(rest.contains("huginn serve: stopped"), "{rest}");
     assert!(!rest.contains("panicked"), "{rest}");
 }
+
+/// `sampler: "diffusion"` runs the wavefront sampler (alone, batch size 1) and answers what the
+/// CLI prints, streamed or not; its knobs are checked like every other field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_diffusion_sampler_answers_as_the_cli_and_refuses_what_it_cannot_run() {
+    let dir = folder_of_seed(DEFAULT_IDS, 7);
+    let (url, app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let path = dir.path().to_str().unwrap();
+    let steps = STEPS.to_string();
+    let want = cli(&[
+        "generate",
+        "--model",
+        path,
+        "--prompt",
+        "Hello",
+        "--steps",
+        &steps,
+        "--max-new-tokens",
+        "10",
+        "--sampler",
+        "diffusion",
+        "--init-scale",
+        "0",
+        "--headway",
+        "2",
+    ]);
+    let body = json!({
+        "prompt": "Hello", "max_tokens": 10, "temperature": 0, "sampler": "diffusion",
+        "diffusion": {"init_scale": 0.0, "headway": 2},
+    });
+    let (status, answer) = post(&client, &url, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["choices"][0]["text"], want);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
+    let (text, _) = streamed_text(&sse_data(response).await, false);
+    assert_eq!(text, want);
+
+    for (body, param) in [
+        (json!({"prompt": "Hi", "sampler": "wave"}), "sampler"),
+        (json!({"prompt": "Hi", "diffusion": {"headway": 2}}), "diffusion"),
+        (
+            json!({"prompt": "Hi", "sampler": "diffusion", "diffusion": {"headway": 0}}),
+            "diffusion",
+        ),
+        (
+            json!({"prompt": "Hi", "sampler": "diffusion", "diffusion": {"max_wavefront": 1}}),
+            "diffusion",
+        ),
+        (
+            json!({"prompt": "Hi", "sampler": "diffusion", "diffusion": {"freeze_strategy": "x"}}),
+            "diffusion.freeze_strategy",
+        ),
+        (
+            json!({"prompt": "Hi", "sampler": "diffusion", "diffusion": {"wave": 1}}),
+            "diffusion",
+        ),
+        (
+            json!({"prompt": "Hi", "sampler": "diffusion", "exit_criterion": "kl"}),
+            "exit_criterion",
+        ),
+        (
+            json!({"prompt": "Hi", "sampler": "diffusion", "warm_start": "normalized"}),
+            "warm_start",
+        ),
+    ] {
+        let (status, answer) = post(&client, &url, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        let got = answer["error"]["param"].as_str().unwrap_or_default();
+        assert!(got.starts_with(param), "{body}: {answer}");
+    }
+    assert_serving(&client, &url, &app, "refused diffusion requests").await;
+}

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::adaptive::{AdaptiveConfig, Decoding, Row};
 use crate::chat::{Message, Role};
+use crate::diffusion::DiffusionConfig;
 use crate::exit::Criterion;
 use crate::folder::ModelFolder;
 use crate::greedy::WarmStart;
@@ -157,6 +158,30 @@ pub struct Request {
     pub cache_strategy: Option<String>,
     /// `cold`, `raw` or `normalized`.
     pub warm_start: Option<String>,
+    /// `sequential` (the default) or `diffusion` (the wavefront sampler).
+    pub sampler: Option<String>,
+    /// The wavefront sampler's knobs (with `sampler: "diffusion"`).
+    pub diffusion: Option<DiffusionKnobs>,
+}
+
+/// The wavefront sampler's knobs, named as the reference's keyword arguments; each defaults to
+/// the reference's value. `num_steps`, `cache_strategy` and `warm_start: "raw"` (its
+/// `continuous_compute`) are the request's own fields.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionKnobs {
+    pub headway: Option<usize>,
+    pub inner_recurrence: Option<usize>,
+    pub ema_embeds: Option<f64>,
+    pub state_noise_mixing: Option<f64>,
+    pub dampened_state_mixer: Option<bool>,
+    pub sqrt_mixer: Option<bool>,
+    pub freeze_strategy: Option<String>,
+    pub exit_t: Option<f64>,
+    pub max_wavefront: Option<usize>,
+    pub max_diffusion_steps: Option<usize>,
+    pub full_prefill: Option<bool>,
+    pub init_scale: Option<f64>,
 }
 
 /// Which endpoint a request came to.
@@ -248,6 +273,8 @@ impl InputLimits {
 pub struct Parsed {
     pub row: Row,
     pub config: AdaptiveConfig,
+    /// Set when the request asked for the wavefront sampler.
+    pub diffusion: Option<DiffusionConfig>,
     pub stop_strings: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -375,6 +402,7 @@ impl Request {
         }
         let config = self.recurrence(defaults)?;
         let sampling = self.sampling(folder, vocab)?;
+        let diffusion = self.diffusion(&config, sampling.seed)?;
         let stop_strings = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -406,6 +434,7 @@ impl Request {
                 decoding: Decoding { sampling, stop_tokens },
             },
             config,
+            diffusion,
             stop_strings,
             stream: self.stream,
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
@@ -502,6 +531,75 @@ impl Request {
             warm_start,
             strategy,
         })
+    }
+
+    /// The wavefront sampler's settings when `sampler` asks for it; combinations it cannot run
+    /// are refused by name.
+    fn diffusion(&self, shared: &AdaptiveConfig, seed: u64) -> Result<Option<DiffusionConfig>, ApiError> {
+        match self.sampler.as_deref() {
+            None | Some("sequential") => {
+                if self.diffusion.is_some() {
+                    return Err(ApiError::invalid(
+                        param("diffusion"),
+                        "`diffusion` needs `sampler: \"diffusion\"`",
+                    ));
+                }
+                return Ok(None);
+            }
+            Some("diffusion") => {}
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    param("sampler"),
+                    format!("unknown sampler {other:?}; use sequential or diffusion"),
+                ));
+            }
+        }
+        if self.exit_criterion.is_some() || self.exit_threshold.is_some() {
+            return Err(ApiError::invalid(
+                param("exit_criterion"),
+                "the diffusion sampler freezes positions by `diffusion.freeze_strategy`; leave out `exit_criterion` and `exit_threshold`",
+            ));
+        }
+        if shared.warm_start == WarmStart::Normalized {
+            return Err(ApiError::invalid(
+                param("warm_start"),
+                "the diffusion sampler carries raw states: `warm_start` must be cold or raw",
+            ));
+        }
+        let knobs = self.diffusion.clone().unwrap_or_default();
+        let d = DiffusionConfig::default();
+        let freeze = match &knobs.freeze_strategy {
+            None => d.freeze,
+            Some(name) => name
+                .parse()
+                .map_err(|e: String| ApiError::invalid(param("diffusion.freeze_strategy"), e))?,
+        };
+        let config = DiffusionConfig {
+            num_steps: shared.max_steps,
+            inner_recurrence: knobs.inner_recurrence.unwrap_or(d.inner_recurrence),
+            headway: knobs.headway.unwrap_or(d.headway),
+            ema_embeds: knobs.ema_embeds.unwrap_or(d.ema_embeds),
+            state_noise_mixing: knobs.state_noise_mixing.unwrap_or(d.state_noise_mixing),
+            dampened_state_mixer: knobs.dampened_state_mixer.unwrap_or(d.dampened_state_mixer),
+            sqrt_mixer: knobs.sqrt_mixer.unwrap_or(d.sqrt_mixer),
+            freeze,
+            exit_t: knobs.exit_t.unwrap_or(d.exit_t),
+            max_wavefront: knobs.max_wavefront.unwrap_or(d.max_wavefront),
+            max_diffusion_steps: knobs.max_diffusion_steps.unwrap_or(d.max_diffusion_steps),
+            full_prefill: knobs.full_prefill.unwrap_or(d.full_prefill),
+            continuous_compute: shared.warm_start == WarmStart::Raw,
+            init_scale: knobs.init_scale.unwrap_or(d.init_scale),
+            seed,
+            strategy: if self.cache_strategy.is_some() {
+                shared.strategy
+            } else {
+                d.strategy
+            },
+        };
+        config
+            .validate()
+            .map_err(|e| ApiError::invalid(param("diffusion"), e.to_string()))?;
+        Ok(Some(config))
     }
 
     /// The folder's defaults (`generation_config.json`) with the request's fields over them.

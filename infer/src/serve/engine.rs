@@ -23,6 +23,7 @@ use model::HuginnConfig;
 
 use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
 use crate::cache::{bytes_per_position, float_bytes};
+use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
 use crate::folder::ModelFolder;
 use crate::text::TextStream;
@@ -46,6 +47,8 @@ pub struct EngineLimits {
 pub struct Job {
     pub row: Row,
     pub config: AdaptiveConfig,
+    /// Set for the wavefront sampler: the job then runs alone.
+    pub diffusion: Option<DiffusionConfig>,
     /// Text that ends the sequence (left out of it), besides the folder's own.
     pub stop_strings: Vec<String>,
     /// Where the request's tokens go; closed when its client has gone.
@@ -318,7 +321,8 @@ impl Worker {
         loop {
             if self.waiting.is_empty() {
                 let job = self.receiver.blocking_recv()?;
-                let batchable = job.config.criterion == Criterion::None && self.limits.max_batch > 1;
+                let batchable =
+                    job.config.criterion == Criterion::None && job.diffusion.is_none() && self.limits.max_batch > 1;
                 self.waiting.push_back(job);
                 if batchable && !self.limits.batch_window.is_zero() {
                     std::thread::sleep(self.limits.batch_window);
@@ -342,10 +346,10 @@ impl Worker {
     fn fill(&mut self, first: Job) -> Vec<Job> {
         let mut batch = vec![first];
         // Rows share a batch only with the same recurrence (steps, cache strategy, warm start).
-        if batch[0].config.criterion == Criterion::None {
+        if batch[0].config.criterion == Criterion::None && batch[0].diffusion.is_none() {
             let mut i = 0;
             while i < self.waiting.len() && batch.len() < self.limits.max_batch {
-                if self.waiting[i].config == batch[0].config {
+                if self.waiting[i].config == batch[0].config && self.waiting[i].diffusion.is_none() {
                     batch.push(self.waiting.remove(i).expect("index in range"));
                     if self.per_position.batch(&batch) > self.limits.kv_budget_bytes {
                         let job = batch.pop().expect("just pushed");
@@ -361,6 +365,11 @@ impl Worker {
     }
 
     fn decode(&self, batch: &[Job]) {
+        if let [job] = batch
+            && let Some(config) = &job.diffusion
+        {
+            return self.decode_diffusion(job, config);
+        }
         let folder = &self.folder;
         let rows: Vec<Row> = batch
             .iter()
@@ -453,6 +462,90 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// One request through the wavefront sampler (batch size 1, as the reference's): tokens
+    /// stream as they freeze, each reported with the wave's core steps.
+    fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) {
+        let folder = &self.folder;
+        let mut decoding = job.row.decoding.clone();
+        for &id in &folder.stop_tokens {
+            if !decoding.stop_tokens.contains(&id) {
+                decoding.stop_tokens.push(id);
+            }
+        }
+        let mut text = folder.tokenizer.as_ref().map(|tokenizer| {
+            let stops = folder.stop_strings.iter().chain(&job.stop_strings).cloned();
+            TextStream::new(tokenizer, stops)
+        });
+        let (mut finish, mut failed, mut sent) = (Finish::Length, None, 0);
+        let max_new = job.row.max_new;
+        let result = diffusion::generate(&folder.model, &job.row.prompt, max_new, config, &decoding, |block| {
+            for &id in block {
+                if sent == max_new {
+                    return ControlFlow::Break(());
+                }
+                self.shared.generated.fetch_add(1, Ordering::AcqRel);
+                if self.shared.cancel.load(Ordering::Acquire) {
+                    finish = Finish::Cancelled;
+                    return ControlFlow::Break(());
+                }
+                let mut stopped = decoding.stop_tokens.contains(&id);
+                let piece = match &mut text {
+                    Some(stream) => match stream.push(id) {
+                        Ok(released) => {
+                            stopped |= released.stopped;
+                            released.text
+                        }
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            return ControlFlow::Break(());
+                        }
+                    },
+                    None if sent == 0 => id.to_string(),
+                    None => format!(",{id}"),
+                };
+                sent += 1;
+                if stopped {
+                    finish = Finish::Stop;
+                }
+                let steps = config.inner_recurrence;
+                if job.events.send(Event::Token { id, text: piece, steps }).is_err() || stopped {
+                    return ControlFlow::Break(());
+                }
+            }
+            if sent == max_new {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        let event = match (result, failed) {
+            (Err(e), _) => Event::Failed(e.to_string()),
+            (Ok(_), Some(reason)) => Event::Failed(reason),
+            (Ok(generation), None) => {
+                let tail = match &mut text {
+                    Some(stream) if finish != Finish::Stop => match stream.finish() {
+                        Ok(tail) => tail,
+                        Err(e) => {
+                            let _ = job.events.send(Event::Failed(e.to_string()));
+                            return;
+                        }
+                    },
+                    _ => String::new(),
+                };
+                let mut steps = generation.steps_between_samplings;
+                steps.truncate(sent);
+                Event::Done {
+                    finish,
+                    tail,
+                    steps_per_token: steps,
+                }
+            }
+        };
+        let _ = job.events.send(event);
+    }
+}
+
 /// Runs `decode` on `batch`. A panic in it (a bug, a device fault) fails that batch's requests
 /// and is logged, and the engine goes on with the next batch. A request that had already ended
 /// has stopped listening, so its extra event is harmless.
@@ -491,6 +584,7 @@ mod tests {
                 ..Row::default()
             },
             config: AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()),
+            diffusion: None,
             stop_strings: Vec::new(),
             events,
         };

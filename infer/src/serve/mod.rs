@@ -243,6 +243,7 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Resu
     let job = Job {
         row: parsed.row,
         config: parsed.config,
+        diffusion: parsed.diffusion,
         stop_strings: parsed.stop_strings,
         events,
     };

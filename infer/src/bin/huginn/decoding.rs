@@ -21,9 +21,10 @@ pub struct DecodingArgs {
     #[arg(long)]
     pub exit_threshold: Option<f64>,
     /// KV-cache strategy by its reference name: full, latest-m4, available-m4,
-    /// always-last-m4, skip, optionally with -compress-sK, -compress-rK or -compress-anchor.
-    #[arg(long, default_value = "full")]
-    pub cache: Strategy,
+    /// always-last-m4, skip, optionally with -compress-sK, -compress-rK or -compress-anchor
+    /// (default: full; for --sampler diffusion, latest-m4-compress-s4).
+    #[arg(long)]
+    pub cache: Option<Strategy>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -85,7 +86,7 @@ impl DecodingArgs {
             threshold: self.exit_threshold.unwrap_or(self.criterion.auto_threshold()),
             max_steps: self.steps,
             warm_start: self.warm_start,
-            strategy: self.cache,
+            strategy: self.cache.unwrap_or_default(),
         };
         let decoding = Decoding {
             sampling,

@@ -27,8 +27,10 @@ use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
 
 mod chat;
 mod decoding;
+mod diffusion;
 
 use decoding::DecodingArgs;
+use diffusion::{DiffusionArgs, SamplerKind};
 
 #[derive(Parser)]
 #[command(
@@ -98,9 +100,14 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         decoding: DecodingArgs,
+        /// The generation algorithm.
+        #[arg(long, value_enum, default_value_t = SamplerKind::Sequential)]
+        sampler: SamplerKind,
+        #[command(flatten)]
+        diffusion: DiffusionArgs,
         /// Self-speculative decoding: draft this many tokens with --draft-steps iterations
         /// each, verify them at --steps in one pass (greedy, fixed depth, full cache).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sampler")]
         speculate: Option<usize>,
         /// Recurrence steps per drafted token.
         #[arg(long, default_value_t = 4, requires = "speculate")]
@@ -242,6 +249,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chat,
             system,
             decoding: args,
+            sampler,
+            diffusion,
             speculate,
             draft_steps,
             accept_threshold,
@@ -279,6 +288,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let max_new = args.fitting_max_new(&folder, prompt.len(), speculate.unwrap_or(0))?;
             let mut stdout = std::io::stdout().lock();
+            if sampler == SamplerKind::Sequential && diffusion.any() {
+                bail!("the diffusion sampler's flags (--headway, --freeze-strategy, …) need --sampler diffusion");
+            }
+            if sampler == SamplerKind::Diffusion {
+                let config = diffusion.config(&config, args.cache, args.seed)?;
+                diffusion::run(&folder, &prompt, max_new, &config, &decoding, &mut stdout)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let started = Instant::now();
             let mut first = None;
             let steps = if let Some(lookahead) = speculate {
