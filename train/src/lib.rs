@@ -7,6 +7,7 @@
 //! ([`pointers`]), the last two sharing their splits by hop count ([`hops`]), batched and scored by exact match
 //! ([`batch`]), and text ([`text`]), behind one [`data`] interface; whole runs with metrics,
 //! checkpoints and a Hugging Face export ([`run`]), configured by TOML files ([`config_file`]);
+//! fine-tuning from a model folder or hub name ([`finetune`]) on chat data ([`chat_data`]);
 //! the training benchmark ([`bench`]).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
 //! the reference's gradients.

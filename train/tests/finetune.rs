@@ -255,11 +255,17 @@ fn a_model_trained_here_fine_tunes_on_chat_messages() {
                     {% if add_generation_prompt %}assistant: {% endif %}";
     std::fs::write(base.join("final/chat_template.jinja"), template).unwrap();
     let data = work.path().join("chat.jsonl");
-    let record = serde_json::json!({"messages": [
-        {"role": "user", "content": "Where is Romeo?"},
-        {"role": "assistant", "content": "In Verona."},
-    ]});
-    std::fs::write(&data, record.to_string()).unwrap();
+    let records: Vec<String> = ["Romeo", "Juliet", "Tybalt"]
+        .iter()
+        .map(|who| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Where is {who}?")},
+                {"role": "assistant", "content": "In Verona."},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, records.join("\n")).unwrap();
     let tuned = work.path().join("tuned");
     let base_final = base.join("final");
     let run = train(&[
@@ -270,15 +276,21 @@ fn a_model_trained_here_fine_tunes_on_chat_messages() {
         "--data",
         data.to_str().unwrap(),
         "--steps",
-        "3",
-        "--batch-size",
+        "20",
+        "--lr",
+        "1e-2",
+        "--warmup",
         "2",
+        "--batch-size",
+        "4",
         "--eval-rows",
-        "1",
+        "3",
         "--out",
         tuned.to_str().unwrap(),
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
+    let losses = losses(&tuned);
+    assert!(losses[19] < 0.75 * losses[0], "the reply's loss falls: {losses:?}");
     assert!(!answer(&tuned.join("final"), "Where is Romeo?", 3).is_empty());
     assert_eq!(
         std::fs::read_to_string(tuned.join("final/chat_template.jinja")).unwrap(),
