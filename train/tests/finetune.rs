@@ -374,3 +374,46 @@ fn init_from_takes_a_hub_name_and_reuses_the_cache() {
     run("offline", true);
     assert_eq!(hub.requests().len(), before, "the second run reads the cache");
 }
+
+#[test]
+fn a_run_file_carries_init_from_and_the_chat_data() {
+    let model = folder(DEFAULT_IDS);
+    let work = tempfile::tempdir().unwrap();
+    let data = pairs_file(work.path());
+    let flags = "--task chat --question-field q --answer-field a --steps 2 --batch-size 2 --eval-rows 2 --print-config";
+    let mut args: Vec<&str> = flags.split_whitespace().collect();
+    args.extend([
+        "--init-from",
+        model.path().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let printed = train(&args);
+    assert!(printed.status.success(), "{}", stderr(&printed));
+    let toml = String::from_utf8(printed.stdout).unwrap();
+    assert!(toml.contains("init_from = "), "{toml}");
+    let file = work.path().join("ft.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let out = work.path().join("run");
+    let run = train(&["--config", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        std::fs::read(out.join("final/tokenizer_config.json")).unwrap(),
+        std::fs::read(model.path().join("tokenizer_config.json")).unwrap()
+    );
+    // The file's model section must be the folder's shape.
+    let wrong = toml
+        .replace("n_embd = 32", "n_embd = 64")
+        .replace("head_dim = 8", "head_dim = 16");
+    std::fs::write(&file, wrong).unwrap();
+    let out = work.path().join("wrong");
+    let run = train(&["--config", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let stderr = stderr(&run);
+    assert!(
+        !run.status.success()
+            && stderr.contains("n_embd = 64 (the model has 32)")
+            && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(!out.join("run.json").exists());
+}

@@ -1,6 +1,7 @@
 //! `--init-from MODEL` (or `init_from` in the file): the model's shape comes from the folder's
-//! `config.json`, so shape flags typed as well must agree with it; the training depth is the
-//! model's own unless depth flags are typed; a text run reads with the model's tokenizer.
+//! `config.json`, so shape flags typed as well, and the model section of a file that names the
+//! model, must agree with it; the training depth is the model's own unless depth flags are
+//! typed; a text run reads with the model's tokenizer.
 
 use anyhow::{Result, bail};
 use train::data::{DataConfig, TokenizerSource};
@@ -25,6 +26,19 @@ pub fn apply(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) 
         model.n_layers_in_coda,
     );
     let name = spec.display();
+    // A file that names the model keeps its model section: it must be the model's shape.
+    if let Some(path) = &args.config
+        && !given("init_from")
+    {
+        let differences = finetune::shape_differences(&RunConfig::from_toml_file(path)?.model, &model);
+        if !differences.is_empty() {
+            bail!(
+                "{}: the model section contradicts {name}'s config: {}",
+                path.display(),
+                differences.join(", ")
+            );
+        }
+    }
     if given("width") && args.width != model.n_embd {
         bail!(
             "--width {} contradicts {name}, whose width is {}; leave it out",
