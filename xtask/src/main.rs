@@ -266,9 +266,7 @@ fn demo(device: &str, features: &str, quick: bool, task: &str, text: bool, out: 
 
 /// Runs the benchmark binary `bin` of `package` with `args`.
 fn bench(package: &str, bin: &str, args: &[String]) -> Result<()> {
-    let cuda =
-        args.windows(2).any(|w| w[0] == "--device" && w[1] == "cuda") || args.iter().any(|a| a == "--device=cuda");
-    let features = device_features(if cuda { "cuda" } else { "cpu" });
+    let features = device_features(if asks_for_cuda(args) { "cuda" } else { "cpu" });
     build(&format!("the benchmark ({bin})"), package, features, bin)?;
     let mut cargo_args = vec![
         "run",
@@ -283,6 +281,20 @@ fn bench(package: &str, bin: &str, args: &[String]) -> Result<()> {
     ];
     cargo_args.extend(args.iter().map(String::as_str));
     cargo(&cargo_args)
+}
+
+/// Whether benchmark flags name a CUDA device: `--device cuda`, or `cuda:N` in `--devices`.
+fn asks_for_cuda(args: &[String]) -> bool {
+    let named = |flag: &str, value: &str| match flag {
+        "--device" => value == "cuda",
+        "--devices" => value.split(',').any(|d| d.split(':').next() == Some("cuda")),
+        _ => false,
+    };
+    args.windows(2).any(|w| named(&w[0], &w[1]))
+        || args
+            .iter()
+            .filter_map(|a| a.split_once('='))
+            .any(|(flag, value)| named(flag, value))
 }
 
 fn fixture_dirs() -> Result<Vec<PathBuf>> {
@@ -360,6 +372,16 @@ fn ci() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_benchmark_on_cuda_devices_builds_the_cuda_backend() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(asks_for_cuda(&args(&["--device", "cuda"])));
+        assert!(asks_for_cuda(&args(&["--devices", "cuda:0,cuda:1"])));
+        assert!(asks_for_cuda(&args(&["--devices=cuda"])));
+        assert!(!asks_for_cuda(&args(&["--devices", "wgpu:0,wgpu:1", "--width", "64"])));
+        assert!(!asks_for_cuda(&args(&["--device", "cpu"])));
+    }
 
     #[test]
     fn the_cuda_check_builds_beside_the_test_build() {
