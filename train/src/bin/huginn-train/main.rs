@@ -9,6 +9,7 @@
 //! huginn-train --config train/configs/chains.toml --steps 500 --out runs/short   # a file, one flag changed
 //! huginn-train --task text --width 128 --print-config > lm.toml                  # start a file
 //! huginn-train --init-from tomg-group-umd/huginn-0125 --task chat --data qa.jsonl --out runs/ft
+//! huginn-train --config train/configs/pointers.toml --devices wgpu:0,wgpu:1 --batch-size 16 --accumulation 2
 //! ```
 
 mod init;
@@ -338,6 +339,10 @@ impl Args {
             (true, false) => stored.to_vec(),
         };
         let devices = DeviceSpec::devices(&specs)?;
+        if specs.len() > 1 {
+            let names: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+            eprintln!("training on {} devices: {}", specs.len(), names.join(", "));
+        }
         Ok(devices.into_iter().map(Device::autodiff).collect())
     }
 
