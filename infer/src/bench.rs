@@ -130,6 +130,73 @@ fn once(model: &Huginn, rows: &[Row], config: AdaptiveConfig, count: &dyn Fn() -
     })
 }
 
+/// The wavefront sampler's median run on one random prompt (batch 1, as the sampler runs).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DiffusionFigures {
+    pub prefill_tokens_per_second: f64,
+    /// New tokens after the first (the prompt pass's) per second of the rest of the run.
+    pub decode_tokens_per_second: f64,
+    /// Core forward passes (each over a whole wave) per new token.
+    pub core_passes_per_token: f64,
+    /// Positions × core steps per new token (sequential decoding: its steps per token).
+    pub position_steps_per_token: f64,
+    pub waves: usize,
+    /// Leading new tokens equal to sequential greedy decoding's at `num_steps`, of `compared`.
+    pub agreeing_prefix: usize,
+    pub compared: usize,
+}
+
+/// Times `config` on a random prompt of `prompt_len` tokens for `new_tokens` tokens (greedy),
+/// the median of `runs` after a warm-up run, and compares its tokens with sequential greedy
+/// decoding at the same depth.
+pub fn measure_diffusion(
+    model: &Huginn,
+    prompt_len: usize,
+    new_tokens: usize,
+    runs: usize,
+    config: &crate::diffusion::DiffusionConfig,
+) -> Result<DiffusionFigures, crate::diffusion::DiffusionError> {
+    use crate::diffusion;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let vocab = model.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.random_range(0..vocab)).collect();
+    let decoding = crate::adaptive::Decoding::default();
+    let once = || {
+        let started = Instant::now();
+        let mut first = None;
+        let out = diffusion::generate(model, &prompt, new_tokens, config, &decoding, |_| {
+            first.get_or_insert_with(Instant::now);
+            ControlFlow::Continue(())
+        })?;
+        let done = Instant::now();
+        let first = first.unwrap_or(done);
+        Ok::<_, diffusion::DiffusionError>((first - started, done - first, out))
+    };
+    once()?;
+    let mut timed = (0..runs.max(1)).map(|_| once()).collect::<Result<Vec<_>, _>>()?;
+    timed.sort_by_key(|(_, decode, _)| *decode);
+    let (prefill, decode, out) = timed.swap_remove(timed.len() / 2);
+    let plain = crate::greedy::generate(
+        model,
+        &prompt,
+        out.tokens.len(),
+        config.num_steps,
+        crate::greedy::WarmStart::Cold,
+    )?;
+    let agreeing_prefix = out.tokens.iter().zip(&plain.tokens).take_while(|(a, b)| a == b).count();
+    let made = out.tokens.len().max(1) as f64;
+    Ok(DiffusionFigures {
+        prefill_tokens_per_second: prompt_len as f64 / prefill.as_secs_f64(),
+        decode_tokens_per_second: out.tokens.len().saturating_sub(1) as f64
+            / decode.as_secs_f64().max(f64::MIN_POSITIVE),
+        core_passes_per_token: out.stats.core_forward_passes as f64 / made,
+        position_steps_per_token: out.stats.tokens_forward as f64 / made,
+        waves: out.stats.diffusion_steps,
+        agreeing_prefix,
+        compared: out.tokens.len(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

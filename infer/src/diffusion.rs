@@ -562,10 +562,10 @@ impl<'a> Wave<'a> {
             self.seen -= clear;
             self.cache.truncate(self.seen);
             self.out.stats.cache_clears += clear;
-            if config.freeze == Freeze::LatentAcceleration2 {
-                if let Some(prev) = previous.take() {
-                    before_previous = prev;
-                }
+            if config.freeze == Freeze::LatentAcceleration2
+                && let Some(prev) = previous.take()
+            {
+                before_previous = prev;
             }
             if config.freeze.latent() {
                 previous = Some(Indexed {

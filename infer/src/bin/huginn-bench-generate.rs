@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use infer::adaptive::AdaptiveConfig;
-use infer::bench::{GenerationBench, measure_generation};
+use infer::bench::{GenerationBench, measure_diffusion, measure_generation};
 use infer::cache::{bytes_per_position, float_bytes};
+use infer::diffusion::DiffusionConfig;
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
@@ -76,6 +77,23 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `diffusion`: time the wavefront sampler (batch 1, zero initial states, greedy) next to
+    /// sequential decoding at the same --steps.
+    #[arg(long, value_parser = ["sequential", "diffusion"], default_value = "sequential")]
+    sampler: String,
+    /// The wavefront sampler's core steps per wave.
+    #[arg(long, default_value_t = 4)]
+    inner_recurrence: usize,
+    /// New positions per wave.
+    #[arg(long, default_value_t = 1)]
+    headway: usize,
+    /// latent-diff, latent-acceleration-1, latent-acceleration-2, token-stability or fixed.
+    #[arg(long, default_value = "latent-diff")]
+    freeze_strategy: infer::diffusion::Freeze,
+    #[arg(long, default_value_t = 0.03)]
+    exit_t: f64,
+    #[arg(long, default_value_t = 128)]
+    max_wavefront: usize,
 }
 
 /// The system allocator, counting allocations.
@@ -156,6 +174,30 @@ fn run(args: Args) -> Result<()> {
     eprintln!("warm-up run, then {} timed", args.runs);
     let counted = || ALLOCATIONS.load(Ordering::Relaxed);
     let median = measure_generation(&model, &bench, Some(&counted))?;
+    let diffusion = if args.sampler == "diffusion" {
+        if args.batch != 1 || args.criterion != Criterion::None {
+            bail!("--sampler diffusion runs batch 1 without an exit criterion");
+        }
+        let config = DiffusionConfig {
+            num_steps: args.steps,
+            inner_recurrence: args.inner_recurrence,
+            headway: args.headway,
+            freeze: args.freeze_strategy,
+            exit_t: args.exit_t,
+            max_wavefront: args.max_wavefront,
+            init_scale: 0.0,
+            ..DiffusionConfig::default()
+        };
+        Some(measure_diffusion(
+            &model,
+            args.prompt_len,
+            args.new_tokens,
+            args.runs,
+            &config,
+        )?)
+    } else {
+        None
+    };
     let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps, float_bytes(&device));
     let c = model.config();
     let layers = [c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda];
@@ -171,6 +213,11 @@ fn run(args: Args) -> Result<()> {
         "mean_steps_per_token": median.mean_steps_per_token,
         "kv_bytes_per_token": kv_bytes,
         "peak_memory_bytes": peak_rss_bytes(),
+        "diffusion": diffusion.map(|d| json!({
+            "inner_recurrence": args.inner_recurrence, "headway": args.headway,
+            "freeze_strategy": args.freeze_strategy.name(), "exit_t": args.exit_t, "max_wavefront": args.max_wavefront,
+            "figures": d,
+        })),
     });
     println!(
         "{} (width {}, layers {:?}, {:.1}M parameters), batch {}, {} prompt + {} new tokens, {} steps ({}), cache {}",
@@ -205,6 +252,23 @@ fn run(args: Args) -> Result<()> {
         kv_bytes as f64 / 1024.0,
         peak_rss_bytes().map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
     );
+    if let Some(d) = diffusion {
+        println!(
+            "diffusion ({}, inner {}, headway {}, wavefront ≤ {}): prefill {:.1} tok/s · decode {:.2} tok/s · {:.2} core passes and {:.1} position-steps per token ({} per token sequentially) · {} waves · first {} of {} tokens equal sequential greedy",
+            args.freeze_strategy,
+            args.inner_recurrence,
+            args.headway,
+            args.max_wavefront,
+            d.prefill_tokens_per_second,
+            d.decode_tokens_per_second,
+            d.core_passes_per_token,
+            d.position_steps_per_token,
+            args.steps,
+            d.waves,
+            d.agreeing_prefix,
+            d.compared
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&figures)?)
             .with_context(|| format!("writing {}", path.display()))?;
