@@ -199,5 +199,13 @@ pub fn run(
         stats.core_forward_passes as f64 / result.tokens.len().max(1) as f64,
         stats.tokens_forward
     );
+    if written < max_new && !stats.stopped {
+        let why = if stats.diffusion_steps >= config.max_diffusion_steps {
+            "--max-diffusion-steps was reached: the states did not settle (a larger --exit-t, greedy decoding or --freeze-strategy fixed freeze sooner)"
+        } else {
+            "the wave reached the end of the model's context"
+        };
+        eprintln!("only {written} of {max_new} tokens froze: {why}");
+    }
     Ok(())
 }
