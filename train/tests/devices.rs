@@ -11,12 +11,13 @@ use std::process::Command;
 
 use burn::prelude::*;
 use model::pretrained::ParamRef;
-use model::{Huginn, HuginnConfig};
-use train::data::DataConfig;
-use train::depth::DepthScheme;
+use model::{Backend, Huginn, HuginnConfig};
+use train::data::{DataConfig, Dataset};
+use train::depth::{Depth, DepthScheme};
 use train::metrics::{self, MetricsLog, Record};
 use train::run::{OptimizerConfig, RunConfig, TrainError, Trainer};
 use train::schedule::Schedule;
+use train::step::{MicroBatch, StepConfig, train_step_on};
 use train::{addition, checkpoint::Checkpoints};
 
 const STEPS: u64 = 6;
@@ -120,6 +121,53 @@ fn two_device_handles_train_as_one_device_and_resume_across_counts() {
         assert_eq!(run.0, one.0, "{name}: losses");
         assert!(run.1 == one.1, "{name}: the final parameters differ");
     }
+}
+
+/// The CPU handles above share one device, so their gradients never move. Here a replica runs on
+/// wgpu (lavapipe on a machine without a GPU) and its gradients travel to the CPU device, where
+/// they are summed with the CPU replica's: the step's loss and gradient norm match the CPU's
+/// within 1e-5, the two backends rounding apart. (Runs refuse devices of two backends; a step
+/// takes any.) Skipped, with the reason, where there is no wgpu adapter.
+#[test]
+fn gradients_computed_on_another_device_come_back_to_the_first() {
+    let gpu = match Backend::Wgpu.device() {
+        Ok(device) => device.autodiff(),
+        Err(err) => {
+            println!("SKIPPED: {err}");
+            return;
+        }
+    };
+    let cpu = Device::flex().autodiff();
+    let config = config();
+    let data = Dataset::new(&config.data, None).unwrap();
+    let batch = |i: usize, device: &Device| {
+        let b = data.train_batch(config.seed, i as u64, config.batch_size, device);
+        MicroBatch {
+            inputs: b.inputs,
+            labels: b.labels,
+        }
+    };
+    let step = StepConfig {
+        depth: Depth {
+            no_grad: 1,
+            with_grad: 2,
+        },
+        lr: 1e-3,
+        max_grad_norm: Some(1.0),
+        state_seed: 3,
+        state_scale: 1.0,
+    };
+    let model = config.model.init(&cpu, config.seed);
+    let mut report = Vec::new();
+    for devices in [vec![cpu.clone()], vec![cpu.clone(), gpu]] {
+        let mut optim = config.optimizer.init(&model, 1e-3);
+        let (_, step) = train_step_on(model.clone(), &mut optim, &devices, 2, &batch, step);
+        report.push(step.unwrap());
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs();
+    assert!(close(report[0].loss, report[1].loss), "{report:?}");
+    assert!(close(report[0].grad_norm, report[1].grad_norm), "{report:?}");
+    println!("cpu alone against cpu + wgpu: {report:?}");
 }
 
 #[test]
