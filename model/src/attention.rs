@@ -8,7 +8,6 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
-use crate::projection::project;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -27,7 +26,7 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
         let [b, s, h] = x.dims();
         let (nh, hd) = (self.n_heads, h / self.n_heads);
-        let qkv = project(&self.wqkv, x);
+        let qkv = self.wqkv.forward(x);
         // Queries and keys get their bias and rotation together, as `2·H` heads (queries
         // first): half the operations of doing each on its own.
         let qk = qkv.clone().narrow(2, 0, 2 * h).reshape([b, s, 2 * nh, hd]);
@@ -47,6 +46,6 @@ impl CausalSelfAttention {
         };
         let mask = mask.map(|m| m.expand([b, nh, s, keys.dims()[2]]));
         let y = attention(q, keys, values, mask, None, options);
-        project(&self.proj, y.swap_dims(1, 2).reshape([b, s, h]))
+        self.proj.forward(y.swap_dims(1, 2).reshape([b, s, h]))
     }
 }

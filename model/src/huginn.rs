@@ -31,7 +31,6 @@ use crate::config::HuginnConfig;
 use crate::error::InputError;
 use crate::init::truncated_normal;
 use crate::norm::RmsNorm;
-use crate::projection::{as_two_rows, project};
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -277,7 +276,7 @@ impl Huginn {
         rotary: &Rotary,
         cache: &mut dyn KvCache,
     ) -> Tensor<3> {
-        let mut x = project(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
+        let mut x = self.adapter.forward(Tensor::cat(vec![state, e.clone()], 2));
         for (layer, block) in self.core_block.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Core { iteration, layer }, cache);
         }
@@ -320,11 +319,11 @@ impl Huginn {
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let wte = self.wte.val();
         let vocab = wte.dims()[0];
-        as_two_rows(x, |x| {
-            let [b, s, h] = x.dims();
-            x.reshape([b * s, h]).matmul(wte.transpose()).reshape([b, s, vocab])
-        })
-        .cast(FloatDType::F32)
+        let [b, s, h] = x.dims();
+        x.reshape([b * s, h])
+            .matmul(wte.transpose())
+            .reshape([b, s, vocab])
+            .cast(FloatDType::F32)
     }
 
     /// A full forward pass from a zero state, no cache.

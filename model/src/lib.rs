@@ -28,7 +28,6 @@ pub mod init;
 pub mod mlp;
 pub mod norm;
 pub mod pretrained;
-pub mod projection;
 pub mod rope;
 
 pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};

@@ -5,8 +5,6 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
-use crate::projection::project;
-
 #[derive(Module, Debug)]
 pub struct GatedMlp {
     /// `[h, 2·I]` (Burn's `[in, out]` layout): columns `[gate | up]`.
@@ -17,9 +15,9 @@ pub struct GatedMlp {
 
 impl GatedMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mut halves = project(&self.fc, x).chunk(2, 2);
+        let mut halves = self.fc.forward(x).chunk(2, 2);
         let up = halves.pop().expect("two halves");
         let gate = halves.pop().expect("two halves");
-        project(&self.proj, silu(gate) * up)
+        self.proj.forward(silu(gate) * up)
     }
 }
