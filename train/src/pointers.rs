@@ -12,7 +12,7 @@
 //! everywhere on the tape, and deeper chains than any trained are answered by iterating more.
 //!
 //! Distractors: every cell off the chain is a digit or a valid pointer with equal odds, so
-//! the tape holds a dozen digits and other chains ending in them.
+//! the tape holds about eighteen digits and other chains ending in them.
 
 use crate::hops::{HopExample, HopTask, Split};
 use crate::rng::SplitMix64;
@@ -24,8 +24,8 @@ pub const FIRST_POINTER: u32 = 10;
 pub const BOS: u32 = FIRST_POINTER + MAX_BACK;
 pub const PAD: u32 = BOS + 1;
 pub const VOCAB_SIZE: usize = PAD as usize + 1;
-/// Cells on the tape: room for the deepest harder chain (10 hops of up to 3 cells).
-pub const CELLS: usize = 32;
+/// Cells on the tape: room for the deepest harder chain (13 hops of up to 3 cells) and its answer.
+pub const CELLS: usize = 40;
 /// Tokens per example: BOS, the cells, the answer.
 pub const LEN: usize = 1 + CELLS + 1;
 
@@ -35,8 +35,8 @@ pub struct PointerTask {
 }
 
 impl HopTask for PointerTask {
-    const TRAIN_HOPS: (usize, usize) = (1, 6);
-    const HARDER_HOPS: (usize, usize) = (7, 10);
+    const TRAIN_HOPS: (usize, usize) = (1, 10);
+    const HARDER_HOPS: (usize, usize) = (11, 13);
     const PAD: u32 = PAD;
     const VOCAB_SIZE: usize = VOCAB_SIZE;
     const MAX_LEN: usize = LEN;
@@ -64,7 +64,7 @@ impl HopTask for PointerTask {
         );
         // The chain, from the last cell back: `hops` pointers, each reaching back 1..=MAX_BACK
         // cells but never so far that the pointers still to come fall off the tape (a bound
-        // that only binds beyond 10 hops), then the answer digit where it lands.
+        // that only binds beyond 13 hops), then the answer digit where it lands.
         let mut cells = vec![None; CELLS];
         let mut at = CELLS - 1;
         for left in (0..hops).rev() {
@@ -128,8 +128,9 @@ mod tests {
     #[test]
     fn answers_follow_the_pointers_and_splits_have_their_depths() {
         let task = PointerTask { seed: 5 };
-        for (split, lo, hi) in [(Split::Train, 1, 6), (Split::Test, 1, 6), (Split::Harder, 7, 10)] {
-            let mut seen = [false; 11];
+        for split in [Split::Train, Split::Test, Split::Harder] {
+            let (lo, hi) = PointerTask::hops(split);
+            let mut seen = [false; CELLS];
             for i in 0..500 {
                 let e = task.example(split, i);
                 assert_eq!(e.tokens.len(), LEN);
@@ -158,8 +159,9 @@ mod tests {
             assert_eq!(solve(&e.tokens), (e.answer, hops));
         }
         // The curriculum starts with one hop and ends with the plain distribution.
-        assert!((0..100).all(|i| task.curriculum_example(i, 600).hops == 1));
-        assert!((500..600).any(|i| task.curriculum_example(i, 600).hops == 6));
+        let most = PointerTask::TRAIN_HOPS.1;
+        assert!((0..600 / most as u64).all(|i| task.curriculum_example(i, 600).hops == 1));
+        assert!((500..600).any(|i| task.curriculum_example(i, 600).hops == most));
         assert_eq!(task.curriculum_example(600, 600), task.example(Split::Train, 600));
         assert_eq!(token_name(FIRST_POINTER + 2), "<3");
         assert_eq!(token_name(7), "7");
@@ -182,7 +184,7 @@ mod tests {
                 .expect("the answer is on the tape");
             last_digit_right += (*last == e.answer) as usize;
         }
-        assert!((8_000..16_000).contains(&digits), "{digits} digits in 1000 tapes");
+        assert!((12_000..24_000).contains(&digits), "{digits} digits in 1000 tapes");
         assert!(
             last_digit_right < 450,
             "the last digit is the answer {last_digit_right} times in 1000"

@@ -276,8 +276,12 @@ fn the_sample_config_is_the_default_run() {
     let flags = [
         "--task",
         "pointers",
+        "--layers",
+        "1,1,1",
+        "--mean-depth",
+        "16",
         "--curriculum",
-        "600",
+        "800",
         "--optimizer",
         "adamw",
         "--lr",
