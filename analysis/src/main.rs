@@ -7,7 +7,7 @@ use analysis::capture::{Capture, CaptureOptions, Init};
 use analysis::curves::{Metric, TrainingCurves};
 use analysis::dynamics::{self, Motif, classify};
 use analysis::pca::{Pca, PcaOptions};
-use analysis::plot::depth::plot_depth_curves;
+use analysis::plot::depth::{Colours, plot_depth_curves};
 use analysis::plot::heatmap::plot_convergence;
 use analysis::plot::training::plot_training_curves;
 use analysis::plot::trajectories::{TokenTrajectory, component_pairs, plot_trajectories};
@@ -339,7 +339,13 @@ fn run(cli: Cli) -> Result<()> {
             let by_depth = curves.by_depth(metric);
             if !by_depth.is_empty() {
                 let title = format!("Final {} against test-time depth", metric.name());
-                let images = plot_depth_curves(&with_suffix(&out, "-depth"), &title, metric.name(), &by_depth)?;
+                let images = plot_depth_curves(
+                    &with_suffix(&out, "-depth"),
+                    &title,
+                    metric.name(),
+                    &by_depth,
+                    Colours::Categorical,
+                )?;
                 eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
             }
         }

@@ -35,7 +35,7 @@ use crate::dynamics::{self, Dynamics, Motif, classify};
 use crate::exits::{ExitRule, exit_steps};
 use crate::pca::{Pca, PcaOptions};
 use crate::plot::Images;
-use crate::plot::depth::plot_depth_curves;
+use crate::plot::depth::{Colours, plot_depth_curves};
 use crate::plot::heatmap::plot_convergence;
 use crate::plot::histogram::{mean, plot_exit_histogram};
 use crate::plot::training::plot_training_curves;
@@ -345,6 +345,7 @@ pub fn write_report(
                 &format!("Final {} against test-time depth", metric.name()),
                 metric.name(),
                 &by_depth,
+                Colours::Categorical,
             )?;
             figures.push(entry(
                 "depth",

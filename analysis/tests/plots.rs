@@ -6,7 +6,7 @@ mod common;
 use analysis::AnalysisError;
 use analysis::curves::TrainingCurves;
 use analysis::dynamics::{Motif, classify};
-use analysis::plot::depth::{DepthFigure, plot_depth_curves};
+use analysis::plot::depth::{Colours, DepthFigure, plot_depth_curves};
 use analysis::plot::heatmap::{ConvergenceFigure, plot_convergence};
 use analysis::plot::histogram::{ExitHistogram, plot_exit_histogram};
 use analysis::plot::training::{TrainingFigure, plot_training_curves};
@@ -207,12 +207,13 @@ fn depth_curves_use_a_log2_axis() {
         title: "Accuracy by depth",
         y_label: "accuracy",
         series: &series,
+        colours: Colours::Categorical,
     };
     assert_drawn(&render(&figure).unwrap(), "depth");
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path();
     let base = dir.join("depth");
-    plot_depth_curves(&base, "Accuracy by depth", "accuracy", &series).unwrap();
+    plot_depth_curves(&base, "Accuracy by depth", "accuracy", &series, Colours::Categorical).unwrap();
     let svg = check_saved(&base, figure.size());
     let texts = svg_texts(&svg);
     for tick in ["1", "2", "4", "8", "16", "32"] {
@@ -223,7 +224,7 @@ fn depth_curves_use_a_log2_axis() {
         "ticks at powers of two only: {texts:?}"
     );
     assert!(svg.contains("harder") && svg.contains("log₂"));
-    assert!(plot_depth_curves(&base, "x", "y", &[("zero".into(), vec![(0, 1.0)])]).is_err());
+    assert!(plot_depth_curves(&base, "x", "y", &[("zero".into(), vec![(0, 1.0)])], Colours::Ordered).is_err());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `cargo xtask …`: the project's entry points, each a sequence of cargo invocations. CI, the
 //! benchmarks and the fixture check share one build (one profile, one feature set, wgpu
 //! included), so nothing is compiled twice among them. `demo` builds only the backend it runs
-//! on: a newcomer's first command compiles Burn in about 8 minutes on 2 cores instead of 26.
+//! on: a newcomer's first command compiles Burn without the GPU backend it does not use.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -226,14 +226,14 @@ fn build(what: &str, package: &str, features: &str, bin: &str) -> Result<()> {
 }
 
 /// What a build is about to do. The minutes are the measured cold builds on the 2-core machine
-/// (README, Build times): Burn on the CPU backend alone 8.4, with wgpu about 25.
+/// (README, Build times): Burn on the CPU backend alone 14, with wgpu about 25.
 fn build_notice(what: &str, features: &str) -> String {
     let burn = if features.contains("cuda") {
         "Burn with the CUDA backend (its build downloads CUDA's compiler: it needs the network)".to_string()
     } else if features.contains("wgpu") {
         "Burn with the wgpu backend, about 25 minutes on 2 cores".to_string()
     } else {
-        "Burn, about 8 minutes on 2 cores".to_string()
+        "Burn, about 14 minutes on 2 cores".to_string()
     };
     format!("== building {what}: the first build compiles {burn}; later builds take seconds")
 }
@@ -396,7 +396,7 @@ mod tests {
     fn a_build_says_what_it_builds_and_how_long_a_first_build_takes() {
         assert_eq!(
             build_notice("the demo", ""),
-            "== building the demo: the first build compiles Burn, about 8 minutes on 2 cores; \
+            "== building the demo: the first build compiles Burn, about 14 minutes on 2 cores; \
              later builds take seconds"
         );
         assert!(build_notice("the benchmark", CI_FEATURES).contains("wgpu backend, about 25 minutes"));

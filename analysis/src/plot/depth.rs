@@ -6,14 +6,35 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::{DrawError, Figure, Images, categorical, padded, save, text};
+use super::{DrawError, Figure, Images, categorical, padded, save, sequential, text};
 use crate::AnalysisError;
+
+/// How curves are told apart: distinct hues for unordered series (splits), or one dark-to-bright
+/// scale for ordered ones (difficulty levels), which shows their order and stays distinct past
+/// the ten hues of the categorical palette.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Colours {
+    Categorical,
+    Ordered,
+}
+
+impl Colours {
+    /// The colour of curve `i` of `n`.
+    pub fn pick(self, i: usize, n: usize) -> RGBColor {
+        match self {
+            Colours::Categorical => categorical(i),
+            // Viridis stops short of its last yellows, which vanish on white.
+            Colours::Ordered => sequential(0.85 * i as f64 / n.saturating_sub(1).max(1) as f64),
+        }
+    }
+}
 
 pub struct DepthFigure<'a> {
     pub title: &'a str,
     pub y_label: &'a str,
     /// `(label, [(depth, value)])`.
     pub series: &'a [(String, Vec<(usize, f64)>)],
+    pub colours: Colours,
 }
 
 impl Figure for DepthFigure<'_> {
@@ -43,7 +64,7 @@ impl Figure for DepthFigure<'_> {
             .axis_desc_style(text(14.0))
             .draw()?;
         for (s, (label, points)) in self.series.iter().enumerate() {
-            let colour = categorical(s);
+            let colour = self.colours.pick(s, self.series.len());
             let mut points = points.clone();
             points.sort_by_key(|(d, _)| *d);
             let xy: Vec<(f64, f64)> = points.iter().map(|(d, v)| (*d as f64, *v)).collect();
@@ -70,6 +91,7 @@ pub fn plot_depth_curves(
     title: &str,
     y_label: &str,
     series: &[(String, Vec<(usize, f64)>)],
+    colours: Colours,
 ) -> Result<Images, AnalysisError> {
     if series.is_empty()
         || series
@@ -78,5 +100,32 @@ pub fn plot_depth_curves(
     {
         return Err(AnalysisError::Invalid("depth curves need points at depths ≥ 1".into()));
     }
-    save(&DepthFigure { title, y_label, series }, base)
+    save(
+        &DepthFigure {
+            title,
+            y_label,
+            series,
+            colours,
+        },
+        base,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordered_curves_get_one_distinct_colour_each_dark_to_bright() {
+        // Thirteen hop counts: more than the categorical palette's ten hues.
+        let n = 13;
+        let ordered: Vec<RGBColor> = (0..n).map(|i| Colours::Ordered.pick(i, n)).collect();
+        for (i, a) in ordered.iter().enumerate() {
+            assert!(ordered[i + 1..].iter().all(|b| b != a), "curve {i} shares its colour");
+        }
+        let brightness = |c: &RGBColor| c.0 as u32 + c.1 as u32 + c.2 as u32;
+        assert!(brightness(&ordered[0]) < brightness(&ordered[n - 1]));
+        assert_eq!(Colours::Categorical.pick(0, n), Colours::Categorical.pick(10, n));
+        assert_eq!(Colours::Ordered.pick(0, 1), sequential(0.0));
+    }
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use analysis::curves::TrainingCurves;
-use analysis::plot::depth::plot_depth_curves;
+use analysis::plot::depth::{Colours, plot_depth_curves};
 use analysis::plot::histogram::plot_exit_histogram;
 use analysis::plot::training::plot_training_curves;
 use analysis::report::{PromptInput, ReportOptions, write_report};
@@ -89,22 +89,23 @@ pub fn task_figures(
         "accuracy",
         &[
             (
-                "recurrent, hops 1-6 (trained)".to_string(),
+                format!("recurrent, {} (trained)", names.trained),
                 series(depths, &accuracy[0]),
             ),
             (
-                "recurrent, hops 7-10 (harder)".to_string(),
+                format!("recurrent, {} (harder)", names.harder),
                 series(depths, &accuracy[1]),
             ),
             (
-                "non-recurrent baseline, hops 1-6".to_string(),
+                format!("non-recurrent baseline, {}", names.trained),
                 series(depths, &baseline[0]),
             ),
             (
-                "non-recurrent baseline, hops 7-10".to_string(),
+                format!("non-recurrent baseline, {}", names.harder),
                 series(depths, &baseline[1]),
             ),
         ],
+        Colours::Categorical,
     )?;
     figures.push(Figure {
         stem: "plots/accuracy-by-depth".into(),
@@ -121,6 +122,7 @@ pub fn task_figures(
         &format!("Accuracy against recurrence, one curve per {}", names.level),
         "accuracy",
         &by_level,
+        Colours::Ordered,
     )?;
     figures.push(Figure {
         stem: "plots/accuracy-by-difficulty".into(),
@@ -229,6 +231,7 @@ pub fn text_figures(
         "Validation loss against test-time recurrence",
         "cross-entropy (nats per token)",
         &[("validation".to_string(), losses.to_vec())],
+        Colours::Categorical,
     )?;
     let curves = TrainingCurves::read(&out.join("recurrent")).context("reading the training metrics")?;
     plot_training_curves(&plots.join("training"), "Language model: training", &curves)?;
