@@ -24,8 +24,9 @@ pub const FIRST_POINTER: u32 = 10;
 pub const BOS: u32 = FIRST_POINTER + MAX_BACK;
 pub const PAD: u32 = BOS + 1;
 pub const VOCAB_SIZE: usize = PAD as usize + 1;
-/// Cells on the tape: room for the deepest harder chain (13 hops of up to 3 cells) and its answer.
-pub const CELLS: usize = 40;
+/// Cells on the tape: room for the deepest harder chain (every pointer reaching back
+/// `MAX_BACK` cells) and its answer.
+pub const CELLS: usize = 1 + MAX_BACK as usize * <PointerTask as HopTask>::HARDER_HOPS.1;
 /// Tokens per example: BOS, the cells, the answer.
 pub const LEN: usize = 1 + CELLS + 1;
 
@@ -64,7 +65,7 @@ impl HopTask for PointerTask {
         );
         // The chain, from the last cell back: `hops` pointers, each reaching back 1..=MAX_BACK
         // cells but never so far that the pointers still to come fall off the tape (a bound
-        // that only binds beyond 13 hops), then the answer digit where it lands.
+        // that only binds beyond the harder split's hops), then the answer digit where it lands.
         let mut cells = vec![None; CELLS];
         let mut at = CELLS - 1;
         for left in (0..hops).rev() {
