@@ -23,6 +23,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod fixture;
+pub mod gate;
 pub mod huginn;
 pub mod init;
 pub mod mlp;

@@ -3,7 +3,8 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
+
+use crate::gate::gated_silu;
 
 #[derive(Module, Debug)]
 pub struct GatedMlp {
@@ -15,9 +16,6 @@ pub struct GatedMlp {
 
 impl GatedMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mut halves = self.fc.forward(x).chunk(2, 2);
-        let up = halves.pop().expect("two halves");
-        let gate = halves.pop().expect("two halves");
-        self.proj.forward(silu(gate) * up)
+        self.proj.forward(gated_silu(self.fc.forward(x)))
     }
 }

@@ -1,0 +1,267 @@
+//! The MLP's gate, `silu(gate) · up` over the two halves of the first projection, as one backend
+//! operation with its own backward pass.
+//!
+//! Written with tensor operations the gate is a chunk, a sigmoid and two products forward, and
+//! about ten passes backward (the sigmoid again, its derivative, the products' gradients and the
+//! chunk's concatenation). burn-flex 0.22 runs each of those passes on one thread, and its sigmoid
+//! is a branchy scalar loop (7 ns an element here): at the benchmark's training shape the gate took
+//! about a quarter of a training step, more than the two matrix products around it. On Flex this
+//! is one pass each way, over both cores. Every other backend gets the tensor operations as before.
+//! The lasting fix is parallel, vectorised element-wise kernels in burn-flex itself; ours stays
+//! this one operation.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::prelude::*;
+use burn::tensor::{Bytes, DType, Slice};
+use rayon::prelude::*;
+
+/// `silu(x[.., :m]) · x[.., m:]` over the last dimension (width `2m`), and its gradient.
+#[backend_extension(Flex, Autodiff)]
+pub trait GateOps: Backend {
+    /// The gate's output, width `m`.
+    fn gated_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_forward::<Self>(x)
+    }
+
+    /// The gradient with respect to `x` (width `2m`) of the output's gradient `grad` (width `m`).
+    fn gated_silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_backward::<Self>(x, grad)
+    }
+}
+
+/// The gate on a tensor of any backend: the fused operation where it exists (Flex, with or
+/// without autodiff), the same composition of tensor operations elsewhere.
+pub fn gated_silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if runs_on_flex(&x.device()) {
+        Tensor::from_dispatch(<Dispatch as GateOps>::gated_silu(x.into_dispatch()))
+    } else {
+        let mut halves = x.chunk(2, D - 1);
+        let up = halves.pop().expect("two halves");
+        let gate = halves.pop().expect("two halves");
+        burn::tensor::activation::silu(gate) * up
+    }
+}
+
+fn runs_on_flex(device: &Device) -> bool {
+    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+}
+
+fn halves<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let last = shape.num_dims() - 1;
+    let m = shape[last] / 2;
+    let mut range = vec![Slice::full(); last + 1];
+    range[last] = Slice::new(0, Some(m as isize), 1);
+    let gate = B::float_slice(x.clone(), &range);
+    range[last] = Slice::new(m as isize, Some(2 * m as isize), 1);
+    (gate, B::float_slice(x, &range))
+}
+
+/// Rows per rayon task: below this a tensor is done on the calling thread (a decoding step's
+/// one row would spend longer waking the pool than computing).
+const ROWS_PER_TASK: usize = 64;
+
+fn sigmoid(g: f32) -> f32 {
+    // Branch-free: exp(-g) overflows to +inf for very negative g, giving 0 as it should.
+    1.0 / (1.0 + (-g).exp())
+}
+
+impl GateOps for Flex {
+    fn gated_silu(x: FlexTensor) -> FlexTensor {
+        let Some(input) = f32_rows(&x) else {
+            return composed_forward::<Self>(x);
+        };
+        let width = last_dim(&x);
+        let m = width / 2;
+        let mut out = vec![0f32; input.len() / 2];
+        rows(&mut out, m, input, width, |out, x| {
+            let (gate, up) = x.split_at(m);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        let mut shape = x.shape();
+        let last = shape.num_dims() - 1;
+        shape[last] = m;
+        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32)
+    }
+
+    fn gated_silu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let (Some(input), Some(grad_rows)) = (f32_rows(&x), f32_rows(&grad)) else {
+            return composed_backward::<Self>(x, grad);
+        };
+        let width = last_dim(&x);
+        let m = width / 2;
+        let mut out = vec![0f32; input.len()];
+        // Each output row pairs with one row of `x` and one of `grad`: zip the three.
+        let chunk = ROWS_PER_TASK * width;
+        let body = |(out, (x, grad)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((out, x), grad) in out
+                .chunks_exact_mut(width)
+                .zip(x.chunks_exact(width))
+                .zip(grad.chunks_exact(m))
+            {
+                let (d_gate, d_up) = out.split_at_mut(m);
+                let (gate, up) = x.split_at(m);
+                for j in 0..m {
+                    let (g, u, dy) = (gate[j], up[j], grad[j]);
+                    let s = sigmoid(g);
+                    d_up[j] = dy * g * s;
+                    d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
+                }
+            }
+        };
+        if out.len() > chunk {
+            out.par_chunks_mut(chunk)
+                .zip(input.par_chunks(chunk).zip(grad_rows.par_chunks(ROWS_PER_TASK * m)))
+                .for_each(body);
+        } else {
+            body((&mut out, (input, grad_rows)));
+        }
+        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(x.shape()), DType::F32)
+    }
+}
+
+/// The gate written with backend operations: every backend's default, and Flex's for the tensors
+/// its fast path does not take (f16, bf16, strided views).
+fn composed_forward<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let (gate, up) = halves::<B>(x);
+    B::float_mul(B::float_mul(gate.clone(), B::sigmoid(gate)), up)
+}
+
+/// The gate's gradient written with backend operations: `d up = dy · silu(gate)`,
+/// `d gate = dy · up · s · (1 + gate · (1 - s))` with `s = sigmoid(gate)`.
+fn composed_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let last = x.shape().num_dims() - 1;
+    let (gate, up) = halves::<B>(x);
+    let s = B::sigmoid(gate.clone());
+    let silu = B::float_mul(gate.clone(), s.clone());
+    let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), 1.0.into());
+    let slope = B::float_mul(s, B::float_add_scalar(B::float_mul(gate, one_minus_s), 1.0.into()));
+    let d_gate = B::float_mul(B::float_mul(grad.clone(), up), slope);
+    let d_up = B::float_mul(grad, silu);
+    B::float_cat(vec![d_gate, d_up], last)
+}
+
+/// The tensor's elements as one contiguous f32 slice, or `None` where the fast path does not
+/// apply.
+fn f32_rows(x: &FlexTensor) -> Option<&[f32]> {
+    if x.dtype() != DType::F32 || last_dim(x) == 0 {
+        return None;
+    }
+    x.as_slice::<f32>()
+}
+
+fn last_dim(x: &FlexTensor) -> usize {
+    let shape = x.shape();
+    shape[shape.num_dims() - 1]
+}
+
+/// Runs `body(out_row_chunk, in_row_chunk)` over matching chunks of rows, in parallel when there
+/// are enough of them.
+fn rows(out: &mut [f32], out_width: usize, input: &[f32], in_width: usize, body: impl Fn(&mut [f32], &[f32]) + Sync) {
+    let per_row = |(out, input): (&mut [f32], &[f32])| {
+        for (out, input) in out.chunks_exact_mut(out_width).zip(input.chunks_exact(in_width)) {
+            body(out, input);
+        }
+    };
+    if input.len() > ROWS_PER_TASK * in_width {
+        out.par_chunks_mut(ROWS_PER_TASK * out_width)
+            .zip(input.par_chunks(ROWS_PER_TASK * in_width))
+            .for_each(per_row);
+    } else {
+        per_row((out, input));
+    }
+}
+
+impl<B: GateOps, C: CheckpointStrategy> GateOps for Autodiff<B, C> {
+    fn gated_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GatedSilu;
+
+        impl<B: GateOps> Backward<B, 1> for GatedSilu {
+            type State = NodeId;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let x = checkpointer.retrieve_node_output(ops.state);
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| B::gated_silu_backward(x, grad));
+            }
+        }
+
+        match GatedSilu.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, B::gated_silu(x.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gated_silu(x.into_primitive())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The composition the fused operation replaces, with Burn's own autodiff.
+    fn reference(x: Tensor<3>) -> Tensor<3> {
+        let mut halves = x.chunk(2, 2);
+        let up = halves.pop().unwrap();
+        let gate = halves.pop().unwrap();
+        burn::tensor::activation::silu(gate) * up
+    }
+
+    fn max_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Forward and gradient against the composition, on one row (the serial path) and on more
+    /// rows than one task takes (the parallel path), with values large enough to saturate the
+    /// sigmoid both ways.
+    #[test]
+    fn matches_the_composition_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        for rows in [1, 3 * ROWS_PER_TASK + 5] {
+            let x = Tensor::<3>::random([1, rows, 2 * 24], Distribution::Normal(0.0, 6.0), &device);
+            let weights = Tensor::<3>::random([1, rows, 24], Distribution::Default, &device);
+            let (a, b) = (x.clone().require_grad(), x.require_grad());
+            let (fused, composed) = (gated_silu(a.clone()), reference(b.clone()));
+            assert!(max_diff(fused.clone(), composed.clone()) < 1e-5, "{rows} rows: forward");
+            let grads_fused = (fused * weights.clone()).sum().backward();
+            let grads_composed = (composed * weights).sum().backward();
+            let (ga, gb) = (a.grad(&grads_fused).unwrap(), b.grad(&grads_composed).unwrap());
+            assert!(max_diff(ga, gb) < 1e-5, "{rows} rows: gradient");
+        }
+    }
+
+    /// Half-precision and strided tensors take the composed path on Flex: same results.
+    #[test]
+    fn half_precision_and_views_take_the_composed_path() {
+        let device = Device::flex();
+        let x = Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 3.0), &device);
+        let bf16 = x.clone().cast(burn::tensor::FloatDType::BF16);
+        let diff = max_diff(
+            gated_silu(bf16.clone()).cast(burn::tensor::FloatDType::F32),
+            reference(bf16).cast(burn::tensor::FloatDType::F32),
+        );
+        assert_eq!(diff, 0.0);
+        let view = x.swap_dims(0, 1);
+        assert!(max_diff(gated_silu(view.clone()), reference(view)) < 1e-6);
+    }
+
+    /// Inference tensors (no autodiff) reach the same kernel through the dispatch.
+    #[test]
+    fn plain_flex_matches_the_composition() {
+        let device = Device::flex();
+        let x = Tensor::<3>::random([4, 70, 2 * 40], Distribution::Normal(0.0, 2.0), &device);
+        assert!(max_diff(gated_silu(x.clone()), reference(x)) < 1e-5);
+    }
+}
