@@ -4,10 +4,10 @@
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
+use crate::causal_attention::attention;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -45,7 +45,7 @@ impl CausalSelfAttention {
             is_causal: mask.is_none() && s > 1,
         };
         let mask = mask.map(|m| m.expand([b, nh, s, keys.dims()[2]]));
-        let y = attention(q, keys, values, mask, None, options);
+        let y = attention(q, keys, values, mask, options);
         self.proj.forward(y.swap_dims(1, 2).reshape([b, s, h]))
     }
 }

@@ -16,12 +16,13 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
-use burn::tensor::{Bytes, DType, Slice};
-use rayon::prelude::*;
+use burn::tensor::Slice;
+
+use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
 
 /// `silu(x[.., :m]) · x[.., m:]` over the last dimension (width `2m`), and its gradient.
 #[backend_extension(Flex, Autodiff)]
@@ -50,10 +51,6 @@ pub fn gated_silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
-fn runs_on_flex(device: &Device) -> bool {
-    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
-}
-
 fn halves<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
     let shape = x.shape();
     let last = shape.num_dims() - 1;
@@ -65,8 +62,7 @@ fn halves<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
     (gate, B::float_slice(x, &range))
 }
 
-/// Rows per rayon task: below this a tensor is done on the calling thread (a decoding step's
-/// one row would spend longer waking the pool than computing).
+/// Rows per rayon task.
 const ROWS_PER_TASK: usize = 64;
 
 fn sigmoid(g: f32) -> f32 {
@@ -82,16 +78,19 @@ impl GateOps for Flex {
         let width = last_dim(&x);
         let m = width / 2;
         let mut out = vec![0f32; input.len() / 2];
-        rows(&mut out, m, input, width, |out, x| {
-            let (gate, up) = x.split_at(m);
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = g * sigmoid(g) * u;
+        for_row_chunks(&mut out, m, ROWS_PER_TASK, |out, rows| {
+            let input = &input[rows.start * width..rows.end * width];
+            for (out, x) in out.chunks_exact_mut(m).zip(input.chunks_exact(width)) {
+                let (gate, up) = x.split_at(m);
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g * sigmoid(g) * u;
+                }
             }
         });
         let mut shape = x.shape();
         let last = shape.num_dims() - 1;
         shape[last] = m;
-        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32)
+        f32_tensor(out, shape)
     }
 
     fn gated_silu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
@@ -101,12 +100,13 @@ impl GateOps for Flex {
         let width = last_dim(&x);
         let m = width / 2;
         let mut out = vec![0f32; input.len()];
-        // Each output row pairs with one row of `x` and one of `grad`: zip the three.
-        let chunk = ROWS_PER_TASK * width;
-        let body = |(out, (x, grad)): (&mut [f32], (&[f32], &[f32]))| {
+        // Each output row pairs with one row of `x` and one of `grad`.
+        for_row_chunks(&mut out, width, ROWS_PER_TASK, |out, rows| {
+            let input = &input[rows.start * width..rows.end * width];
+            let grad = &grad_rows[rows.start * m..rows.end * m];
             for ((out, x), grad) in out
                 .chunks_exact_mut(width)
-                .zip(x.chunks_exact(width))
+                .zip(input.chunks_exact(width))
                 .zip(grad.chunks_exact(m))
             {
                 let (d_gate, d_up) = out.split_at_mut(m);
@@ -118,15 +118,8 @@ impl GateOps for Flex {
                     d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
                 }
             }
-        };
-        if out.len() > chunk {
-            out.par_chunks_mut(chunk)
-                .zip(input.par_chunks(chunk).zip(grad_rows.par_chunks(ROWS_PER_TASK * m)))
-                .for_each(body);
-        } else {
-            body((&mut out, (input, grad_rows)));
-        }
-        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(x.shape()), DType::F32)
+        });
+        f32_tensor(out, x.shape())
     }
 }
 
@@ -149,37 +142,6 @@ fn composed_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> Flo
     let d_gate = B::float_mul(B::float_mul(grad.clone(), up), slope);
     let d_up = B::float_mul(grad, silu);
     B::float_cat(vec![d_gate, d_up], last)
-}
-
-/// The tensor's elements as one contiguous f32 slice, or `None` where the fast path does not
-/// apply.
-fn f32_rows(x: &FlexTensor) -> Option<&[f32]> {
-    if x.dtype() != DType::F32 || last_dim(x) == 0 {
-        return None;
-    }
-    x.as_slice::<f32>()
-}
-
-fn last_dim(x: &FlexTensor) -> usize {
-    let shape = x.shape();
-    shape[shape.num_dims() - 1]
-}
-
-/// Runs `body(out_row_chunk, in_row_chunk)` over matching chunks of rows, in parallel when there
-/// are enough of them.
-fn rows(out: &mut [f32], out_width: usize, input: &[f32], in_width: usize, body: impl Fn(&mut [f32], &[f32]) + Sync) {
-    let per_row = |(out, input): (&mut [f32], &[f32])| {
-        for (out, input) in out.chunks_exact_mut(out_width).zip(input.chunks_exact(in_width)) {
-            body(out, input);
-        }
-    };
-    if input.len() > ROWS_PER_TASK * in_width {
-        out.par_chunks_mut(ROWS_PER_TASK * out_width)
-            .zip(input.par_chunks(ROWS_PER_TASK * in_width))
-            .for_each(per_row);
-    } else {
-        per_row((out, input));
-    }
 }
 
 impl<B: GateOps, C: CheckpointStrategy> GateOps for Autodiff<B, C> {

@@ -18,16 +18,19 @@
 pub mod attention;
 pub mod block;
 pub mod cache;
+pub mod causal_attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod fixture;
+mod flex;
 pub mod gate;
 pub mod huginn;
 pub mod init;
 pub mod mlp;
 pub mod norm;
+pub mod normalise;
 pub mod pretrained;
 pub mod rope;
 

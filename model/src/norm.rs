@@ -5,6 +5,8 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
+use crate::normalise::fused_rms_norm;
+
 #[derive(Module, Debug)]
 pub struct RmsNorm {
     /// Learned per-channel scale, `[h]`.
@@ -21,6 +23,12 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let weight = self.weight.val();
+        fused_rms_norm(&x, &weight, self.eps).unwrap_or_else(|| self.composed(x))
+    }
+
+    /// The norm as tensor operations: every backend but Flex, and half precision on Flex.
+    pub(crate) fn composed<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let x = if dtype == DType::F32 {
             x

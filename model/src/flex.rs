@@ -1,0 +1,63 @@
+//! What the fused Flex operations ([`crate::gate`], [`crate::normalise`],
+//! [`crate::causal_attention`]) share: telling a Flex device apart, reading a tensor's rows as
+//! f32, and running a kernel over chunks of rows on burn-flex's rayon pool.
+//!
+//! They exist because burn-flex 0.22 runs each element-wise operation as its own single-threaded
+//! pass: a composition of ten such passes leaves the second core idle and streams the tensor ten
+//! times. The lasting fix is upstream, in burn-flex's kernels.
+
+use std::ops::Range;
+
+use burn::backend::DispatchDevice;
+use burn::backend::TensorMetadata;
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::prelude::*;
+use burn::tensor::{Bytes, DType, Shape};
+use rayon::prelude::*;
+
+/// Whether tensors on `device` (with or without autodiff) live on burn-flex.
+pub(crate) fn runs_on_flex(device: &Device) -> bool {
+    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+}
+
+/// The tensor's elements as one contiguous f32 slice, or `None` where a fast path does not apply
+/// (another dtype, a strided view, an empty last dimension).
+pub(crate) fn f32_rows(x: &FlexTensor) -> Option<&[f32]> {
+    if x.dtype() != DType::F32 || last_dim(x) == 0 {
+        return None;
+    }
+    x.as_slice::<f32>()
+}
+
+pub(crate) fn last_dim(x: &FlexTensor) -> usize {
+    let shape = x.shape();
+    shape[shape.num_dims() - 1]
+}
+
+/// A contiguous f32 Flex tensor of `shape` over `values`.
+pub(crate) fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
+}
+
+/// Runs `body(out_rows, rows)` over chunks of `rows_per_task` rows of `out` (`rows` is the
+/// chunk's range of row indices, for the caller to take the matching rows of its inputs), in
+/// parallel when there is more than one chunk: a decoding step's one row would spend longer
+/// waking the pool than computing. Returns what each chunk's `body` returned, in row order, so
+/// that a reduction over them is the same whichever thread ran which chunk.
+pub(crate) fn for_row_chunks<T: Send>(
+    out: &mut [f32],
+    out_width: usize,
+    rows_per_task: usize,
+    body: impl Fn(&mut [f32], Range<usize>) -> T + Sync,
+) -> Vec<T> {
+    let rows = out.len() / out_width;
+    let range = |chunk: usize| chunk * rows_per_task..((chunk + 1) * rows_per_task).min(rows);
+    if rows > rows_per_task {
+        out.par_chunks_mut(rows_per_task * out_width)
+            .enumerate()
+            .map(|(chunk, out)| body(out, range(chunk)))
+            .collect()
+    } else {
+        vec![body(out, 0..rows)]
+    }
+}
