@@ -48,6 +48,7 @@ pub fn fused_rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f6
     let fits = runs_on_flex(&x.device())
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
+        && x.dims()[D - 1] > 0
         && weight.dims()[0] == x.dims()[D - 1];
     fits.then(|| {
         let out =
@@ -222,7 +223,8 @@ mod tests {
         assert_eq!(gradient(), gradient());
     }
 
-    /// bf16 tensors and non-Flex work are left to the caller; plain Flex (inference) fuses too.
+    /// bf16 tensors, a zero-width last dimension and non-Flex work are left to the caller; plain
+    /// Flex (inference) fuses too, and so do tensors with no rows.
     #[test]
     fn only_f32_on_flex_is_fused() {
         let device = Device::flex();
@@ -230,6 +232,10 @@ mod tests {
         let weight = Tensor::<1>::ones([8], &device);
         let bf16 = burn::tensor::FloatDType::BF16;
         assert!(fused_rms_norm(&x.clone().cast(bf16), &weight, 1e-6).is_none());
+        let zero_width = Tensor::<2>::zeros([3, 0], &device);
+        assert!(fused_rms_norm(&zero_width, &Tensor::<1>::zeros([0], &device), 1e-6).is_none());
+        let no_rows = Tensor::<3>::zeros([2, 0, 8], &device);
+        assert_eq!(fused_rms_norm(&no_rows, &weight, 1e-6).unwrap().dims(), [2, 0, 8]);
         let fused = fused_rms_norm(&x, &weight, 1e-6).unwrap();
         assert!(max_diff(fused, RmsNorm::new(weight, 1e-6).composed(x)) < 1e-6);
     }
