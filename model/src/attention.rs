@@ -8,6 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
 use crate::causal_attention::attention;
+use crate::linear::linear;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -26,7 +27,7 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
         let [b, s, h] = x.dims();
         let (nh, hd) = (self.n_heads, h / self.n_heads);
-        let qkv = self.wqkv.forward(x);
+        let qkv = linear(&self.wqkv, x);
         // Queries and keys get their bias and rotation together, as `2·H` heads (queries
         // first): half the operations of doing each on its own.
         let qk = qkv.clone().narrow(2, 0, 2 * h).reshape([b, s, 2 * nh, hd]);
@@ -46,6 +47,6 @@ impl CausalSelfAttention {
         };
         let mask = mask.map(|m| m.expand([b, nh, s, keys.dims()[2]]));
         let y = attention(q, keys, values, mask, options);
-        self.proj.forward(y.swap_dims(1, 2).reshape([b, s, h]))
+        linear(&self.proj, y.swap_dims(1, 2).reshape([b, s, h]))
     }
 }

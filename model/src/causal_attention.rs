@@ -6,8 +6,9 @@
 //! in burn-flex, then again backward. At the benchmark's training shape that was two thirds of an
 //! attention layer's forward and backward (measured). Here the scores and probabilities are two
 //! products and one parallel softmax pass; backward is four products and one parallel pass.
-//! Inference keeps Burn's own attention (already parallel on Flex), and every other backend and
-//! case (a mask from the cache, one query) keeps `burn::tensor::module::attention`. The lasting fix
+//! Inference keeps Burn's own attention (already parallel on Flex; a decoding step's few queries
+//! go to [`crate::cached_attention`]), and every other backend and case (a mask from the cache)
+//! keeps `burn::tensor::module::attention`. The lasting fix
 //! is an attention backward in Burn's autodiff; ours stays this one operation.
 
 use burn::backend::TensorMetadata;
@@ -22,6 +23,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::cached_attention;
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
 
 /// Causal attention `softmax(q·kᵀ/√d + causal mask)·v` on `[B, H, S, D]` tensors with as many
@@ -50,7 +52,8 @@ pub trait CausalSoftmax: Backend {
 }
 
 /// Attention for [`crate::attention`]: the operation above where a Flex autodiff device trains
-/// without a cache mask, Burn's attention everywhere else.
+/// without a cache mask, [`cached_attention`] for a decoding step's few queries on Flex, Burn's
+/// attention everywhere else.
 pub fn attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -65,6 +68,9 @@ pub fn attention(
         let out =
             <Dispatch as CausalAttentionOps>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         return Tensor::from_dispatch(out);
+    }
+    if cached_attention::fits(&q, &k, mask.is_none(), &options) {
+        return cached_attention::cached_attention(q, k, v, options.is_causal);
     }
     burn::tensor::module::attention(q, k, v, mask, None, options)
 }

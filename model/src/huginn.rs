@@ -276,7 +276,7 @@ impl Huginn {
         rotary: &Rotary,
         cache: &mut dyn KvCache,
     ) -> Tensor<3> {
-        let mut x = self.adapter.forward(Tensor::cat(vec![state, e.clone()], 2));
+        let mut x = crate::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
         for (layer, block) in self.core_block.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Core { iteration, layer }, cache);
         }

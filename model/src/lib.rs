@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod block;
 pub mod cache;
+pub mod cached_attention;
 pub mod causal_attention;
 pub mod checkpoint;
 pub mod config;
@@ -28,11 +29,13 @@ mod flex;
 pub mod gate;
 pub mod huginn;
 pub mod init;
+pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod normalise;
 pub mod pretrained;
 pub mod rope;
+pub mod threads;
 
 pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};
 pub use config::HuginnConfig;

@@ -5,6 +5,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use crate::gate::gated_silu;
+use crate::linear::linear;
 
 #[derive(Module, Debug)]
 pub struct GatedMlp {
@@ -16,6 +17,6 @@ pub struct GatedMlp {
 
 impl GatedMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.proj.forward(gated_silu(self.fc.forward(x)))
+        linear(&self.proj, gated_silu(linear(&self.fc, x)))
     }
 }

@@ -124,6 +124,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn main() -> ExitCode {
+    model::threads::join_the_pool();
     infer::cli::main(run)
 }
 

@@ -189,6 +189,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every command but `serve` works on this thread; the server's engine has its own.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        model::threads::join_the_pool();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

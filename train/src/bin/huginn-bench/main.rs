@@ -383,6 +383,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // One device runs on this thread; --devices gives each worker a thread, which this one waits on.
+    if args.devices.is_empty() {
+        model::threads::join_the_pool();
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

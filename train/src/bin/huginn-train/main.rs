@@ -339,6 +339,10 @@ impl Args {
             (true, false) => stored.to_vec(),
         };
         let devices = DeviceSpec::devices(&specs)?;
+        // One device trains on this thread; several have a thread each, which this one waits on.
+        if devices.len() == 1 {
+            model::threads::join_the_pool();
+        }
         if specs.len() > 1 {
             let names: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
             eprintln!("training on {} devices: {}", specs.len(), names.join(", "));

@@ -1,0 +1,233 @@
+//! Attention of a decoding step's few queries over the cached keys and values, reading the cache
+//! where it lies.
+//!
+//! A cache hands out its keys as a narrowed view of a longer buffer (`[B, H, ..len, d]` of
+//! `[B, H, capacity, d]`), and burn-flex 0.22's attention first copies every operand into a
+//! contiguous tensor: for one query that copy costs more than the attention itself (measured:
+//! 15% of a batch-1 decoding step, against about 1% for the attention). Each head's keys are
+//! contiguous rows within the view, so here they are read in place. Inference only (no autodiff),
+//! f32 on Flex, no mask; everything else keeps Burn's attention. The lasting fix is a
+//! stride-aware attention in burn-flex.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::prelude::*;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bytes, DType};
+use rayon::prelude::*;
+
+use crate::flex::runs_on_flex;
+
+/// The most queries per head the in-place kernel takes (a decoding step has one; speculative
+/// verification a few). Longer chunks are prefill, where Burn's blocked products win.
+pub const FEW_QUERIES: usize = 8;
+
+/// Multiply-adds below which one thread does every head.
+const SERIAL_MACS: usize = 1 << 17;
+
+/// `softmax(q·kᵀ/√d)·v` on `[B, H, S, d]` queries and `[B, H, T, d]` keys and values, causal
+/// bottom-right aligned (query `i` sees keys up to `T - S + i`) when `causal`.
+#[backend_extension(Flex, Autodiff)]
+pub trait CachedAttentionOps: Backend {
+    fn cached_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        causal: bool,
+    ) -> FloatTensor<Self> {
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: causal,
+        };
+        Self::attention(q, k, v, None, None, options)
+    }
+}
+
+/// Whether [`cached_attention`] takes these operands.
+pub fn fits(q: &Tensor<4>, k: &Tensor<4>, mask_free: bool, options: &AttentionModuleOptions) -> bool {
+    let device = q.device();
+    let [_, heads, queries, _] = q.dims();
+    mask_free
+        && options.scale.is_none()
+        && options.softcap.is_none()
+        && !device.is_autodiff()
+        && runs_on_flex(&device)
+        && q.dtype() == DType::F32
+        && k.dtype() == DType::F32
+        && k.dims()[1] == heads
+        && (1..=FEW_QUERIES).contains(&queries)
+}
+
+/// The attention, with the keys and values read in place; see [`fits`].
+pub fn cached_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as CachedAttentionOps>::cached_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        causal,
+    ))
+}
+
+/// A `[B, H, T, d]` operand read in place: rows of `d` contiguous elements.
+struct Rows<'a> {
+    data: &'a [f32],
+    start: usize,
+    strides: [usize; 3],
+}
+
+impl<'a> Rows<'a> {
+    /// `None` where the last dimension is not contiguous or a stride is negative.
+    fn new(x: &'a FlexTensor) -> Option<Self> {
+        let layout = x.layout();
+        let strides = layout.strides();
+        if x.dtype() != DType::F32 || strides[3] != 1 || strides[..3].iter().any(|&s| s < 0) {
+            return None;
+        }
+        Some(Self {
+            data: x.storage::<f32>(),
+            start: layout.start_offset(),
+            strides: [strides[0] as usize, strides[1] as usize, strides[2] as usize],
+        })
+    }
+
+    fn row(&self, b: usize, h: usize, t: usize, width: usize) -> &'a [f32] {
+        let at = self.start + b * self.strides[0] + h * self.strides[1] + t * self.strides[2];
+        &self.data[at..at + width]
+    }
+}
+
+impl CachedAttentionOps for Flex {
+    fn cached_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, causal: bool) -> FlexTensor {
+        let q = q.to_contiguous();
+        let (Some(queries), Some(keys), Some(values)) = (q.as_slice::<f32>(), Rows::new(&k), Rows::new(&v)) else {
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: causal,
+            };
+            return <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, None, None, options);
+        };
+        let ([batch, heads, seq_q, dim], seq_kv, dim_v) = {
+            let s = q.shape();
+            ([s[0], s[1], s[2], s[3]], k.shape()[2], v.shape()[3])
+        };
+        let scale = 1.0 / (dim as f32).sqrt();
+        let mut out = vec![0f32; batch * heads * seq_q * dim_v];
+        let head = |(index, out): (usize, &mut [f32])| {
+            let (b, h) = (index / heads, index % heads);
+            let mut scores = vec![0f32; seq_kv];
+            let q_head = &queries[index * seq_q * dim..(index + 1) * seq_q * dim];
+            for (i, (query, out)) in q_head.chunks_exact(dim).zip(out.chunks_exact_mut(dim_v)).enumerate() {
+                // Keys this query sees: all, or up to its own position when causal.
+                let seen = if causal {
+                    (seq_kv + i + 1).saturating_sub(seq_q)
+                } else {
+                    seq_kv
+                };
+                if seen == 0 {
+                    continue; // fully masked: zeros, as Burn's attention gives
+                }
+                let scores = &mut scores[..seen];
+                for (t, s) in scores.iter_mut().enumerate() {
+                    *s = dot(query, keys.row(b, h, t, dim)) * scale;
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (t, &p) in scores.iter().enumerate() {
+                    let p = p / sum;
+                    for (o, &x) in out.iter_mut().zip(values.row(b, h, t, dim_v)) {
+                        *o += p * x;
+                    }
+                }
+            }
+        };
+        let head_len = seq_q * dim_v;
+        if batch * heads * seq_q * seq_kv * (dim + dim_v) < SERIAL_MACS || head_len == 0 {
+            out.chunks_exact_mut(head_len.max(1)).enumerate().for_each(head);
+        } else {
+            out.par_chunks_exact_mut(head_len).enumerate().for_each(head);
+        }
+        let shape = [batch, heads, seq_q, dim_v];
+        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape.into()), DType::F32)
+    }
+}
+
+/// Gradients never reach this operation ([`fits`] turns autodiff away); the default keeps the
+/// trait whole.
+impl<B: Backend, C: CheckpointStrategy> CachedAttentionOps for Autodiff<B, C> {}
+
+/// `a · b` in sixteen lanes (a sum the compiler vectorises), then the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// Against Burn's attention, over keys narrowed from a longer buffer (the cache's view),
+    /// causal and not, one query and several, a head width that is not a multiple of 16.
+    #[test]
+    fn matches_burn_attention_on_cache_views() {
+        let device = Device::flex();
+        for (dim, seq_q, seq_kv, causal) in [(64, 1, 37, false), (24, 3, 20, true), (16, 8, 8, true), (5, 2, 9, true)] {
+            let buffer = |width| Tensor::<4>::random([2, 3, 50, width], Distribution::Normal(0.0, 1.0), &device);
+            let (k, v) = (buffer(dim).narrow(2, 0, seq_kv), buffer(dim + 3).narrow(2, 0, seq_kv));
+            let q = Tensor::<4>::random([2, 3, seq_q, dim], Distribution::Normal(0.0, 1.0), &device);
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: causal,
+            };
+            assert!(fits(&q, &k, true, &options));
+            let fast = cached_attention(q.clone(), k.clone(), v.clone(), causal);
+            let reference = burn::tensor::module::attention(q, k, v, None, None, options);
+            assert_eq!(fast.dims(), reference.dims());
+            let diff: f32 = (fast - reference).abs().max().into_scalar();
+            assert!(diff < 1e-5, "d {dim}, {seq_q} queries over {seq_kv}: off by {diff}");
+        }
+    }
+
+    #[test]
+    fn prefill_masks_and_gradients_keep_burn_attention() {
+        let device = Device::flex();
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let q = |s| Tensor::<4>::zeros([1, 2, s, 8], &device);
+        let k = Tensor::<4>::zeros([1, 2, 16, 8], &device);
+        assert!(!fits(&q(FEW_QUERIES + 1), &k, true, &options));
+        assert!(!fits(&q(1), &k, false, &options));
+        let trained = Device::flex().autodiff();
+        assert!(!fits(
+            &Tensor::zeros([1, 2, 1, 8], &trained),
+            &Tensor::zeros([1, 2, 16, 8], &trained),
+            true,
+            &options
+        ));
+    }
+}

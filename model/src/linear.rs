@@ -1,0 +1,302 @@
+//! The projections of a decoding step (a few rows times a weight matrix) as one backend operation
+//! on Flex, over both cores.
+//!
+//! burn-flex 0.22 hands every product to `gemm`, on one thread below 192³ multiply-adds, which is
+//! every product of batch-1 decoding: one core streams the weights while the other idles. bf16
+//! weights fare worse still, as burn-flex widens both operands to f32 copies on every call. Here a
+//! product of up to [`SMALL_ROWS`] rows reads the weight matrix once, in column blocks spread over
+//! the rayon pool, widening bf16 on the fly (half the bytes of f32 to stream). Each output sums its
+//! `k` terms in order, whichever thread computes it, so results do not depend on the pool's size.
+//! Larger products, gradients and other backends keep the backend's matrix product. The lasting
+//! fix is upstream, in burn-flex's matmul.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::{Bytes, DType, Shape};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::flex::runs_on_flex;
+
+/// The most rows the kernel takes; products with more rows are `gemm`'s, whose packed
+/// micro-kernels win once a weight block is reused across many rows.
+pub const SMALL_ROWS: usize = 8;
+
+/// Multiply-adds below which one thread does the whole product (waking the pool costs more).
+const SERIAL_MACS: usize = 1 << 16;
+
+/// `x · w` over the last dimension of `x` (`[.., k]`) with `w` `[k, n]`: a linear layer without
+/// its bias.
+#[backend_extension(Flex, Autodiff)]
+pub trait SmallRowsOps: Backend {
+    fn small_rows_matmul(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed::<Self>(x, weight)
+    }
+}
+
+/// `layer.forward(x)`, with the small-rows kernel where it applies: inference (no autodiff) on
+/// Flex, f32 or bf16, at most [`SMALL_ROWS`] rows.
+pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let weight = layer.weight.val();
+    let [k, _] = weight.dims();
+    let dims = x.dims();
+    let rows = x.shape().num_elements().checked_div(k).unwrap_or(0);
+    let fits = runs_on_flex(&x.device())
+        && !weight.is_require_grad()
+        && !x.is_require_grad()
+        && dims[D - 1] == k
+        && (1..=SMALL_ROWS).contains(&rows)
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && weight.dtype() == x.dtype();
+    if !fits {
+        return layer.forward(x);
+    }
+    let y = Tensor::<D>::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+    ));
+    match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze(),
+        None => y,
+    }
+}
+
+/// The operation with backend operations: rows flattened, one matrix product.
+fn composed<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = x.shape();
+    let last = shape.num_dims() - 1;
+    let (k, n) = (shape[last], weight.shape()[1]);
+    let rows = shape.num_elements() / k.max(1);
+    let y = B::float_matmul(B::float_reshape(x, Shape::new([rows, k])), weight);
+    let mut out = shape;
+    out[last] = n;
+    B::float_reshape(y, out)
+}
+
+/// An element of a weight matrix, read as f32.
+trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for bf16 {
+    /// bf16 is the top half of an f32: a shift, which vectorises (half's `to_f32` is the same
+    /// value).
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl SmallRowsOps for Flex {
+    fn small_rows_matmul(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let shape = x.shape();
+        let last = shape.num_dims() - 1;
+        let (k, n) = (shape[last], weight.shape()[1]);
+        let mut out_shape = shape.clone();
+        out_shape[last] = n;
+        match x.dtype() {
+            DType::F32 => {
+                let (x_rows, w) = (x.as_slice::<f32>(), weight.as_slice::<f32>());
+                let (Some(x_rows), Some(w)) = (x_rows, w) else {
+                    return composed::<Self>(x, weight);
+                };
+                let out = product(x_rows, w, k, n);
+                FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(out_shape), DType::F32)
+            }
+            DType::BF16 => {
+                let (x_rows, w) = (x.as_slice::<bf16>(), weight.as_slice::<bf16>());
+                let (Some(x_rows), Some(w)) = (x_rows, w) else {
+                    return composed::<Self>(x, weight);
+                };
+                let x_rows: Vec<f32> = x_rows.iter().map(|v| v.widen()).collect();
+                let out: Vec<bf16> = product(&x_rows, w, k, n).into_iter().map(bf16::from_f32).collect();
+                FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(out_shape), DType::BF16)
+            }
+            _ => composed::<Self>(x, weight),
+        }
+    }
+}
+
+/// Gradients go through the backend's matrix product (the default method, on autodiff tensors).
+impl<B: Backend, C: CheckpointStrategy> SmallRowsOps for Autodiff<B, C> {}
+
+/// `x · w` for `x` `[rows, k]` (f32) and `w` `[k, n]`, row-major: `[rows, n]`.
+fn product<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize) -> Vec<f32> {
+    let rows = x.len().checked_div(k).unwrap_or(0);
+    if k == 0 || n == 0 {
+        return vec![0.0; rows * n];
+    }
+    // Column blocks: at least one per thread (two, to even out a slow core), each a multiple of
+    // 16 columns (one AVX-512 register).
+    let tasks = ((rows * k * n) / SERIAL_MACS).clamp(1, 2 * rayon::current_num_threads());
+    let width = n.div_ceil(tasks).next_multiple_of(16).min(n);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|block| {
+            let columns = block * width..((block + 1) * width).min(n);
+            let mut acc = vec![0f32; rows * columns.len()];
+            block_product(x, w, k, n, columns.start, &mut acc);
+            (columns.start, acc)
+        })
+        .collect();
+    let mut out = vec![0f32; rows * n];
+    for (start, acc) in blocks {
+        let width = acc.len() / rows;
+        for (row, values) in acc.chunks_exact(width).enumerate() {
+            out[row * n + start..row * n + start + width].copy_from_slice(values);
+        }
+    }
+    out
+}
+
+/// `acc[r, j] = Σ_i x[r, i] · w[i, start + j]` over `i` in order, `acc` `[rows, width]`; the
+/// widest SIMD the CPU has, chosen at run time.
+fn block_product<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, start: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { block_product_avx512(x, w, k, n, start, acc) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { block_product_avx2(x, w, k, n, start, acc) };
+        }
+    }
+    block_product_with::<W, false>(x, w, k, n, start, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn block_product_avx512<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, start: usize, acc: &mut [f32]) {
+    block_product_with::<W, true>(x, w, k, n, start, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_product_avx2<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, start: usize, acc: &mut [f32]) {
+    block_product_with::<W, true>(x, w, k, n, start, acc)
+}
+
+/// The loop the SIMD variants compile: four input channels at a time, each output adding its
+/// four terms in channel order (four weight rows streamed at once, a quarter of the
+/// accumulator traffic), then the remaining channels one by one. `FMA` only where the CPU has
+/// it (a software `fma` is slow).
+#[inline(always)]
+fn block_product_with<W: Widen, const FMA: bool>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    n: usize,
+    start: usize,
+    acc: &mut [f32],
+) {
+    let madd = |v: W, scale: f32, a: f32| {
+        if FMA {
+            v.widen().mul_add(scale, a)
+        } else {
+            a + v.widen() * scale
+        }
+    };
+    let rows = x.len() / k;
+    let width = acc.len() / rows;
+    let weights = |i: usize| &w[i * n + start..i * n + start + width];
+    let mut i = 0;
+    while i + 4 <= k {
+        let (w0, w1, w2, w3) = (weights(i), weights(i + 1), weights(i + 2), weights(i + 3));
+        for (row, out) in acc.chunks_exact_mut(width).enumerate() {
+            let s = &x[row * k + i..row * k + i + 4];
+            for j in 0..width {
+                let a = madd(w0[j], s[0], out[j]);
+                let a = madd(w1[j], s[1], a);
+                let a = madd(w2[j], s[2], a);
+                out[j] = madd(w3[j], s[3], a);
+            }
+        }
+        i += 4;
+    }
+    for i in i..k {
+        let w0 = weights(i);
+        for (row, out) in acc.chunks_exact_mut(width).enumerate() {
+            let scale = x[row * k + i];
+            for (o, &v) in out.iter_mut().zip(w0) {
+                *o = madd(v, scale, *o);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Distribution, FloatDType};
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a.cast(FloatDType::F32) - b.cast(FloatDType::F32))
+            .abs()
+            .max()
+            .into_scalar::<f32>()
+    }
+
+    #[test]
+    fn matches_the_matrix_product_for_every_small_shape() {
+        let device = Device::flex();
+        // Widths that are not multiples of a SIMD register, one block and many blocks.
+        for (k, n) in [(1, 1), (5, 7), (64, 33), (256, 768), (300, 1408)] {
+            let layer = LinearConfig::new(k, n).with_bias(true).init(&device);
+            for rows in [1, 2, 3, SMALL_ROWS] {
+                let x = Tensor::<3>::random([1, rows, k], Distribution::Normal(0.0, 1.0), &device);
+                let fast = linear(&layer, x.clone());
+                let reference = layer.forward(x);
+                assert_eq!(fast.dims(), reference.dims());
+                let scale = (k as f32).sqrt();
+                assert!(max_diff(fast, reference) < 1e-5 * scale, "k {k}, n {n}, rows {rows}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_match_their_f32_values() {
+        let device = Device::flex();
+        let (k, n) = (96, 200);
+        let layer = LinearConfig::new(k, n).with_bias(false).init(&device);
+        let layer_bf16 = Linear {
+            weight: layer.weight.clone().map(|w| w.cast(FloatDType::BF16)),
+            bias: None,
+        };
+        let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device).cast(FloatDType::BF16);
+        let fast = linear(&layer_bf16, x.clone());
+        assert_eq!(fast.dtype(), DType::BF16);
+        // The same rounded inputs in f32: the kernel accumulates in f32 and rounds once.
+        let reference = x
+            .cast(FloatDType::F32)
+            .matmul(layer_bf16.weight.val().cast(FloatDType::F32));
+        let reference = reference.cast(FloatDType::BF16);
+        assert!(max_diff(fast, reference) < 0.02);
+    }
+
+    #[test]
+    fn larger_products_and_gradients_keep_the_matrix_product() {
+        let device = Device::flex();
+        let layer = LinearConfig::new(16, 8).init(&device);
+        let many = Tensor::<2>::random([SMALL_ROWS + 1, 16], Distribution::Normal(0.0, 1.0), &device);
+        assert!(max_diff(linear(&layer, many.clone()), layer.forward(many)) == 0.0);
+        let empty = Tensor::<2>::zeros([0, 16], &device);
+        assert_eq!(linear(&layer, empty).dims(), [0, 8]);
+    }
+}
