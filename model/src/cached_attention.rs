@@ -11,15 +11,15 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bytes, DType};
 use rayon::prelude::*;
 
-use crate::flex::runs_on_flex;
+use crate::flex::{f32_tensor, runs_on_flex};
 
 /// The most queries per head the in-place kernel takes (a decoding step has one; speculative
 /// verification a few). Longer chunks are prefill, where Burn's blocked products win.
@@ -38,12 +38,16 @@ pub trait CachedAttentionOps: Backend {
         v: FloatTensor<Self>,
         causal: bool,
     ) -> FloatTensor<Self> {
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: causal,
-        };
-        Self::attention(q, k, v, None, None, options)
+        Self::attention(q, k, v, None, None, unscaled(causal))
+    }
+}
+
+/// Burn's options for this operation: the default `1/√d` scale, no soft cap.
+fn unscaled(causal: bool) -> AttentionModuleOptions {
+    AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: causal,
     }
 }
 
@@ -104,12 +108,7 @@ impl CachedAttentionOps for Flex {
     fn cached_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, causal: bool) -> FlexTensor {
         let q = q.to_contiguous();
         let (Some(queries), Some(keys), Some(values)) = (q.as_slice::<f32>(), Rows::new(&k), Rows::new(&v)) else {
-            let options = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: causal,
-            };
-            return <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, None, None, options);
+            return <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, None, None, unscaled(causal));
         };
         let ([batch, heads, seq_q, dim], seq_kv, dim_v) = {
             let s = q.shape();
@@ -155,8 +154,7 @@ impl CachedAttentionOps for Flex {
         } else {
             out.par_chunks_exact_mut(head_len).enumerate().for_each(head);
         }
-        let shape = [batch, heads, seq_q, dim_v];
-        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape.into()), DType::F32)
+        f32_tensor(out, [batch, heads, seq_q, dim_v].into())
     }
 }
 

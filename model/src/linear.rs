@@ -21,7 +21,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::flex::runs_on_flex;
+use crate::flex::{f32_tensor, runs_on_flex};
 
 /// The most rows the kernel takes; products with more rows are `gemm`'s, whose packed
 /// micro-kernels win once a weight block is reused across many rows.
@@ -46,9 +46,9 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let [k, _] = weight.dims();
     let dims = x.dims();
     let rows = x.shape().num_elements().checked_div(k).unwrap_or(0);
-    let fits = runs_on_flex(&x.device())
-        && !weight.is_require_grad()
-        && !x.is_require_grad()
+    let device = x.device();
+    let fits = runs_on_flex(&device)
+        && !device.is_autodiff()
         && dims[D - 1] == k
         && (1..=SMALL_ROWS).contains(&rows)
         && matches!(x.dtype(), DType::F32 | DType::BF16)
@@ -113,8 +113,7 @@ impl SmallRowsOps for Flex {
                 let (Some(x_rows), Some(w)) = (x_rows, w) else {
                     return composed::<Self>(x, weight);
                 };
-                let out = product(x_rows, w, k, n);
-                FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(out_shape), DType::F32)
+                f32_tensor(product(x_rows, w, k, n), out_shape)
             }
             DType::BF16 => {
                 let (x_rows, w) = (x.as_slice::<bf16>(), weight.as_slice::<bf16>());
@@ -130,7 +129,8 @@ impl SmallRowsOps for Flex {
     }
 }
 
-/// Gradients go through the backend's matrix product (the default method, on autodiff tensors).
+/// [`linear`] turns autodiff away; the default (the backend's matrix product, which records its
+/// gradient) keeps the trait whole.
 impl<B: Backend, C: CheckpointStrategy> SmallRowsOps for Autodiff<B, C> {}
 
 /// `x · w` for `x` `[rows, k]` (f32) and `w` `[k, n]`, row-major: `[rows, n]`.
