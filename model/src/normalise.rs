@@ -202,9 +202,16 @@ mod tests {
             assert!(max_diff(fused.clone(), composed.clone()) < 1e-5, "{rows} rows: forward");
             let grads_fused = (fused * upstream.clone()).sum().backward();
             let grads_composed = (composed * upstream).sum().backward();
-            let dx = max_diff(xa.grad(&grads_fused).unwrap(), xb.grad(&grads_composed).unwrap());
+            let dx_composed = xb.grad(&grads_composed).unwrap();
+            // A row of scale 0.01 has gradients near 100: f32 resolves those to about 1e-5, so
+            // the bound is relative to the largest gradient (and absolute below 1).
+            let dx_scale = dx_composed.clone().abs().max().into_scalar::<f32>().max(1.0);
+            let dx = max_diff(xa.grad(&grads_fused).unwrap(), dx_composed);
             let dw = max_diff(wa.grad(&grads_fused).unwrap(), wb.grad(&grads_composed).unwrap());
-            assert!(dx < 1e-5, "{rows} rows: gradient of x off by {dx}");
+            assert!(
+                dx < 1e-5 * dx_scale,
+                "{rows} rows: gradient of x off by {dx} (largest {dx_scale})"
+            );
             assert!(dw < 1e-3, "{rows} rows: gradient of the weight off by {dw}");
         }
     }
