@@ -5,10 +5,11 @@
 //! and every one of those element-wise passes over the `[B, H, S, S]` scores runs on one thread
 //! in burn-flex, then again backward. At the benchmark's training shape that was two thirds of an
 //! attention layer's forward and backward (measured). Here the scores and probabilities are two
-//! products and one parallel softmax pass; backward is four products and one parallel pass.
-//! Inference keeps Burn's own attention (already parallel on Flex; a decoding step's few queries
-//! go to [`crate::cached_attention`]), and every other backend and case (a mask from the cache)
-//! keeps `burn::tensor::module::attention`. The lasting fix
+//! products ([`crate::matmul`]) and one parallel softmax pass; backward is four products and one
+//! parallel pass. Inference on Flex runs the same forward when queries and keys are one square
+//! causal block (a prompt without a cache prefix, the no-gradient iterations of training); a
+//! decoding step's few queries go to [`crate::cached_attention`], and every other backend and
+//! case (a mask from the cache) keeps `burn::tensor::module::attention`. The lasting fix
 //! is an attention backward in Burn's autodiff; ours stays this one operation.
 
 use burn::backend::TensorMetadata;
@@ -17,6 +18,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
@@ -25,6 +27,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cached_attention;
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
+use crate::matmul::ProductOps;
 
 /// Causal attention `softmax(q·kᵀ/√d + causal mask)·v` on `[B, H, S, D]` tensors with as many
 /// queries as keys.
@@ -64,7 +67,7 @@ pub fn attention(
     let device = q.device();
     let square = q.dims()[2] == k.dims()[2];
     let plain = options.scale.is_none() && options.softcap.is_none() && options.is_causal;
-    if device.is_autodiff() && runs_on_flex(&device) && mask.is_none() && plain && square && q.dtype() == DType::F32 {
+    if runs_on_flex(&device) && mask.is_none() && plain && square && q.dims()[2] > 1 && q.dtype() == DType::F32 {
         let out =
             <Dispatch as CausalAttentionOps>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         return Tensor::from_dispatch(out);
@@ -78,8 +81,14 @@ pub fn attention(
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
 
-/// Without autodiff Flex runs Burn's own attention.
-impl CausalAttentionOps for Flex {}
+/// Without autodiff: the forward of the operation below, two products and the softmax pass.
+impl CausalAttentionOps for Flex {
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
+        let scale = 1.0 / (q.shape()[3] as f32).sqrt();
+        let scores = Flex::product(q, Flex::float_transpose(k));
+        Flex::product(Flex::causal_softmax(scores, scale), v)
+    }
+}
 
 impl CausalSoftmax for Flex {
     fn causal_softmax(scores: FlexTensor, scale: f32) -> FlexTensor {
@@ -124,12 +133,12 @@ impl CausalSoftmax for Flex {
     }
 }
 
-impl<B: CausalAttentionOps + CausalSoftmax, C: CheckpointStrategy> CausalAttentionOps for Autodiff<B, C> {
+impl<B: CausalAttentionOps + CausalSoftmax + ProductOps, C: CheckpointStrategy> CausalAttentionOps for Autodiff<B, C> {
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct CausalAttention;
 
-        impl<B: CausalSoftmax> Backward<B, 3> for CausalAttention {
+        impl<B: CausalSoftmax + ProductOps> Backward<B, 3> for CausalAttention {
             /// q, k, v and the probabilities, and the scale.
             type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f32);
 
@@ -138,15 +147,15 @@ impl<B: CausalAttentionOps + CausalSoftmax, C: CheckpointStrategy> CausalAttenti
                 let grad = grads.consume::<B>(&ops.node);
                 let (q, k, v, p, scale) = ops.state;
                 if let Some(node) = node_v {
-                    grads.register::<B>(node.id, B::float_matmul(B::float_transpose(p.clone()), grad.clone()));
+                    grads.register::<B>(node.id, B::product(B::float_transpose(p.clone()), grad.clone()));
                 }
-                let dp = B::float_matmul(grad, B::float_transpose(v));
+                let dp = B::product(grad, B::float_transpose(v));
                 let ds = B::causal_softmax_backward(p, dp, scale);
                 if let Some(node) = node_q {
-                    grads.register::<B>(node.id, B::float_matmul(ds.clone(), k));
+                    grads.register::<B>(node.id, B::product(ds.clone(), k));
                 }
                 if let Some(node) = node_k {
-                    grads.register::<B>(node.id, B::float_matmul(B::float_transpose(ds), q));
+                    grads.register::<B>(node.id, B::product(B::float_transpose(ds), q));
                 }
             }
         }
@@ -159,9 +168,9 @@ impl<B: CausalAttentionOps + CausalSoftmax, C: CheckpointStrategy> CausalAttenti
         match prepared {
             OpsKind::Tracked(prep) => {
                 let scale = 1.0 / (q.shape()[3] as f32).sqrt();
-                let scores = B::float_matmul(q.clone(), B::float_transpose(k.clone()));
+                let scores = B::product(q.clone(), B::float_transpose(k.clone()));
                 let p = B::causal_softmax(scores, scale);
-                let out = B::float_matmul(p.clone(), v.clone());
+                let out = B::product(p.clone(), v.clone());
                 prep.finish((q, k, v, p, scale), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::causal_attention(q, k, v)),

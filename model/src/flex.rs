@@ -2,6 +2,8 @@
 //! [`crate::causal_attention`]) share: telling a Flex device apart, reading a tensor's rows as
 //! f32, and running a kernel over chunks of rows on burn-flex's rayon pool.
 //!
+//! The training crate's fused optimizer update uses the first and last of these too.
+//!
 //! They exist because burn-flex 0.22 runs each element-wise operation as its own single-threaded
 //! pass: a composition of ten such passes leaves the second core idle and streams the tensor ten
 //! times. The lasting fix is upstream, in burn-flex's kernels.
@@ -16,7 +18,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
 /// Whether tensors on `device` (with or without autodiff) live on burn-flex.
-pub(crate) fn runs_on_flex(device: &Device) -> bool {
+pub fn runs_on_flex(device: &Device) -> bool {
     matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
 }
 
@@ -35,7 +37,7 @@ pub(crate) fn last_dim(x: &FlexTensor) -> usize {
 }
 
 /// A contiguous f32 Flex tensor of `shape` over `values`.
-pub(crate) fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+pub fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
 }
 

@@ -320,8 +320,7 @@ impl Huginn {
         let wte = self.wte.val();
         let vocab = wte.dims()[0];
         let [b, s, h] = x.dims();
-        x.reshape([b * s, h])
-            .matmul(wte.transpose())
+        crate::matmul::matmul(x.reshape([b * s, h]), wte.transpose())
             .reshape([b, s, vocab])
             .cast(FloatDType::F32)
     }

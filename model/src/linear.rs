@@ -39,8 +39,8 @@ pub trait SmallRowsOps: Backend {
     }
 }
 
-/// `layer.forward(x)`, with the small-rows kernel where it applies: inference (no autodiff) on
-/// Flex, f32 or bf16, at most [`SMALL_ROWS`] rows.
+/// `layer.forward(x)`, with the small-rows kernel where it applies (inference, no autodiff, on
+/// Flex, f32 or bf16, at most [`SMALL_ROWS`] rows) and [`crate::matmul`]'s product elsewhere.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
     let [k, _] = weight.dims();
@@ -53,13 +53,20 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         && (1..=SMALL_ROWS).contains(&rows)
         && matches!(x.dtype(), DType::F32 | DType::BF16)
         && weight.dtype() == x.dtype();
-    if !fits {
+    let y = if fits {
+        Tensor::<D>::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+        ))
+    } else if dims[D - 1] == k {
+        // Every other product (more rows, or a gradient to record): one `[rows, k] · [k, n]`
+        // product, written in place on Flex (`crate::matmul`).
+        let mut out = dims;
+        out[D - 1] = weight.dims()[1];
+        crate::matmul::matmul(x.reshape([rows, k]), weight).reshape(out)
+    } else {
         return layer.forward(x);
-    }
-    let y = Tensor::<D>::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
-        x.into_dispatch(),
-        weight.into_dispatch(),
-    ));
+    };
     match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,

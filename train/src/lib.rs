@@ -28,6 +28,7 @@ pub mod layout;
 pub mod metrics;
 pub mod monitor;
 pub mod optim;
+pub mod optim_update;
 pub mod pause;
 pub mod pointers;
 pub mod rng;

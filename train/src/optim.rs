@@ -22,6 +22,8 @@ use burn::prelude::*;
 use model::Huginn;
 use model::pretrained::ParamRef;
 
+use crate::optim_update::{Scalars, fits_fused, fused_update};
+
 #[derive(Config, Debug)]
 pub struct EllisAdamConfig {
     /// The schedule's peak learning rate: weight decay is scaled by `lr_t / peak_lr`.
@@ -94,15 +96,50 @@ impl Optimizer for EllisAdam {
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         let c = &self.config;
         let floor = c.eps * c.eps;
-        let (time, moment_1, moment_2) = match state {
-            None => (1, grad.clone(), grad.clone().square().clamp_min(floor)),
+        let time = state.as_ref().map_or(1, |s| s.time + 1);
+        let t = time as i32;
+        let scalars = Scalars {
+            beta_1: c.beta_1 as f32,
+            beta_2: c.beta_2 as f32,
+            floor: floor as f32,
+            step: (lr / (1.0 - c.beta_1.powi(t))) as f32,
+            v_correction: (1.0 - c.beta_2.powi(t)).sqrt() as f32,
+            decay: (1.0 - lr / c.peak_lr * c.weight_decay) as f32,
+            update_clipping: c.update_clipping,
+        };
+        if fits_fused(&tensor, &grad, state.as_ref().map(|s| [&s.moment_1, &s.moment_2])) {
+            let moments = state.map(|s| [s.moment_1, s.moment_2]);
+            let [updated, moment_1, moment_2] = fused_update(tensor, grad, moments, scalars);
+            return (updated, Some(AdaptiveMomentumState::new(time, moment_1, moment_2)));
+        }
+        self.composed(lr, tensor, grad, state)
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.to_device(device)
+    }
+}
+
+impl EllisAdam {
+    /// The rule with tensor operations, for every backend (the fused update's reference).
+    fn composed<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdaptiveMomentumState<D>>,
+    ) -> (Tensor<D>, Option<AdaptiveMomentumState<D>>) {
+        let c = &self.config;
+        let floor = c.eps * c.eps;
+        let time = state.as_ref().map_or(1, |s| s.time + 1);
+        let t = time as i32;
+        let (moment_1, moment_2) = match state {
+            None => (grad.clone(), grad.clone().square().clamp_min(floor)),
             Some(s) => (
-                s.time + 1,
                 s.moment_1.mul_scalar(c.beta_1) + grad.clone().mul_scalar(1.0 - c.beta_1),
                 (s.moment_2.mul_scalar(c.beta_2) + grad.clone().square().mul_scalar(1.0 - c.beta_2)).clamp_min(floor),
             ),
         };
-        let t = time as i32;
         let mut step_size = Tensor::<1>::from_floats([lr / (1.0 - c.beta_1.powi(t))], &tensor.device());
         if c.update_clipping {
             let rms = (grad.square() / moment_2.clone()).mean().sqrt();
@@ -118,10 +155,6 @@ impl Optimizer for EllisAdam {
         let step_size: Tensor<D> = step_size.reshape([1; D]);
         let updated = decayed - update * step_size;
         (updated, Some(AdaptiveMomentumState::new(time, moment_1, moment_2)))
-    }
-
-    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
-        state.to_device(device)
     }
 }
 
@@ -168,6 +201,43 @@ mod tests {
         let got = values(theta)[0];
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         assert_eq!(state.unwrap().time, 4);
+    }
+
+    /// The fused update on Flex against the tensor operations, over steps with and without weight
+    /// decay, on a parameter larger than one task's chunk (moments of very different scales, so
+    /// that update clipping acts).
+    #[test]
+    fn fused_update_matches_the_tensor_operations() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        for (wd, clipping) in [(0.0, true), (0.1, true), (0.1, false)] {
+            let optim = EllisAdamConfig::new(1e-2)
+                .with_weight_decay(wd)
+                .with_update_clipping(clipping)
+                .build();
+            let shape = [70, 300];
+            let mut fused = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let mut composed = fused.clone();
+            let (mut fused_state, mut composed_state) = (None, None);
+            for step in 0..4 {
+                let scale = if step == 2 { 50.0 } else { 0.1 };
+                let grad = Tensor::<2>::random(shape, Distribution::Normal(0.0, scale), &device);
+                assert!(fits_fused(
+                    &fused,
+                    &grad,
+                    fused_state
+                        .as_ref()
+                        .map(|s: &AdaptiveMomentumState<2>| [&s.moment_1, &s.moment_2])
+                ));
+                (fused, fused_state) = optim.step(5e-3, fused, grad.clone(), fused_state);
+                (composed, composed_state) = optim.composed(5e-3, composed, grad, composed_state);
+                let diff = (fused.clone() - composed.clone()).abs().max().into_scalar::<f32>();
+                assert!(diff < 1e-6, "wd {wd}, clipping {clipping}, step {step}: {diff}");
+            }
+            let (f, c) = (fused_state.unwrap(), composed_state.unwrap());
+            assert_eq!(f.time, c.time);
+            assert!((f.moment_2 - c.moment_2).abs().max().into_scalar::<f32>() < 1e-3);
+        }
     }
 
     #[test]

@@ -1,0 +1,269 @@
+//! Matrix products on Flex written straight into their output, with their own gradient.
+//!
+//! burn-flex 0.22 makes every product's output with `FlexTensor::empty`: a zeroed `Vec<u8>`, which
+//! cubecl's `Bytes::from_bytes_vec` then copies whole into a 16-byte-aligned buffer (a `u8`
+//! vector reports alignment 1), before `gemm` overwrites it. That zeroing and copy run on one
+//! thread, on fresh pages, for every product: at the training benchmark's shape they were the
+//! largest serial part of a step (`memmove`, `memset` and page faults, about a sixth of it), and
+//! a `[2048, 256] · [256, 768]` product took twice as long as `gemm` itself. Here `gemm` writes
+//! into a buffer that nobody touched before (`read_dst = false`: it never reads it), strided
+//! operands (transposes, narrowed heads) are read in place, and autodiff records one operation
+//! whose backward is two more of these products. Other dtypes, broadcast batch dimensions and
+//! other backends keep `Tensor::matmul`. The lasting fix is upstream, in `FlexTensor::empty`.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::prelude::*;
+use burn::tensor::DType;
+use rayon::prelude::*;
+
+use crate::flex::{f32_tensor, runs_on_flex};
+
+/// Multiply-adds from which one product is split over the pool by `gemm` (burn-flex's bound).
+const PARALLEL_MACS: usize = 192 * 192 * 192;
+
+/// `lhs · rhs` over the last two dimensions, batched over the leading ones (the same on both).
+#[backend_extension(Flex, Autodiff)]
+pub trait ProductOps: Backend {
+    fn product(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+}
+
+/// `lhs.matmul(rhs)`, through [`ProductOps`] where both are f32 on Flex with the same batch
+/// dimensions (with or without autodiff).
+pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    let (a, b) = (lhs.dims(), rhs.dims());
+    let fits = runs_on_flex(&lhs.device())
+        && lhs.dtype() == DType::F32
+        && rhs.dtype() == DType::F32
+        && a[..D - 2] == b[..D - 2]
+        && a[D - 1] == b[D - 2];
+    if !fits {
+        return lhs.matmul(rhs);
+    }
+    Tensor::from_dispatch(<Dispatch as ProductOps>::product(
+        lhs.into_dispatch(),
+        rhs.into_dispatch(),
+    ))
+}
+
+/// A matrix of an operand: where it starts in its storage and its row and column strides.
+#[derive(Clone, Copy)]
+struct Operand {
+    offset: isize,
+    row: isize,
+    col: isize,
+}
+
+impl ProductOps for Flex {
+    fn product(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+        let (ls, rs) = (lhs.shape(), rhs.shape());
+        let rank = ls.num_dims();
+        if lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 || rank < 2 || rs.num_dims() != rank {
+            return Flex::float_matmul(lhs, rhs);
+        }
+        let (m, k, n) = (ls[rank - 2], ls[rank - 1], rs[rank - 1]);
+        if ls[..rank - 2] != rs[..rank - 2] || rs[rank - 2] != k {
+            return Flex::float_matmul(lhs, rhs);
+        }
+        let batch = &ls[..rank - 2];
+        let count: usize = batch.iter().product();
+        let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
+        let operands = |t: &FlexTensor| -> Vec<Operand> {
+            let (layout, strides) = (t.layout(), t.layout().strides());
+            (0..count)
+                .map(|index| {
+                    let mut rest = index;
+                    let mut offset = layout.start_offset() as isize;
+                    for (dim, &size) in batch.iter().enumerate().rev() {
+                        offset += (rest % size) as isize * strides[dim];
+                        rest /= size;
+                    }
+                    Operand {
+                        offset,
+                        row: strides[rank - 2],
+                        col: strides[rank - 1],
+                    }
+                })
+                .collect()
+        };
+        let (lhs_ops, rhs_ops) = (operands(&lhs), operands(&rhs));
+        let mut out = Vec::<f32>::with_capacity(count * m * n);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let one = |index: usize, parallelism: gemm::Parallelism| {
+            let (a, b) = (lhs_ops[index], rhs_ops[index]);
+            // SAFETY: the operands' offsets and strides come from their layouts, so every
+            // element gemm reads lies in its storage; output matrix `index` is the
+            // `m·n` elements from `index·m·n`, inside the capacity and written by this call
+            // only; with `read_dst = false` gemm writes the output without reading it.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out_ptr.get().add(index * m * n),
+                    1,
+                    n as isize,
+                    false,
+                    lhs_data.as_ptr().offset(a.offset),
+                    a.col,
+                    a.row,
+                    rhs_data.as_ptr().offset(b.offset),
+                    b.col,
+                    b.row,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        };
+        let macs = m * n * k;
+        if count > 1 && macs < PARALLEL_MACS {
+            (0..count)
+                .into_par_iter()
+                .for_each(|index| one(index, gemm::Parallelism::None));
+        } else {
+            let parallelism = if macs >= PARALLEL_MACS {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            };
+            (0..count).for_each(|index| one(index, parallelism));
+        }
+        // SAFETY: every output matrix was written whole above (gemm writes all of `m·n`, zeros
+        // when `k` is 0), and `count·m·n` is within the capacity.
+        unsafe { out.set_len(count * m * n) };
+        let mut shape = ls.clone();
+        shape[rank - 1] = n;
+        f32_tensor(out, shape)
+    }
+}
+
+/// A raw output pointer the pool's tasks share; each writes its own matrix.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: the tasks write disjoint matrices of one allocation that outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl<B: ProductOps, C: CheckpointStrategy> ProductOps for Autodiff<B, C> {
+    fn product(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Product;
+
+        impl<B: ProductOps> Backward<B, 2> for Product {
+            /// Both operands (each one's gradient needs the other).
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_lhs, node_rhs] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (lhs, rhs) = ops.state;
+                if let Some(node) = node_lhs {
+                    grads.register::<B>(node.id, B::product(grad.clone(), B::float_transpose(rhs)));
+                }
+                if let Some(node) = node_rhs {
+                    grads.register::<B>(node.id, B::product(B::float_transpose(lhs), grad));
+                }
+            }
+        }
+
+        let prepared = Product
+            .prepare::<C>([lhs.node(), rhs.node()])
+            .compute_bound()
+            .stateful();
+        let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let out = B::product(lhs.clone(), rhs.clone());
+                prep.finish((lhs, rhs), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::product(lhs, rhs)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Plain, transposed and narrowed (strided) operands, batched and not, small (one thread per
+    /// matrix) and large (gemm over the pool), against burn-flex's product.
+    #[test]
+    fn matches_burns_product_on_strided_operands() {
+        let device = Device::flex();
+        for (m, k, n) in [(1, 1, 1), (7, 5, 3), (65, 33, 17), (300, 200, 150)] {
+            let a = Tensor::<2>::random([m, k], Distribution::Default, &device);
+            let b = Tensor::<2>::random([k, n], Distribution::Default, &device);
+            let want = a.clone().matmul(b.clone());
+            assert!(max_diff(matmul(a.clone(), b.clone()), want.clone()) < 1e-4);
+            let (at, bt) = (a.clone().transpose().into_data(), b.clone().transpose().into_data());
+            let (at, bt) = (Tensor::<2>::from_data(at, &device), Tensor::<2>::from_data(bt, &device));
+            assert!(max_diff(matmul(at.transpose(), bt.transpose()), want) < 1e-4);
+        }
+        let qkv = Tensor::<4>::random([2, 9, 3 * 4, 8], Distribution::Default, &device);
+        let q = qkv.clone().narrow(2, 0, 4).swap_dims(1, 2);
+        let k = qkv.narrow(2, 4, 4).swap_dims(1, 2);
+        let got = matmul(q.clone(), k.clone().swap_dims(2, 3));
+        assert_eq!(got.dims(), [2, 4, 9, 9]);
+        assert!(max_diff(got, q.matmul(k.swap_dims(2, 3))) < 1e-5);
+        let big = Tensor::<3>::random([2, 200, 100], Distribution::Default, &device);
+        let w = Tensor::<3>::random([2, 100, 120], Distribution::Default, &device);
+        assert!(max_diff(matmul(big.clone(), w.clone()), big.matmul(w)) < 1e-4);
+    }
+
+    /// An empty inner dimension (all zeros) and a broadcast batch (left to Burn).
+    #[test]
+    fn edge_shapes() {
+        let device = Device::flex();
+        let a = Tensor::<2>::zeros([3, 0], &device);
+        let b = Tensor::<2>::zeros([0, 4], &device);
+        let got = matmul(a, b);
+        assert_eq!(got.dims(), [3, 4]);
+        assert_eq!(got.abs().sum().into_scalar::<f32>(), 0.0);
+        let x = Tensor::<3>::random([2, 3, 5], Distribution::Default, &device);
+        let w = Tensor::<3>::random([1, 5, 4], Distribution::Default, &device);
+        assert!(max_diff(matmul(x.clone(), w.clone()), x.matmul(w)) < 1e-6);
+    }
+
+    /// Both gradients against Burn's autodiff product, through a transposed operand.
+    #[test]
+    fn gradients_match_burns() {
+        let device = Device::flex().autodiff();
+        let a = Tensor::<3>::random([3, 40, 24], Distribution::Default, &device);
+        let b = Tensor::<3>::random([3, 16, 24], Distribution::Default, &device);
+        let upstream = Tensor::<3>::random([3, 40, 16], Distribution::Default, &device);
+        let (a1, b1) = (a.clone().require_grad(), b.clone().require_grad());
+        let (a2, b2) = (a.require_grad(), b.require_grad());
+        let ours = matmul(a1.clone(), b1.clone().swap_dims(1, 2));
+        let theirs = a2.clone().matmul(b2.clone().swap_dims(1, 2));
+        assert!(max_diff(ours.clone().inner(), theirs.clone().inner()) < 1e-5);
+        let g1 = (ours * upstream.clone()).sum().backward();
+        let g2 = (theirs * upstream).sum().backward();
+        assert!(max_diff(a1.grad(&g1).unwrap(), a2.grad(&g2).unwrap()) < 1e-5);
+        assert!(max_diff(b1.grad(&g1).unwrap(), b2.grad(&g2).unwrap()) < 1e-5);
+    }
+}
