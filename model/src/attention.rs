@@ -8,6 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
 use crate::causal_attention::attention;
+use crate::chunk_attention::chunk_attention;
 use crate::linear::linear;
 use crate::rope::Rotary;
 
@@ -28,6 +29,12 @@ impl CausalSelfAttention {
         let [b, s, h] = x.dims();
         let (nh, hd) = (self.n_heads, h / self.n_heads);
         let qkv = linear(&self.wqkv, x);
+        if !cache.stores() {
+            let bias = self.qk_bias.val().reshape([2 * h]);
+            if let Some(y) = chunk_attention(&qkv, &bias, rotary, nh) {
+                return linear(&self.proj, y);
+            }
+        }
         // Queries and keys get their bias and rotation together, as `2·H` heads (queries
         // first): half the operations of doing each on its own.
         let qk = qkv.clone().narrow(2, 0, 2 * h).reshape([b, s, 2 * nh, hd]);

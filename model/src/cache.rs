@@ -47,6 +47,12 @@ pub trait KvCache {
     /// Stores the keys and values `[B, H, S, d]` of the current chunk for `slot` and returns
     /// what the chunk attends to.
     fn update(&mut self, slot: LayerSlot, keys: Tensor<4>, values: Tensor<4>) -> Attend;
+
+    /// Whether [`KvCache::update`] keeps anything: where it does not, a chunk attends to itself
+    /// only, and attention may skip making keys and values in the cache's layout.
+    fn stores(&self) -> bool {
+        true
+    }
 }
 
 /// No cache: each chunk attends to itself only.
@@ -60,6 +66,10 @@ impl KvCache for NoCache {
             values,
             mask: None,
         }
+    }
+
+    fn stores(&self) -> bool {
+        false
     }
 }
 

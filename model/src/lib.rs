@@ -21,6 +21,7 @@ pub mod cache;
 pub mod cached_attention;
 pub mod causal_attention;
 pub mod checkpoint;
+pub mod chunk_attention;
 pub mod config;
 pub mod device;
 pub mod error;

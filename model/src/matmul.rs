@@ -67,87 +67,110 @@ impl ProductOps for Flex {
     fn product(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         let (ls, rs) = (lhs.shape(), rhs.shape());
         let rank = ls.num_dims();
-        if lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 || rank < 2 || rs.num_dims() != rank {
+        let fits = lhs.dtype() == DType::F32
+            && rhs.dtype() == DType::F32
+            && rank >= 2
+            && rs.num_dims() == rank
+            && ls[..rank - 2] == rs[..rank - 2]
+            && rs[rank - 2] == ls[rank - 1];
+        if !fits {
             return Flex::float_matmul(lhs, rhs);
         }
-        let (m, k, n) = (ls[rank - 2], ls[rank - 1], rs[rank - 1]);
-        if ls[..rank - 2] != rs[..rank - 2] || rs[rank - 2] != k {
-            return Flex::float_matmul(lhs, rhs);
-        }
-        let batch = &ls[..rank - 2];
-        let count: usize = batch.iter().product();
-        let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
-        let operands = |t: &FlexTensor| -> Vec<Operand> {
-            let (layout, strides) = (t.layout(), t.layout().strides());
-            (0..count)
-                .map(|index| {
-                    let mut rest = index;
-                    let mut offset = layout.start_offset() as isize;
-                    for (dim, &size) in batch.iter().enumerate().rev() {
-                        offset += (rest % size) as isize * strides[dim];
-                        rest /= size;
-                    }
-                    Operand {
-                        offset,
-                        row: strides[rank - 2],
-                        col: strides[rank - 1],
-                    }
-                })
-                .collect()
-        };
-        let (lhs_ops, rhs_ops) = (operands(&lhs), operands(&rhs));
-        let mut out = Vec::<f32>::with_capacity(count * m * n);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let one = |index: usize, parallelism: gemm::Parallelism| {
-            let (a, b) = (lhs_ops[index], rhs_ops[index]);
-            // SAFETY: the operands' offsets and strides come from their layouts, so every
-            // element gemm reads lies in its storage; output matrix `index` is the
-            // `m·n` elements from `index·m·n`, inside the capacity and written by this call
-            // only; with `read_dst = false` gemm writes the output without reading it.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out_ptr.get().add(index * m * n),
-                    1,
-                    n as isize,
-                    false,
-                    lhs_data.as_ptr().offset(a.offset),
-                    a.col,
-                    a.row,
-                    rhs_data.as_ptr().offset(b.offset),
-                    b.col,
-                    b.row,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        };
-        let macs = m * n * k;
-        if count > 1 && macs < PARALLEL_MACS {
-            (0..count)
-                .into_par_iter()
-                .for_each(|index| one(index, gemm::Parallelism::None));
-        } else {
-            let parallelism = if macs >= PARALLEL_MACS {
-                gemm::Parallelism::Rayon(0)
-            } else {
-                gemm::Parallelism::None
-            };
-            (0..count).for_each(|index| one(index, parallelism));
-        }
-        // SAFETY: every output matrix was written whole above (gemm writes all of `m·n`, zeros
-        // when `k` is 0), and `count·m·n` is within the capacity.
-        unsafe { out.set_len(count * m * n) };
+        let (m, n) = (ls[rank - 2], rs[rank - 1]);
+        let len = ls[..rank - 1].iter().product::<usize>() * n;
+        let out = product_into(&lhs, &rhs, len, |index| index * m * n, n);
         let mut shape = ls.clone();
         shape[rank - 1] = n;
         f32_tensor(out, shape)
     }
+}
+
+/// The batched product of f32 `lhs` `[.., m, k]` and `rhs` `[.., k, n]` (the same batch
+/// dimensions, any strides) as a new buffer of `len` elements: matrix `i` of the batch (in
+/// row-major order) from element `offset(i)`, its rows `row` elements apart. The matrices must
+/// cover the `len` elements exactly once, as they are the only writes to the buffer.
+pub(crate) fn product_into(
+    lhs: &FlexTensor,
+    rhs: &FlexTensor,
+    len: usize,
+    offset: impl Fn(usize) -> usize + Sync,
+    row: usize,
+) -> Vec<f32> {
+    let (ls, rs) = (lhs.shape(), rhs.shape());
+    let rank = ls.num_dims();
+    let (m, k, n) = (ls[rank - 2], ls[rank - 1], rs[rank - 1]);
+    let batch = &ls[..rank - 2];
+    let count: usize = batch.iter().product();
+    assert_eq!(count * m * n, len, "the product's matrices cover its output");
+    let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
+    let operands = |t: &FlexTensor| -> Vec<Operand> {
+        let (layout, strides) = (t.layout(), t.layout().strides());
+        (0..count)
+            .map(|index| {
+                let mut rest = index;
+                let mut offset = layout.start_offset() as isize;
+                for (dim, &size) in batch.iter().enumerate().rev() {
+                    offset += (rest % size) as isize * strides[dim];
+                    rest /= size;
+                }
+                Operand {
+                    offset,
+                    row: strides[rank - 2],
+                    col: strides[rank - 1],
+                }
+            })
+            .collect()
+    };
+    let (lhs_ops, rhs_ops) = (operands(lhs), operands(rhs));
+    let mut out = Vec::<f32>::with_capacity(len);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let one = |index: usize, parallelism: gemm::Parallelism| {
+        let (a, b) = (lhs_ops[index], rhs_ops[index]);
+        // SAFETY: the operands' offsets and strides come from their layouts, so every element
+        // gemm reads lies in its storage; output matrix `index` lies within `len` (the caller's
+        // layout) and no other matrix writes its elements; with `read_dst = false` gemm writes
+        // the output without reading it.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out_ptr.get().add(offset(index)),
+                1,
+                row as isize,
+                false,
+                lhs_data.as_ptr().offset(a.offset),
+                a.col,
+                a.row,
+                rhs_data.as_ptr().offset(b.offset),
+                b.col,
+                b.row,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    };
+    let macs = m * n * k;
+    if count > 1 && macs < PARALLEL_MACS {
+        (0..count)
+            .into_par_iter()
+            .for_each(|index| one(index, gemm::Parallelism::None));
+    } else {
+        let parallelism = if macs >= PARALLEL_MACS {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        (0..count).for_each(|index| one(index, parallelism));
+    }
+    // SAFETY: the matrices cover all `len` elements (asserted above, and the caller's layout
+    // places them without overlap), each written whole by gemm (zeros when `k` is 0).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// A raw output pointer the pool's tasks share; each writes its own matrix.

@@ -51,6 +51,11 @@ impl Rotary {
     }
 
     /// The same rotation outside any autodiff graph (for gradient-free iterations).
+    /// The tables `[B or 1, S, 1, d]`: `y = x·cos + pair-swapped(x)·sin` (for fused kernels).
+    pub(crate) fn tables(&self) -> (&Tensor<4>, &Tensor<4>) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn without_autodiff(&self) -> Self {
         Self {
             cos: self.cos.clone().without_autodiff(),

@@ -1,0 +1,375 @@
+//! Attention of a chunk that attends to itself only (no cache: training, and whole-sequence
+//! passes), from the fused projection's output to the output projection's input, as one Flex
+//! operation each way.
+//!
+//! Composed, the input stage is a split of `qkv` into three views, the q/k bias, the rotation
+//! (a copy to swap each pair, two products and a sum), a heads-first copy of each of q, k and v,
+//! and after attention a copy back to `[B, S, H·d]`; backward, Burn's autodiff turns each of the
+//! three splits into a zeroed full-size tensor and a copy into it, then sums them. In burn-flex
+//! 0.22 these are single-threaded passes with fresh outputs, and they were most of what kept the
+//! second core idle in a training step once the products and the norms were parallel. Here one
+//! parallel pass builds the rotated heads, attention is [`crate::causal_attention`]'s products
+//! and softmax, the last product writes the `[B, S, H·d]` layout directly, and backward ends in
+//! one pass that rotates the query and key gradients back into a single `qkv` gradient and
+//! sums the bias gradient chunk by chunk in row order (the same on every run).
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::prelude::*;
+use burn::tensor::{DType, Shape};
+use rayon::prelude::*;
+
+use crate::causal_attention::CausalSoftmax;
+use crate::flex::{f32_rows, f32_tensor, runs_on_flex};
+use crate::matmul::{ProductOps, product_into};
+use crate::rope::Rotary;
+
+/// Causal self-attention of `qkv` `[B, S, 3·H·d]` (queries, keys, values, head by head): the
+/// bias `[2·H·d]` added to queries and keys, both rotated by the tables `cos`, `sin`
+/// `[B or 1, S, 1, d]` (`y = x·cos + pair-swapped(x)·sin`), and the output `[B, S, H·d]`.
+#[backend_extension(Flex, Autodiff)]
+pub trait ChunkAttentionOps: Backend {
+    fn chunk_attention(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// The kernels of the operation, on the backend the autodiff operation wraps.
+pub trait ChunkAttentionKernels: Backend {
+    /// The output and what backward needs: rotated queries, keys and values `[B, H, S, d]`
+    /// and the probabilities `[B, H, S, S]`.
+    fn chunk_attention_forward(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 4]);
+
+    /// The gradients of `qkv` and of the bias from the output's gradient.
+    fn chunk_attention_backward(
+        saved: [FloatTensor<Self>; 4],
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The operation where it applies: f32 on Flex, a chunk of more than one position, even head
+/// width; `None` elsewhere (the caller composes it).
+pub fn chunk_attention(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<Tensor<3>> {
+    let [_, s, width] = qkv.dims();
+    let (cos, sin) = rotary.tables();
+    let fits = runs_on_flex(&qkv.device())
+        && s > 1
+        && heads > 0
+        && width % (3 * heads) == 0
+        && (width / (3 * heads)).is_multiple_of(2)
+        && bias.dims()[0] == 2 * width / 3
+        && cos.dims()[1] == s
+        && [qkv.dtype(), bias.dtype(), cos.dtype(), sin.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
+    fits.then(|| {
+        Tensor::from_dispatch(<Dispatch as ChunkAttentionOps>::chunk_attention(
+            qkv.clone().into_dispatch(),
+            bias.clone().into_dispatch(),
+            cos.clone().into_dispatch(),
+            sin.clone().into_dispatch(),
+            heads,
+        ))
+    })
+}
+
+/// Positions per rayon task of the element-wise passes.
+const ROWS_PER_TASK: usize = 16;
+
+/// The rotation tables as `[Bc, S, d]` rows, `Bc` 1 (shared by the batch) or `B`.
+struct Tables {
+    cos: FlexTensor,
+    sin: FlexTensor,
+    shared: bool,
+}
+
+impl Tables {
+    fn new(cos: FlexTensor, sin: FlexTensor) -> Self {
+        let shared = cos.shape()[0] == 1;
+        Self {
+            cos: cos.to_contiguous(),
+            sin: sin.to_contiguous(),
+            shared,
+        }
+    }
+
+    /// The tables of batch row `b`, position `s`, each `d` long.
+    fn at(&self, b: usize, s: usize, len: usize, d: usize) -> (&[f32], &[f32]) {
+        let row = if self.shared { s } else { b * len + s };
+        let span = row * d..(row + 1) * d;
+        (
+            &f32_rows(&self.cos).expect("f32 cos")[span.clone()],
+            &f32_rows(&self.sin).expect("f32 sin")[span],
+        )
+    }
+}
+
+impl ChunkAttentionKernels for Flex {
+    fn chunk_attention_forward(
+        qkv: FlexTensor,
+        bias: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        heads: usize,
+    ) -> (FlexTensor, [FlexTensor; 4]) {
+        let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
+        let tables = Tables::new(cos, sin);
+        let shape = qkv.shape();
+        let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
+        let d = h / heads;
+        let (x, bias) = (f32_rows(&qkv).expect("f32 qkv"), f32_rows(&bias).expect("f32 bias"));
+        // Heads first, `[B, H, S, d]`: queries and keys biased and rotated, values as they are.
+        let heads_first = Shape::new([b, heads, s, d]);
+        let mut parts = [vec![0f32; b * h * s], vec![0f32; b * h * s], vec![0f32; b * h * s]];
+        for (part, out) in parts.iter_mut().enumerate() {
+            out.par_chunks_mut(s * d).enumerate().for_each(|(bj, out)| {
+                let (bi, j) = (bj / heads, bj % heads);
+                let column = part * h + j * d;
+                for (pos, out) in out.chunks_exact_mut(d).enumerate() {
+                    let src = &x[(bi * s + pos) * 3 * h + column..][..d];
+                    if part == 2 {
+                        out.copy_from_slice(src);
+                        continue;
+                    }
+                    let bias = &bias[column..column + d];
+                    let (cos, sin) = tables.at(bi, pos, s, d);
+                    for e in 0..d {
+                        let partner = e ^ 1;
+                        out[e] = (src[e] + bias[e]) * cos[e] + (src[partner] + bias[partner]) * sin[e];
+                    }
+                }
+            });
+        }
+        let [q, k, v] = parts.map(|p| f32_tensor(p, heads_first.clone()));
+        let scale = 1.0 / (d as f32).sqrt();
+        let scores = Flex::product(q.clone(), Flex::float_transpose(k.clone()));
+        let p = Flex::causal_softmax(scores, scale);
+        // The output straight into `[B, S, H·d]`: head `j` of row `bi` is the `d` columns from
+        // `j·d` of that row's `S` positions.
+        let out = product_into(
+            &p,
+            &v,
+            b * s * h,
+            |index| (index / heads) * s * h + (index % heads) * d,
+            h,
+        );
+        (f32_tensor(out, Shape::new([b, s, h])), [q, k, v, p])
+    }
+
+    fn chunk_attention_backward(
+        saved: [FlexTensor; 4],
+        cos: FlexTensor,
+        sin: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let [q, k, v, p] = saved;
+        let tables = Tables::new(cos, sin);
+        let [b, heads, s, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
+        let h = heads * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        // The output's gradient as heads `[B, H, S, d]`, a view of `[B, S, H·d]`.
+        let grad = Flex::float_reshape(grad.to_contiguous(), Shape::new([b, s, heads, d]));
+        let grad = Flex::float_swap_dims(grad, 1, 2);
+        let dv = Flex::product(Flex::float_transpose(p.clone()), grad.clone());
+        let dp = Flex::product(grad, Flex::float_transpose(v));
+        let ds = Flex::causal_softmax_backward(p, dp, scale);
+        let dq = Flex::product(ds.clone(), k);
+        let dk = Flex::product(Flex::float_transpose(ds), q);
+        let (dq, dk, dv) = (
+            f32_rows(&dq).expect("f32"),
+            f32_rows(&dk).expect("f32"),
+            f32_rows(&dv).expect("f32"),
+        );
+        // One pass back to `[B, S, 3·H·d]`: query and key gradients rotated back (the transpose
+        // of the rotation: `dx[e] = dy[e]·cos[e] + dy[e^1]·sin[e^1]`), values copied; each task
+        // also sums its rows' query and key gradients for the bias.
+        let mut dqkv = vec![0f32; b * s * 3 * h];
+        let partial_bias: Vec<Vec<f32>> = dqkv
+            .par_chunks_mut(ROWS_PER_TASK * 3 * h)
+            .enumerate()
+            .map(|(chunk, out)| {
+                let mut bias = vec![0f32; 2 * h];
+                for (r, out) in out.chunks_exact_mut(3 * h).enumerate() {
+                    let row = chunk * ROWS_PER_TASK + r;
+                    let (bi, pos) = (row / s, row % s);
+                    let (cos, sin) = tables.at(bi, pos, s, d);
+                    for j in 0..heads {
+                        let at = ((bi * heads + j) * s + pos) * d;
+                        for (part, dy) in [dq, dk].into_iter().enumerate() {
+                            let dy = &dy[at..at + d];
+                            let column = part * h + j * d;
+                            for e in 0..d {
+                                let partner = e ^ 1;
+                                let dx = dy[e] * cos[e] + dy[partner] * sin[partner];
+                                out[column + e] = dx;
+                                bias[column + e] += dx;
+                            }
+                        }
+                        out[2 * h + j * d..2 * h + (j + 1) * d].copy_from_slice(&dv[at..at + d]);
+                    }
+                }
+                bias
+            })
+            .collect();
+        let mut dbias = vec![0f32; 2 * h];
+        for partial in partial_bias {
+            dbias.iter_mut().zip(partial).for_each(|(total, p)| *total += p);
+        }
+        (
+            f32_tensor(dqkv, Shape::new([b, s, 3 * h])),
+            f32_tensor(dbias, Shape::new([2 * h])),
+        )
+    }
+}
+
+impl ChunkAttentionOps for Flex {
+    fn chunk_attention(
+        qkv: FlexTensor,
+        bias: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        heads: usize,
+    ) -> FlexTensor {
+        Flex::chunk_attention_forward(qkv, bias, cos, sin, heads).0
+    }
+}
+
+impl<B: ChunkAttentionOps + ChunkAttentionKernels, C: CheckpointStrategy> ChunkAttentionOps for Autodiff<B, C> {
+    fn chunk_attention(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ChunkAttention;
+
+        impl<B: ChunkAttentionKernels> Backward<B, 2> for ChunkAttention {
+            /// Rotated queries, keys, values and the probabilities; the rotation tables.
+            type State = ([FloatTensor<B>; 4], FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_qkv, node_bias] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (saved, cos, sin) = ops.state;
+                let (dqkv, dbias) = B::chunk_attention_backward(saved, cos, sin, grad);
+                if let Some(node) = node_qkv {
+                    grads.register::<B>(node.id, dqkv);
+                }
+                if let Some(node) = node_bias {
+                    grads.register::<B>(node.id, dbias);
+                }
+            }
+        }
+
+        // The tables are constants: positions, not parameters.
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        let prepared = ChunkAttention
+            .prepare::<C>([qkv.node(), bias.node()])
+            .compute_bound()
+            .stateful();
+        let (qkv, bias) = (qkv.into_primitive(), bias.into_primitive());
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let (out, saved) = B::chunk_attention_forward(qkv, bias, cos.clone(), sin.clone(), heads);
+                prep.finish((saved, cos, sin), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::chunk_attention(qkv, bias, cos, sin, heads)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Param;
+    use burn::tensor::Distribution;
+
+    use crate::attention::CausalSelfAttention;
+    use crate::cache::{FullCache, LayerSlot, NoCache};
+    use crate::rope::Rotary;
+    use burn::prelude::*;
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    fn layer(device: &Device, h: usize, heads: usize) -> CausalSelfAttention {
+        let d = h / heads;
+        CausalSelfAttention {
+            wqkv: crate::huginn::linear(Tensor::random([h, 3 * h], Distribution::Normal(0.0, 0.3), device)),
+            qk_bias: Param::from_tensor(Tensor::random(
+                [1, 2 * heads, 1, d],
+                Distribution::Normal(0.0, 0.5),
+                device,
+            )),
+            proj: crate::huginn::linear(Tensor::random([h, h], Distribution::Normal(0.0, 0.3), device)),
+            n_heads: heads,
+        }
+    }
+
+    /// The fused operation (a cache that keeps nothing) against the composed attention (a cache
+    /// that keeps everything, on its first chunk): output and every gradient, with the rotation
+    /// shared by the batch and given per row.
+    #[test]
+    fn matches_the_composed_attention_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        let (b, s, h, heads) = (2, 37, 24, 3);
+        let attention = layer(&device, h, heads);
+        let x = Tensor::<3>::random([b, s, h], Distribution::Normal(0.0, 1.0), &device);
+        let upstream = Tensor::<3>::random([b, s, h], Distribution::Default, &device);
+        let shared = Rotary::contiguous(0, b, s, h / heads, 10_000.0, &device);
+        let offsets = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 5], [b, 1]), &device);
+        let per_row = Rotary::new(
+            Tensor::arange(0..s as i64, &device).reshape([1, s]) + offsets,
+            h / heads,
+            50.0,
+        );
+        for rotary in [shared, per_row] {
+            let slot = LayerSlot::Prelude(0);
+            let (x1, x2) = (x.clone().require_grad(), x.clone().require_grad());
+            let fused = attention.forward(x1.clone(), &rotary, slot, &mut NoCache);
+            let composed = attention.forward(x2.clone(), &rotary, slot, &mut FullCache::new());
+            assert!(max_diff(fused.clone().inner(), composed.clone().inner()) < 1e-5);
+            let g1 = (fused * upstream.clone()).sum().backward();
+            let g2 = (composed * upstream.clone()).sum().backward();
+            assert!(max_diff(x1.grad(&g1).unwrap(), x2.grad(&g2).unwrap()) < 1e-4);
+            let bias = |g| attention.qk_bias.grad(g).unwrap();
+            assert!(max_diff(bias(&g1), bias(&g2)) < 1e-4);
+            let wqkv = |g| attention.wqkv.weight.grad(g).unwrap();
+            assert!(max_diff(wqkv(&g1), wqkv(&g2)) < 1e-4);
+        }
+    }
+
+    /// Without autodiff the operation gives the composed attention's output.
+    #[test]
+    fn untracked_forward_matches() {
+        let device = Device::flex();
+        let attention = layer(&device, 32, 2);
+        let x = Tensor::<3>::random([1, 19, 32], Distribution::Normal(0.0, 1.0), &device);
+        let rotary = Rotary::contiguous(3, 1, 19, 16, 10_000.0, &device);
+        let slot = LayerSlot::Coda(0);
+        let fused = attention.forward(x.clone(), &rotary, slot, &mut NoCache);
+        let composed = attention.forward(x, &rotary, slot, &mut FullCache::new());
+        assert!(max_diff(fused, composed) < 1e-5);
+    }
+}
