@@ -28,6 +28,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use crate::cached_attention;
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
 use crate::matmul::ProductOps;
+use crate::simd::{exp, vectorised};
 
 /// Causal attention `softmax(q·kᵀ/√d + causal mask)·v` on `[B, H, S, D]` tensors with as many
 /// queries as keys.
@@ -98,18 +99,22 @@ impl CausalSoftmax for Flex {
         let mut out = vec![0f32; input.len()];
         for_row_chunks(&mut out, n, ROWS_PER_TASK, |out, rows| {
             let input = &input[rows.start * n..rows.end * n];
-            for ((row, out), x) in rows.zip(out.chunks_exact_mut(n)).zip(input.chunks_exact(n)) {
-                // Query `i` of its matrix sees keys 0..=i.
-                let visible = row % n + 1;
-                let max = x[..visible].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                let mut sum = 0.0;
-                for (o, &s) in out[..visible].iter_mut().zip(&x[..visible]) {
-                    *o = (s * scale - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                out[..visible].iter_mut().for_each(|o| *o *= inv);
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((row, out), x) in rows.zip(out.chunks_exact_mut(n)).zip(input.chunks_exact(n)) {
+                        // Query `i` of its matrix sees keys 0..=i.
+                        let visible = row % n + 1;
+                        let max = x[..visible].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                        for (o, &s) in out[..visible].iter_mut().zip(&x[..visible]) {
+                            *o = exp(s * scale - max);
+                        }
+                        let sum: f32 = out[..visible].iter().sum();
+                        let inv = 1.0 / sum;
+                        out[..visible].iter_mut().for_each(|o| *o *= inv);
+                    }
+                },
+            )
         });
         f32_tensor(out, scores.shape())
     }
@@ -122,12 +127,17 @@ impl CausalSoftmax for Flex {
         for_row_chunks(&mut out, n, ROWS_PER_TASK, |out, rows| {
             let span = rows.start * n..rows.end * n;
             let (p, dp) = (&p_rows[span.clone()], &dp_rows[span]);
-            for ((out, p), dp) in out.chunks_exact_mut(n).zip(p.chunks_exact(n)).zip(dp.chunks_exact(n)) {
-                let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
-                for ((o, &p), &d) in out.iter_mut().zip(p).zip(dp) {
-                    *o = scale * p * (d - dot);
-                }
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((out, p), dp) in out.chunks_exact_mut(n).zip(p.chunks_exact(n)).zip(dp.chunks_exact(n)) {
+                        let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
+                        for ((o, &p), &d) in out.iter_mut().zip(p).zip(dp) {
+                            *o = scale * p * (d - dot);
+                        }
+                    }
+                },
+            )
         });
         f32_tensor(out, p.shape())
     }

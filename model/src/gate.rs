@@ -23,6 +23,7 @@ use burn::prelude::*;
 use burn::tensor::Slice;
 
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
+use crate::simd::{exp, vectorised};
 
 /// `silu(x[.., :m]) · x[.., m:]` over the last dimension (width `2m`), and its gradient.
 #[backend_extension(Flex, Autodiff)]
@@ -67,7 +68,7 @@ const ROWS_PER_TASK: usize = 64;
 
 fn sigmoid(g: f32) -> f32 {
     // Branch-free: exp(-g) overflows to +inf for very negative g, giving 0 as it should.
-    1.0 / (1.0 + (-g).exp())
+    1.0 / (1.0 + exp(-g))
 }
 
 impl GateOps for Flex {
@@ -80,12 +81,17 @@ impl GateOps for Flex {
         let mut out = vec![0f32; input.len() / 2];
         for_row_chunks(&mut out, m, ROWS_PER_TASK, |out, rows| {
             let input = &input[rows.start * width..rows.end * width];
-            for (out, x) in out.chunks_exact_mut(m).zip(input.chunks_exact(width)) {
-                let (gate, up) = x.split_at(m);
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = g * sigmoid(g) * u;
-                }
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (out, x) in out.chunks_exact_mut(m).zip(input.chunks_exact(width)) {
+                        let (gate, up) = x.split_at(m);
+                        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                            *o = g * sigmoid(g) * u;
+                        }
+                    }
+                },
+            )
         });
         let mut shape = x.shape();
         let last = shape.num_dims() - 1;
@@ -104,20 +110,25 @@ impl GateOps for Flex {
         for_row_chunks(&mut out, width, ROWS_PER_TASK, |out, rows| {
             let input = &input[rows.start * width..rows.end * width];
             let grad = &grad_rows[rows.start * m..rows.end * m];
-            for ((out, x), grad) in out
-                .chunks_exact_mut(width)
-                .zip(input.chunks_exact(width))
-                .zip(grad.chunks_exact(m))
-            {
-                let (d_gate, d_up) = out.split_at_mut(m);
-                let (gate, up) = x.split_at(m);
-                for j in 0..m {
-                    let (g, u, dy) = (gate[j], up[j], grad[j]);
-                    let s = sigmoid(g);
-                    d_up[j] = dy * g * s;
-                    d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
-                }
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((out, x), grad) in out
+                        .chunks_exact_mut(width)
+                        .zip(input.chunks_exact(width))
+                        .zip(grad.chunks_exact(m))
+                    {
+                        let (d_gate, d_up) = out.split_at_mut(m);
+                        let (gate, up) = x.split_at(m);
+                        for j in 0..m {
+                            let (g, u, dy) = (gate[j], up[j], grad[j]);
+                            let s = sigmoid(g);
+                            d_up[j] = dy * g * s;
+                            d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
+                        }
+                    }
+                },
+            )
         });
         f32_tensor(out, x.shape())
     }

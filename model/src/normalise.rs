@@ -20,6 +20,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
+use crate::simd::vectorised;
 
 /// Rows per rayon task (a row is one token's `h` channels).
 const ROWS_PER_TASK: usize = 32;
@@ -82,12 +83,17 @@ impl RmsNormOps for Flex {
         let mut out = vec![0f32; input.len()];
         for_row_chunks(&mut out, h, ROWS_PER_TASK, |out, rows| {
             let input = &input[rows.start * h..rows.end * h];
-            for (out, x) in out.chunks_exact_mut(h).zip(input.chunks_exact(h)) {
-                let r = inv_rms(x, eps);
-                for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-                    *o = x * r * w;
-                }
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (out, x) in out.chunks_exact_mut(h).zip(input.chunks_exact(h)) {
+                        let r = inv_rms(x, eps);
+                        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+                            *o = x * r * w;
+                        }
+                    }
+                },
+            )
         });
         f32_tensor(out, x.shape())
     }
@@ -108,23 +114,28 @@ impl RmsNormBackward for Flex {
         let partial_dw = for_row_chunks(&mut dx, h, ROWS_PER_TASK, |dx, rows| {
             let span = rows.start * h..rows.end * h;
             let mut dw = vec![0f32; h];
-            for ((dx, x), dy) in dx
-                .chunks_exact_mut(h)
-                .zip(input[span.clone()].chunks_exact(h))
-                .zip(dy[span].chunks_exact(h))
-            {
-                let r = inv_rms(x, eps);
-                let mut dot = 0.0;
-                for (((&x, &dy), &w), dw) in x.iter().zip(dy).zip(w).zip(dw.iter_mut()) {
-                    let normed = x * r;
-                    *dw += dy * normed;
-                    dot += dy * w * normed;
-                }
-                let mean = dot / h as f32;
-                for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                    *dx = r * (dy * w - x * r * mean);
-                }
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(h)
+                        .zip(input[span.clone()].chunks_exact(h))
+                        .zip(dy[span].chunks_exact(h))
+                    {
+                        let r = inv_rms(x, eps);
+                        let mut dot = 0.0;
+                        for (((&x, &dy), &w), dw) in x.iter().zip(dy).zip(w).zip(dw.iter_mut()) {
+                            let normed = x * r;
+                            *dw += dy * normed;
+                            dot += dy * w * normed;
+                        }
+                        let mean = dot / h as f32;
+                        for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                            *dx = r * (dy * w - x * r * mean);
+                        }
+                    }
+                },
+            );
             dw
         });
         let mut dw = vec![0f32; h];
