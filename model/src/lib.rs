@@ -37,7 +37,7 @@ pub mod norm;
 pub mod normalise;
 pub mod pretrained;
 pub mod rope;
-mod simd;
+pub mod simd;
 pub mod threads;
 
 pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};

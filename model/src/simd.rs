@@ -4,15 +4,16 @@
 //! The binaries are built for baseline x86-64 (they must run on other machines), where the
 //! compiler vectorises a loop four lanes wide at most, and calls libm's scalar `expf` for every
 //! `exp`: at the training benchmark's shape `expf` alone was about 6% of a step (the gate's
-//! sigmoid and the softmax). [`vectorised`] runs a loop in a copy compiled for AVX-512 or
-//! AVX2+FMA when the CPU has them, and [`exp`] is branch-free arithmetic that such a loop keeps
-//! in vector registers.
+//! sigmoid and the softmax), and libm's `atan2f` was most of the optimizer's update.
+//! [`vectorised`] runs a loop in a copy compiled for AVX-512 or AVX2+FMA when the CPU has them,
+//! and [`exp`] and [`atan`] are branch-free arithmetic that such a loop keeps in vector
+//! registers.
 
 /// Runs `body` compiled for AVX-512 or AVX2 with FMA where the CPU has them, as it is
 /// elsewhere. The body must be a closure marked `#[inline(always)]`: only code inlined into the
 /// functions below is compiled with their features (a closure left out of line is not).
 #[inline(always)]
-pub(crate) fn vectorised<R>(body: impl FnOnce() -> R) -> R {
+pub fn vectorised<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
@@ -45,7 +46,7 @@ unsafe fn with_avx2<R>(body: impl FnOnce() -> R) -> R {
 /// the softmax (arguments ≤ 0, divided by a sum ≥ 1) and the sigmoid (`1 / (1 + e⁻ᵍ)`) turn into
 /// the same f32 results up to those magnitudes. NaN stays NaN.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts: `n · LN2_HI` is exact for the `n` that occur.
     const LN2_HI: f32 = 0.693_359_4;
@@ -70,6 +71,27 @@ pub(crate) fn exp(x: f32) -> f32 {
     // `n` is an integer in [−126, 127]: `2ⁿ` is its biased exponent shifted into place.
     // (Wrapping arithmetic: an overflow check, as debug builds add, keeps the loop scalar.)
     e_r * f32::from_bits((n_bits.wrapping_add(127) as u32) << 23)
+}
+
+/// `atan(z)` to within 3 ulp (Cephes' `atanf`: reduced to |z| ≤ tan(π/8) through
+/// `atan(z) = π/4 + atan((z − 1)/(z + 1))` or `π/2 − atan(1/z)`, then an odd degree-9
+/// polynomial), with selects instead of branches. `atan2(y, x)` for `x > 0` is `atan(y / x)`.
+#[inline(always)]
+pub fn atan(z: f32) -> f32 {
+    use std::f32::consts::{FRAC_PI_2, FRAC_PI_4};
+    const TAN_3PI_8: f32 = 2.414_213_5;
+    const TAN_PI_8: f32 = 0.414_213_57;
+    let a = z.abs();
+    let (base, x) = if a > TAN_3PI_8 {
+        (FRAC_PI_2, -1.0 / a)
+    } else if a > TAN_PI_8 {
+        (FRAC_PI_4, (a - 1.0) / (a + 1.0))
+    } else {
+        (0.0, a)
+    };
+    let x2 = x * x;
+    let p = (((8.053_744_5e-2 * x2 - 0.138_776_86) * x2 + 0.199_777_11) * x2 - 0.333_329_5) * x2 * x + x;
+    (base + p).copysign(z)
 }
 
 #[cfg(test)]
@@ -97,5 +119,22 @@ mod tests {
             ),
             exp(1.0)
         );
+    }
+
+    /// Against libm across magnitudes (both signs, each reduction), in ulp, and the limits.
+    #[test]
+    fn atan_is_within_three_ulp_of_libm() {
+        let mut worst = 0u32;
+        for i in 0..=200_000 {
+            let z = 10f32.powf(-6.0 + 12.0 * i as f32 / 200_000.0);
+            for z in [z, -z] {
+                worst = worst.max(atan(z).to_bits().abs_diff(z.atan().to_bits()));
+            }
+        }
+        assert!(worst <= 3, "{worst} ulp");
+        assert_eq!(atan(0.0), 0.0);
+        assert_eq!(atan(f32::INFINITY), std::f32::consts::FRAC_PI_2);
+        assert_eq!(atan(f32::NEG_INFINITY), -std::f32::consts::FRAC_PI_2);
+        assert!(atan(f32::NAN).is_nan());
     }
 }

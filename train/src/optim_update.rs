@@ -5,7 +5,8 @@
 //! burn-flex 0.22 with a fresh output: a tenth of a training step at the benchmark's shape, with
 //! the second core idle. Here the first pass updates both moments in place and sums the clipping
 //! ratio (per chunk, added in chunk order, so the sum does not depend on the pool), the second
-//! writes the parameter in place. Buffers another tensor still shares are copied first, as Burn
+//! writes the parameter in place; both loops are vectorised ([`model::simd`], with its `atan`
+//! for libm's scalar `atan2f`). Buffers another tensor still shares are copied first, as Burn
 //! would. Other backends and dtypes keep the tensor operations.
 
 use burn::backend::TensorMetadata;
@@ -15,6 +16,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 use model::flex::{f32_tensor, runs_on_flex};
+use model::simd::{atan, vectorised};
 use rayon::prelude::*;
 
 /// Elements per rayon task.
@@ -147,18 +149,21 @@ impl EllisAdamOps for Flex {
             .zip(vs.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .map(|((m, v), g)| {
-                let mut sum = 0f64;
-                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    let square = g * g;
-                    if first {
-                        *v = square.max(floor);
-                    } else {
-                        *m = *m * beta_1 + g * (1.0 - beta_1);
-                        *v = (*v * beta_2 + square * (1.0 - beta_2)).max(floor);
-                    }
-                    sum += (square / *v) as f64;
-                }
-                sum
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                            let square = g * g;
+                            if first {
+                                *v = square.max(floor);
+                            } else {
+                                *m = *m * beta_1 + g * (1.0 - beta_1);
+                                *v = (*v * beta_2 + square * (1.0 - beta_2)).max(floor);
+                            }
+                        }
+                    },
+                );
+                g.iter().zip(v.iter()).map(|(&g, &v)| (g * g / v) as f64).sum::<f64>()
             })
             .collect();
         let count = g.len().max(1) as f64;
@@ -171,9 +176,15 @@ impl EllisAdamOps for Flex {
             .zip(ms.par_chunks(CHUNK))
             .zip(vs.par_chunks(CHUNK))
             .for_each(|((p, m), v)| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * decay - m.atan2(v.sqrt() / v_correction) * step;
-                }
+                // `atan2(m, √v̂)` is `atan(m / √v̂)`: the second moment is at least `ε²`.
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                            *p = *p * decay - atan(m / (v.sqrt() / v_correction)) * step;
+                        }
+                    },
+                )
             });
         (param, m, v)
     }
