@@ -31,6 +31,7 @@ pub mod gate;
 pub mod huginn;
 pub mod init;
 pub mod linear;
+pub mod loss;
 pub mod matmul;
 pub mod mlp;
 pub mod norm;
