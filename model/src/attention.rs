@@ -8,7 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
 use crate::causal_attention::attention;
-use crate::chunk_attention::chunk_attention;
+use crate::chunk_attention::{chunk_attention, rotated_heads};
 use crate::linear::linear;
 use crate::rope::Rotary;
 
@@ -29,20 +29,23 @@ impl CausalSelfAttention {
         let [b, s, h] = x.dims();
         let (nh, hd) = (self.n_heads, h / self.n_heads);
         let qkv = linear(&self.wqkv, x);
-        if !cache.stores() {
-            let bias = self.qk_bias.val().reshape([2 * h]);
-            if let Some(y) = chunk_attention(&qkv, &bias, rotary, nh) {
-                return linear(&self.proj, y);
-            }
+        let bias = self.qk_bias.val().reshape([2 * h]);
+        if !cache.stores()
+            && let Some(y) = chunk_attention(&qkv, &bias, rotary, nh)
+        {
+            return linear(&self.proj, y);
         }
-        // Queries and keys get their bias and rotation together, as `2·H` heads (queries
-        // first): half the operations of doing each on its own.
-        let qk = qkv.clone().narrow(2, 0, 2 * h).reshape([b, s, 2 * nh, hd]);
-        let qk = qk + self.qk_bias.val().reshape([1, 1, 2 * nh, hd]);
-        let qk = rotary.apply(qk);
-        let q = qk.clone().narrow(2, 0, nh).swap_dims(1, 2);
-        let k = qk.narrow(2, nh, nh).swap_dims(1, 2);
-        let v = qkv.narrow(2, 2 * h, h).reshape([b, s, nh, hd]).swap_dims(1, 2);
+        let [q, k, v] = rotated_heads(&qkv, &bias, rotary, nh).unwrap_or_else(|| {
+            // Queries and keys get their bias and rotation together, as `2·H` heads (queries
+            // first): half the operations of doing each on its own.
+            let qk = qkv.clone().narrow(2, 0, 2 * h).reshape([b, s, 2 * nh, hd]);
+            let qk = qk + bias.reshape([1, 1, 2 * nh, hd]);
+            let qk = rotary.apply(qk);
+            let q = qk.clone().narrow(2, 0, nh).swap_dims(1, 2);
+            let k = qk.narrow(2, nh, nh).swap_dims(1, 2);
+            let v = qkv.narrow(2, 2 * h, h).reshape([b, s, nh, hd]).swap_dims(1, 2);
+            [q, k, v]
+        });
 
         let Attend { keys, values, mask } = cache.update(slot, k, v);
         let options = AttentionModuleOptions {

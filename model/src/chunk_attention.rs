@@ -123,6 +123,101 @@ impl Tables {
     }
 }
 
+/// Multiply-adds under which [`heads_first`] runs on the calling thread (a decoding step's few
+/// positions would spend longer waking the pool).
+const SERIAL_ELEMENTS: usize = 1 << 14;
+
+/// Queries and keys (biased and rotated) and values of `qkv` `[B, S, 3·H·d]`, each heads first,
+/// `[B, H, S, d]`, in one pass over `qkv` per part.
+fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize) -> [FlexTensor; 3] {
+    let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
+    let shape = qkv.shape();
+    let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
+    let d = h / heads;
+    let (x, bias) = (f32_rows(&qkv).expect("f32 qkv"), f32_rows(&bias).expect("f32 bias"));
+    let mut parts = [vec![0f32; b * h * s], vec![0f32; b * h * s], vec![0f32; b * h * s]];
+    for (part, out) in parts.iter_mut().enumerate() {
+        let head = |(bj, out): (usize, &mut [f32])| {
+            let (bi, j) = (bj / heads, bj % heads);
+            let column = part * h + j * d;
+            for (pos, out) in out.chunks_exact_mut(d).enumerate() {
+                let src = &x[(bi * s + pos) * 3 * h + column..][..d];
+                if part == 2 {
+                    out.copy_from_slice(src);
+                    continue;
+                }
+                let bias = &bias[column..column + d];
+                let (cos, sin) = tables.at(bi, pos, s, d);
+                for e in 0..d {
+                    let partner = e ^ 1;
+                    out[e] = (src[e] + bias[e]) * cos[e] + (src[partner] + bias[partner]) * sin[e];
+                }
+            }
+        };
+        if out.len() < SERIAL_ELEMENTS {
+            out.chunks_mut(s * d).enumerate().for_each(head);
+        } else {
+            out.par_chunks_mut(s * d).enumerate().for_each(head);
+        }
+    }
+    parts.map(|p| f32_tensor(p, Shape::new([b, heads, s, d])))
+}
+
+/// Queries, keys and values `[B, H, S, d]` of `qkv` for inference with a cache (no autodiff):
+/// the composed path's split, bias, rotation and head layout as one pass. `None` where
+/// [`chunk_attention`]'s conditions (but for the chunk's length) do not hold, or with autodiff.
+pub fn rotated_heads(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<[Tensor<4>; 3]> {
+    let [b, s, width] = qkv.dims();
+    let (cos, sin) = rotary.tables();
+    let device = qkv.device();
+    let fits = runs_on_flex(&device)
+        && !device.is_autodiff()
+        && heads > 0
+        && width % (3 * heads) == 0
+        && (width / (3 * heads)).is_multiple_of(2)
+        && bias.dims()[0] == 2 * width / 3
+        && cos.dims()[1] == s
+        && [1, b].contains(&cos.dims()[0])
+        && [qkv.dtype(), bias.dtype(), cos.dtype(), sin.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
+    fits.then(|| {
+        let (q, k, v) = <Dispatch as RotatedHeadsOps>::rotated_heads(
+            qkv.clone().into_dispatch(),
+            bias.clone().into_dispatch(),
+            cos.clone().into_dispatch(),
+            sin.clone().into_dispatch(),
+            heads,
+        );
+        [q, k, v].map(Tensor::from_dispatch)
+    })
+}
+
+/// [`rotated_heads`]'s operation (inference only: no gradient).
+#[backend_extension(Flex)]
+pub trait RotatedHeadsOps: Backend {
+    fn rotated_heads(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl RotatedHeadsOps for Flex {
+    fn rotated_heads(
+        qkv: FlexTensor,
+        bias: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        heads: usize,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let [q, k, v] = heads_first(qkv, bias, &Tables::new(cos, sin), heads);
+        (q, k, v)
+    }
+}
+
 impl ChunkAttentionKernels for Flex {
     fn chunk_attention_forward(
         qkv: FlexTensor,
@@ -131,35 +226,10 @@ impl ChunkAttentionKernels for Flex {
         sin: FlexTensor,
         heads: usize,
     ) -> (FlexTensor, [FlexTensor; 4]) {
-        let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
-        let tables = Tables::new(cos, sin);
         let shape = qkv.shape();
         let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
         let d = h / heads;
-        let (x, bias) = (f32_rows(&qkv).expect("f32 qkv"), f32_rows(&bias).expect("f32 bias"));
-        // Heads first, `[B, H, S, d]`: queries and keys biased and rotated, values as they are.
-        let heads_first = Shape::new([b, heads, s, d]);
-        let mut parts = [vec![0f32; b * h * s], vec![0f32; b * h * s], vec![0f32; b * h * s]];
-        for (part, out) in parts.iter_mut().enumerate() {
-            out.par_chunks_mut(s * d).enumerate().for_each(|(bj, out)| {
-                let (bi, j) = (bj / heads, bj % heads);
-                let column = part * h + j * d;
-                for (pos, out) in out.chunks_exact_mut(d).enumerate() {
-                    let src = &x[(bi * s + pos) * 3 * h + column..][..d];
-                    if part == 2 {
-                        out.copy_from_slice(src);
-                        continue;
-                    }
-                    let bias = &bias[column..column + d];
-                    let (cos, sin) = tables.at(bi, pos, s, d);
-                    for e in 0..d {
-                        let partner = e ^ 1;
-                        out[e] = (src[e] + bias[e]) * cos[e] + (src[partner] + bias[partner]) * sin[e];
-                    }
-                }
-            });
-        }
-        let [q, k, v] = parts.map(|p| f32_tensor(p, heads_first.clone()));
+        let [q, k, v] = heads_first(qkv, bias, &Tables::new(cos, sin), heads);
         let scale = 1.0 / (d as f32).sqrt();
         let scores = Flex::product(q.clone(), Flex::float_transpose(k.clone()));
         let p = Flex::causal_softmax(scores, scale);
@@ -357,6 +427,24 @@ mod tests {
             assert!(max_diff(bias(&g1), bias(&g2)) < 1e-4);
             let wqkv = |g| attention.wqkv.weight.grad(g).unwrap();
             assert!(max_diff(wqkv(&g1), wqkv(&g2)) < 1e-4);
+        }
+    }
+
+    /// Inference with a cache (the heads made in one pass) against the composed path (autodiff
+    /// turns that pass away), over a prompt and then one decoding step.
+    #[test]
+    fn inference_heads_match_the_composed_path_with_a_cache() {
+        let tracked = Device::flex().autodiff();
+        let attention = layer(&tracked, 32, 2);
+        let plain = attention.valid();
+        let slot = LayerSlot::Core { iteration: 0, layer: 0 };
+        let (mut composed_cache, mut fused_cache) = (FullCache::new(), FullCache::new());
+        for (start, len) in [(0, 19), (19, 1)] {
+            let x = Tensor::<3>::random([2, len, 32], Distribution::Normal(0.0, 1.0), &tracked);
+            let rotary = Rotary::contiguous(start, 2, len, 16, 10_000.0, &tracked);
+            let composed = attention.forward(x.clone(), &rotary, slot, &mut composed_cache);
+            let fused = plain.forward(x.inner(), &rotary.without_autodiff(), slot, &mut fused_cache);
+            assert!(max_diff(composed.inner(), fused) < 1e-5, "chunk at {start}");
         }
     }
 
