@@ -11,6 +11,8 @@
 //! whose backward is two more of these products. Other dtypes, broadcast batch dimensions and
 //! other backends keep `Tensor::matmul`. The lasting fix is upstream, in `FlexTensor::empty`.
 
+use std::ops::Range;
+
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -28,6 +30,11 @@ use crate::flex::{f32_tensor, runs_on_flex};
 
 /// Multiply-adds from which one product is split over the pool by `gemm` (burn-flex's bound).
 const PARALLEL_MACS: usize = 192 * 192 * 192;
+
+/// Products of at most this many rows and at least [`SPLIT_MACS`] multiply-adds are split into
+/// column blocks, one per thread, instead.
+const SPLIT_ROWS: usize = 128;
+const SPLIT_MACS: usize = 1 << 20;
 
 /// `lhs · rhs` over the last two dimensions, batched over the leading ones (the same on both).
 #[backend_extension(Flex, Autodiff)]
@@ -124,25 +131,27 @@ pub(crate) fn product_into(
     let (lhs_ops, rhs_ops) = (operands(lhs), operands(rhs));
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let one = |index: usize, parallelism: gemm::Parallelism| {
+    // Output matrix `index`, columns `cols` of it.
+    let one = |index: usize, cols: Range<usize>, parallelism: gemm::Parallelism| {
         let (a, b) = (lhs_ops[index], rhs_ops[index]);
         // SAFETY: the operands' offsets and strides come from their layouts, so every element
-        // gemm reads lies in its storage; output matrix `index` lies within `len` (the caller's
-        // layout) and no other matrix writes its elements; with `read_dst = false` gemm writes
-        // the output without reading it.
+        // gemm reads lies in its storage (columns `cols` of the right operand are within its
+        // `n`); output matrix `index` lies within `len` (the caller's layout) and no other call
+        // writes its columns `cols`; with `read_dst = false` gemm writes the output without
+        // reading it.
         unsafe {
             gemm::gemm(
                 m,
-                n,
+                cols.len(),
                 k,
-                out_ptr.get().add(offset(index)),
+                out_ptr.get().add(offset(index) + cols.start),
                 1,
                 row as isize,
                 false,
                 lhs_data.as_ptr().offset(a.offset),
                 a.col,
                 a.row,
-                rhs_data.as_ptr().offset(b.offset),
+                rhs_data.as_ptr().offset(b.offset + cols.start as isize * b.col),
                 b.col,
                 b.row,
                 0.0,
@@ -158,14 +167,23 @@ pub(crate) fn product_into(
     if count > 1 && macs < PARALLEL_MACS {
         (0..count)
             .into_par_iter()
-            .for_each(|index| one(index, gemm::Parallelism::None));
+            .for_each(|index| one(index, 0..n, gemm::Parallelism::None));
+    } else if m <= SPLIT_ROWS && macs >= SPLIT_MACS {
+        // Few rows (a prompt's): one column block per thread, each a serial gemm. gemm's own
+        // split of such a product costs more in scheduling than it gains.
+        let block = n.div_ceil(rayon::current_num_threads()).next_multiple_of(16);
+        for index in 0..count {
+            (0..n.div_ceil(block))
+                .into_par_iter()
+                .for_each(|b| one(index, b * block..((b + 1) * block).min(n), gemm::Parallelism::None));
+        }
     } else {
         let parallelism = if macs >= PARALLEL_MACS {
             gemm::Parallelism::Rayon(0)
         } else {
             gemm::Parallelism::None
         };
-        (0..count).for_each(|index| one(index, parallelism));
+        (0..count).for_each(|index| one(index, 0..n, parallelism));
     }
     // SAFETY: the matrices cover all `len` elements (asserted above, and the caller's layout
     // places them without overlap), each written whole by gemm (zeros when `k` is 0).
@@ -238,7 +256,7 @@ mod tests {
     #[test]
     fn matches_burns_product_on_strided_operands() {
         let device = Device::flex();
-        for (m, k, n) in [(1, 1, 1), (7, 5, 3), (65, 33, 17), (300, 200, 150)] {
+        for (m, k, n) in [(1, 1, 1), (7, 5, 3), (65, 33, 17), (64, 256, 770), (300, 200, 150)] {
             let a = Tensor::<2>::random([m, k], Distribution::Default, &device);
             let b = Tensor::<2>::random([k, n], Distribution::Default, &device);
             let want = a.clone().matmul(b.clone());
