@@ -28,6 +28,7 @@ pub mod error;
 pub mod fixture;
 pub mod flex;
 pub mod gate;
+pub mod heap;
 pub mod huginn;
 pub mod init;
 pub mod linear;

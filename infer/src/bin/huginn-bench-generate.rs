@@ -125,6 +125,7 @@ static GLOBAL: Counting = Counting;
 
 fn main() -> ExitCode {
     model::threads::join_the_pool();
+    model::heap::keep_freed_memory();
     infer::cli::main(run)
 }
 

@@ -192,6 +192,7 @@ fn main() -> ExitCode {
     // Every command but `serve` works on this thread; the server's engine has its own.
     if !matches!(cli.command, Command::Serve { .. }) {
         model::threads::join_the_pool();
+        model::heap::keep_freed_memory();
     }
     match run(cli) {
         Ok(code) => code,

@@ -386,6 +386,7 @@ fn main() -> ExitCode {
     // One device runs on this thread; --devices gives each worker a thread, which this one waits on.
     if args.devices.is_empty() {
         model::threads::join_the_pool();
+        model::heap::keep_freed_memory();
     }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
