@@ -17,17 +17,17 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
+use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{Bytes, DType};
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cached_attention;
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
-use crate::matmul::ProductOps;
+use crate::matmul::{ProductOps, product_into};
 use crate::simd::{exp, vectorised};
 
 /// Causal attention `softmax(q·kᵀ/√d + causal mask)·v` on `[B, H, S, D]` tensors with as many
@@ -83,11 +83,24 @@ pub fn attention(
 const ROWS_PER_TASK: usize = 16;
 
 /// Without autodiff: the forward of the operation below, two products and the softmax pass.
+///
+/// The output is a `[B, H, S, D]` view of a `[B, S, H, D]` buffer: the attention layer swaps it
+/// back to that layout, which is then contiguous (no copy before the output projection).
 impl CausalAttentionOps for Flex {
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
-        let scale = 1.0 / (q.shape()[3] as f32).sqrt();
+        let shape = q.shape();
+        let [b, heads, s, d] = [shape[0], shape[1], shape[2], shape[3]];
+        let scale = 1.0 / (d as f32).sqrt();
         let scores = Flex::product(q, Flex::float_transpose(k));
-        Flex::product(Flex::causal_softmax(scores, scale), v)
+        let p = Flex::causal_softmax(scores, scale);
+        let h = heads * d;
+        let rows = product_into(&p, &v, b * s * h, |index| (index / heads) * s * h + (index % heads) * d, h);
+        let strides = [s * h, d, h, 1].map(|stride| stride as isize);
+        FlexTensor::new(
+            Bytes::from_elems(rows),
+            Layout::new(shape, strides.to_vec(), 0),
+            DType::F32,
+        )
     }
 }
 
