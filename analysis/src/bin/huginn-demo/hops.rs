@@ -48,12 +48,14 @@ impl HopDemo {
     /// hops. A single core layer, chains of up to 10 hops and a training depth that rarely
     /// comes near 1 leave one pass short of most questions, so the model learns to iterate.
     ///
-    /// Seed 3: not every seed finds the iterative solution within the budget. Of seeds 0-4,
-    /// 3 and 4 met every target (the README's seed sweep).
+    /// Seed 4: not every seed finds the iterative solution within the budget, and which do
+    /// changes with the engine's float order. With the engine of 2026-12-06's last sweep, seed
+    /// 4 was the one of seeds 0-5 to meet every target (the README's seed sweep; seed 3 did
+    /// with the engine before).
     pub fn pointers() -> Self {
         Self {
             recipe: Recipe {
-                seed: 3,
+                seed: 4,
                 steps: 1000,
                 width: 64,
                 heads: 4,
