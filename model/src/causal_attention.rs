@@ -22,8 +22,8 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
-use burn::tensor::{Bytes, DType};
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bytes, DType};
 
 use crate::cached_attention;
 use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
@@ -94,7 +94,13 @@ impl CausalAttentionOps for Flex {
         let scores = Flex::product(q, Flex::float_transpose(k));
         let p = Flex::causal_softmax(scores, scale);
         let h = heads * d;
-        let rows = product_into(&p, &v, b * s * h, |index| (index / heads) * s * h + (index % heads) * d, h);
+        let rows = product_into(
+            &p,
+            &v,
+            b * s * h,
+            |index| (index / heads) * s * h + (index % heads) * d,
+            h,
+        );
         let strides = [s * h, d, h, 1].map(|stride| stride as isize);
         FlexTensor::new(
             Bytes::from_elems(rows),
