@@ -69,10 +69,11 @@ pub trait ChunkAttentionKernels: Backend {
 /// The operation where it applies: f32 on Flex, a chunk of more than one position, even head
 /// width; `None` elsewhere (the caller composes it).
 pub fn chunk_attention(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<Tensor<3>> {
-    let [_, s, width] = qkv.dims();
+    let [b, s, width] = qkv.dims();
     let (cos, sin) = rotary.tables();
     let fits = runs_on_flex(&qkv.device())
         && s > 1
+        && [1, b].contains(&cos.dims()[0])
         && heads > 0
         && width % (3 * heads) == 0
         && (width / (3 * heads)).is_multiple_of(2)
