@@ -89,18 +89,9 @@ const ROWS_PER_TASK: usize = 16;
 impl CausalAttentionOps for Flex {
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
         let shape = q.shape();
-        let [b, heads, s, d] = [shape[0], shape[1], shape[2], shape[3]];
-        let scale = 1.0 / (d as f32).sqrt();
-        let scores = Flex::product(q, Flex::float_transpose(k));
-        let p = Flex::causal_softmax(scores, scale);
+        let [_, heads, s, d] = [shape[0], shape[1], shape[2], shape[3]];
         let h = heads * d;
-        let rows = product_into(
-            &p,
-            &v,
-            b * s * h,
-            |index| (index / heads) * s * h + (index % heads) * d,
-            h,
-        );
+        let (rows, _) = attend_into_rows(q, k, v);
         let strides = [s * h, d, h, 1].map(|stride| stride as isize);
         FlexTensor::new(
             Bytes::from_elems(rows),
@@ -108,6 +99,20 @@ impl CausalAttentionOps for Flex {
             DType::F32,
         )
     }
+}
+
+/// The causal attention of f32 heads `[B, H, S, d]` on Flex, written as `[B, S, H·d]` (head `j`
+/// of position `i` is the `d` elements from `(b·S + i)·H·d + j·d`), and the probabilities
+/// `[B, H, S, S]` (what backward needs).
+pub(crate) fn attend_into_rows(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> (Vec<f32>, FlexTensor) {
+    let shape = q.shape();
+    let [heads, s, d] = [shape[1], shape[2], shape[3]];
+    let scale = 1.0 / (d as f32).sqrt();
+    let scores = Flex::product(q, Flex::float_transpose(k));
+    let p = Flex::causal_softmax(scores, scale);
+    let h = heads * d;
+    let rows = product_into(&p, &v, |index| (index / heads) * s * h + (index % heads) * d, h);
+    (rows, p)
 }
 
 impl CausalSoftmax for Flex {

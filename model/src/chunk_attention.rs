@@ -27,8 +27,9 @@ use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use crate::causal_attention::CausalSoftmax;
+use crate::causal_attention::attend_into_rows;
 use crate::flex::{f32_rows, f32_tensor, runs_on_flex};
-use crate::matmul::{ProductOps, product_into};
+use crate::matmul::ProductOps;
 use crate::rope::Rotary;
 
 /// Causal self-attention of `qkv` `[B, S, 3·H·d]` (queries, keys, values, head by head): the
@@ -69,19 +70,8 @@ pub trait ChunkAttentionKernels: Backend {
 /// The operation where it applies: f32 on Flex, a chunk of more than one position, even head
 /// width; `None` elsewhere (the caller composes it).
 pub fn chunk_attention(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<Tensor<3>> {
-    let [b, s, width] = qkv.dims();
     let (cos, sin) = rotary.tables();
-    let fits = runs_on_flex(&qkv.device())
-        && s > 1
-        && [1, b].contains(&cos.dims()[0])
-        && heads > 0
-        && width % (3 * heads) == 0
-        && (width / (3 * heads)).is_multiple_of(2)
-        && bias.dims()[0] == 2 * width / 3
-        && cos.dims()[1] == s
-        && [qkv.dtype(), bias.dtype(), cos.dtype(), sin.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32);
+    let fits = qkv.dims()[1] > 1 && fused_input_fits(qkv, bias, rotary, heads);
     fits.then(|| {
         Tensor::from_dispatch(<Dispatch as ChunkAttentionOps>::chunk_attention(
             qkv.clone().into_dispatch(),
@@ -91,6 +81,23 @@ pub fn chunk_attention(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads
             heads,
         ))
     })
+}
+
+/// What the fused input stage takes: f32 on Flex, `heads` of even width, a bias for queries and
+/// keys, and rotation tables for the chunk's positions, of one row or the batch's.
+fn fused_input_fits(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> bool {
+    let [b, s, width] = qkv.dims();
+    let (cos, sin) = rotary.tables();
+    runs_on_flex(&qkv.device())
+        && heads > 0
+        && width % (3 * heads) == 0
+        && (width / (3 * heads)).is_multiple_of(2)
+        && bias.dims()[0] == 2 * width / 3
+        && cos.dims()[1] == s
+        && [1, b].contains(&cos.dims()[0])
+        && [qkv.dtype(), bias.dtype(), cos.dtype(), sin.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32)
 }
 
 /// Positions per rayon task of the element-wise passes.
@@ -168,20 +175,8 @@ fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize)
 /// the composed path's split, bias, rotation and head layout as one pass. `None` where
 /// [`chunk_attention`]'s conditions (but for the chunk's length) do not hold, or with autodiff.
 pub fn rotated_heads(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<[Tensor<4>; 3]> {
-    let [b, s, width] = qkv.dims();
     let (cos, sin) = rotary.tables();
-    let device = qkv.device();
-    let fits = runs_on_flex(&device)
-        && !device.is_autodiff()
-        && heads > 0
-        && width % (3 * heads) == 0
-        && (width / (3 * heads)).is_multiple_of(2)
-        && bias.dims()[0] == 2 * width / 3
-        && cos.dims()[1] == s
-        && [1, b].contains(&cos.dims()[0])
-        && [qkv.dtype(), bias.dtype(), cos.dtype(), sin.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32);
+    let fits = !qkv.device().is_autodiff() && fused_input_fits(qkv, bias, rotary, heads);
     fits.then(|| {
         let (q, k, v) = <Dispatch as RotatedHeadsOps>::rotated_heads(
             qkv.clone().into_dispatch(),
@@ -229,20 +224,8 @@ impl ChunkAttentionKernels for Flex {
     ) -> (FlexTensor, [FlexTensor; 4]) {
         let shape = qkv.shape();
         let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
-        let d = h / heads;
         let [q, k, v] = heads_first(qkv, bias, &Tables::new(cos, sin), heads);
-        let scale = 1.0 / (d as f32).sqrt();
-        let scores = Flex::product(q.clone(), Flex::float_transpose(k.clone()));
-        let p = Flex::causal_softmax(scores, scale);
-        // The output straight into `[B, S, H·d]`: head `j` of row `bi` is the `d` columns from
-        // `j·d` of that row's `S` positions.
-        let out = product_into(
-            &p,
-            &v,
-            b * s * h,
-            |index| (index / heads) * s * h + (index % heads) * d,
-            h,
-        );
+        let (out, p) = attend_into_rows(q.clone(), k.clone(), v.clone());
         (f32_tensor(out, Shape::new([b, s, h])), [q, k, v, p])
     }
 

@@ -84,8 +84,7 @@ impl ProductOps for Flex {
             return Flex::float_matmul(lhs, rhs);
         }
         let (m, n) = (ls[rank - 2], rs[rank - 1]);
-        let len = ls[..rank - 1].iter().product::<usize>() * n;
-        let out = product_into(&lhs, &rhs, len, |index| index * m * n, n);
+        let out = product_into(&lhs, &rhs, |index| index * m * n, n);
         let mut shape = ls.clone();
         shape[rank - 1] = n;
         f32_tensor(out, shape)
@@ -93,13 +92,12 @@ impl ProductOps for Flex {
 }
 
 /// The batched product of f32 `lhs` `[.., m, k]` and `rhs` `[.., k, n]` (the same batch
-/// dimensions, any strides) as a new buffer of `len` elements: matrix `i` of the batch (in
-/// row-major order) from element `offset(i)`, its rows `row` elements apart. The matrices must
-/// cover the `len` elements exactly once, as they are the only writes to the buffer.
+/// dimensions, any strides) as a new buffer of their `count·m·n` elements: matrix `i` of the
+/// batch (in row-major order) from element `offset(i)`, its rows `row` elements apart. The
+/// matrices must cover the buffer exactly once, as they are its only writes.
 pub(crate) fn product_into(
     lhs: &FlexTensor,
     rhs: &FlexTensor,
-    len: usize,
     offset: impl Fn(usize) -> usize + Sync,
     row: usize,
 ) -> Vec<f32> {
@@ -108,7 +106,13 @@ pub(crate) fn product_into(
     let (m, k, n) = (ls[rank - 2], ls[rank - 1], rs[rank - 1]);
     let batch = &ls[..rank - 2];
     let count: usize = batch.iter().product();
-    assert_eq!(count * m * n, len, "the product's matrices cover its output");
+    let len = count * m * n;
+    if m > 0 && n > 0 {
+        assert!(
+            (0..count).all(|index| offset(index) + (m - 1) * row + n <= len),
+            "a product's matrix lies outside its output"
+        );
+    }
     let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
     let operands = |t: &FlexTensor| -> Vec<Operand> {
         let (layout, strides) = (t.layout(), t.layout().strides());
@@ -185,8 +189,8 @@ pub(crate) fn product_into(
         };
         (0..count).for_each(|index| one(index, 0..n, parallelism));
     }
-    // SAFETY: the matrices cover all `len` elements (asserted above, and the caller's layout
-    // places them without overlap), each written whole by gemm (zeros when `k` is 0).
+    // SAFETY: the matrices cover all `len` elements (the caller's layout places them without
+    // gaps or overlap), each written whole by gemm (zeros when `k` is 0).
     unsafe { out.set_len(len) };
     out
 }

@@ -99,21 +99,19 @@ pub fn fused_update<const D: usize>(
     ]
 }
 
-/// `t`'s elements, writable: in place when nothing else holds its buffer, a copy otherwise.
-fn writable(t: FlexTensor) -> FlexTensor {
-    let t = if t.layout().contiguous_offsets().is_some() {
+/// `t` with its elements in one run of its buffer (a copy only for a strided view).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.layout().contiguous_offsets().is_some() {
         t
     } else {
         t.to_contiguous()
-    };
-    let mut t = t;
-    let _ = t.storage_mut::<f32>();
-    t
+    }
 }
 
-/// The tensor's elements as a mutable slice (it was made [`writable`]).
+/// The elements of a [`contiguous`] tensor, writable: in place when nothing else holds its
+/// buffer, in a copy of it otherwise (`storage_mut` copies a shared buffer first, as Burn would).
 fn elements(t: &mut FlexTensor) -> &mut [f32] {
-    let (start, end) = t.layout().contiguous_offsets().expect("contiguous after `writable`");
+    let (start, end) = t.layout().contiguous_offsets().expect("contiguous");
     &mut t.storage_mut::<f32>()[start..end]
 }
 
@@ -141,7 +139,7 @@ impl EllisAdamOps for Flex {
                 f32_tensor(g.to_vec(), shape.clone()),
             )
         } else {
-            (writable(moment_1), writable(moment_2))
+            (contiguous(moment_1), contiguous(moment_2))
         };
         let (ms, vs) = (elements(&mut m), elements(&mut v));
         let ratio_sums: Vec<f64> = ms
@@ -169,7 +167,7 @@ impl EllisAdamOps for Flex {
         let count = g.len().max(1) as f64;
         let rms = (ratio_sums.iter().sum::<f64>() / count).sqrt() as f32;
         let step = if update_clipping { step / rms.max(1.0) } else { step };
-        let mut param = writable(param);
+        let mut param = contiguous(param);
         let (ms, vs) = (elements(&mut m), elements(&mut v));
         elements(&mut param)
             .par_chunks_mut(CHUNK)
