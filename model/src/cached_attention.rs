@@ -5,9 +5,10 @@
 //! `[B, H, capacity, d]`), and burn-flex 0.22's attention first copies every operand into a
 //! contiguous tensor: for one query that copy costs more than the attention itself (measured:
 //! 15% of a batch-1 decoding step, against about 1% for the attention). Each head's keys are
-//! contiguous rows within the view, so here they are read in place. Inference only (no autodiff),
-//! f32 on Flex, no mask; everything else keeps Burn's attention. The lasting fix is a
-//! stride-aware attention in burn-flex.
+//! contiguous rows within the view, so here they are read in place (bf16 widened on the fly:
+//! burn-flex also copies bf16 operands to f32 first). Inference only (no autodiff), f32 or bf16
+//! on Flex, no mask; everything else keeps Burn's attention. The lasting fix is a stride-aware
+//! attention in burn-flex.
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -17,9 +18,11 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::ops::AttentionModuleOptions;
+use half::bf16;
 use rayon::prelude::*;
 
-use crate::flex::{f32_tensor, runs_on_flex};
+use crate::flex::{Widen, runs_on_flex, tensor_of, widened_rows, widens};
+use crate::simd::dot;
 
 /// The most queries per head the in-place kernel takes (a decoding step has one; speculative
 /// verification a few). Longer chunks are prefill, where Burn's blocked products win.
@@ -52,7 +55,7 @@ fn unscaled(causal: bool) -> AttentionModuleOptions {
 }
 
 /// Whether [`cached_attention`] takes these operands.
-pub fn fits(q: &Tensor<4>, k: &Tensor<4>, mask_free: bool, options: &AttentionModuleOptions) -> bool {
+pub fn fits(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask_free: bool, options: &AttentionModuleOptions) -> bool {
     let device = q.device();
     let [_, heads, queries, _] = q.dims();
     mask_free
@@ -60,8 +63,9 @@ pub fn fits(q: &Tensor<4>, k: &Tensor<4>, mask_free: bool, options: &AttentionMo
         && options.softcap.is_none()
         && !device.is_autodiff()
         && runs_on_flex(&device)
-        && q.dtype() == DType::F32
-        && k.dtype() == DType::F32
+        && widens(q.dtype())
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
         && k.dims()[1] == heads
         && (1..=FEW_QUERIES).contains(&queries)
 }
@@ -77,28 +81,29 @@ pub fn cached_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) 
 }
 
 /// A `[B, H, T, d]` operand read in place: rows of `d` contiguous elements.
-struct Rows<'a> {
-    data: &'a [f32],
+struct Rows<'a, E> {
+    data: &'a [E],
     start: usize,
     strides: [usize; 3],
 }
 
-impl<'a> Rows<'a> {
-    /// `None` where the last dimension is not contiguous or a stride is negative.
-    fn new(x: &'a FlexTensor) -> Option<Self> {
+impl<'a, E: Widen> Rows<'a, E> {
+    /// `x`'s rows over its storage `data`; `None` where the last dimension is not contiguous or
+    /// a stride is negative.
+    fn new(x: &FlexTensor, data: &'a [E]) -> Option<Self> {
         let layout = x.layout();
         let strides = layout.strides();
-        if x.dtype() != DType::F32 || strides[3] != 1 || strides[..3].iter().any(|&s| s < 0) {
+        if strides[3] != 1 || strides[..3].iter().any(|&s| s < 0) {
             return None;
         }
         Some(Self {
-            data: x.storage::<f32>(),
+            data,
             start: layout.start_offset(),
             strides: [strides[0] as usize, strides[1] as usize, strides[2] as usize],
         })
     }
 
-    fn row(&self, b: usize, h: usize, t: usize, width: usize) -> &'a [f32] {
+    fn row(&self, b: usize, h: usize, t: usize, width: usize) -> &'a [E] {
         let at = self.start + b * self.strides[0] + h * self.strides[1] + t * self.strides[2];
         &self.data[at..at + width]
     }
@@ -107,78 +112,87 @@ impl<'a> Rows<'a> {
 impl CachedAttentionOps for Flex {
     fn cached_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, causal: bool) -> FlexTensor {
         let q = q.to_contiguous();
-        let (Some(queries), Some(keys), Some(values)) = (q.as_slice::<f32>(), Rows::new(&k), Rows::new(&v)) else {
+        let dtype = q.dtype();
+        let same = k.dtype() == dtype && v.dtype() == dtype;
+        let out = match (widened_rows(&q), dtype) {
+            (Some(queries), DType::F32) if same => Rows::new(&k, k.storage::<f32>())
+                .zip(Rows::new(&v, v.storage::<f32>()))
+                .map(|(keys, values)| attend(&q, &queries, &k, keys, &v, values, causal)),
+            (Some(queries), DType::BF16) if same => Rows::new(&k, k.storage::<bf16>())
+                .zip(Rows::new(&v, v.storage::<bf16>()))
+                .map(|(keys, values)| attend(&q, &queries, &k, keys, &v, values, causal)),
+            _ => None,
+        };
+        let Some(out) = out else {
             return <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, None, None, unscaled(causal));
         };
-        let ([batch, heads, seq_q, dim], seq_kv, dim_v) = {
-            let s = q.shape();
-            ([s[0], s[1], s[2], s[3]], k.shape()[2], v.shape()[3])
-        };
-        let scale = 1.0 / (dim as f32).sqrt();
-        let mut out = vec![0f32; batch * heads * seq_q * dim_v];
-        let head = |(index, out): (usize, &mut [f32])| {
-            let (b, h) = (index / heads, index % heads);
-            let mut scores = vec![0f32; seq_kv];
-            let q_head = &queries[index * seq_q * dim..(index + 1) * seq_q * dim];
-            for (i, (query, out)) in q_head.chunks_exact(dim).zip(out.chunks_exact_mut(dim_v)).enumerate() {
-                // Keys this query sees: all, or up to its own position when causal.
-                let seen = if causal {
-                    (seq_kv + i + 1).saturating_sub(seq_q)
-                } else {
-                    seq_kv
-                };
-                if seen == 0 {
-                    continue; // fully masked: zeros, as Burn's attention gives
-                }
-                let scores = &mut scores[..seen];
-                for (t, s) in scores.iter_mut().enumerate() {
-                    *s = dot(query, keys.row(b, h, t, dim)) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for (t, &p) in scores.iter().enumerate() {
-                    let p = p / sum;
-                    for (o, &x) in out.iter_mut().zip(values.row(b, h, t, dim_v)) {
-                        *o += p * x;
-                    }
+        let mut shape = q.shape();
+        shape[3] = v.shape()[3];
+        tensor_of(out, shape, dtype)
+    }
+}
+
+/// The attention of the (widened) `queries` of `q` over the keys and values read in place, in
+/// f32: the output `[B, H, S, d_v]`.
+fn attend<E: Widen>(
+    q: &FlexTensor,
+    queries: &[f32],
+    k: &FlexTensor,
+    keys: Rows<'_, E>,
+    v: &FlexTensor,
+    values: Rows<'_, E>,
+    causal: bool,
+) -> Vec<f32> {
+    let ([batch, heads, seq_q, dim], seq_kv, dim_v) = {
+        let s = q.shape();
+        ([s[0], s[1], s[2], s[3]], k.shape()[2], v.shape()[3])
+    };
+    let scale = 1.0 / (dim as f32).sqrt();
+    let mut out = vec![0f32; batch * heads * seq_q * dim_v];
+    let head = |(index, out): (usize, &mut [f32])| {
+        let (b, h) = (index / heads, index % heads);
+        let mut scores = vec![0f32; seq_kv];
+        let q_head = &queries[index * seq_q * dim..(index + 1) * seq_q * dim];
+        for (i, (query, out)) in q_head.chunks_exact(dim).zip(out.chunks_exact_mut(dim_v)).enumerate() {
+            // Keys this query sees: all, or up to its own position when causal.
+            let seen = if causal {
+                (seq_kv + i + 1).saturating_sub(seq_q)
+            } else {
+                seq_kv
+            };
+            if seen == 0 {
+                continue; // fully masked: zeros, as Burn's attention gives
+            }
+            let scores = &mut scores[..seen];
+            for (t, s) in scores.iter_mut().enumerate() {
+                *s = dot(query, keys.row(b, h, t, dim)) * scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (t, &p) in scores.iter().enumerate() {
+                let p = p / sum;
+                for (o, &x) in out.iter_mut().zip(values.row(b, h, t, dim_v)) {
+                    *o += p * x.widen();
                 }
             }
-        };
-        let head_len = seq_q * dim_v;
-        if batch * heads * seq_q * seq_kv * (dim + dim_v) < SERIAL_MACS || head_len == 0 {
-            out.chunks_exact_mut(head_len.max(1)).enumerate().for_each(head);
-        } else {
-            out.par_chunks_exact_mut(head_len).enumerate().for_each(head);
         }
-        f32_tensor(out, [batch, heads, seq_q, dim_v].into())
+    };
+    let head_len = seq_q * dim_v;
+    if batch * heads * seq_q * seq_kv * (dim + dim_v) < SERIAL_MACS || head_len == 0 {
+        out.chunks_exact_mut(head_len.max(1)).enumerate().for_each(head);
+    } else {
+        out.par_chunks_exact_mut(head_len).enumerate().for_each(head);
     }
+    out
 }
 
 /// Gradients never reach this operation ([`fits`] turns autodiff away); the default keeps the
 /// trait whole.
 impl<B: Backend, C: CheckpointStrategy> CachedAttentionOps for Autodiff<B, C> {}
-
-/// `a · b` in sixteen lanes (a sum the compiler vectorises), then the tail.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
 
 #[cfg(test)]
 mod tests {
@@ -199,7 +213,7 @@ mod tests {
                 softcap: None,
                 is_causal: causal,
             };
-            assert!(fits(&q, &k, true, &options));
+            assert!(fits(&q, &k, &v, true, &options));
             let fast = cached_attention(q.clone(), k.clone(), v.clone(), causal);
             let reference = burn::tensor::module::attention(q, k, v, None, None, options);
             assert_eq!(fast.dims(), reference.dims());
@@ -218,14 +232,44 @@ mod tests {
         };
         let q = |s| Tensor::<4>::zeros([1, 2, s, 8], &device);
         let k = Tensor::<4>::zeros([1, 2, 16, 8], &device);
-        assert!(!fits(&q(FEW_QUERIES + 1), &k, true, &options));
-        assert!(!fits(&q(1), &k, false, &options));
+        assert!(!fits(&q(FEW_QUERIES + 1), &k, &k, true, &options));
+        assert!(!fits(&q(1), &k, &k, false, &options));
         let trained = Device::flex().autodiff();
+        let keys = Tensor::zeros([1, 2, 16, 8], &trained);
         assert!(!fits(
             &Tensor::zeros([1, 2, 1, 8], &trained),
-            &Tensor::zeros([1, 2, 16, 8], &trained),
+            &keys,
+            &keys,
             true,
             &options
         ));
+        let mixed = k.clone().cast(burn::tensor::FloatDType::BF16);
+        assert!(!fits(&q(1), &mixed, &mixed, true, &options));
+    }
+
+    /// bf16 operands: the same attention as f32 on the same (rounded) values, rounded once.
+    #[test]
+    fn bf16_matches_f32_of_the_same_values() {
+        let device = Device::flex();
+        let bf16 = burn::tensor::FloatDType::BF16;
+        let draw = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(bf16);
+        let (k, v) = (
+            draw([2, 3, 40, 24]).narrow(2, 0, 33),
+            draw([2, 3, 40, 24]).narrow(2, 0, 33),
+        );
+        let q = draw([2, 3, 2, 24]);
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        assert!(fits(&q, &k, &v, true, &options));
+        let half = cached_attention(q.clone(), k.clone(), v.clone(), true);
+        assert_eq!(half.dtype(), DType::BF16);
+        let f32 = burn::tensor::FloatDType::F32;
+        let exact = cached_attention(q.cast(f32), k.cast(f32), v.cast(f32), true);
+        let diff: f32 = (half.cast(f32) - exact.clone()).abs().max().into_scalar();
+        let scale: f32 = exact.abs().max().into_scalar();
+        assert!(diff <= scale / 256.0, "off by {diff} (largest {scale})");
     }
 }

@@ -73,7 +73,7 @@ pub fn attention(
             <Dispatch as CausalAttentionOps>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         return Tensor::from_dispatch(out);
     }
-    if cached_attention::fits(&q, &k, mask.is_none(), &options) {
+    if cached_attention::fits(&q, &k, &v, mask.is_none(), &options) {
         return cached_attention::cached_attention(q, k, v, options.is_causal);
     }
     burn::tensor::module::attention(q, k, v, mask, None, options)

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use crate::causal_attention::CausalSoftmax;
 use crate::causal_attention::attend_into_rows;
-use crate::flex::{f32_rows, f32_tensor, runs_on_flex};
+use crate::flex::{f32_rows, f32_tensor, runs_on_flex, tensor_of, to_bf16, widened_rows, widens};
 use crate::matmul::ProductOps;
 use crate::rope::Rotary;
 
@@ -71,7 +71,7 @@ pub trait ChunkAttentionKernels: Backend {
 /// width; `None` elsewhere (the caller composes it).
 pub fn chunk_attention(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<Tensor<3>> {
     let (cos, sin) = rotary.tables();
-    let fits = qkv.dims()[1] > 1 && fused_input_fits(qkv, bias, rotary, heads);
+    let fits = qkv.dims()[1] > 1 && qkv.dtype() == DType::F32 && fused_input_fits(qkv, bias, rotary, heads);
     fits.then(|| {
         Tensor::from_dispatch(<Dispatch as ChunkAttentionOps>::chunk_attention(
             qkv.clone().into_dispatch(),
@@ -83,8 +83,9 @@ pub fn chunk_attention(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads
     })
 }
 
-/// What the fused input stage takes: f32 on Flex, `heads` of even width, a bias for queries and
-/// keys, and rotation tables for the chunk's positions, of one row or the batch's.
+/// What the fused input stage takes: Flex, `qkv` and the bias of one dtype, `heads` of even
+/// width, a bias for queries and keys, and f32 rotation tables for the chunk's positions, of one
+/// row or the batch's. Callers say which dtypes they take.
 fn fused_input_fits(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> bool {
     let [b, s, width] = qkv.dims();
     let (cos, sin) = rotary.tables();
@@ -95,9 +96,8 @@ fn fused_input_fits(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: u
         && bias.dims()[0] == 2 * width / 3
         && cos.dims()[1] == s
         && [1, b].contains(&cos.dims()[0])
-        && [qkv.dtype(), bias.dtype(), cos.dtype(), sin.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32)
+        && bias.dtype() == qkv.dtype()
+        && [cos.dtype(), sin.dtype()].iter().all(|&d| d == DType::F32)
 }
 
 /// Positions per rayon task of the element-wise passes.
@@ -136,13 +136,19 @@ impl Tables {
 const SERIAL_ELEMENTS: usize = 1 << 14;
 
 /// Queries and keys (biased and rotated) and values of `qkv` `[B, S, 3·H·d]`, each heads first,
-/// `[B, H, S, d]`, in one pass over `qkv` per part.
+/// `[B, H, S, d]`, in one pass over `qkv` per part. bf16 (inference) is rounded where the
+/// reference rounds: after the bias, and after the rotation (computed in f32).
 fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize) -> [FlexTensor; 3] {
     let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
     let shape = qkv.shape();
     let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
     let d = h / heads;
-    let (x, bias) = (f32_rows(&qkv).expect("f32 qkv"), f32_rows(&bias).expect("f32 bias"));
+    let dtype = qkv.dtype();
+    let (x, bias) = (
+        widened_rows(&qkv).expect("f32 or bf16 qkv"),
+        widened_rows(&bias).expect("f32 or bf16 bias"),
+    );
+    let add = |a: f32, b: f32| if dtype == DType::BF16 { to_bf16(a + b) } else { a + b };
     let mut parts = [vec![0f32; b * h * s], vec![0f32; b * h * s], vec![0f32; b * h * s]];
     for (part, out) in parts.iter_mut().enumerate() {
         let head = |(bj, out): (usize, &mut [f32])| {
@@ -158,7 +164,7 @@ fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize)
                 let (cos, sin) = tables.at(bi, pos, s, d);
                 for e in 0..d {
                     let partner = e ^ 1;
-                    out[e] = (src[e] + bias[e]) * cos[e] + (src[partner] + bias[partner]) * sin[e];
+                    out[e] = add(src[e], bias[e]) * cos[e] + add(src[partner], bias[partner]) * sin[e];
                 }
             }
         };
@@ -168,7 +174,7 @@ fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize)
             out.par_chunks_mut(s * d).enumerate().for_each(head);
         }
     }
-    parts.map(|p| f32_tensor(p, Shape::new([b, heads, s, d])))
+    parts.map(|p| tensor_of(p, Shape::new([b, heads, s, d]), dtype))
 }
 
 /// Queries, keys and values `[B, H, S, d]` of `qkv` for inference with a cache (no autodiff):
@@ -176,7 +182,7 @@ fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize)
 /// [`chunk_attention`]'s conditions (but for the chunk's length) do not hold, or with autodiff.
 pub fn rotated_heads(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: usize) -> Option<[Tensor<4>; 3]> {
     let (cos, sin) = rotary.tables();
-    let fits = !qkv.device().is_autodiff() && fused_input_fits(qkv, bias, rotary, heads);
+    let fits = !qkv.device().is_autodiff() && widens(qkv.dtype()) && fused_input_fits(qkv, bias, rotary, heads);
     fits.then(|| {
         let (q, k, v) = <Dispatch as RotatedHeadsOps>::rotated_heads(
             qkv.clone().into_dispatch(),
@@ -429,6 +435,26 @@ mod tests {
             let composed = attention.forward(x.clone(), &rotary, slot, &mut composed_cache);
             let fused = plain.forward(x.inner(), &rotary.without_autodiff(), slot, &mut fused_cache);
             assert!(max_diff(composed.inner(), fused) < 1e-5, "chunk at {start}");
+        }
+    }
+
+    /// bf16 heads (inference) against the f32 heads of the same bf16 inputs: the bias add and
+    /// the rotation each round once, so they agree to within two bf16 steps of the value.
+    #[test]
+    fn bf16_heads_round_as_the_reference() {
+        let device = Device::flex();
+        let (b, s, h, heads) = (2, 5, 32, 2);
+        let bf16 = burn::tensor::FloatDType::BF16;
+        let qkv = Tensor::<3>::random([b, s, 3 * h], Distribution::Normal(0.0, 2.0), &device).cast(bf16);
+        let bias = Tensor::<1>::random([2 * h], Distribution::Normal(0.0, 0.5), &device).cast(bf16);
+        let rotary = Rotary::contiguous(7, b, s, h / heads, 10_000.0, &device);
+        let half = super::rotated_heads(&qkv, &bias, &rotary, heads).expect("bf16 is fused");
+        let f32 = burn::tensor::FloatDType::F32;
+        let exact = super::rotated_heads(&qkv.cast(f32), &bias.cast(f32), &rotary, heads).expect("f32 is fused");
+        for (half, exact) in half.into_iter().zip(exact) {
+            assert_eq!(half.dtype(), burn::tensor::DType::BF16);
+            let scale = exact.clone().abs().max().into_scalar::<f32>();
+            assert!(max_diff(half.cast(f32), exact) <= scale / 128.0);
         }
     }
 

@@ -320,7 +320,7 @@ impl Huginn {
         let wte = self.wte.val();
         let vocab = wte.dims()[0];
         let [b, s, h] = x.dims();
-        crate::matmul::matmul(x.reshape([b * s, h]), wte.transpose())
+        crate::linear::product(x.reshape([b * s, h]), wte.transpose())
             .reshape([b, s, vocab])
             .cast(FloatDType::F32)
     }

@@ -3,25 +3,27 @@
 //!
 //! burn-flex 0.22 hands every product to `gemm`, on one thread below 192³ multiply-adds, which is
 //! every product of batch-1 decoding: one core streams the weights while the other idles. bf16
-//! weights fare worse still, as burn-flex widens both operands to f32 copies on every call. Here a
-//! product of up to [`SMALL_ROWS`] rows reads the weight matrix once, in column blocks spread over
-//! the rayon pool, widening bf16 on the fly (half the bytes of f32 to stream). Each output sums its
-//! `k` terms in order, whichever thread computes it, so results do not depend on the pool's size.
-//! Larger products, gradients and other backends keep the backend's matrix product. The lasting
-//! fix is upstream, in burn-flex's matmul.
+//! weights fare worse still, as burn-flex widens both operands to f32 copies on every call (and
+//! the tied head's `wteᵀ`, a transposed view, was first copied whole, every token). Here a
+//! product of up to [`SMALL_ROWS`] rows reads the weight matrix once where it lies, in column
+//! blocks spread over the rayon pool, widening bf16 on the fly (half the bytes of f32 to
+//! stream). Each output's sum has a fixed order, whichever thread computes it, so results do not
+//! depend on the pool's size. Larger products, gradients and other backends keep
+//! [`crate::matmul`]'s product. The lasting fix is upstream, in burn-flex's matmul.
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::{Bytes, DType, Shape};
+use burn::tensor::{DType, Shape};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::flex::{f32_tensor, runs_on_flex};
+use crate::flex::{Widen, runs_on_flex, tensor_of, widened_rows, widens};
+use crate::simd::{dot, vectorised};
 
 /// The most rows the kernel takes; products with more rows are `gemm`'s, whose packed
 /// micro-kernels win once a weight block is reused across many rows.
@@ -39,37 +41,41 @@ pub trait SmallRowsOps: Backend {
     }
 }
 
-/// `layer.forward(x)`, with the small-rows kernel where it applies (inference, no autodiff, on
-/// Flex, f32 or bf16, at most [`SMALL_ROWS`] rows) and [`crate::matmul`]'s product elsewhere.
+/// `layer.forward(x)` through [`product`].
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
-    let [k, _] = weight.dims();
-    let dims = x.dims();
-    let rows = x.shape().num_elements().checked_div(k).unwrap_or(0);
-    let device = x.device();
-    let fits = runs_on_flex(&device)
-        && !device.is_autodiff()
-        && dims[D - 1] == k
-        && (1..=SMALL_ROWS).contains(&rows)
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && weight.dtype() == x.dtype();
-    let y = if fits {
-        Tensor::<D>::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
-            x.into_dispatch(),
-            weight.into_dispatch(),
-        ))
-    } else if dims[D - 1] == k {
-        // Every other product (more rows, or a gradient to record): one `[rows, k] · [k, n]`
-        // product, written in place on Flex (`crate::matmul`).
-        let mut out = dims;
-        out[D - 1] = weight.dims()[1];
-        crate::matmul::matmul(x.reshape([rows, k]), weight).reshape(out)
-    } else {
+    let [k, n] = weight.dims();
+    let mut dims = x.dims();
+    if dims[D - 1] != k {
         return layer.forward(x);
-    };
+    }
+    let rows = x.shape().num_elements().checked_div(k).unwrap_or(0);
+    dims[D - 1] = n;
+    let y = product(x.reshape([rows, k]), weight).reshape(dims);
     match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
+    }
+}
+
+/// `x · w` for `x` `[rows, k]` and `w` `[k, n]`: the small-rows kernel where it applies
+/// (inference, no autodiff, on Flex, f32 or bf16, at most [`SMALL_ROWS`] rows; `w` contiguous or
+/// the transpose of a contiguous `[n, k]`), [`crate::matmul`]'s product elsewhere.
+pub fn product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    let device = x.device();
+    let fits = runs_on_flex(&device)
+        && !device.is_autodiff()
+        && (1..=SMALL_ROWS).contains(&x.dims()[0])
+        && x.dims()[1] == weight.dims()[0]
+        && widens(x.dtype())
+        && weight.dtype() == x.dtype();
+    if fits {
+        Tensor::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+        ))
+    } else {
+        crate::matmul::matmul(x, weight)
     }
 }
 
@@ -85,63 +91,49 @@ fn composed<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTenso
     B::float_reshape(y, out)
 }
 
-/// An element of a weight matrix, read as f32.
-trait Widen: Copy + Send + Sync {
-    fn widen(self) -> f32;
-}
-
-impl Widen for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl Widen for bf16 {
-    /// bf16 is the top half of an f32: a shift, which vectorises (half's `to_f32` is the same
-    /// value).
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-}
-
 impl SmallRowsOps for Flex {
     fn small_rows_matmul(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
-        let shape = x.shape();
+        let x = x.to_contiguous();
+        let columns = holds_columns(&weight);
+        let weight = if columns { weight } else { weight.to_contiguous() };
+        let dtype = x.dtype();
+        let (k, n) = (weight.shape()[0], weight.shape()[1]);
+        // The weight's elements: `[k, n]` row-major, or `[n, k]` row-major where it holds columns.
+        let span = weight.layout().start_offset()..weight.layout().start_offset() + k * n;
+        let out = match widened_rows(&x) {
+            Some(_) if weight.dtype() != dtype => None,
+            Some(x_rows) if dtype == DType::F32 => {
+                Some(multiply(&x_rows, &weight.storage::<f32>()[span], k, n, columns))
+            }
+            Some(x_rows) if dtype == DType::BF16 => {
+                Some(multiply(&x_rows, &weight.storage::<bf16>()[span], k, n, columns))
+            }
+            _ => None,
+        };
+        let Some(out) = out else {
+            return composed::<Self>(x, weight);
+        };
+        let mut shape = x.shape();
         let last = shape.num_dims() - 1;
-        let (k, n) = (shape[last], weight.shape()[1]);
-        let mut out_shape = shape.clone();
-        out_shape[last] = n;
-        match x.dtype() {
-            DType::F32 => {
-                let (x_rows, w) = (x.as_slice::<f32>(), weight.as_slice::<f32>());
-                let (Some(x_rows), Some(w)) = (x_rows, w) else {
-                    return composed::<Self>(x, weight);
-                };
-                f32_tensor(product(x_rows, w, k, n), out_shape)
-            }
-            DType::BF16 => {
-                let (x_rows, w) = (x.as_slice::<bf16>(), weight.as_slice::<bf16>());
-                let (Some(x_rows), Some(w)) = (x_rows, w) else {
-                    return composed::<Self>(x, weight);
-                };
-                let x_rows: Vec<f32> = x_rows.iter().map(|v| v.widen()).collect();
-                let out: Vec<bf16> = product(&x_rows, w, k, n).into_iter().map(bf16::from_f32).collect();
-                FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(out_shape), DType::BF16)
-            }
-            _ => composed::<Self>(x, weight),
-        }
+        shape[last] = n;
+        tensor_of(out, shape, dtype)
     }
+}
+
+/// Whether `weight` `[k, n]` is the transpose of a contiguous `[n, k]` (the tied head's `wteᵀ`):
+/// its columns are contiguous rows of storage.
+fn holds_columns(weight: &FlexTensor) -> bool {
+    let k = weight.shape()[0];
+    k > 1 && weight.layout().strides() == [1, k as isize]
 }
 
 /// [`linear`] turns autodiff away; the default (the backend's matrix product, which records its
 /// gradient) keeps the trait whole.
 impl<B: Backend, C: CheckpointStrategy> SmallRowsOps for Autodiff<B, C> {}
 
-/// `x · w` for `x` `[rows, k]` (f32) and `w` `[k, n]`, row-major: `[rows, n]`.
-fn product<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize) -> Vec<f32> {
+/// `x · w` for `x` `[rows, k]` (f32) and `w` `[k, n]`, given row-major, or as its transpose
+/// `[n, k]` row-major where `columns`: `[rows, n]`.
+fn multiply<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, columns: bool) -> Vec<f32> {
     let rows = x.len().checked_div(k).unwrap_or(0);
     if k == 0 || n == 0 {
         return vec![0.0; rows * n];
@@ -154,10 +146,14 @@ fn product<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize) -> Vec<f32> {
         .into_par_iter()
         .with_max_len(1)
         .map(|block| {
-            let columns = block * width..((block + 1) * width).min(n);
-            let mut acc = vec![0f32; rows * columns.len()];
-            block_product(x, w, k, n, columns.start, &mut acc);
-            (columns.start, acc)
+            let range = block * width..((block + 1) * width).min(n);
+            let mut acc = vec![0f32; rows * range.len()];
+            if columns {
+                block_dots(x, &w[range.start * k..range.end * k], k, &mut acc);
+            } else {
+                block_product(x, w, k, n, range.start, &mut acc);
+            }
+            (range.start, acc)
         })
         .collect();
     let mut out = vec![0f32; rows * n];
@@ -168,6 +164,22 @@ fn product<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// `acc[r, j] = x[r] · w[j]` for the `width` rows `w[j]` of `k` weights (one output column each),
+/// `acc` `[rows, width]`: a dot product in sixteen lanes, in the widest SIMD the CPU has.
+fn block_dots<W: Widen>(x: &[f32], w: &[W], k: usize, acc: &mut [f32]) {
+    let width = w.len() / k;
+    vectorised(
+        #[inline(always)]
+        || {
+            for (j, column) in w.chunks_exact(k).enumerate() {
+                for (row, x) in x.chunks_exact(k).enumerate() {
+                    acc[row * width + j] = dot(x, column);
+                }
+            }
+        },
+    )
 }
 
 /// `acc[r, j] = Σ_i x[r, i] · w[i, start + j]` over `i` in order, `acc` `[rows, width]`; the
@@ -295,6 +307,30 @@ mod tests {
             .matmul(layer_bf16.weight.val().cast(FloatDType::F32));
         let reference = reference.cast(FloatDType::BF16);
         assert!(max_diff(fast, reference) < 0.02);
+    }
+
+    /// A transposed `[n, k]` table (the tied head's `wteᵀ`, here also a view into a larger one)
+    /// is read in place, in f32 and in bf16.
+    #[test]
+    fn transposed_weights_match_the_matrix_product() {
+        let device = Device::flex();
+        for (k, n) in [(5, 7), (64, 33), (256, 300)] {
+            let whole = Tensor::<2>::random([n + 3, k], Distribution::Normal(0.0, 1.0), &device);
+            let table = whole.narrow(0, 3, n);
+            for rows in [1, 3, SMALL_ROWS] {
+                let x = Tensor::<2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+                let fast = product(x.clone(), table.clone().transpose());
+                let reference = x.clone().matmul(table.clone().transpose());
+                assert!(max_diff(fast, reference) < 1e-5 * (k as f32).sqrt(), "k {k}, n {n}, rows {rows}");
+                let bf16 = FloatDType::BF16;
+                let (x, table) = (x.cast(bf16), table.clone().cast(bf16));
+                let fast = product(x.clone(), table.clone().transpose());
+                assert_eq!(fast.dtype(), DType::BF16);
+                let reference = x.cast(FloatDType::F32).matmul(table.cast(FloatDType::F32).transpose());
+                let scale = reference.clone().abs().max().into_scalar::<f32>();
+                assert!(max_diff(fast, reference) <= scale / 128.0, "bf16: k {k}, n {n}, rows {rows}");
+            }
+        }
     }
 
     #[test]

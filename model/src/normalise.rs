@@ -5,8 +5,9 @@
 //! root, reciprocal and two products) and about fifteen backward, each a single-threaded pass in
 //! burn-flex 0.22, and every sandwich block has four norms. On Flex this is one parallel pass
 //! forward and one backward (which also reduces the weight's gradient over the rows, chunk by
-//! chunk in row order so that the sum is the same on every run). Other backends, and tensors the
-//! fast path does not take (f16, bf16), keep the tensor operations in [`crate::norm`].
+//! chunk in row order so that the sum is the same on every run). Inference also takes bf16.
+//! Other backends, and tensors the fast path does not take (f16; bf16 with autodiff), keep the
+//! tensor operations in [`crate::norm`].
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -19,7 +20,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
+use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
 use crate::simd::vectorised;
 
 /// Rows per rayon task (a row is one token's `h` channels).
@@ -46,9 +47,16 @@ pub trait RmsNormBackward: Backend {
 /// The fused operation, where `x` and `weight` are f32 on a Flex device (with or without
 /// autodiff); `None` elsewhere, for the caller's tensor operations.
 pub fn fused_rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
-    let fits = runs_on_flex(&x.device())
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+    let device = x.device();
+    // bf16 only without autodiff: the backward kernel takes f32.
+    let dtype_fits = match x.dtype() {
+        DType::F32 => true,
+        DType::BF16 => !device.is_autodiff(),
+        _ => false,
+    };
+    let fits = runs_on_flex(&device)
+        && dtype_fits
+        && weight.dtype() == x.dtype()
         && x.dims()[D - 1] > 0
         && weight.dims()[0] == x.dims()[D - 1];
     fits.then(|| {
@@ -76,9 +84,14 @@ fn contiguous_f32(x: FlexTensor) -> FlexTensor {
 }
 
 impl RmsNormOps for Flex {
+    /// f32, or bf16 (inference) rounded where the reference's `norm(x.float()).type_as(x) · w`
+    /// rounds: after normalising and after the weight.
     fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f32) -> FlexTensor {
-        let (x, weight) = (contiguous_f32(x), contiguous_f32(weight));
-        let (input, w) = (f32_rows(&x).expect("f32"), f32_rows(&weight).expect("f32"));
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let dtype = x.dtype();
+        let (Some(input), Some(w)) = (widened_rows(&x), widened_rows(&weight)) else {
+            panic!("the fused RMS norm takes f32 or bf16 tensors with a non-empty last dimension");
+        };
         let h = last_dim(&x);
         let mut out = vec![0f32; input.len()];
         for_row_chunks(&mut out, h, ROWS_PER_TASK, |out, rows| {
@@ -88,14 +101,17 @@ impl RmsNormOps for Flex {
                 || {
                     for (out, x) in out.chunks_exact_mut(h).zip(input.chunks_exact(h)) {
                         let r = inv_rms(x, eps);
-                        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-                            *o = x * r * w;
+                        let pairs = out.iter_mut().zip(x).zip(w.iter());
+                        if dtype == DType::BF16 {
+                            pairs.for_each(|((o, &x), &w)| *o = to_bf16(x * r) * w);
+                        } else {
+                            pairs.for_each(|((o, &x), &w)| *o = x * r * w);
                         }
                     }
                 },
             )
         });
-        f32_tensor(out, x.shape())
+        tensor_of(out, x.shape(), dtype)
     }
 }
 
@@ -241,20 +257,44 @@ mod tests {
         assert_eq!(gradient(), gradient());
     }
 
-    /// bf16 tensors, a zero-width last dimension and non-Flex work are left to the caller; plain
-    /// Flex (inference) fuses too, and so do tensors with no rows.
+    /// bf16 with autodiff or with an f32 weight, a zero-width last dimension and non-Flex work
+    /// are left to the caller; plain Flex (inference) fuses too, and so do tensors with no rows.
     #[test]
-    fn only_f32_on_flex_is_fused() {
+    fn only_f32_on_flex_and_bf16_inference_are_fused() {
         let device = Device::flex();
         let x = Tensor::<2>::random([3, 8], Distribution::Default, &device);
         let weight = Tensor::<1>::ones([8], &device);
         let bf16 = burn::tensor::FloatDType::BF16;
         assert!(fused_rms_norm(&x.clone().cast(bf16), &weight, 1e-6).is_none());
+        let trained = Device::flex().autodiff();
+        let x_trained = Tensor::<2>::random([3, 8], Distribution::Default, &trained).cast(bf16);
+        let w_trained = Tensor::<1>::ones([8], &trained).cast(bf16);
+        assert!(fused_rms_norm(&x_trained, &w_trained, 1e-6).is_none());
         let zero_width = Tensor::<2>::zeros([3, 0], &device);
         assert!(fused_rms_norm(&zero_width, &Tensor::<1>::zeros([0], &device), 1e-6).is_none());
         let no_rows = Tensor::<3>::zeros([2, 0, 8], &device);
         assert_eq!(fused_rms_norm(&no_rows, &weight, 1e-6).unwrap().dims(), [2, 0, 8]);
         let fused = fused_rms_norm(&x, &weight, 1e-6).unwrap();
         assert!(max_diff(fused, RmsNorm::new(weight, 1e-6).composed(x)) < 1e-6);
+    }
+
+    /// bf16 inference rounds where the composition does (after normalising, after the weight):
+    /// the two agree to within one bf16 step of values near 1 (their `1/rms` may differ in the
+    /// last f32 bit, which can move a rounding).
+    #[test]
+    fn bf16_inference_matches_the_composition() {
+        let device = Device::flex();
+        let bf16 = burn::tensor::FloatDType::BF16;
+        let x = Tensor::<3>::random([2, 40, 64], Distribution::Normal(0.0, 3.0), &device).cast(bf16);
+        let weight = Tensor::<1>::random([64], Distribution::Normal(1.0, 0.2), &device).cast(bf16);
+        let fused = fused_rms_norm(&x, &weight, 1e-6).unwrap();
+        assert_eq!(fused.dtype(), DType::BF16);
+        let composed = RmsNorm::new(weight, 1e-6).composed(x);
+        let f32 = burn::tensor::FloatDType::F32;
+        let (fused, composed) = (fused.cast(f32), composed.cast(f32));
+        let relative = ((fused - composed.clone()).abs() / (composed.abs() + 1e-3))
+            .max()
+            .into_scalar::<f32>();
+        assert!(relative <= 1.0 / 128.0, "off by {relative} of the value");
     }
 }

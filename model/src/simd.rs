@@ -1,5 +1,5 @@
 //! Element-wise loops of the fused kernels compiled for the widest SIMD the CPU has, chosen at
-//! run time, and an `exp` those loops can vectorise.
+//! run time, and the `exp`, `atan` and dot product those loops can vectorise.
 //!
 //! The binaries are built for baseline x86-64 (they must run on other machines), where the
 //! compiler vectorises a loop four lanes wide at most, and calls libm's scalar `expf` for every
@@ -8,6 +8,8 @@
 //! [`vectorised`] runs a loop in a copy compiled for AVX-512 or AVX2+FMA when the CPU has them,
 //! and [`exp`] and [`atan`] are branch-free arithmetic that such a loop keeps in vector
 //! registers.
+
+use crate::flex::Widen;
 
 /// Runs `body` compiled for AVX-512 or AVX2 with FMA where the CPU has them, as it is
 /// elsewhere. The body must be a closure marked `#[inline(always)]`: only code inlined into the
@@ -38,6 +40,26 @@ unsafe fn with_avx512<R>(body: impl FnOnce() -> R) -> R {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn with_avx2<R>(body: impl FnOnce() -> R) -> R {
     body()
+}
+
+/// `a · b` in sixteen lanes (a sum the compiler vectorises, in a fixed order), then the tail;
+/// `b` widened from its element type.
+#[inline(always)]
+pub(crate) fn dot<E: Widen>(a: &[f32], b: &[E]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y.widen())
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l].widen();
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `eˣ` to within 2 ulp for `x` in [−87.3, 88.3] (Cephes' `expf`: `x = n·ln 2 + r`, a degree-6
