@@ -317,12 +317,7 @@ impl Huginn {
 
     /// The tied output head: `x · wteᵀ`, cast to f32.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        let wte = self.wte.val();
-        let vocab = wte.dims()[0];
-        let [b, s, h] = x.dims();
-        crate::linear::product(x.reshape([b * s, h]), wte.transpose())
-            .reshape([b, s, vocab])
-            .cast(FloatDType::F32)
+        crate::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
     }
 
     /// A full forward pass from a zero state, no cache.

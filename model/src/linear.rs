@@ -44,39 +44,39 @@ pub trait SmallRowsOps: Backend {
 /// `layer.forward(x)` through [`product`].
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
-    let [k, n] = weight.dims();
-    let mut dims = x.dims();
-    if dims[D - 1] != k {
+    if x.dims()[D - 1] != weight.dims()[0] {
         return layer.forward(x);
     }
-    let rows = x.shape().num_elements().checked_div(k).unwrap_or(0);
-    dims[D - 1] = n;
-    let y = product(x.reshape([rows, k]), weight).reshape(dims);
+    let y = product(x, weight);
     match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
     }
 }
 
-/// `x · w` for `x` `[rows, k]` and `w` `[k, n]`: the small-rows kernel where it applies
-/// (inference, no autodiff, on Flex, f32 or bf16, at most [`SMALL_ROWS`] rows; `w` contiguous or
-/// the transpose of a contiguous `[n, k]`), [`crate::matmul`]'s product elsewhere.
-pub fn product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+/// `x · w` over the last dimension of `x` (`[.., k]`) with `w` `[k, n]`: the small-rows kernel
+/// where it applies (inference, no autodiff, on Flex, f32 or bf16, at most [`SMALL_ROWS`] rows;
+/// `w` contiguous or the transpose of a contiguous `[n, k]`), one `[rows, k] · [k, n]` product
+/// through [`crate::matmul`] elsewhere.
+pub fn product<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    let [k, n] = weight.dims();
+    let mut dims = x.dims();
+    assert_eq!(dims[D - 1], k, "the product's inner dimensions differ");
+    let rows = x.shape().num_elements().checked_div(k).unwrap_or(0);
     let device = x.device();
     let fits = runs_on_flex(&device)
         && !device.is_autodiff()
-        && (1..=SMALL_ROWS).contains(&x.dims()[0])
-        && x.dims()[1] == weight.dims()[0]
+        && (1..=SMALL_ROWS).contains(&rows)
         && widens(x.dtype())
         && weight.dtype() == x.dtype();
     if fits {
-        Tensor::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
+        return Tensor::from_dispatch(<Dispatch as SmallRowsOps>::small_rows_matmul(
             x.into_dispatch(),
             weight.into_dispatch(),
-        ))
-    } else {
-        crate::matmul::matmul(x, weight)
+        ));
     }
+    dims[D - 1] = n;
+    crate::matmul::matmul(x.reshape([rows, k]), weight).reshape(dims)
 }
 
 /// The operation with backend operations: rows flattened, one matrix product.
@@ -321,14 +321,20 @@ mod tests {
                 let x = Tensor::<2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
                 let fast = product(x.clone(), table.clone().transpose());
                 let reference = x.clone().matmul(table.clone().transpose());
-                assert!(max_diff(fast, reference) < 1e-5 * (k as f32).sqrt(), "k {k}, n {n}, rows {rows}");
+                assert!(
+                    max_diff(fast, reference) < 1e-5 * (k as f32).sqrt(),
+                    "k {k}, n {n}, rows {rows}"
+                );
                 let bf16 = FloatDType::BF16;
                 let (x, table) = (x.cast(bf16), table.clone().cast(bf16));
                 let fast = product(x.clone(), table.clone().transpose());
                 assert_eq!(fast.dtype(), DType::BF16);
                 let reference = x.cast(FloatDType::F32).matmul(table.cast(FloatDType::F32).transpose());
                 let scale = reference.clone().abs().max().into_scalar::<f32>();
-                assert!(max_diff(fast, reference) <= scale / 128.0, "bf16: k {k}, n {n}, rows {rows}");
+                assert!(
+                    max_diff(fast, reference) <= scale / 128.0,
+                    "bf16: k {k}, n {n}, rows {rows}"
+                );
             }
         }
     }
