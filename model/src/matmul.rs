@@ -64,10 +64,78 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 
 /// A matrix of an operand: where it starts in its storage and its row and column strides.
 #[derive(Clone, Copy)]
-struct Operand {
-    offset: isize,
-    row: isize,
-    col: isize,
+pub(crate) struct Operand {
+    pub offset: isize,
+    pub row: isize,
+    pub col: isize,
+}
+
+/// Where each matrix of a batched tensor `[.., m, k]` (any strides) lies in its storage, in the
+/// row-major order of the batch dimensions.
+pub(crate) fn matrices(t: &FlexTensor) -> Vec<Operand> {
+    let shape = t.shape();
+    let rank = shape.num_dims();
+    let batch = &shape[..rank - 2];
+    let (layout, strides) = (t.layout(), t.layout().strides());
+    let count: usize = batch.iter().product();
+    (0..count)
+        .map(|index| {
+            let mut rest = index;
+            let mut offset = layout.start_offset() as isize;
+            for (dim, &size) in batch.iter().enumerate().rev() {
+                offset += (rest % size) as isize * strides[dim];
+                rest /= size;
+            }
+            Operand {
+                offset,
+                row: strides[rank - 2],
+                col: strides[rank - 1],
+            }
+        })
+        .collect()
+}
+
+/// `dst = a · b` on the calling thread, for strided f32 matrices `a` `[m, k]` (elements `a_row`
+/// and `a_col` apart) and `b` `[k, n]`, into `m` rows `dst_row` elements apart, which gemm
+/// writes without reading (zeros where `k` is 0).
+///
+/// # Safety
+/// Every element of `a` and `b` must be initialised and stay unwritten while this runs; the
+/// `m × n` elements of `dst` must be valid for writes and touched by no other thread.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn serial_product(
+    dst: *mut f32,
+    dst_row: usize,
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    (a_row, a_col): (isize, isize),
+    b: *const f32,
+    (b_row, b_col): (isize, isize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row as isize,
+            false,
+            a,
+            a_col,
+            a_row,
+            b,
+            b_col,
+            b_row,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 impl ProductOps for Flex {
@@ -114,25 +182,7 @@ pub(crate) fn product_into(
         );
     }
     let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
-    let operands = |t: &FlexTensor| -> Vec<Operand> {
-        let (layout, strides) = (t.layout(), t.layout().strides());
-        (0..count)
-            .map(|index| {
-                let mut rest = index;
-                let mut offset = layout.start_offset() as isize;
-                for (dim, &size) in batch.iter().enumerate().rev() {
-                    offset += (rest % size) as isize * strides[dim];
-                    rest /= size;
-                }
-                Operand {
-                    offset,
-                    row: strides[rank - 2],
-                    col: strides[rank - 1],
-                }
-            })
-            .collect()
-    };
-    let (lhs_ops, rhs_ops) = (operands(lhs), operands(rhs));
+    let (lhs_ops, rhs_ops) = (matrices(lhs), matrices(rhs));
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = SendPtr(out.as_mut_ptr());
     // Output matrix `index`, columns `cols` of it.
@@ -197,14 +247,14 @@ pub(crate) fn product_into(
 
 /// A raw output pointer the pool's tasks share; each writes its own matrix.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub *mut f32);
 
 // SAFETY: the tasks write disjoint matrices of one allocation that outlives them.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 }
