@@ -185,6 +185,7 @@ fn attend<E: Widen>(
     if batch * heads * seq_q * seq_kv * (dim + dim_v) < SERIAL_MACS || head_len == 0 {
         out.chunks_exact_mut(head_len.max(1)).enumerate().for_each(head);
     } else {
+        crate::threads::keep_warm();
         out.par_chunks_exact_mut(head_len).enumerate().for_each(head);
     }
     out

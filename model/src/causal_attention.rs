@@ -137,6 +137,7 @@ impl CausalKernels for Flex {
 
 /// The `(matrix, block)` tasks of `count` matrices of `s` rows, and the rows of each.
 fn blocks(count: usize, s: usize) -> impl IndexedParallelIterator<Item = (usize, Range<usize>)> {
+    crate::threads::keep_warm();
     let per_matrix = s.div_ceil(BLOCK);
     (0..count * per_matrix).into_par_iter().map(move |task| {
         let block = task % per_matrix;

@@ -169,6 +169,7 @@ fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize)
         if out.len() < SERIAL_ELEMENTS {
             out.chunks_mut(s * d).enumerate().for_each(head);
         } else {
+            crate::threads::keep_warm();
             out.par_chunks_mut(s * d).enumerate().for_each(head);
         }
     }
@@ -255,6 +256,7 @@ impl ChunkAttentionKernels for Flex {
         // One pass back to `[B, S, 3·H·d]`: query and key gradients rotated back (the transpose
         // of the rotation: `dx[e] = dy[e]·cos[e] + dy[e^1]·sin[e^1]`), values copied; each task
         // also sums its rows' query and key gradients for the bias.
+        crate::threads::keep_warm();
         let mut dqkv = vec![0f32; b * s * 3 * h];
         let partial_bias: Vec<Vec<f32>> = dqkv
             .par_chunks_mut(ROWS_PER_TASK * 3 * h)

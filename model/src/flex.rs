@@ -119,6 +119,7 @@ pub(crate) fn for_row_chunks<T: Send>(
     let rows = out.len() / out_width;
     let range = |chunk: usize| chunk * rows_per_task..((chunk + 1) * rows_per_task).min(rows);
     if rows > rows_per_task {
+        crate::threads::keep_warm();
         out.par_chunks_mut(rows_per_task * out_width)
             .enumerate()
             .map(|(chunk, out)| body(out, range(chunk)))

@@ -141,6 +141,9 @@ fn multiply<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, columns: bool) -> 
     // Column blocks: at least one per thread (two, to even out a slow core), each a multiple of
     // 16 columns (one AVX-512 register).
     let tasks = ((rows * k * n) / SERIAL_MACS).clamp(1, 2 * rayon::current_num_threads());
+    if tasks > 1 {
+        crate::threads::keep_warm();
+    }
     let width = n.div_ceil(tasks).next_multiple_of(16).min(n);
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
         .into_par_iter()

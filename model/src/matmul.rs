@@ -181,6 +181,7 @@ pub(crate) fn product_into(
             "a product's matrix lies outside its output"
         );
     }
+    crate::threads::keep_warm();
     let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
     let (lhs_ops, rhs_ops) = (matrices(lhs), matrices(rhs));
     let mut out = Vec::<f32>::with_capacity(len);
