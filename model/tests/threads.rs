@@ -12,7 +12,10 @@ use rayon::prelude::*;
 fn workers_go_idle() {
     let start = Instant::now();
     while polling_workers() > 0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "workers kept spinning with no work");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "workers kept spinning with no work"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
