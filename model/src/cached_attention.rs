@@ -28,8 +28,12 @@ use crate::simd::dot;
 /// verification a few). Longer chunks are prefill, where Burn's blocked products win.
 pub const FEW_QUERIES: usize = 8;
 
-/// Multiply-adds below which one thread does every head.
+/// Multiply-adds below which one thread does every head: waking a sleeping worker costs more.
 const SERIAL_MACS: usize = 1 << 17;
+
+/// The same where the other workers are kept polling ([`crate::threads::keep_warm`]), so that
+/// handing them heads costs little: a decoding step's attention over a short cache.
+const SERIAL_MACS_WARM: usize = 1 << 14;
 
 /// `softmax(q·kᵀ/√d)·v` on `[B, H, S, d]` queries and `[B, H, T, d]` keys and values, causal
 /// bottom-right aligned (query `i` sees keys up to `T - S + i`) when `causal`.
@@ -182,10 +186,11 @@ fn attend<E: Widen>(
         }
     };
     let head_len = seq_q * dim_v;
-    if batch * heads * seq_q * seq_kv * (dim + dim_v) < SERIAL_MACS || head_len == 0 {
+    let macs = batch * heads * seq_q * seq_kv * (dim + dim_v);
+    let warm = macs >= SERIAL_MACS_WARM && crate::threads::keep_warm();
+    if head_len == 0 || macs < if warm { SERIAL_MACS_WARM } else { SERIAL_MACS } {
         out.chunks_exact_mut(head_len.max(1)).enumerate().for_each(head);
     } else {
-        crate::threads::keep_warm();
         out.par_chunks_exact_mut(head_len).enumerate().for_each(head);
     }
     out

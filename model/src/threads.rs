@@ -49,18 +49,20 @@ pub fn join_the_pool() -> bool {
 /// costs one atomic load while the workers are awake. It does nothing unless the calling thread
 /// is the one that joined the pool: elsewhere (tests, the server, a worker running a task)
 /// several threads share the cores and a spinning worker would take time from them, or the
-/// caller itself might pick up its broadcast and spin when its work is done.
-pub fn keep_warm() {
+/// caller itself might pick up its broadcast and spin when its work is done. Returns whether
+/// the other workers are kept awake for the caller, so that smaller work is worth splitting.
+pub fn keep_warm() -> bool {
     let threads = rayon::current_num_threads();
     let caller = JOINED.load(Ordering::Relaxed);
-    if threads < 2 || rayon::current_thread_index() != Some(caller) || POLLING.load(Ordering::Relaxed) > 0 {
-        return;
+    if threads < 2 || rayon::current_thread_index() != Some(caller) {
+        return false;
     }
-    if POLLING
-        .compare_exchange(0, threads - 1, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
+    if POLLING.load(Ordering::Relaxed) > 0
+        || POLLING
+            .compare_exchange(0, threads - 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
     {
-        return;
+        return true;
     }
     // A broadcast reaches every worker, each in its own queue (a plain spawn could be taken by
     // the caller itself while it waits in a join, and spin there instead of working).
@@ -78,6 +80,7 @@ pub fn keep_warm() {
         }
         POLLING.fetch_sub(1, Ordering::AcqRel);
     });
+    true
 }
 
 /// How many workers [`keep_warm`] keeps polling now (0 once they went back to idling).

@@ -24,7 +24,7 @@ fn workers_go_idle() {
 fn workers_kept_warm_do_the_work_and_go_idle_after_it() {
     assert!(join_the_pool(), "the pool existed before this test");
     let threads = rayon::current_num_threads();
-    keep_warm();
+    assert_eq!(keep_warm(), threads > 1);
     assert_eq!(polling_workers(), threads - 1, "every other worker polls");
 
     // Work split over the pool while the others poll: the same results as on one thread.
@@ -39,11 +39,11 @@ fn workers_kept_warm_do_the_work_and_go_idle_after_it() {
     workers_go_idle();
 
     // Another thread's kernels (a server's, a test's) leave the workers alone.
-    std::thread::spawn(keep_warm).join().unwrap();
+    assert!(!std::thread::spawn(keep_warm).join().unwrap());
     assert_eq!(polling_workers(), 0);
 
     // And the joined thread wakes them again.
-    keep_warm();
+    assert_eq!(keep_warm(), threads > 1);
     assert_eq!(polling_workers(), threads - 1);
     workers_go_idle();
 }
