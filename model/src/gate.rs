@@ -213,11 +213,19 @@ mod tests {
             let weights = Tensor::<3>::random([1, rows, 24], Distribution::Default, &device);
             let (a, b) = (x.clone().require_grad(), x.require_grad());
             let (fused, composed) = (gated_silu(a.clone()), reference(b.clone()));
-            assert!(max_diff(fused.clone(), composed.clone()) < 1e-5, "{rows} rows: forward");
+            // Values reach the hundreds (|x| up to ~30): f32 rounding is relative to them.
+            let close = |a: Tensor<3>, b: Tensor<3>| {
+                let scale = b.clone().abs().max().into_scalar::<f32>().max(1.0);
+                max_diff(a, b) <= 2e-6 * scale
+            };
+            assert!(
+                close(fused.clone().inner(), composed.clone().inner()),
+                "{rows} rows: forward"
+            );
             let grads_fused = (fused * weights.clone()).sum().backward();
             let grads_composed = (composed * weights).sum().backward();
             let (ga, gb) = (a.grad(&grads_fused).unwrap(), b.grad(&grads_composed).unwrap());
-            assert!(max_diff(ga, gb) < 1e-5, "{rows} rows: gradient");
+            assert!(close(ga, gb), "{rows} rows: gradient");
         }
     }
 
