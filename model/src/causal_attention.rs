@@ -31,8 +31,9 @@ use std::ops::Range;
 
 use crate::cached_attention;
 use crate::flex::{f32_rows, f32_tensor, runs_on_flex};
-use crate::matmul::{SendPtr, matrices, serial_product};
+use crate::matmul::{SendPtr, Strided, matrices, product_at};
 use crate::simd::{exp, vectorised};
+use gemm::Parallelism::None as Serial;
 
 /// Causal attention `softmax(q·kᵀ/√d + causal mask)·v` on `[B, H, S, D]` tensors with as many
 /// queries as keys.
@@ -135,7 +136,8 @@ impl CausalKernels for Flex {
     }
 }
 
-/// The `(matrix, block)` tasks of `count` matrices of `s` rows, and the rows of each.
+/// The `(matrix, block)` tasks of `count` matrices of `s` rows, and the rows of each (with the
+/// pool's other workers kept awake for them).
 fn blocks(count: usize, s: usize) -> impl IndexedParallelIterator<Item = (usize, Range<usize>)> {
     crate::threads::keep_warm();
     let per_matrix = s.div_ceil(BLOCK);
@@ -174,14 +176,13 @@ pub(crate) fn attend_into_rows(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> (
             for r in 0..rows.len() {
                 std::ptr::write_bytes(p_rows.add(r * s + seen), 0, s - seen);
             }
-            serial_product(
+            product_at(
                 p_rows,
                 s,
                 (rows.len(), seen, d),
-                q_data.as_ptr().offset(qm.offset + rows.start as isize * qm.row),
-                (qm.row, qm.col),
-                k_data.as_ptr().offset(km.offset),
-                (km.col, km.row),
+                qm.at(q_data, rows.start, 0),
+                km.at(k_data, 0, 0).transposed(),
+                Serial,
             );
             let block = std::slice::from_raw_parts_mut(p_rows, rows.len() * s);
             vectorised(
@@ -198,14 +199,13 @@ pub(crate) fn attend_into_rows(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> (
                 },
             );
             let (batch, head) = (index / heads, index % heads);
-            serial_product(
+            product_at(
                 out_ptr.get().add((batch * s + rows.start) * h + head * d),
                 h,
                 (rows.len(), d, seen),
-                p_rows,
-                (s as isize, 1),
-                v_data.as_ptr().offset(vm.offset),
-                (vm.row, vm.col),
+                Strided::row_major(p_rows, s),
+                vm.at(v_data, 0, 0),
+                Serial,
             );
         }
     });
@@ -252,14 +252,13 @@ pub(crate) fn attend_backward(
         // columns) and of `dq`, which no other task writes; it reads back only what it wrote.
         unsafe {
             let ds_rows = ds_ptr.get().add((index * s + rows.start) * s);
-            serial_product(
+            product_at(
                 ds_rows,
                 s,
                 (rows.len(), seen, d),
-                g_data.as_ptr().offset(gm.offset + rows.start as isize * gm.row),
-                (gm.row, gm.col),
-                v_data.as_ptr().offset(vm.offset),
-                (vm.col, vm.row),
+                gm.at(g_data, rows.start, 0),
+                vm.at(v_data, 0, 0).transposed(),
+                Serial,
             );
             let p_rows = &p_data[(index * s + rows.start) * s..];
             vectorised(
@@ -278,21 +277,19 @@ pub(crate) fn attend_backward(
                     }
                 },
             );
-            serial_product(
+            product_at(
                 dq_ptr.get().add((index * s + rows.start) * d),
                 d,
                 (rows.len(), d, seen),
-                ds_rows,
-                (s as isize, 1),
-                k_data.as_ptr().offset(km.offset),
-                (km.row, km.col),
+                Strided::row_major(ds_rows, s),
+                km.at(k_data, 0, 0),
+                Serial,
             );
         }
     });
     let mut dk = Vec::<f32>::with_capacity(count * s * d);
     let mut dv = Vec::<f32>::with_capacity(count * s * d);
     let (dk_ptr, dv_ptr) = (SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
-    let ds_read = SendPtr(ds.as_mut_ptr());
     blocks(count, s).for_each(|(index, keys)| {
         let (qm, gm) = (qs[index], gs[index]);
         // The queries that see these keys: from the first of them on.
@@ -302,23 +299,21 @@ pub(crate) fn attend_backward(
         // other task writes. It reads `ds` and `p` at rows `from..s`, columns `keys`: every such
         // row's block ends at or after `keys.end`, so the first pass wrote them.
         unsafe {
-            serial_product(
+            product_at(
                 dk_ptr.get().add((index * s + from) * d),
                 d,
                 (keys.len(), d, s - from),
-                ds_read.get().add(at),
-                (1, s as isize),
-                q_data.as_ptr().offset(qm.offset + from as isize * qm.row),
-                (qm.row, qm.col),
+                Strided::row_major(ds_ptr.get().add(at), s).transposed(),
+                qm.at(q_data, from, 0),
+                Serial,
             );
-            serial_product(
+            product_at(
                 dv_ptr.get().add((index * s + from) * d),
                 d,
                 (keys.len(), d, s - from),
-                p_data.as_ptr().add(at),
-                (1, s as isize),
-                g_data.as_ptr().offset(gm.offset + from as isize * gm.row),
-                (gm.row, gm.col),
+                Strided::row_major(p_data.as_ptr().add(at), s).transposed(),
+                gm.at(g_data, from, 0),
+                Serial,
             );
         }
     });

@@ -24,6 +24,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::flex::{f32_tensor, runs_on_flex};
@@ -70,6 +71,46 @@ pub(crate) struct Operand {
     pub col: isize,
 }
 
+impl Operand {
+    /// The matrix from element `(row, col)` on, in `data` (its storage), where gemm reads it.
+    pub fn at(self, data: &[f32], row: usize, col: usize) -> Strided {
+        let offset = self.offset + row as isize * self.row + col as isize * self.col;
+        Strided {
+            ptr: data.as_ptr().wrapping_offset(offset),
+            row: self.row,
+            col: self.col,
+        }
+    }
+}
+
+/// A strided f32 matrix as gemm reads it: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided {
+    pub ptr: *const f32,
+    pub row: isize,
+    pub col: isize,
+}
+
+impl Strided {
+    /// Rows `row` elements apart, columns adjacent.
+    pub fn row_major(ptr: *const f32, row: usize) -> Self {
+        Self {
+            ptr,
+            row: row as isize,
+            col: 1,
+        }
+    }
+
+    /// The same elements read as the transpose.
+    pub fn transposed(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            row: self.col,
+            col: self.row,
+        }
+    }
+}
+
 /// Where each matrix of a batched tensor `[.., m, k]` (any strides) lies in its storage, in the
 /// row-major order of the batch dimensions.
 pub(crate) fn matrices(t: &FlexTensor) -> Vec<Operand> {
@@ -95,22 +136,19 @@ pub(crate) fn matrices(t: &FlexTensor) -> Vec<Operand> {
         .collect()
 }
 
-/// `dst = a · b` on the calling thread, for strided f32 matrices `a` `[m, k]` (elements `a_row`
-/// and `a_col` apart) and `b` `[k, n]`, into `m` rows `dst_row` elements apart, which gemm
-/// writes without reading (zeros where `k` is 0).
+/// `dst = a · b` for strided f32 matrices `a` `[m, k]` and `b` `[k, n]`, into `m` rows
+/// `dst_row` elements apart, which gemm writes without reading (zeros where `k` is 0).
 ///
 /// # Safety
 /// Every element of `a` and `b` must be initialised and stay unwritten while this runs; the
 /// `m × n` elements of `dst` must be valid for writes and touched by no other thread.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn serial_product(
+pub(crate) unsafe fn product_at(
     dst: *mut f32,
     dst_row: usize,
     (m, n, k): (usize, usize, usize),
-    a: *const f32,
-    (a_row, a_col): (isize, isize),
-    b: *const f32,
-    (b_row, b_col): (isize, isize),
+    a: Strided,
+    b: Strided,
+    parallelism: Parallelism,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -122,18 +160,18 @@ pub(crate) unsafe fn serial_product(
             1,
             dst_row as isize,
             false,
-            a,
-            a_col,
-            a_row,
-            b,
-            b_col,
-            b_row,
+            a.ptr,
+            a.col,
+            a.row,
+            b.ptr,
+            b.col,
+            b.row,
             0.0,
             1.0,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }
@@ -187,33 +225,18 @@ pub(crate) fn product_into(
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = SendPtr(out.as_mut_ptr());
     // Output matrix `index`, columns `cols` of it.
-    let one = |index: usize, cols: Range<usize>, parallelism: gemm::Parallelism| {
-        let (a, b) = (lhs_ops[index], rhs_ops[index]);
+    let one = |index: usize, cols: Range<usize>, parallelism: Parallelism| {
         // SAFETY: the operands' offsets and strides come from their layouts, so every element
         // gemm reads lies in its storage (columns `cols` of the right operand are within its
         // `n`); output matrix `index` lies within `len` (the caller's layout) and no other call
-        // writes its columns `cols`; with `read_dst = false` gemm writes the output without
-        // reading it.
+        // writes its columns `cols`.
         unsafe {
-            gemm::gemm(
-                m,
-                cols.len(),
-                k,
+            product_at(
                 out_ptr.get().add(offset(index) + cols.start),
-                1,
-                row as isize,
-                false,
-                lhs_data.as_ptr().offset(a.offset),
-                a.col,
-                a.row,
-                rhs_data.as_ptr().offset(b.offset + cols.start as isize * b.col),
-                b.col,
-                b.row,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                row,
+                (m, cols.len(), k),
+                lhs_ops[index].at(lhs_data, 0, 0),
+                rhs_ops[index].at(rhs_data, 0, cols.start),
                 parallelism,
             );
         }
@@ -222,7 +245,7 @@ pub(crate) fn product_into(
     if count > 1 && macs < PARALLEL_MACS {
         (0..count)
             .into_par_iter()
-            .for_each(|index| one(index, 0..n, gemm::Parallelism::None));
+            .for_each(|index| one(index, 0..n, Parallelism::None));
     } else if m <= SPLIT_ROWS && macs >= SPLIT_MACS {
         // Few rows (a prompt's): one column block per thread, each a serial gemm. gemm's own
         // split of such a product costs more in scheduling than it gains.
@@ -230,13 +253,13 @@ pub(crate) fn product_into(
         for index in 0..count {
             (0..n.div_ceil(block))
                 .into_par_iter()
-                .for_each(|b| one(index, b * block..((b + 1) * block).min(n), gemm::Parallelism::None));
+                .for_each(|b| one(index, b * block..((b + 1) * block).min(n), Parallelism::None));
         }
     } else {
         let parallelism = if macs >= PARALLEL_MACS {
-            gemm::Parallelism::Rayon(0)
+            Parallelism::Rayon(0)
         } else {
-            gemm::Parallelism::None
+            Parallelism::None
         };
         (0..count).for_each(|index| one(index, 0..n, parallelism));
     }
