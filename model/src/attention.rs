@@ -7,9 +7,9 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
-use crate::causal_attention::attention;
-use crate::chunk_attention::{chunk_attention, rotated_heads};
-use crate::linear::linear;
+use crate::kernels::causal_attention::attention;
+use crate::kernels::chunk_attention::{chunk_attention, rotated_heads};
+use crate::kernels::linear::linear;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]

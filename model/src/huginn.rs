@@ -276,7 +276,7 @@ impl Huginn {
         rotary: &Rotary,
         cache: &mut dyn KvCache,
     ) -> Tensor<3> {
-        let mut x = crate::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
+        let mut x = crate::kernels::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
         for (layer, block) in self.core_block.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Core { iteration, layer }, cache);
         }
@@ -317,7 +317,7 @@ impl Huginn {
 
     /// The tied output head: `x · wteᵀ`, cast to f32.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        crate::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
+        crate::kernels::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
     }
 
     /// A full forward pass from a zero state, no cache.
@@ -412,7 +412,8 @@ fn autodiff_like(t: Tensor<3>, like: &Tensor<3>) -> Tensor<3> {
 pub fn cross_entropy(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits.dims();
     let (logits, labels) = (logits.reshape([b * s, v]), labels.reshape([b * s]));
-    crate::loss::fused_cross_entropy(&logits, &labels).unwrap_or_else(|| composed_cross_entropy(logits, labels))
+    crate::kernels::cross_entropy::fused_cross_entropy(&logits, &labels)
+        .unwrap_or_else(|| composed_cross_entropy(logits, labels))
 }
 
 /// [`cross_entropy`] with tensor operations, for every backend: `logits` `[N, V]`, `labels`

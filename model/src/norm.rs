@@ -5,7 +5,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
-use crate::normalise::fused_rms_norm;
+use crate::kernels::rms_norm::fused_rms_norm;
 
 #[derive(Module, Debug)]
 pub struct RmsNorm {

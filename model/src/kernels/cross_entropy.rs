@@ -20,8 +20,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType, Shape};
 
-use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
-use crate::simd::{exp, vectorised};
+use super::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
+use super::simd::{exp, vectorised};
 
 /// The label of positions the loss ignores.
 const IGNORED: f32 = -100.0;

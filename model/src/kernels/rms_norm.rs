@@ -20,8 +20,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
-use crate::simd::vectorised;
+use super::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
+use super::simd::vectorised;
 
 /// Rows per rayon task (a row is one token's `h` channels).
 const ROWS_PER_TASK: usize = 32;
