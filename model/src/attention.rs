@@ -1,5 +1,10 @@
 //! Causal self-attention with the reference's learned q/k bias (added before RoPE) and one
 //! fused `Wqkv` projection whose output columns are `[q | k | v]`, each head-major.
+//!
+//! The tensor operations below are the definition, and the composed default of the fused
+//! operations [`forward`](CausalSelfAttention::forward) tries first on Flex: the whole layer
+//! between the projections when no cache keeps the keys ([`chunk_attention`]), and the biased,
+//! rotated heads otherwise ([`rotated_heads`]).
 
 use burn::module::Param;
 use burn::nn::Linear;

@@ -22,9 +22,9 @@
 //! [`fixture`] checks the model against the reference's recorded outputs.
 //!
 //! [`kernels`] is the CPU engine: the same operations fused into one pass each on Burn's Flex
-//! backend, each beside the composed version every other backend runs. Changing the
-//! architecture starts at the top level; making it faster on the CPU, or adding a kernel for
-//! another backend, in [`kernels`].
+//! backend, each beside the composed version every other backend runs (the training loss,
+//! [`cross_entropy`], is one of them). Changing the architecture starts at the top level;
+//! making it faster on the CPU, or adding a kernel for another backend, in [`kernels`].
 //!
 //! [`Device`]: burn::prelude::Device
 
@@ -48,7 +48,8 @@ pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};
 pub use config::HuginnConfig;
 pub use device::{Backend, DeviceError, DeviceSpec, Precision, peak_rss_bytes, rss_bytes};
 pub use error::{ConfigError, InputError, WeightsError};
-pub use huginn::{Forward, Huginn, InitialState, cross_entropy};
+pub use huginn::{Forward, Huginn, InitialState};
+pub use kernels::cross_entropy::cross_entropy;
 pub use rope::Rotary;
 
 /// Burn, re-exported so that dependants use exactly the model's version.

@@ -12,6 +12,9 @@
 //! and softmax, the last product writes the `[B, S, H·d]` layout directly, and backward ends in
 //! one pass that rotates the query and key gradients back into a single `qkv` gradient and
 //! sums the bias gradient chunk by chunk in row order (the same on every run).
+//!
+//! The composed default of both operations here is the attention layer's own tensor path, in
+//! [`crate::attention`]: the model's definition, which the tests below compare them with.
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
