@@ -1,8 +1,8 @@
 //! The training loss, mean next-token cross-entropy, as one Flex operation each way.
 //!
-//! Composed ([`composed`]), the loss is a log-softmax over the `[B·S, V]`
-//! logits (max, subtract, exp, sum, log, subtract), a gather, a mask and two sums, and its
-//! backward as many passes again: at the training benchmark's shape, 4M logits streamed a dozen
+//! Composed (`composed`, what [`cross_entropy`] runs off Flex), the loss is a log-softmax over
+//! the `[B·S, V]` logits (max, subtract, exp, sum, log, subtract), a gather, a mask and two
+//! sums, and its backward as many passes again: at the training benchmark's shape, 4M logits streamed a dozen
 //! times, each on one thread in burn-flex 0.22 while the other core idled. Here one parallel
 //! pass computes each row's log-sum-exp and its label's term (rows summed chunk by chunk in row
 //! order, in f64), and backward is one parallel pass writing `(softmax − onehot) · g / count`.

@@ -7,7 +7,7 @@
 //! forward and one backward (which also reduces the weight's gradient over the rows, chunk by
 //! chunk in row order so that the sum is the same on every run). Inference also takes bf16.
 //! Other backends, and tensors the fast path does not take (f16; bf16 with autodiff), keep the
-//! tensor operations ([`composed`]).
+//! tensor operations (`composed`, [`rms_norm`]'s other path).
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
