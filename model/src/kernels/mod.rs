@@ -11,7 +11,7 @@
 //! # A fused operation
 //!
 //! One file per operation ([`linear`], [`matmul`], [`gate`], [`rms_norm`], [`cross_entropy`],
-//! [`causal_attention`], [`cached_attention`], [`chunk_attention`]), holding, in this order:
+//! [`causal_attention`], [`cached_attention`], [`chunk_attention`]), holding:
 //!
 //! 1. a backend-extension trait (`#[backend_extension(Flex, Autodiff)]`), whose default body is
 //!    the composed version written with backend operations where the trait has one;
@@ -19,10 +19,10 @@
 //!    (a Flex device, the dtypes and shapes the kernel takes) and dispatches through the trait,
 //!    or runs the composed version, the plain Burn tensor operations every other backend uses;
 //! 3. `impl … for Flex`: the kernel;
-//! 4. `impl … for Autodiff<B, C>`: one recorded operation whose backward is a second kernel
-//!    trait on the inner backend (`…Backward`, `…Kernels`), or the trait's default where
-//!    gradients never reach the operation;
-//! 5. its tests, fast path against composed default.
+//! 4. `impl … for Autodiff<B, C>`: one recorded operation whose backward runs kernels of the
+//!    inner backend (a second trait, `…Backward` or `…Kernels`, or the operation itself), or
+//!    the trait's default where gradients never reach the operation;
+//! 5. its tests, fast path against composed version.
 //!
 //! [`chunk_attention`] is the one exception: its composed default is the attention layer's own
 //! tensor path, [`crate::attention::CausalSelfAttention::forward`] with a cache, which stays in
