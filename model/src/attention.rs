@@ -1,5 +1,10 @@
 //! Causal self-attention with the reference's learned q/k bias (added before RoPE) and one
 //! fused `Wqkv` projection whose output columns are `[q | k | v]`, each head-major.
+//!
+//! The tensor operations below are the definition, and the composed default of the fused
+//! operations [`forward`](CausalSelfAttention::forward) tries first on Flex: the whole layer
+//! between the projections when no cache keeps the keys ([`chunk_attention`]), and the biased,
+//! rotated heads otherwise ([`rotated_heads`]).
 
 use burn::module::Param;
 use burn::nn::Linear;
@@ -7,9 +12,9 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
-use crate::causal_attention::attention;
-use crate::chunk_attention::{chunk_attention, rotated_heads};
-use crate::linear::linear;
+use crate::kernels::causal_attention::attention;
+use crate::kernels::chunk_attention::{chunk_attention, rotated_heads};
+use crate::kernels::linear::linear;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]

@@ -17,7 +17,8 @@ use safetensors::tensor::Dtype;
 use crate::cache::{FullCache, NoCache};
 use crate::config::HuginnConfig;
 use crate::error::WeightsError;
-use crate::huginn::{Huginn, InitialState, cross_entropy};
+use crate::huginn::{Huginn, InitialState};
+use crate::kernels::cross_entropy::cross_entropy;
 
 /// Absolute tolerance on float32 outputs (the fixtures' README: fp32 vs fp64 differ by ~2e-6).
 pub const FORWARD_TOLERANCE: f64 = 1e-4;

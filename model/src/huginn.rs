@@ -19,7 +19,6 @@ use std::ops::Range;
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, FloatDType};
 use rand::SeedableRng;
@@ -276,7 +275,7 @@ impl Huginn {
         rotary: &Rotary,
         cache: &mut dyn KvCache,
     ) -> Tensor<3> {
-        let mut x = crate::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
+        let mut x = crate::kernels::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
         for (layer, block) in self.core_block.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Core { iteration, layer }, cache);
         }
@@ -317,7 +316,7 @@ impl Huginn {
 
     /// The tied output head: `x · wteᵀ`, cast to f32.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        crate::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
+        crate::kernels::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
     }
 
     /// A full forward pass from a zero state, no cache.
@@ -405,25 +404,4 @@ fn autodiff_like(t: Tensor<3>, like: &Tensor<3>) -> Tensor<3> {
         Some(strategy) => t.autodiff().with_gradient_checkpointing_strategy(strategy),
         None => t,
     }
-}
-
-/// Mean next-token cross-entropy over positions whose label is not `-100` (the reference does
-/// NOT shift labels: the caller aligns them). `logits` `[B, S, V]`, `labels` `[B, S]` → `[1]`.
-pub fn cross_entropy(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-    let [b, s, v] = logits.dims();
-    let (logits, labels) = (logits.reshape([b * s, v]), labels.reshape([b * s]));
-    crate::loss::fused_cross_entropy(&logits, &labels).unwrap_or_else(|| composed_cross_entropy(logits, labels))
-}
-
-/// [`cross_entropy`] with tensor operations, for every backend: `logits` `[N, V]`, `labels`
-/// `[N]`.
-pub(crate) fn composed_cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
-    let n = labels.dims()[0];
-    let labels = labels.reshape([n, 1]);
-    let keep = labels.clone().not_equal_elem(-100);
-    let safe = labels.mask_fill(keep.clone().bool_not(), 0);
-    let logp = log_softmax(logits.cast(FloatDType::F32), 1).gather(1, safe);
-    let keep = keep.float();
-    let count = keep.clone().sum();
-    (logp * keep).sum().neg() / count
 }

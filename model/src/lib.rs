@@ -13,40 +13,43 @@
 //! own record format, and go back out to either. The backend is a runtime [`Device`]; see
 //! [`Backend`] for the `--device` choice binaries offer.
 //!
+//! ## Where to read
+//!
+//! The definition is the top level: [`huginn`] (the model and its steps), then the layers it is
+//! built from, [`block`], [`attention`], [`mlp`], [`norm`], [`rope`], and [`cache`] (how a layer
+//! reads and writes its keys and values). [`config`], [`pretrained`], [`checkpoint`] and [`init`]
+//! make and load a model; [`device`] picks the backend; [`error`] holds the typed errors;
+//! [`fixture`] checks the model against the reference's recorded outputs.
+//!
+//! [`kernels`] is the CPU engine: the same operations fused into one pass each on Burn's Flex
+//! backend, each beside the composed version every other backend runs (the training loss,
+//! [`cross_entropy`], is one of them). Changing the architecture starts at the top level;
+//! making it faster on the CPU, or adding a kernel for another backend, in [`kernels`].
+//!
 //! [`Device`]: burn::prelude::Device
 
 pub mod attention;
 pub mod block;
 pub mod cache;
-pub mod cached_attention;
-pub mod causal_attention;
 pub mod checkpoint;
-pub mod chunk_attention;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod fixture;
-pub mod flex;
-pub mod gate;
-pub mod heap;
 pub mod huginn;
 pub mod init;
-pub mod linear;
-pub mod loss;
-pub mod matmul;
+pub mod kernels;
 pub mod mlp;
 pub mod norm;
-pub mod normalise;
 pub mod pretrained;
 pub mod rope;
-pub mod simd;
-pub mod threads;
 
 pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};
 pub use config::HuginnConfig;
 pub use device::{Backend, DeviceError, DeviceSpec, Precision, peak_rss_bytes, rss_bytes};
 pub use error::{ConfigError, InputError, WeightsError};
-pub use huginn::{Forward, Huginn, InitialState, cross_entropy};
+pub use huginn::{Forward, Huginn, InitialState};
+pub use kernels::cross_entropy::cross_entropy;
 pub use rope::Rotary;
 
 /// Burn, re-exported so that dependants use exactly the model's version.

@@ -4,8 +4,8 @@
 use burn::nn::Linear;
 use burn::prelude::*;
 
-use crate::gate::gated_silu;
-use crate::linear::linear;
+use crate::kernels::gate::gated_silu;
+use crate::kernels::linear::linear;
 
 #[derive(Module, Debug)]
 pub struct GatedMlp {

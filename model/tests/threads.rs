@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use model::threads::{join_the_pool, keep_warm, polling_workers};
+use model::kernels::threads::{join_the_pool, keep_warm, polling_workers};
 use rayon::prelude::*;
 
 /// Waits until no worker polls any more; fails if they keep spinning.
@@ -33,7 +33,7 @@ fn workers_kept_warm_do_the_work_and_go_idle_after_it() {
     let device = Device::flex();
     let x = Tensor::<2>::random([4, 512], Distribution::Default, &device);
     let w = Tensor::<2>::random([512, 1536], Distribution::Default, &device);
-    let fast = model::linear::product(x.clone(), w.clone());
+    let fast = model::kernels::linear::product(x.clone(), w.clone());
     let diff = (fast - x.matmul(w)).abs().max().into_scalar::<f32>();
     assert!(diff < 1e-3, "product while the workers poll: {diff}");
     workers_go_idle();

@@ -5,7 +5,7 @@
 //! burn-flex 0.22 with a fresh output: a tenth of a training step at the benchmark's shape, with
 //! the second core idle. Here the first pass updates both moments in place and sums the clipping
 //! ratio (per chunk, added in chunk order, so the sum does not depend on the pool), the second
-//! writes the parameter in place; both loops are vectorised ([`model::simd`], with its `atan`
+//! writes the parameter in place; both loops are vectorised ([`model::kernels::simd`], with its `atan`
 //! for libm's scalar `atan2f`). Buffers another tensor still shares are copied first, as Burn
 //! would. Other backends and dtypes keep the tensor operations.
 
@@ -15,8 +15,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
-use model::flex::{f32_tensor, runs_on_flex};
-use model::simd::{atan, vectorised};
+use model::kernels::flex::{f32_tensor, runs_on_flex};
+use model::kernels::simd::{atan, vectorised};
 use rayon::prelude::*;
 
 /// Elements per rayon task.

@@ -124,8 +124,8 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn main() -> ExitCode {
-    model::threads::join_the_pool();
-    model::heap::keep_freed_memory();
+    model::kernels::threads::join_the_pool();
+    model::kernels::heap::keep_freed_memory();
     infer::cli::main(run)
 }
 

@@ -191,8 +191,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Every command but `serve` works on this thread; the server's engine has its own.
     if !matches!(cli.command, Command::Serve { .. }) {
-        model::threads::join_the_pool();
-        model::heap::keep_freed_memory();
+        model::kernels::threads::join_the_pool();
+        model::kernels::heap::keep_freed_memory();
     }
     match run(cli) {
         Ok(code) => code,

@@ -385,8 +385,8 @@ fn main() -> ExitCode {
     };
     // One device runs on this thread; --devices gives each worker a thread, which this one waits on.
     if args.devices.is_empty() {
-        model::threads::join_the_pool();
-        model::heap::keep_freed_memory();
+        model::kernels::threads::join_the_pool();
+        model::kernels::heap::keep_freed_memory();
     }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -341,8 +341,8 @@ impl Args {
         let devices = DeviceSpec::devices(&specs)?;
         // One device trains on this thread; several have a thread each, which this one waits on.
         if devices.len() == 1 {
-            model::threads::join_the_pool();
-            model::heap::keep_freed_memory();
+            model::kernels::threads::join_the_pool();
+            model::kernels::heap::keep_freed_memory();
         }
         if specs.len() > 1 {
             let names: Vec<String> = specs.iter().map(|s| s.to_string()).collect();

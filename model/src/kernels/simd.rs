@@ -9,7 +9,7 @@
 //! and [`exp`] and [`atan`] are branch-free arithmetic that such a loop keeps in vector
 //! registers.
 
-use crate::flex::Widen;
+use super::flex::Widen;
 
 /// Runs `body` compiled for AVX-512 or AVX2 with FMA where the CPU has them, as it is
 /// elsewhere. The body must be a closure marked `#[inline(always)]`: only code inlined into the

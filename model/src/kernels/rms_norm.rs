@@ -7,7 +7,7 @@
 //! forward and one backward (which also reduces the weight's gradient over the rows, chunk by
 //! chunk in row order so that the sum is the same on every run). Inference also takes bf16.
 //! Other backends, and tensors the fast path does not take (f16; bf16 with autodiff), keep the
-//! tensor operations in [`crate::norm`].
+//! tensor operations (`composed`, [`rms_norm`]'s other path).
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -18,10 +18,10 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, FloatDType};
 
-use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
-use crate::simd::vectorised;
+use super::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
+use super::simd::vectorised;
 
 /// Rows per rayon task (a row is one token's `h` channels).
 const ROWS_PER_TASK: usize = 32;
@@ -44,9 +44,35 @@ pub trait RmsNormBackward: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
+/// `x / √(mean(x²) + eps) · weight` over the last dimension of `x`, as [`crate::norm::RmsNorm`]
+/// computes it: the fused operation where it applies, the tensor operations elsewhere.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    fused_rms_norm(&x, &weight, eps).unwrap_or_else(|| composed(x, weight, eps))
+}
+
+/// The norm as tensor operations, as the reference's "RMSNorm_llama" computes it: normalise in
+/// f32, cast back to the input's dtype, then scale by the weight. Every backend but Flex, and
+/// half precision on Flex.
+fn composed<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = if dtype == DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
+    };
+    let inv_rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt().recip();
+    let normed = x * inv_rms;
+    let normed = if dtype == DType::F32 {
+        normed
+    } else {
+        normed.cast(FloatDType::from(dtype))
+    };
+    normed * weight.unsqueeze()
+}
+
 /// The fused operation, where `x` and `weight` are f32 on a Flex device (with or without
-/// autodiff); `None` elsewhere, for the caller's tensor operations.
-pub fn fused_rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+/// autodiff), or bf16 on Flex without autodiff; `None` elsewhere, for [`composed`].
+fn fused_rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
     let device = x.device();
     // bf16 only without autodiff: the backward kernel takes f32.
     let dtype_fits = match x.dtype() {
@@ -203,7 +229,6 @@ impl<B: RmsNormOps + RmsNormBackward, C: CheckpointStrategy> RmsNormOps for Auto
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::norm::RmsNorm;
     use burn::tensor::Distribution;
 
     fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -225,7 +250,7 @@ mod tests {
             let (xa, wa) = (x.clone().require_grad(), weight.clone().require_grad());
             let (xb, wb) = (x.require_grad(), weight.require_grad());
             let fused = fused_rms_norm(&xa, &wa, 1e-6).expect("f32 on Flex takes the fused path");
-            let composed = RmsNorm::new(wb.clone(), 1e-6).composed(xb.clone());
+            let composed = composed(xb.clone(), wb.clone(), 1e-6);
             assert!(max_diff(fused.clone(), composed.clone()) < 1e-5, "{rows} rows: forward");
             let grads_fused = (fused * upstream.clone()).sum().backward();
             let grads_composed = (composed * upstream).sum().backward();
@@ -275,7 +300,7 @@ mod tests {
         let no_rows = Tensor::<3>::zeros([2, 0, 8], &device);
         assert_eq!(fused_rms_norm(&no_rows, &weight, 1e-6).unwrap().dims(), [2, 0, 8]);
         let fused = fused_rms_norm(&x, &weight, 1e-6).unwrap();
-        assert!(max_diff(fused, RmsNorm::new(weight, 1e-6).composed(x)) < 1e-6);
+        assert!(max_diff(fused, composed(x, weight, 1e-6)) < 1e-6);
     }
 
     /// bf16 inference rounds where the composition does (after normalising, after the weight):
@@ -289,7 +314,7 @@ mod tests {
         let weight = Tensor::<1>::random([64], Distribution::Normal(1.0, 0.2), &device).cast(bf16);
         let fused = fused_rms_norm(&x, &weight, 1e-6).unwrap();
         assert_eq!(fused.dtype(), DType::BF16);
-        let composed = RmsNorm::new(weight, 1e-6).composed(x);
+        let composed = composed(x, weight, 1e-6);
         let f32 = burn::tensor::FloatDType::F32;
         let (fused, composed) = (fused.cast(f32), composed.cast(f32));
         let relative = ((fused - composed.clone()).abs() / (composed.abs() + 1e-3))

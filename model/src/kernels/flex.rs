@@ -1,5 +1,5 @@
-//! What the fused Flex operations ([`crate::gate`], [`crate::normalise`],
-//! [`crate::causal_attention`]) share: telling a Flex device apart, reading a tensor's rows as
+//! What the fused Flex operations ([`super::gate`], [`super::rms_norm`],
+//! [`super::causal_attention`]) share: telling a Flex device apart, reading a tensor's rows as
 //! f32, and running a kernel over chunks of rows on burn-flex's rayon pool.
 //!
 //! The training crate's fused optimizer update uses the first and last of these too.
@@ -119,7 +119,7 @@ pub(crate) fn for_row_chunks<T: Send>(
     let rows = out.len() / out_width;
     let range = |chunk: usize| chunk * rows_per_task..((chunk + 1) * rows_per_task).min(rows);
     if rows > rows_per_task {
-        crate::threads::keep_warm();
+        super::threads::keep_warm();
         out.par_chunks_mut(rows_per_task * out_width)
             .enumerate()
             .map(|(chunk, out)| body(out, range(chunk)))

@@ -8,10 +8,13 @@
 //! three splits into a zeroed full-size tensor and a copy into it, then sums them. In burn-flex
 //! 0.22 these are single-threaded passes with fresh outputs, and they were most of what kept the
 //! second core idle in a training step once the products and the norms were parallel. Here one
-//! parallel pass builds the rotated heads, attention is [`crate::causal_attention`]'s products
+//! parallel pass builds the rotated heads, attention is [`super::causal_attention`]'s products
 //! and softmax, the last product writes the `[B, S, H·d]` layout directly, and backward ends in
 //! one pass that rotates the query and key gradients back into a single `qkv` gradient and
 //! sums the bias gradient chunk by chunk in row order (the same on every run).
+//!
+//! The composed default of both operations here is the attention layer's own tensor path, in
+//! [`crate::attention`]: the model's definition, which the tests below compare them with.
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -26,8 +29,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use crate::causal_attention::{attend_backward, attend_into_rows};
-use crate::flex::{f32_rows, f32_tensor, runs_on_flex, tensor_of, to_bf16, widened_rows, widens};
+use super::causal_attention::{attend_backward, attend_into_rows};
+use super::flex::{f32_rows, f32_tensor, runs_on_flex, tensor_of, to_bf16, widened_rows, widens};
 use crate::rope::Rotary;
 
 /// Causal self-attention of `qkv` `[B, S, 3·H·d]` (queries, keys, values, head by head): the
@@ -169,7 +172,7 @@ fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize)
         if out.len() < SERIAL_ELEMENTS {
             out.chunks_mut(s * d).enumerate().for_each(head);
         } else {
-            crate::threads::keep_warm();
+            super::threads::keep_warm();
             out.par_chunks_mut(s * d).enumerate().for_each(head);
         }
     }
@@ -256,7 +259,7 @@ impl ChunkAttentionKernels for Flex {
         // One pass back to `[B, S, 3·H·d]`: query and key gradients rotated back (the transpose
         // of the rotation: `dx[e] = dy[e]·cos[e] + dy[e^1]·sin[e^1]`), values copied; each task
         // also sums its rows' query and key gradients for the bias.
-        crate::threads::keep_warm();
+        super::threads::keep_warm();
         let mut dqkv = vec![0f32; b * s * 3 * h];
         let partial_bias: Vec<Vec<f32>> = dqkv
             .par_chunks_mut(ROWS_PER_TASK * 3 * h)

@@ -1,8 +1,8 @@
 //! The training loss, mean next-token cross-entropy, as one Flex operation each way.
 //!
-//! Composed ([`crate::huginn::cross_entropy`]), the loss is a log-softmax over the `[B·S, V]`
-//! logits (max, subtract, exp, sum, log, subtract), a gather, a mask and two sums, and its
-//! backward as many passes again: at the training benchmark's shape, 4M logits streamed a dozen
+//! Composed (`composed`, what [`cross_entropy`] runs off Flex), the loss is a log-softmax over
+//! the `[B·S, V]` logits (max, subtract, exp, sum, log, subtract), a gather, a mask and two
+//! sums, and its backward as many passes again: at the training benchmark's shape, 4M logits streamed a dozen
 //! times, each on one thread in burn-flex 0.22 while the other core idled. Here one parallel
 //! pass computes each row's log-sum-exp and its label's term (rows summed chunk by chunk in row
 //! order, in f64), and backward is one parallel pass writing `(softmax − onehot) · g / count`.
@@ -18,10 +18,11 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, FloatDType, Shape};
 
-use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
-use crate::simd::{exp, vectorised};
+use super::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex};
+use super::simd::{exp, vectorised};
 
 /// The label of positions the loss ignores.
 const IGNORED: f32 = -100.0;
@@ -46,8 +47,29 @@ pub trait CrossEntropyBackward: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// Mean next-token cross-entropy over positions whose label is not `-100` (the reference does
+/// NOT shift labels: the caller aligns them). `logits` `[B, S, V]`, `labels` `[B, S]` → `[1]`.
+pub fn cross_entropy(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, v] = logits.dims();
+    let (logits, labels) = (logits.reshape([b * s, v]), labels.reshape([b * s]));
+    fused_cross_entropy(&logits, &labels).unwrap_or_else(|| composed(logits, labels))
+}
+
+/// [`cross_entropy`] with tensor operations, for every backend: `logits` `[N, V]`, `labels`
+/// `[N]`.
+fn composed(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    let n = labels.dims()[0];
+    let labels = labels.reshape([n, 1]);
+    let keep = labels.clone().not_equal_elem(-100);
+    let safe = labels.mask_fill(keep.clone().bool_not(), 0);
+    let logp = log_softmax(logits.cast(FloatDType::F32), 1).gather(1, safe);
+    let keep = keep.float();
+    let count = keep.clone().sum();
+    (logp * keep).sum().neg() / count
+}
+
 /// The fused loss where the logits are f32 on Flex; `None` elsewhere.
-pub fn fused_cross_entropy(logits: &Tensor<2>, labels: &Tensor<1, Int>) -> Option<Tensor<1>> {
+fn fused_cross_entropy(logits: &Tensor<2>, labels: &Tensor<1, Int>) -> Option<Tensor<1>> {
     let fits = runs_on_flex(&logits.device()) && logits.dtype() == DType::F32 && logits.dims()[1] > 0;
     fits.then(|| {
         let labels = labels.clone().float().cast(FloatDType::F32);
@@ -185,7 +207,6 @@ impl<B: CrossEntropyOps + CrossEntropyBackward, C: CheckpointStrategy> CrossEntr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::huginn::composed_cross_entropy;
     use burn::tensor::Distribution;
 
     /// Loss and gradient against the tensor operations, with ignored positions and logits of a
@@ -201,7 +222,7 @@ mod tests {
         let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &device);
         let (a, b) = (logits.clone().require_grad(), logits.require_grad());
         let fused = fused_cross_entropy(&a, &labels).expect("f32 on Flex");
-        let composed = composed_cross_entropy(b.clone(), labels.clone());
+        let composed = composed(b.clone(), labels.clone());
         let (f, c) = (
             fused.clone().into_scalar::<f32>(),
             composed.clone().into_scalar::<f32>(),

@@ -21,8 +21,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::flex::{Widen, runs_on_flex, tensor_of, widened_rows, widens};
-use crate::simd::dot;
+use super::flex::{Widen, runs_on_flex, tensor_of, widened_rows, widens};
+use super::simd::dot;
 
 /// The most queries per head the in-place kernel takes (a decoding step has one; speculative
 /// verification a few). Longer chunks are prefill, where Burn's blocked products win.
@@ -31,7 +31,7 @@ pub const FEW_QUERIES: usize = 8;
 /// Multiply-adds below which one thread does every head: waking a sleeping worker costs more.
 const SERIAL_MACS: usize = 1 << 17;
 
-/// The same where the other workers are kept polling ([`crate::threads::keep_warm`]), so that
+/// The same where the other workers are kept polling ([`super::threads::keep_warm`]), so that
 /// handing them heads costs little: a decoding step's attention over a short cache.
 const SERIAL_MACS_WARM: usize = 1 << 14;
 
@@ -187,7 +187,7 @@ fn attend<E: Widen>(
     };
     let head_len = seq_q * dim_v;
     let macs = batch * heads * seq_q * seq_kv * (dim + dim_v);
-    let warm = macs >= SERIAL_MACS_WARM && crate::threads::keep_warm();
+    let warm = macs >= SERIAL_MACS_WARM && super::threads::keep_warm();
     if head_len == 0 || macs < if warm { SERIAL_MACS_WARM } else { SERIAL_MACS } {
         out.chunks_exact_mut(head_len.max(1)).enumerate().for_each(head);
     } else {

@@ -27,7 +27,7 @@ use burn::tensor::DType;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::flex::{f32_tensor, runs_on_flex};
+use super::flex::{f32_tensor, runs_on_flex};
 
 /// Multiply-adds from which one product is split over the pool by `gemm` (burn-flex's bound).
 const PARALLEL_MACS: usize = 192 * 192 * 192;
@@ -219,7 +219,7 @@ pub(crate) fn product_into(
             "a product's matrix lies outside its output"
         );
     }
-    crate::threads::keep_warm();
+    super::threads::keep_warm();
     let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
     let (lhs_ops, rhs_ops) = (matrices(lhs), matrices(rhs));
     let mut out = Vec::<f32>::with_capacity(len);

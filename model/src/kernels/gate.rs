@@ -22,8 +22,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::{DType, Slice};
 
-use crate::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
-use crate::simd::{exp, vectorised};
+use super::flex::{f32_rows, f32_tensor, for_row_chunks, last_dim, runs_on_flex, tensor_of, to_bf16, widened_rows};
+use super::simd::{exp, vectorised};
 
 /// `silu(x[.., :m]) · x[.., m:]` over the last dimension (width `2m`), and its gradient.
 #[backend_extension(Flex, Autodiff)]

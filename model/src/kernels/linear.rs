@@ -9,7 +9,7 @@
 //! blocks spread over the rayon pool, widening bf16 on the fly (half the bytes of f32 to
 //! stream). Each output's sum has a fixed order, whichever thread computes it, so results do not
 //! depend on the pool's size. Larger products, gradients and other backends keep
-//! [`crate::matmul`]'s product. The lasting fix is upstream, in burn-flex's matmul.
+//! [`super::matmul`]'s product. The lasting fix is upstream, in burn-flex's matmul.
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -22,8 +22,8 @@ use burn::tensor::{DType, Shape};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::flex::{Widen, runs_on_flex, tensor_of, widened_rows, widens};
-use crate::simd::{dot, vectorised};
+use super::flex::{Widen, runs_on_flex, tensor_of, widened_rows, widens};
+use super::simd::{dot, vectorised};
 
 /// The most rows the kernel takes; products with more rows are `gemm`'s, whose packed
 /// micro-kernels win once a weight block is reused across many rows.
@@ -57,7 +57,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// `x · w` over the last dimension of `x` (`[.., k]`) with `w` `[k, n]`: the small-rows kernel
 /// where it applies (inference, no autodiff, on Flex, f32 or bf16, at most [`SMALL_ROWS`] rows;
 /// `w` contiguous or the transpose of a contiguous `[n, k]`), one `[rows, k] · [k, n]` product
-/// through [`crate::matmul`] elsewhere.
+/// through [`super::matmul`] elsewhere.
 pub fn product<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
     let [k, n] = weight.dims();
     let mut dims = x.dims();
@@ -76,7 +76,7 @@ pub fn product<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
         ));
     }
     dims[D - 1] = n;
-    crate::matmul::matmul(x.reshape([rows, k]), weight).reshape(dims)
+    super::matmul::matmul(x.reshape([rows, k]), weight).reshape(dims)
 }
 
 /// The operation with backend operations: rows flattened, one matrix product.
@@ -142,7 +142,7 @@ fn multiply<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, columns: bool) -> 
     // 16 columns (one AVX-512 register).
     let tasks = ((rows * k * n) / SERIAL_MACS).clamp(1, 2 * rayon::current_num_threads());
     if tasks > 1 {
-        crate::threads::keep_warm();
+        super::threads::keep_warm();
     }
     let width = n.div_ceil(tasks).next_multiple_of(16).min(n);
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))

@@ -11,7 +11,7 @@
 //! whole-matrix products compute and the mask then drops. Inference on Flex runs the same
 //! forward when queries and keys are one square causal block (a prompt without a cache prefix,
 //! the no-gradient iterations of training); a decoding step's few queries go to
-//! [`crate::cached_attention`], and every other backend and case (a mask from the cache) keeps
+//! [`super::cached_attention`], and every other backend and case (a mask from the cache) keeps
 //! `burn::tensor::module::attention`. The lasting fix
 //! is an attention backward in Burn's autodiff; ours stays this one operation.
 
@@ -29,10 +29,10 @@ use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 use std::ops::Range;
 
-use crate::cached_attention;
-use crate::flex::{f32_rows, f32_tensor, runs_on_flex};
-use crate::matmul::{SendPtr, Strided, matrices, product_at};
-use crate::simd::{exp, vectorised};
+use super::cached_attention;
+use super::flex::{f32_rows, f32_tensor, runs_on_flex};
+use super::matmul::{SendPtr, Strided, matrices, product_at};
+use super::simd::{exp, vectorised};
 use gemm::Parallelism::None as Serial;
 
 /// Causal attention `softmax(q·kᵀ/√d + causal mask)·v` on `[B, H, S, D]` tensors with as many
@@ -139,7 +139,7 @@ impl CausalKernels for Flex {
 /// The `(matrix, block)` tasks of `count` matrices of `s` rows, and the rows of each (with the
 /// pool's other workers kept awake for them).
 fn blocks(count: usize, s: usize) -> impl IndexedParallelIterator<Item = (usize, Range<usize>)> {
-    crate::threads::keep_warm();
+    super::threads::keep_warm();
     let per_matrix = s.div_ceil(BLOCK);
     (0..count * per_matrix).into_par_iter().map(move |task| {
         let block = task % per_matrix;
