@@ -69,10 +69,9 @@ impl ChatData {
         folder: &Path,
         tokenizer: Option<Tokenizer>,
     ) -> Result<Self, ChatDataError> {
-        let vocab = HuginnConfig::from_file(folder.join(CONFIG_FILE))
-            .map_err(|e| ChatDataError::Folder(e.to_string()))?
-            .vocab_size;
-        let text = TextFiles::open(folder, vocab).map_err(|e| ChatDataError::Folder(e.to_string()))?;
+        let config =
+            HuginnConfig::from_file(folder.join(CONFIG_FILE)).map_err(|e| ChatDataError::Folder(e.to_string()))?;
+        let text = TextFiles::open(folder, config.vocab_size).map_err(|e| ChatDataError::Folder(e.to_string()))?;
         let missing = |what| ChatDataError::Missing {
             dir: folder.to_path_buf(),
             what,
@@ -111,6 +110,13 @@ impl ChatData {
                 .iter()
                 .map(|&(a, b)| a < b && spans.iter().any(|s| s.start <= a && b <= s.end))
                 .collect();
+            if encoding.len() > config.block_size {
+                return Err(bad(format!(
+                    "{} tokens, beyond the model's context of {} (block_size); shorten or remove this record",
+                    encoding.len(),
+                    config.block_size
+                )));
+            }
             // The first token is never a label (nothing predicts it).
             if !assistant.iter().skip(1).any(|&a| a) {
                 return Err(bad(

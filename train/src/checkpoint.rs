@@ -12,9 +12,18 @@
 //! to `.pruning-*` and then deleted, so a kill while deleting never leaves a half-deleted
 //! `step-*` behind. A checkpoint that does not load (damaged on disk) is skipped on resume for
 //! the newest that does, and renamed to `step-N.unreadable` so it is kept but no longer counts.
+//!
+//! Damage that still parses is caught too: each checkpoint records in `checksums.json` the step
+//! it belongs to and a CRC-32 of each of its files, checked before anything is loaded, so a
+//! flipped byte, an edited `state.json` or a file copied from another checkpoint make it one
+//! that does not load. And a checkpoint is only good if its weights are finite: weights that
+//! are not are never saved, and are refused when read.
 
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use burn::module::{ModuleVisitor, Param};
 use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use model::{Huginn, HuginnConfig};
@@ -43,6 +52,8 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, reason: String },
     #[error("no checkpoint in {dir} loads ({reasons}); they are left as they are")]
     NoneLoads { dir: PathBuf, reasons: String },
+    #[error("the weights of step {step} are not all finite; not saved")]
+    NonFinite { step: u64 },
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
@@ -55,6 +66,17 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
 const MODEL: &str = "model.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
 const STATE: &str = "state.json";
+const CONFIG: &str = "config.json";
+const CHECKSUMS: &str = "checksums.json";
+/// The files `checksums.json` covers: all a checkpoint holds besides itself.
+const FILES: [&str; 4] = [CONFIG, MODEL, OPTIMIZER, STATE];
+
+/// `checksums.json`: the step a checkpoint's files belong to, and their CRC-32s.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checksums {
+    step: u64,
+    crc32: BTreeMap<String, u32>,
+}
 
 /// The checkpoints of one run.
 pub struct Checkpoints {
@@ -110,6 +132,9 @@ impl Checkpoints {
         optim: &ModuleOptimizer,
         state: &TrainState,
     ) -> Result<PathBuf, CheckpointError> {
+        if !all_finite(model) {
+            return Err(CheckpointError::NonFinite { step: state.step });
+        }
         let name = format!("step-{:08}", state.step);
         let partial = self.dir.join(format!(".partial-{name}"));
         let done = self.dir.join(&name);
@@ -128,6 +153,16 @@ impl Checkpoints {
         })?;
         let json = serde_json::to_vec_pretty(state).expect("plain data serializes");
         std::fs::write(partial.join(STATE), json).map_err(io(&partial))?;
+        let mut sums = Checksums {
+            step: state.step,
+            crc32: BTreeMap::new(),
+        };
+        for file in FILES {
+            let path = partial.join(file);
+            sums.crc32.insert(file.to_string(), crc32(&path).map_err(io(&path))?);
+        }
+        let json = serde_json::to_vec_pretty(&sums).expect("plain data serializes");
+        std::fs::write(partial.join(CHECKSUMS), json).map_err(io(&partial))?;
         sync_folder(&partial)?;
         pause_point("checkpoint-before-rename");
         // The same step saved again (a resumed run reaching it): the old one is moved out of
@@ -162,6 +197,15 @@ impl Checkpoints {
         sync(&self.dir)
     }
 
+    /// Renames the checkpoint `path` to `step-N.LABEL` (kept, but no longer a checkpoint);
+    /// returns the new name.
+    pub fn set_aside(&self, path: &Path, label: &str) -> Result<PathBuf, CheckpointError> {
+        let aside = aside_name(path, label);
+        std::fs::rename(path, &aside).map_err(io(path))?;
+        sync(&self.dir)?;
+        Ok(aside)
+    }
+
     /// Loads the newest checkpoint that loads (see [`load`]), renaming each newer one that
     /// does not to `step-N.unreadable`. `None` when there is no checkpoint; an error, with every
     /// checkpoint left as it is, when none loads.
@@ -177,7 +221,7 @@ impl Checkpoints {
                 Ok((model, optimizer, state)) => {
                     let mut skipped = Vec::new();
                     for (failed, reason) in failures {
-                        let aside = unreadable_name(&failed);
+                        let aside = aside_name(&failed, "unreadable");
                         std::fs::rename(&failed, &aside).map_err(io(&failed))?;
                         skipped.push(Skipped {
                             checkpoint: failed,
@@ -227,16 +271,78 @@ pub(crate) fn sync(path: &Path) -> Result<(), CheckpointError> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
 
-/// `step-N.unreadable` beside `path`, or `step-N.unreadable-K` if that is taken.
-fn unreadable_name(path: &Path) -> PathBuf {
+/// `step-N.LABEL` beside `path`, or `step-N.LABEL-K` if that is taken.
+fn aside_name(path: &Path, label: &str) -> PathBuf {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("step");
-    let mut aside = path.with_file_name(format!("{name}.unreadable"));
+    let mut aside = path.with_file_name(format!("{name}.{label}"));
     let mut k = 2;
     while aside.exists() {
-        aside = path.with_file_name(format!("{name}.unreadable-{k}"));
+        aside = path.with_file_name(format!("{name}.{label}-{k}"));
         k += 1;
     }
     aside
+}
+
+/// The CRC-32 of a file, read in blocks.
+fn crc32(path: &Path) -> std::io::Result<u32> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut block = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut block)? {
+            0 => return Ok(hasher.finalize()),
+            n => hasher.update(&block[..n]),
+        }
+    }
+}
+
+/// Whether every weight of `model` is finite (one boolean read back per parameter).
+fn all_finite(model: &Huginn) -> bool {
+    struct Finite(bool);
+    impl ModuleVisitor for Finite {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0 = self.0 && param.val().is_finite().all().into_scalar();
+        }
+    }
+    let mut finite = Finite(true);
+    model.visit(&mut finite);
+    finite.0
+}
+
+/// Checks the files of the checkpoint `dir` against its `checksums.json`, and that they are
+/// of the step its name says.
+fn verify(dir: &Path, step: Option<u64>) -> Result<(), CheckpointError> {
+    let corrupt = |path: &Path, reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let path = dir.join(CHECKSUMS);
+    let text = std::fs::read_to_string(&path).map_err(|e| corrupt(&path, e.to_string()))?;
+    let sums: Checksums = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+    if step.is_some_and(|step| step != sums.step) {
+        return Err(corrupt(
+            &path,
+            format!("records step {}, not the directory's", sums.step),
+        ));
+    }
+    for file in FILES {
+        let path = dir.join(file);
+        let Some(&want) = sums.crc32.get(file) else {
+            return Err(corrupt(&dir.join(CHECKSUMS), format!("records no checksum of {file}")));
+        };
+        let got = crc32(&path).map_err(|e| corrupt(&path, e.to_string()))?;
+        if got != want {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "CRC-32 {got:08x}, but checksums.json records {want:08x} for step {}: damaged, or \
+                     not this checkpoint's",
+                    sums.step
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a resume starts from.
@@ -257,8 +363,8 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// Loads a checkpoint directory: the model (on `device`), the optimizer state into `optim`
-/// (built for that model), and the run state.
+/// Loads a checkpoint directory, once its files match its checksums: the model (on `device`),
+/// the optimizer state into `optim` (built for that model), and the run state.
 pub fn load(
     dir: &Path,
     device: &Device,
@@ -268,18 +374,19 @@ pub fn load(
         path: path.to_path_buf(),
         reason,
     };
-    let config = HuginnConfig::from_file(dir.join("config.json")).map_err(|e| corrupt(dir, e.to_string()))?;
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    verify(dir, named)?;
+    let config = HuginnConfig::from_file(dir.join(CONFIG)).map_err(|e| corrupt(dir, e.to_string()))?;
     let model = Huginn::load_burn(&config, dir.join(MODEL), device).map_err(|e| corrupt(dir, e.to_string()))?;
     let path = dir.join(OPTIMIZER);
     let optimizer = optim(&model).load(&path).map_err(|e| corrupt(&path, e.to_string()))?;
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
-    let named = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("step-"))
-        .and_then(|n| n.parse::<u64>().ok());
     if named.is_some_and(|step| step != state.step) {
         return Err(corrupt(
             &path,

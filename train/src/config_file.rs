@@ -34,7 +34,15 @@ impl RunConfig {
         let located = |e: toml::de::Error| {
             let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
             match e.span() {
-                Some(span) => format!("line {}: {message}", text[..span.start].matches('\n').count() + 1),
+                Some(span) => {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    match key_at(text, span.start) {
+                        Some(key) if !message.contains(&format!("`{key}`")) => {
+                            format!("line {line}: {message} (in `{key}`)")
+                        }
+                        _ => format!("line {line}: {message}"),
+                    }
+                }
                 None => message,
             }
         };
@@ -54,6 +62,24 @@ impl RunConfig {
         Self::from_toml(&text).map_err(|e| format!("the configuration does not read back from TOML: {e}"))?;
         Ok(text)
     }
+}
+
+/// The dotted key whose `key = value` line holds byte `offset` of `text`, under the nearest
+/// `[table]` header above it: what an error about a value there is about.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(['[', ']']).trim());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 /// The first key of `given` that `known` (the parsed configuration written back) lacks: a key
@@ -151,6 +177,19 @@ mod tests {
         assert_eq!(err, format!("{}: unknown key `model.n_haeds`", path.display()));
         let err = RunConfig::from_toml_file(&dir.path().join("none.toml")).unwrap_err();
         assert!(err.to_string().contains("none.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_number_too_large_names_its_key() {
+        let text = config().to_toml().unwrap();
+        for (from, to, key) in [
+            ("\nsteps = 100", "\nsteps = 18446744073709551616", "steps"),
+            ("n_embd = 32", "n_embd = 99999999999999999999", "model.n_embd"),
+            ("seed = 5", "seed = -1", "seed"),
+        ] {
+            let err = RunConfig::from_toml(&text.replace(from, to)).unwrap_err();
+            assert!(err.starts_with("line ") && err.contains(&format!("`{key}`")), "{err}");
+        }
     }
 
     #[test]

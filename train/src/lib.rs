@@ -6,7 +6,9 @@
 //! addition ([`addition`]), k-hop variable chains ([`chains`]) and k-hop pointer chains
 //! ([`pointers`]), the last two sharing their splits by hop count ([`hops`]), batched and scored by exact match
 //! ([`batch`]), and text ([`text`]), behind one [`data`] interface; whole runs with metrics,
-//! checkpoints and a Hugging Face export ([`run`]), configured by TOML files ([`config_file`]);
+//! checkpoints and a Hugging Face export ([`run`]), one process per run directory
+//! ([`run_lock`]), configured by TOML files ([`config_file`]) within ranges ([`limits`]) and
+//! the machine's memory ([`memory`]);
 //! fine-tuning from a model folder or hub name ([`finetune`]) on chat data ([`chat_data`]);
 //! the training benchmark ([`bench`]).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
@@ -25,6 +27,8 @@ pub mod depth;
 pub mod finetune;
 pub mod hops;
 pub mod layout;
+pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod monitor;
 pub mod optim;
@@ -33,6 +37,7 @@ pub mod pause;
 pub mod pointers;
 pub mod rng;
 pub mod run;
+pub mod run_lock;
 pub mod schedule;
 pub mod step;
 pub mod text;

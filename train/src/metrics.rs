@@ -5,10 +5,12 @@
 //! Lines are flushed as they are written and synced before every checkpoint. Logged bytes are
 //! never rewritten: on resume both files are only cut back, at a line boundary, to the records
 //! of steps up to the checkpoint's (the later steps run again and log themselves again), and a
-//! half-written last line is dropped. A CSV row the crash kept from being written is rebuilt
-//! from its JSON line, number by number from the literal text, so it is the row the run would
-//! have written. A line in the middle that is not a record stops the resume with its line
-//! number and leaves both files as they are.
+//! half-written last line is dropped. Neither log loses a record the other holds: where one
+//! ends early (a crash between the two writes, a deleted, emptied or cut file), the records it
+//! lacks are rebuilt from the other, number by number from the literal text, so each is the
+//! line or row the run would have written. A line in the middle that is not a record, or two
+//! logs holding different records at the same line, stops the resume with the line number and
+//! leaves both files as they are.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -50,6 +52,15 @@ pub enum Record {
 }
 
 impl Record {
+    /// The `kind` both logs write.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::Train { .. } => "train",
+            Record::Eval { .. } => "eval",
+            Record::Monitor { .. } => "monitor",
+        }
+    }
+
     pub fn step(&self) -> u64 {
         match self {
             Record::Train { step, .. } | Record::Eval { step, .. } | Record::Monitor { step, .. } => *step,
@@ -89,7 +100,7 @@ fn csv_row(record: &Record) -> [String; 14] {
             tokens_per_second,
             elapsed_seconds,
         } => [
-            "train".into(),
+            record.kind().into(),
             step.to_string(),
             f(*loss),
             f(*lr),
@@ -111,7 +122,7 @@ fn csv_row(record: &Record) -> [String; 14] {
             loss,
             accuracy,
         } => [
-            "eval".into(),
+            record.kind().into(),
             step.to_string(),
             f(*loss),
             none(),
@@ -132,7 +143,7 @@ fn csv_row(record: &Record) -> [String; 14] {
             relative_residual,
             token_correlation,
         } => [
-            "monitor".into(),
+            record.kind().into(),
             step.to_string(),
             none(),
             none(),
@@ -161,6 +172,18 @@ pub enum MetricsError {
          repair or remove that line, then resume"
     )]
     Corrupt { path: PathBuf, line: usize, reason: String },
+    #[error(
+        "{jsonl}: line {line} and {csv}: line {row} hold different records ({reason}); both logs \
+         are left as they are: remove the wrong one's lines from there on, then resume to rebuild \
+         them from the other"
+    )]
+    Disagree {
+        jsonl: PathBuf,
+        line: usize,
+        csv: PathBuf,
+        row: usize,
+        reason: String,
+    },
     #[error(
         "{path}: the first line is not the expected header; the file is left as it is: move it \
          aside and resume to rebuild it from metrics.jsonl"
@@ -191,46 +214,83 @@ impl MetricsLog {
     }
 
     /// Opens the logs of the run in `dir`, keeping the records of steps `<= keep_through`
-    /// (everything after them is from steps that will run again).
+    /// (everything after them is from steps that will run again), each log completed from the
+    /// other.
     pub fn open(dir: &Path, keep_through: u64) -> Result<Self, MetricsError> {
         let jsonl_path = Self::jsonl_path(dir);
         let jsonl_bytes = read_bytes(&jsonl_path)?;
         let lines = complete_lines(&jsonl_bytes);
-        let mut kept = 0;
-        let mut jsonl_end = 0;
+        let mut keys = Vec::new();
         for (i, line) in lines.iter().enumerate() {
-            let step = step_of(line.text).map_err(|reason| MetricsError::Corrupt {
+            let key = key_of(line.text).map_err(|reason| MetricsError::Corrupt {
                 path: jsonl_path.clone(),
                 line: i + 1,
                 reason,
             })?;
-            if step > keep_through {
+            if key.step > keep_through {
                 break;
             }
-            kept += 1;
-            jsonl_end = line.end;
+            keys.push(key);
         }
-        let jsonl = open_cut(&jsonl_path, jsonl_end)?;
 
         let csv_path = Self::csv_path(dir);
-        let header = format!("{}\n", CSV_HEADER.join(","));
+        let header = CSV_HEADER.join(",");
         let csv_bytes = read_bytes(&csv_path)?;
         let table = complete_lines(&csv_bytes);
-        let (csv_end, rows) = match table.first() {
-            None => (0, 0),
-            Some(first) if first.text == header.trim_end().as_bytes() => {
-                let rows = table.len() - 1;
-                (table[rows.min(kept)].end, rows)
+        let mut rows = Vec::new();
+        match table.first() {
+            None => {}
+            Some(first) if first.text == header.as_bytes() => {
+                for (i, line) in table.iter().enumerate().skip(1) {
+                    let record = record_from_csv(line.text).map_err(|reason| MetricsError::Corrupt {
+                        path: csv_path.clone(),
+                        line: i + 1,
+                        reason,
+                    })?;
+                    if record.step() > keep_through {
+                        break;
+                    }
+                    rows.push(record);
+                }
             }
             Some(_) => return Err(MetricsError::Header { path: csv_path }),
-        };
+        }
+        for (i, (key, row)) in keys.iter().zip(&rows).enumerate() {
+            if (key.kind.as_str(), key.step) != (row.kind(), row.step()) {
+                return Err(MetricsError::Disagree {
+                    jsonl: jsonl_path,
+                    line: i + 1,
+                    csv: csv_path,
+                    row: i + 2,
+                    reason: format!(
+                        "{} of step {} against {} of step {}",
+                        key.kind,
+                        key.step,
+                        row.kind(),
+                        row.step()
+                    ),
+                });
+            }
+        }
+
+        let jsonl_end = keys.len().checked_sub(1).map_or(0, |last| lines[last].end);
+        let mut jsonl = open_cut(&jsonl_path, jsonl_end)?;
+        // Lines the JSONL lost (emptied, cut short) that the CSV still holds.
+        for record in rows.iter().skip(keys.len()) {
+            let line = serde_json::to_string(record).map_err(|e| io(&jsonl_path)(e.into()))?;
+            jsonl
+                .write_all(format!("{line}\n").as_bytes())
+                .map_err(io(&jsonl_path))?;
+        }
+        let csv_end = table.get(rows.len()).map_or(0, |line| line.end);
         let mut csv_file = open_cut(&csv_path, csv_end)?;
         if csv_end == 0 {
-            csv_file.write_all(header.as_bytes()).map_err(io(&csv_path))?;
+            csv_file
+                .write_all(format!("{header}\n").as_bytes())
+                .map_err(io(&csv_path))?;
         }
-        // Rows the CSV lacks (a crash between the two writes, or a deleted CSV), rebuilt from
-        // the JSON lines.
-        for (i, line) in lines.iter().enumerate().take(kept).skip(rows) {
+        // Rows the CSV lacks (a crash between the two writes, a deleted or cut CSV).
+        for (i, line) in lines.iter().enumerate().take(keys.len()).skip(rows.len()) {
             let row = csv_row_from_json(line.text).map_err(|reason| MetricsError::Corrupt {
                 path: jsonl_path.clone(),
                 line: i + 1,
@@ -308,15 +368,66 @@ fn open_cut(path: &Path, len: u64) -> Result<File, MetricsError> {
     Ok(file)
 }
 
-/// The step of one JSON line, or why it is not a record.
-fn step_of(line: &[u8]) -> Result<u64, String> {
-    #[derive(Deserialize)]
-    struct Step {
-        step: u64,
+/// What identifies a record: its kind and step.
+#[derive(Deserialize)]
+struct Key {
+    kind: String,
+    step: u64,
+}
+
+/// The kind and step of one JSON line, or why it is not a record.
+fn key_of(line: &[u8]) -> Result<Key, String> {
+    serde_json::from_slice::<Key>(line).map_err(|e| e.to_string())
+}
+
+/// The record of a CSV row: each number parsed from the row's text, which [`csv_row`] printed
+/// as the shortest text that reads back exactly, so the record serializes to the JSON line
+/// the run wrote (an empty cell is a non-finite number, which JSON writes as `null`).
+fn record_from_csv(line: &[u8]) -> Result<Record, String> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).from_reader(line);
+    let mut row = csv::StringRecord::new();
+    if !reader.read_record(&mut row).map_err(|e| e.to_string())? || row.len() != CSV_HEADER.len() {
+        return Err(format!("not a row of {} cells", CSV_HEADER.len()));
     }
-    serde_json::from_slice::<Step>(line)
-        .map(|s| s.step)
-        .map_err(|e| e.to_string())
+    let cell = |column: &str| {
+        let i = CSV_HEADER.iter().position(|c| *c == column).expect("a column");
+        &row[i]
+    };
+    let number = |column: &str| match cell(column) {
+        "" => Ok(f64::NAN),
+        text => text.parse::<f64>().map_err(|e| format!("`{column}`: {e}")),
+    };
+    let count = |column: &str| cell(column).parse::<usize>().map_err(|e| format!("`{column}`: {e}"));
+    let step = cell("step").parse::<u64>().map_err(|e| format!("`step`: {e}"))?;
+    Ok(match cell("kind") {
+        "train" => Record::Train {
+            step,
+            loss: number("loss")?,
+            lr: number("lr")?,
+            grad_norm: number("grad_norm")?,
+            recurrence: count("recurrence")?,
+            backprop: count("backprop")?,
+            tokens_per_second: number("tokens_per_second")?,
+            elapsed_seconds: number("elapsed_seconds")?,
+        },
+        "eval" => Record::Eval {
+            step,
+            split: cell("split").to_string(),
+            depth: count("depth")?,
+            loss: number("loss")?,
+            accuracy: match cell("accuracy") {
+                "" => None,
+                _ => Some(number("accuracy")?),
+            },
+        },
+        "monitor" => Record::Monitor {
+            step,
+            depth: count("depth")?,
+            relative_residual: number("relative_residual")?,
+            token_correlation: number("token_correlation")?,
+        },
+        kind => return Err(format!("unknown kind {kind:?}")),
+    })
 }
 
 /// The CSV row of a record's JSON line, cell by cell from the JSON's literal text: a number is
@@ -530,6 +641,108 @@ mod tests {
         let err = MetricsLog::open(dir.path(), 5).err().unwrap();
         assert!(matches!(err, MetricsError::Header { .. }), "{err}");
         assert_eq!(std::fs::read(&csv_path).unwrap(), b"date,value\n");
+    }
+
+    #[test]
+    fn a_damaged_jsonl_is_rebuilt_from_the_csv_and_no_row_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        logged(dir.path());
+        let (jsonl, csv) = bytes(dir.path());
+        let path = MetricsLog::jsonl_path(dir.path());
+        let lines = complete_lines(&jsonl);
+        // Emptied, cut to two lines, cut in the middle of the fourth, deleted.
+        for damaged in [
+            Vec::new(),
+            jsonl[..lines[1].end as usize].to_vec(),
+            jsonl[..lines[2].end as usize + 7].to_vec(),
+        ] {
+            std::fs::write(&path, &damaged).unwrap();
+            drop(MetricsLog::open(dir.path(), 5).unwrap());
+            assert_eq!(bytes(dir.path()), (jsonl.clone(), csv.clone()));
+        }
+        std::fs::remove_file(&path).unwrap();
+        drop(MetricsLog::open(dir.path(), 5).unwrap());
+        assert_eq!(bytes(dir.path()), (jsonl.clone(), csv.clone()));
+        // Resuming from step 4 with the JSONL emptied keeps both logs' records of steps 1..=4.
+        std::fs::write(&path, b"").unwrap();
+        drop(MetricsLog::open(dir.path(), 4).unwrap());
+        let (cut_jsonl, cut_csv) = bytes(dir.path());
+        assert_eq!(
+            (complete_lines(&cut_jsonl).len(), complete_lines(&cut_csv).len()),
+            (5, 6)
+        );
+        assert!(jsonl.starts_with(&cut_jsonl) && csv.starts_with(&cut_csv));
+    }
+
+    #[test]
+    fn logs_that_disagree_or_a_damaged_csv_row_stop_the_resume_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        logged(dir.path());
+        let (jsonl, csv) = bytes(dir.path());
+        let csv_path = MetricsLog::csv_path(dir.path());
+        let lines = complete_lines(&csv);
+        // A garbled row in the middle of the CSV: an error naming it.
+        let at = lines[2].end as usize;
+        let garbled = [&csv[..at], b"train,3,x\n", &csv[lines[3].end as usize..]].concat();
+        std::fs::write(&csv_path, &garbled).unwrap();
+        let err = MetricsLog::open(dir.path(), 5).err().unwrap();
+        assert!(matches!(err, MetricsError::Corrupt { line: 4, .. }), "{err}");
+        assert_eq!(bytes(dir.path()), (jsonl.clone(), garbled));
+        // A row of another step where the JSONL has step 2's record.
+        let other = [&csv[..lines[1].end as usize], &csv[lines[2].end as usize..]].concat();
+        std::fs::write(&csv_path, &other).unwrap();
+        let err = MetricsLog::open(dir.path(), 5).err().unwrap();
+        assert!(matches!(err, MetricsError::Disagree { line: 2, row: 3, .. }), "{err}");
+        assert_eq!(bytes(dir.path()), (jsonl, other));
+    }
+
+    #[test]
+    fn a_line_rebuilt_from_csv_is_the_line_written() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut x = || {
+            let bits: u64 = rng.random();
+            match bits % 4 {
+                0 => f64::from_bits(bits),
+                1 => f64::from(f32::from_bits(bits as u32)),
+                2 => -((bits % 1000) as f64) / 7.0,
+                _ => 1e-6 * (bits % 100_000) as f64,
+            }
+        };
+        for step in 0..2000 {
+            let record = match step % 3 {
+                0 => Record::Train {
+                    step,
+                    loss: x(),
+                    lr: x(),
+                    grad_norm: x(),
+                    recurrence: 7,
+                    backprop: 3,
+                    tokens_per_second: x(),
+                    elapsed_seconds: x(),
+                },
+                1 => Record::Eval {
+                    step,
+                    split: "hard, \"quoted\"".into(),
+                    depth: 16,
+                    loss: x(),
+                    accuracy: (step % 2 == 0).then(&mut x),
+                },
+                _ => Record::Monitor {
+                    step,
+                    depth: 8,
+                    relative_residual: x(),
+                    token_correlation: x(),
+                },
+            };
+            let mut out = csv::Writer::from_writer(Vec::new());
+            out.write_record(csv_row(&record)).unwrap();
+            let row = out.into_inner().unwrap();
+            let rebuilt = record_from_csv(&row[..row.len() - 1]).unwrap();
+            assert_eq!(
+                serde_json::to_string(&rebuilt).unwrap(),
+                serde_json::to_string(&record).unwrap()
+            );
+        }
     }
 
     #[test]

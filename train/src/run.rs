@@ -8,6 +8,7 @@
 //! RUN/tokenizer.json      text runs: the tokenizer, trained or copied at the start
 //! RUN/metrics.jsonl|csv   every record (see `metrics`)
 //! RUN/checkpoints/step-N  the newest checkpoints (see `checkpoint`)
+//! RUN/.lock               locked while a process trains in RUN (see `run_lock`)
 //! RUN/final/              the model at the end, in the Hugging Face layout (`config.json` +
 //!                         `model.safetensors`, and a text run's tokenizer with its config;
 //!                         a fine-tuned run's also the chat template and generation config),
@@ -15,7 +16,9 @@
 //! ```
 //!
 //! `Trainer::resume` continues from the newest checkpoint bit-exactly: depth, initial state and
-//! data are pure functions of `(seed, step)`, and the optimizer state is saved whole.
+//! data are pure functions of `(seed, step)`, and the optimizer state is saved whole. Before
+//! anything is allocated, a run's configuration is checked against its ranges (`limits`) and
+//! its memory against the machine's (`memory`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,11 +30,14 @@ use model::{DeviceSpec, Huginn, HuginnConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError, Checkpoints, Skipped, TrainState};
-use crate::data::{DataConfig, Dataset, EvalSplit};
+use crate::data::{DataConfig, Dataset, EvalSplit, TokenizerSource};
 use crate::depth::DepthScheme;
+use crate::limits::{self, *};
+use crate::memory::{MemoryError, Shapes};
 use crate::metrics::{MetricsError, MetricsLog, Record, write_atomically};
 use crate::monitor::{evaluate_depths, monitors};
 use crate::optim::{EllisAdamConfig, no_decay_group};
+use crate::run_lock::{LockError, RunLock};
 use crate::schedule::Schedule;
 use crate::step::{MicroBatch, StepConfig, StepError, train_step_on};
 use crate::text::TextError;
@@ -136,6 +142,7 @@ impl RunConfig {
     /// here rather than a panic or a meaningless run later.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |reason: String| Err(TrainError::InvalidConfig(reason));
+        self.check_ranges().map_err(TrainError::InvalidConfig)?;
         if self.steps == 0 || self.batch_size == 0 || self.accumulation == 0 {
             return bad("steps, batch_size and accumulation must be positive".into());
         }
@@ -185,6 +192,112 @@ impl RunConfig {
             .map_err(|e| TrainError::InvalidConfig(format!("model: {e}")))
     }
 
+    /// Every count within its range (see `limits`), every rate a number; the error names the
+    /// field.
+    fn check_ranges(&self) -> Result<(), String> {
+        let (warmup, total, cooldown) = match self.schedule {
+            Schedule::Constant { warmup, .. } => (warmup, 1, 0),
+            Schedule::Cosine {
+                warmup, total_steps, ..
+            } => (warmup, total_steps, 0),
+            Schedule::Trapezoid {
+                warmup,
+                total_steps,
+                cooldown,
+                ..
+            } => (warmup, total_steps, cooldown),
+        };
+        let m = &self.model;
+        let mut counts = vec![
+            ("seed", self.seed, 0, MAX_SEED),
+            ("steps", self.steps, 1, MAX_STEPS),
+            ("batch_size", self.batch_size as u64, 1, MAX_BATCH),
+            ("accumulation", self.accumulation as u64, 1, MAX_ACCUMULATION),
+            ("eval_every", self.eval_every, 1, MAX_STEPS),
+            ("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS),
+            ("eval_rows", self.eval_rows as u64, 1, MAX_EVAL_ROWS),
+            ("keep_checkpoints", self.keep_checkpoints as u64, 0, MAX_KEEP),
+            ("schedule.warmup", warmup, 0, MAX_STEPS),
+            ("schedule.total_steps", total, 1, MAX_STEPS),
+            ("schedule.cooldown", cooldown, 0, MAX_STEPS),
+            ("model.n_embd", m.n_embd as u64, 1, MAX_WIDTH),
+            ("model.n_heads", m.n_heads as u64, 1, MAX_HEADS),
+            ("model.n_layers_in_prelude", m.n_layers_in_prelude as u64, 0, MAX_LAYERS),
+            (
+                "model.n_layers_in_recurrent_block",
+                m.n_layers_in_recurrent_block as u64,
+                1,
+                MAX_LAYERS,
+            ),
+            ("model.n_layers_in_coda", m.n_layers_in_coda as u64, 0, MAX_LAYERS),
+            ("model.vocab_size", m.vocab_size as u64, 1, MAX_VOCAB),
+            ("model.block_size", m.block_size as u64, 1, MAX_SEQ_LEN),
+        ];
+        match self.depth {
+            DepthScheme::PoissonLognormalFilling { mean, backprop } => {
+                counts.push(("depth.mean", mean as u64, 1, MAX_MEAN_DEPTH));
+                counts.push(("depth.backprop", backprop as u64, 1, MAX_MEAN_DEPTH));
+            }
+            DepthScheme::Fixed { steps, backprop } => {
+                counts.push(("depth.steps", steps as u64, 1, MAX_MEAN_DEPTH));
+                counts.push(("depth.backprop", backprop as u64, 1, MAX_MEAN_DEPTH));
+            }
+            DepthScheme::NonRecurrent => {}
+        }
+        match &self.data {
+            DataConfig::Chains { curriculum, .. } | DataConfig::Pointers { curriculum, .. } => {
+                counts.push(("data.curriculum", *curriculum, 0, MAX_STEPS));
+            }
+            DataConfig::Addition { max_digits, .. } => {
+                counts.push(("data.max_digits", *max_digits as u64, 1, MAX_DIGITS));
+            }
+            DataConfig::Text { seq_len, tokenizer, .. } => {
+                counts.push(("data.seq_len", *seq_len as u64, 1, MAX_SEQ_LEN));
+                if let TokenizerSource::Train { vocab_size } = tokenizer {
+                    counts.push(("data.tokenizer.vocab_size", *vocab_size as u64, 1, MAX_VOCAB));
+                }
+            }
+            DataConfig::Chat { .. } => {}
+        }
+        for (field, value, lo, hi) in counts {
+            limits::check(field, value, lo, hi)?;
+        }
+        for &depth in &self.eval_depths {
+            limits::check("eval_depths", depth as u64, 1, MAX_EVAL_DEPTH)?;
+        }
+        let weight_decay = match self.optimizer {
+            OptimizerConfig::EllisAdam { weight_decay, .. } => weight_decay,
+            OptimizerConfig::AdamW { weight_decay, .. } => weight_decay as f64,
+        };
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return Err(format!(
+                "optimizer.weight_decay = {weight_decay} must be a finite number of at least 0"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a run whose memory (see `memory`), on `devices`, with `data`, exceeds what the
+    /// machine has available.
+    pub fn check_memory(&self, data: &Dataset, devices: &[Device]) -> Result<(), MemoryError> {
+        let backprop = match self.depth {
+            DepthScheme::PoissonLognormalFilling { backprop, .. } | DepthScheme::Fixed { backprop, .. } => backprop,
+            DepthScheme::NonRecurrent => 1,
+        };
+        let shapes = Shapes {
+            model: &self.model,
+            batch_size: self.batch_size,
+            seq_len: data.context(),
+            backprop,
+            devices: devices.len(),
+            eval_rows: self.eval_rows,
+            eval_len: data.context(),
+        };
+        let cpu = [Device::flex(), Device::flex().autodiff()];
+        let on_host = devices.iter().all(|d| cpu.contains(d));
+        crate::memory::check("this run", shapes.host_bytes(on_host))
+    }
+
     /// Whether the micro-batches of a step split evenly over `devices` devices: each device
     /// runs whole micro-batches, so that a micro-batch's rows and seeded initial state are the
     /// same however many devices share the step.
@@ -221,27 +334,44 @@ pub enum TrainError {
     Io { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     BadRun { path: PathBuf, reason: String },
+    /// (Not a `source`: the message says it, so error chains need not repeat it.)
     #[error("data: {0}")]
-    Data(#[from] TextError),
+    Data(TextError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     #[error("the model's {what} is {model} but the data needs {data}")]
     Mismatch {
         what: &'static str,
         model: usize,
         data: usize,
     },
-    #[error("step {step}: {source}; stopped. {}", match .checkpoint {
+    #[error("step {step}: {source}; stopped. {}{}", match .checkpoint {
         Some(c) => format!("The last good checkpoint is {}", c.display()),
         None => "There is no checkpoint yet".to_string(),
+    }, match .set_aside {
+        Some(aside) => format!(" (the newest, whose weights this step started from, is moved to {})", aside.display()),
+        None => String::new(),
     })]
     NonFinite {
         step: u64,
         source: StepError,
         checkpoint: Option<PathBuf>,
+        /// The checkpoint of the weights that made this step non-finite, moved out of the way
+        /// so that a resume starts from the one before.
+        set_aside: Option<PathBuf>,
     },
+}
+
+impl From<TextError> for TrainError {
+    fn from(error: TextError) -> Self {
+        TrainError::Data(error)
+    }
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -266,6 +396,8 @@ pub struct Trainer {
     log: MetricsLog,
     resumed_from: Option<PathBuf>,
     skipped: Vec<Skipped>,
+    /// Held while the trainer lives: no second process trains in `dir`.
+    _lock: RunLock,
 }
 
 impl Trainer {
@@ -284,10 +416,16 @@ impl Trainer {
         config.check_split(devices.len())?;
         let device = &devices[0];
         let toml = config.to_toml().map_err(TrainError::InvalidConfig)?;
-        let model = config.initial_model(device)?;
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let data = Dataset::new(&config.data, None)?;
         check_fits(&config.model, &data)?;
+        config.check_memory(&data, devices)?;
+        let model = config.initial_model(device)?;
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let lock = RunLock::acquire(dir)?;
+        // Checked again under the lock: another process may have started a run meanwhile.
+        if dir.join("run.json").exists() {
+            return Err(TrainError::Exists(dir.to_path_buf()));
+        }
         if let Some(tokenizer) = data.tokenizer() {
             let path = dir.join("tokenizer.json");
             tokenizer.save(&path, true).map_err(|e| TrainError::Io {
@@ -302,7 +440,7 @@ impl Trainer {
         let path = dir.join("run.json");
         write_atomically(&path, json.as_bytes()).map_err(io_error(&path))?;
         let optim = config.optimizer.init(&model, config.schedule.peak_lr());
-        Self::assemble(dir, config, devices, data, model, optim, TrainState::default())
+        Self::assemble(dir, config, devices, data, (model, optim, TrainState::default()), lock)
     }
 
     /// Continues the run in `dir` from its newest checkpoint (or from the start when it was
@@ -314,7 +452,12 @@ impl Trainer {
     /// Continues the run in `dir` on `devices`, which need not be those it started on: the
     /// numbers do not depend on them.
     pub fn resume_on(dir: &Path, devices: &[Device]) -> Result<Self, TrainError> {
+        if !dir.join("run.json").exists() {
+            return Err(TrainError::NoRun(dir.to_path_buf()));
+        }
+        let lock = RunLock::acquire(dir)?;
         let config = Self::stored_config(dir)?;
+        config.validate()?;
         config.check_split(devices.len())?;
         let device = &devices[0];
         let tokenizer_path = dir.join("tokenizer.json");
@@ -324,6 +467,7 @@ impl Trainer {
         };
         let data = Dataset::new(&config.data, tokenizer)?;
         check_fits(&config.model, &data)?;
+        config.check_memory(&data, devices)?;
         let peak = config.schedule.peak_lr();
         let checkpoints = Checkpoints::open(dir, config.keep_checkpoints)?;
         let (model, optim, state, resumed) =
@@ -335,7 +479,7 @@ impl Trainer {
                     (model, optim, TrainState::default(), None)
                 }
             };
-        let mut trainer = Self::assemble(dir, config, devices, data, model, optim, state)?;
+        let mut trainer = Self::assemble(dir, config, devices, data, (model, optim, state), lock)?;
         if let Some((checkpoint, skipped)) = resumed {
             trainer.resumed_from = Some(checkpoint);
             trainer.skipped = skipped;
@@ -361,9 +505,8 @@ impl Trainer {
         config: RunConfig,
         devices: &[Device],
         data: Dataset,
-        model: Huginn,
-        optim: ModuleOptimizer,
-        state: TrainState,
+        (model, optim, state): (Huginn, ModuleOptimizer, TrainState),
+        lock: RunLock,
     ) -> Result<Self, TrainError> {
         let checkpoints = Checkpoints::open(dir, config.keep_checkpoints)?;
         let log = MetricsLog::open(dir, state.step)?;
@@ -380,6 +523,7 @@ impl Trainer {
             log,
             resumed_from: None,
             skipped: Vec::new(),
+            _lock: lock,
         })
     }
 
@@ -452,14 +596,8 @@ impl Trainer {
             let report = match report {
                 Ok(report) => report,
                 Err(source) => {
-                    // Weights can go bad a step before the loss shows it, so nothing is saved
-                    // now: the newest checkpoint stays the last good one.
                     bar.abandon();
-                    return Err(TrainError::NonFinite {
-                        checkpoint: self.checkpoints.latest()?,
-                        step: step + 1,
-                        source,
-                    });
+                    return Err(self.non_finite(step + 1, source));
                 }
             };
             let seconds = started.elapsed().as_secs_f64();
@@ -552,11 +690,40 @@ impl Trainer {
         self.log.write(record).map_err(io_error(&self.dir))
     }
 
-    /// Saves a checkpoint, after making the log of the steps it covers durable.
+    /// The error of a non-finite step `step`. Weights can go bad a step before the loss shows
+    /// it, so nothing is saved now; and the weights this step started from made it
+    /// non-finite, so a checkpoint of them is no good either: it is moved aside, and the one
+    /// before is the last good one (which a resume then starts from).
+    fn non_finite(&self, step: u64, source: StepError) -> TrainError {
+        let set_aside = match self.checkpoints.list() {
+            Ok(list) => match list.last() {
+                Some((at, path)) if *at == self.state.step => self.checkpoints.set_aside(path, "non-finite").ok(),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        TrainError::NonFinite {
+            step,
+            source,
+            checkpoint: self.checkpoints.latest().ok().flatten(),
+            set_aside,
+        }
+    }
+
+    /// Saves a checkpoint, after making the log of the steps it covers durable; weights that
+    /// are not all finite are not saved (the run stops as at a non-finite step).
     fn save(&mut self) -> Result<PathBuf, TrainError> {
         self.log.sync().map_err(io_error(&self.dir))?;
         let model = self.model.as_ref().expect("the model is always put back");
-        Ok(self.checkpoints.save(model, &self.optim, &self.state)?)
+        match self.checkpoints.save(model, &self.optim, &self.state) {
+            Err(CheckpointError::NonFinite { .. }) => Err(TrainError::NonFinite {
+                step: self.state.step,
+                source: StepError::NonFiniteWeights,
+                checkpoint: self.checkpoints.latest()?,
+                set_aside: None,
+            }),
+            saved => Ok(saved?),
+        }
     }
 
     /// Writes `RUN/final`: the model in the Hugging Face layout and, for a text run, the

@@ -65,6 +65,9 @@ pub enum StepError {
     NonFiniteLoss(f64),
     #[error("non-finite gradient norm ({0}); the model was not updated")]
     NonFiniteGradient(f64),
+    /// Found when the weights are saved: the update of a finite step can still overflow.
+    #[error("the updated weights are not all finite; they were not saved")]
+    NonFiniteWeights,
     #[error("a step needs at least one micro-batch and one device")]
     NoData,
     /// A replica's thread panicked (a device lost, out of memory): Burn reports those by

@@ -27,8 +27,9 @@ pub const SHAKESPEARE: &str = include_str!("../corpus/shakespeare.txt");
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// (`error`, not `source`: the message says it, so error chains need not repeat it.)
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: not a JSON object with a string field `{field}`")]
     Jsonl { path: PathBuf, line: usize, field: String },
     #[error("tokenizer: {0}")]
@@ -45,9 +46,9 @@ pub enum TextError {
 pub fn read_documents(files: &[PathBuf], field: &str) -> Result<Vec<String>, TextError> {
     let mut documents = Vec::new();
     for path in files {
-        let text = std::fs::read_to_string(path).map_err(|source| TextError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| TextError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         if path.extension().is_some_and(|e| e == "jsonl") {
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

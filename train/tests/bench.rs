@@ -113,7 +113,7 @@ fn the_bench_measures_tokens_per_second_per_device_count() {
 fn the_bench_refuses_bad_input_in_one_line() {
     for (flags, message) in [
         (&["--width", "30", "--heads", "4"][..], "model shape"),
-        (&["--memory-depths", "8,0"], "must be positive"),
+        (&["--memory-depths", "8,0"], "expected a whole number from 1 to 1024"),
         (&["--layers", "1,0,1"], "the core needs at least one"),
         (&["--devices", "cpu:3"], "no device cpu:3 on this machine"),
         (&["--devices", "cpu,cpu"], "device cpu:0 is listed twice"),

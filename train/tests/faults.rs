@@ -6,11 +6,14 @@
 //! - every logged line is byte-identical, but for the two wall-clock fields
 //!   (`tokens_per_second`, `elapsed_seconds`), which no two runs share;
 //! - the bytes logged before the kill, up to the checkpoint resumed from, are kept unchanged;
-//! - every checkpoint left loads, and one that does not is skipped with a message.
+//! - every checkpoint left loads, and one that does not (torn, a byte flipped, a file from
+//!   another checkpoint) is skipped with a message;
+//! - a damaged metrics log is rebuilt from the other, and no row is lost;
+//! - a second trainer on the same run directory is refused while the first lives, killed or not.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -59,6 +62,14 @@ fn straight() -> &'static Path {
 
 /// Starts a new run that stops at `point` (its `nth` time), and SIGKILLs it there.
 fn killed_at(point: &str, nth: usize) -> tempfile::TempDir {
+    let (dir, mut child) = paused_at(point, nth);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    dir
+}
+
+/// Starts a new run and returns it waiting at `point` (its `nth` time), alive.
+fn paused_at(point: &str, nth: usize) -> (tempfile::TempDir, Child) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
         .args(flags(&dir.path().join("run")))
@@ -84,9 +95,7 @@ fn killed_at(point: &str, nth: usize) -> tempfile::TempDir {
             }
         }
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    dir
+    (dir, child)
 }
 
 fn jsonl(dir: &Path) -> Vec<u8> {
@@ -297,4 +306,139 @@ fn no_loadable_checkpoint_is_an_error_that_changes_nothing() {
     assert_eq!(ours, 1, "{stderr}");
     assert_eq!((jsonl(&run), csv(&run)), (before_jsonl, before_csv));
     assert!(run.join("checkpoints/step-00000006").exists());
+}
+
+/// Damage done to a run directory (or its checkpoints) on disk.
+type Damage = dyn Fn(&Path);
+
+/// The run killed right after step 9's checkpoint (steps 6 and 9 on disk), copied into a fresh
+/// directory for each of `damages`, damaged so, and resumed: step 9's checkpoint is skipped
+/// with a one-line message and the run ends as the straight one.
+fn skipped_after(damages: &[(&str, &Damage)]) {
+    let killed = killed_at("prune-after-rename", 1);
+    for (what, damage) in damages {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        copy_dir(&killed.path().join("run"), &run);
+        damage(&run.join("checkpoints"));
+        let stderr = resumes_to_the_straight_result(&run);
+        assert_eq!(resumed_step(&stderr), 6, "{what}: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("step-00000009"))
+            .unwrap_or_else(|| panic!("{what}: {stderr}"));
+        assert!(
+            line.starts_with("skipped a checkpoint that does not load: ") && line.ends_with("step-00000009.unreadable"),
+            "{what}: {line}"
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        match path.is_dir() {
+            true => copy_dir(&path, &target),
+            false => {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
+    }
+}
+
+/// Step 9's checkpoint in the checkpoints folder `c`.
+fn newest(c: &Path) -> PathBuf {
+    c.join("step-00000009")
+}
+
+/// Flips every bit of the byte at the middle of `path` (a weight, a moment: still a file that
+/// parses).
+fn flip_middle_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_checkpoint_whose_files_do_not_match_their_checksums_is_skipped() {
+    skipped_after(&[
+        ("a byte flipped in model.bpk", &|c| {
+            flip_middle_byte(&newest(c).join("model.bpk"))
+        }),
+        ("a byte flipped in optimizer.bpk", &|c| {
+            flip_middle_byte(&newest(c).join("optimizer.bpk"))
+        }),
+        ("model.bpk of step 6", &|c| {
+            std::fs::copy(c.join("step-00000006/model.bpk"), newest(c).join("model.bpk")).unwrap();
+        }),
+        ("state.json edited", &|c| {
+            let path = newest(c).join("state.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let edited = text.replace("\"batches\": 9", "\"batches\": 10");
+            assert_ne!(text, edited);
+            std::fs::write(&path, edited).unwrap();
+        }),
+        ("checksums.json removed", &|c| {
+            std::fs::remove_file(newest(c).join("checksums.json")).unwrap();
+        }),
+    ]);
+}
+
+#[test]
+fn a_damaged_metrics_log_is_rebuilt_from_the_other_and_no_row_is_lost() {
+    // Killed after step 9's checkpoint: the logs hold steps 1..=9 and two evaluations.
+    let killed = killed_at("prune-after-rename", 1);
+    let cases: [(&str, &Damage); 3] = [
+        ("metrics.jsonl emptied", &|run| {
+            std::fs::write(MetricsLog::jsonl_path(run), b"").unwrap()
+        }),
+        ("metrics.jsonl cut to 5 lines", &|run| {
+            let text = std::fs::read_to_string(MetricsLog::jsonl_path(run)).unwrap();
+            let cut: String = text.split_inclusive('\n').take(5).collect();
+            std::fs::write(MetricsLog::jsonl_path(run), cut).unwrap();
+        }),
+        ("metrics.csv cut in the middle of a row", &|run| {
+            let bytes = std::fs::read(MetricsLog::csv_path(run)).unwrap();
+            std::fs::write(MetricsLog::csv_path(run), &bytes[..bytes.len() / 2]).unwrap();
+        }),
+    ];
+    for (what, damage) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        copy_dir(&killed.path().join("run"), &run);
+        let intact = (jsonl(&run), csv(&run));
+        damage(&run);
+        // Both logs end as the straight run's, and what either held before is kept.
+        let stderr = resumes_to_the_straight_result(&run);
+        assert_eq!(resumed_step(&stderr), 9, "{what}: {stderr}");
+        assert!(jsonl(&run).starts_with(&intact.0), "{what}");
+        assert!(csv(&run).starts_with(&intact.1), "{what}");
+    }
+}
+
+#[test]
+fn a_second_trainer_on_the_same_run_is_refused_until_the_first_is_gone() {
+    // The first trainer, alive, waiting after step 6's checkpoint.
+    let (dir, mut first) = paused_at("checkpoint-after-rename", 2);
+    let run = dir.path().join("run");
+    let (before_jsonl, before_csv) = (jsonl(&run), csv(&run));
+    let second = Command::new(BIN)
+        .arg("--resume")
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is in use by another training process"), "{stderr}");
+    let ours = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).count();
+    assert_eq!(ours, 1, "{stderr}");
+    assert_eq!((jsonl(&run), csv(&run)), (before_jsonl, before_csv));
+    // Killed, it leaves nothing held: a resume goes through to the straight result.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    resumes_to_the_straight_result(&run);
 }

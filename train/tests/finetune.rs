@@ -417,3 +417,29 @@ fn a_run_file_carries_init_from_and_the_chat_data() {
     );
     assert!(!out.join("run.json").exists());
 }
+
+#[test]
+fn a_record_beyond_the_models_context_is_named_by_file_and_line() {
+    let model = folder(DEFAULT_IDS);
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("long.jsonl");
+    let long = "many words ".repeat(60);
+    let lines = [
+        serde_json::json!({"q": "Short?", "a": ANSWER}),
+        serde_json::json!({"q": long, "a": ANSWER}),
+    ];
+    std::fs::write(&file, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+    let config = DataConfig::Chat {
+        file: file.clone(),
+        format: ChatFormat::Pair {
+            question: "q".into(),
+            answer: "a".into(),
+        },
+        folder: model.path().to_path_buf(),
+    };
+    let err = Dataset::new(&config, None).err().unwrap().to_string();
+    assert!(
+        err.starts_with(&format!("{}:2: ", file.display())) && err.contains("beyond the model's context of 256"),
+        "{err}"
+    );
+}

@@ -5,10 +5,11 @@
 use std::path::Path;
 use std::process::Command;
 
+use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use model::{Huginn, HuginnConfig};
 use train::chains;
-use train::checkpoint::Checkpoints;
+use train::checkpoint::{self, CheckpointError, Checkpoints};
 use train::data::DataConfig;
 use train::depth::DepthScheme;
 use train::metrics::{self, MetricsLog, Record};
@@ -142,6 +143,7 @@ fn a_new_run_refuses_an_existing_directory_and_resume_needs_one() {
     let err = Trainer::resume(empty.path(), &device).err().unwrap();
     assert!(err.to_string().ends_with("holds no run (no run.json)"), "{err}");
     // A leftover partial checkpoint (a kill mid-save) is ignored and removed.
+    drop(t);
     let partial = dir.path().join("checkpoints/.partial-step-00000003");
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("model.bpk"), b"torn").unwrap();
@@ -162,15 +164,110 @@ fn a_diverging_run_stops_with_its_last_good_checkpoint() {
     config.checkpoint_every = 1;
     let mut t = Trainer::create(dir.path(), config, &device).unwrap();
     let err = t.run(None, false).unwrap_err();
-    let TrainError::NonFinite { step, checkpoint, .. } = &err else {
+    let TrainError::NonFinite {
+        step,
+        checkpoint,
+        set_aside,
+        ..
+    } = &err
+    else {
         panic!("{err}");
     };
     let message = err.to_string();
     assert!(message.contains("non-finite"), "{message}");
-    let checkpoint = checkpoint.clone().unwrap();
-    assert!(checkpoint.ends_with(format!("step-{:08}", step - 1)), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+    // The weights of step - 1 made this step non-finite: their checkpoint is moved aside, and
+    // the one before is the last good one.
+    let aside = set_aside.clone().unwrap_or_else(|| panic!("{message}"));
+    assert!(aside.ends_with(format!("step-{:08}.non-finite", step - 1)), "{message}");
+    match step - 2 {
+        0 => assert!(checkpoint.is_none(), "{message}"),
+        good => assert!(
+            checkpoint.clone().unwrap().ends_with(format!("step-{good:08}")),
+            "{message}"
+        ),
+    }
     // Every finite step was logged; none after.
     assert_eq!(losses(dir.path()).len() as u64, step - 1);
+}
+
+/// Multiplies every weight by a factor, into tensors of their own (not the lazily read bytes
+/// of the checkpoint they came from, which the test replaces).
+struct Scale(f64);
+
+impl ModuleMapper for Scale {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let factor = self.0;
+        param.map(|t| {
+            let device = t.device();
+            Tensor::from_data(t.into_data(), &device).mul_scalar(factor)
+        })
+    }
+}
+
+#[test]
+fn a_checkpoint_is_good_only_if_its_weights_are_finite_and_make_a_finite_step() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(5, ellis(), 1e-3);
+    config.checkpoint_every = 1;
+    config.keep_checkpoints = 10;
+    let mut t = Trainer::create(dir.path(), config.clone(), &device).unwrap();
+    t.run(Some(3), false).unwrap();
+    drop(t);
+    let checkpoints = Checkpoints::open(dir.path(), 10).unwrap();
+    let newest = checkpoints.latest().unwrap().unwrap();
+    let peak = config.schedule.peak_lr();
+    let (model, _, state) = checkpoint::load(&newest, &device, |m| config.optimizer.init(m, peak)).unwrap();
+    let optim = config.optimizer.init(&model, peak);
+    // Non-finite weights are never written.
+    let err = checkpoints
+        .save(&model.clone().map(&mut Scale(f64::NAN)), &optim, &state)
+        .unwrap_err();
+    assert!(matches!(err, CheckpointError::NonFinite { step: 3 }), "{err}");
+    // Finite weights so large that the next step overflows, written intact as step 3's.
+    checkpoints.save(&model.map(&mut Scale(1e30)), &optim, &state).unwrap();
+    let err = Trainer::resume(dir.path(), &device)
+        .unwrap()
+        .run(None, false)
+        .unwrap_err();
+    let TrainError::NonFinite {
+        step: 4,
+        checkpoint: Some(good),
+        set_aside: Some(aside),
+        ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert!(good.ends_with("step-00000002"), "{err}");
+    assert!(aside.ends_with("step-00000003.non-finite"), "{err}");
+    // The next resume (a new process, as after the error) starts from the good one and trains
+    // to the end.
+    let resumed = Command::new(env!("CARGO_BIN_EXE_huginn-train"))
+        .arg("--resume")
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("at step 2 from"), "{stderr}");
+    assert_eq!(losses(dir.path()).len(), 5);
+}
+
+#[test]
+fn a_second_trainer_in_the_same_directory_is_refused() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let first = Trainer::create(dir.path(), config(2, ellis(), 1e-3), &device).unwrap();
+    let err = Trainer::resume(dir.path(), &device).err().unwrap();
+    assert!(
+        err.to_string().contains("is in use by another training process"),
+        "{err}"
+    );
+    drop(first);
+    Trainer::resume(dir.path(), &device).unwrap();
 }
 
 #[test]

@@ -22,6 +22,13 @@ use serde_json::json;
 use train::bench::{BenchConfig, BenchResult, measure};
 use train::depth::DepthScheme;
 use train::layout::parse_layers;
+use train::limits::{
+    MAX_BATCH, MAX_EVAL_DEPTH, MAX_HEADS, MAX_MEAN_DEPTH, MAX_SEQ_LEN, MAX_STEPS, MAX_VOCAB, MAX_WIDTH, count, count64,
+};
+use train::memory::Shapes;
+
+/// Handles per device (`--handles`): threads and replicas sharing one device.
+const MAX_HANDLES: u64 = 64;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,36 +45,36 @@ struct Args {
     devices: Vec<DeviceSpec>,
     /// With --devices: use each device through this many handles (a thread and replica each),
     /// listed in turn after the devices themselves; how the CPU's one device is measured.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<1, MAX_HANDLES>)]
     handles: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count::<1, MAX_WIDTH>)]
     width: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count::<1, MAX_HEADS>)]
     heads: usize,
     /// Prelude, core and coda layers.
     #[arg(long, default_value = "2,4,2", value_parser = parse_layers)]
     layers: (usize, usize, usize),
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = count::<1, MAX_VOCAB>)]
     vocab_size: usize,
     /// Mean recurrence r̄ of the randomized (Poisson log-normal) depth.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count::<1, MAX_MEAN_DEPTH>)]
     mean_depth: usize,
     /// Recurrence steps with gradient, k.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count::<1, MAX_MEAN_DEPTH>)]
     backprop: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count::<1, MAX_SEQ_LEN>)]
     seq_len: usize,
     /// Rows per step (one micro-batch); 8 takes about a minute per measurement on 2 CPU cores.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count::<1, MAX_BATCH>)]
     batch_size: usize,
     /// Timed optimizer steps of the randomized-depth measurement (after one warm-up step).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count64::<1, MAX_STEPS>)]
     steps: u64,
     /// Fixed total depths whose memory is compared.
-    #[arg(long, value_delimiter = ',', default_value = "8,64")]
+    #[arg(long, value_delimiter = ',', default_value = "8,64", value_parser = count::<1, MAX_EVAL_DEPTH>)]
     memory_depths: Vec<usize>,
     /// Timed steps of each fixed-depth measurement.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count64::<1, MAX_STEPS>)]
     memory_steps: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -119,29 +126,29 @@ impl Depth {
 }
 
 impl Args {
+    /// Checks what the flags' parsers (their ranges) do not, and the memory a measurement will
+    /// need, before any is made.
     fn check(&self) -> Result<()> {
-        let counts = [
-            self.width,
-            self.heads,
-            self.vocab_size,
-            self.mean_depth,
-            self.backprop,
-            self.seq_len,
-            self.batch_size,
-        ];
-        if counts.contains(&0) || self.steps == 0 || self.memory_steps == 0 || self.memory_depths.contains(&0) {
-            bail!("every size, depth and step count must be positive");
-        }
-        if self.handles == 0 || (self.handles > 1 && self.devices.is_empty()) {
+        if self.handles > 1 && self.devices.is_empty() {
             bail!("--handles takes a positive count, and applies to --devices");
         }
         if !self.devices.is_empty() {
             // Found here too, so that a bad list is one error before any measurement.
             DeviceSpec::devices(&self.devices)?;
         }
-        HuginnConfig::tiny(self.vocab_size, self.width, self.heads, self.layers)
-            .validate()
-            .context("model shape")?;
+        let model = HuginnConfig::tiny(self.vocab_size, self.width, self.heads, self.layers);
+        model.validate().context("model shape")?;
+        let on_host = self.devices.first().map_or(self.device, |d| d.backend) == Backend::Cpu;
+        let shapes = Shapes {
+            model: &model,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            backprop: self.backprop,
+            devices: self.workers().len().max(1),
+            eval_rows: 0,
+            eval_len: 0,
+        };
+        train::memory::check("this measurement", shapes.host_bytes(on_host))?;
         Ok(())
     }
 

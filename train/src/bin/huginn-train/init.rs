@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use train::data::{DataConfig, TokenizerSource};
 use train::depth::DepthScheme;
 use train::finetune;
+use train::limits::MAX_MEAN_DEPTH;
 use train::run::RunConfig;
 
 use crate::{Args, depth_scheme, fit_to_depth};
@@ -71,6 +72,18 @@ pub fn apply(config: &mut RunConfig, args: &Args, given: &dyn Fn(&str) -> bool) 
     }
     let depth_typed = ["depth_scheme", "mean_depth", "backprop"].iter().any(|f| given(f));
     if args.config.is_none() && !depth_typed {
+        for (field, value) in [
+            ("mean_recurrence", model.mean_recurrence),
+            ("mean_backprop_depth", model.mean_backprop_depth),
+        ] {
+            if !(1..=MAX_MEAN_DEPTH).contains(&(value as u64)) {
+                bail!(
+                    "{}: {field} = {value} is out of range for training (1..={MAX_MEAN_DEPTH}); give --mean-depth \
+                     and --backprop",
+                    dir.join(model::pretrained::CONFIG_FILE).display()
+                );
+            }
+        }
         // The model's own depth, as its config records it.
         config.depth = depth_scheme(args.depth_scheme, model.mean_recurrence, model.mean_backprop_depth);
         if !given("eval_depths") {

@@ -27,6 +27,10 @@ use train::chat_data::ChatFormat;
 use train::data::{DataConfig, Dataset, TokenizerSource};
 use train::depth::DepthScheme;
 use train::layout::parse_layers;
+use train::limits::{
+    MAX_ACCUMULATION, MAX_BATCH, MAX_DIGITS, MAX_EVAL_DEPTH, MAX_EVAL_ROWS, MAX_HEADS, MAX_KEEP, MAX_MEAN_DEPTH,
+    MAX_SEED, MAX_SEQ_LEN, MAX_STEPS, MAX_VOCAB, MAX_WIDTH, count, count64, non_negative,
+};
 use train::run::{OptimizerConfig, RunConfig, Trainer};
 use train::schedule::Schedule;
 
@@ -87,25 +91,25 @@ struct Args {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Vocabulary of the BPE trained on the corpus.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = count::<1, MAX_VOCAB>)]
     vocab_size: usize,
     /// Tokens per text row.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = count::<1, MAX_SEQ_LEN>)]
     seq_len: usize,
     /// Chains and pointers: batches over which the most hops ramps from 1 to 6 (0: none).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count64::<0, MAX_STEPS>)]
     curriculum: u64,
     /// Most digits of a training operand (`--task addition`).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count::<1, MAX_DIGITS>)]
     max_digits: usize,
     /// Pad addition operands to a fixed width.
     #[arg(long)]
     padded: bool,
 
     // Model.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = count::<1, MAX_WIDTH>)]
     width: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count::<1, MAX_HEADS>)]
     heads: usize,
     /// Prelude, core and coda layers.
     #[arg(long, default_value = "1,2,1", value_parser = parse_layers)]
@@ -115,54 +119,54 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Scheme::PoissonLognormalFilling)]
     depth_scheme: Scheme,
     /// Mean recurrence r̄ (the fixed depth for `--depth-scheme fixed`).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = count::<1, MAX_MEAN_DEPTH>)]
     mean_depth: usize,
     /// Recurrence steps with gradient (truncated backprop), k.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count::<1, MAX_MEAN_DEPTH>)]
     backprop: usize,
 
     // Optimisation.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = count64::<1, MAX_STEPS>)]
     steps: u64,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = count::<1, MAX_BATCH>)]
     batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<1, MAX_ACCUMULATION>)]
     accumulation: usize,
     #[arg(long, value_enum, default_value_t = Optimizer::EllisAdam)]
     optimizer: Optimizer,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     weight_decay: f64,
     #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
     schedule: ScheduleKind,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = count64::<0, MAX_STEPS>)]
     warmup: u64,
     /// Cooldown steps of the trapezoid schedule.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count64::<0, MAX_STEPS>)]
     cooldown: u64,
     /// Final learning rate as a fraction of --lr (cosine, trapezoid).
     #[arg(long, default_value_t = 0.1)]
     min_lr_fraction: f64,
     /// Global gradient-norm bound; 0 turns clipping off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count64::<0, MAX_SEED>)]
     seed: u64,
 
     // Evaluation and checkpoints.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, value_parser = count64::<1, MAX_STEPS>)]
     eval_every: u64,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count::<1, MAX_EVAL_ROWS>)]
     eval_rows: usize,
     /// Evaluation depths (default: powers of two up to 4·r̄).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = count::<1, MAX_EVAL_DEPTH>)]
     eval_depths: Vec<usize>,
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, value_parser = count64::<1, MAX_STEPS>)]
     checkpoint_every: u64,
     /// Checkpoints kept.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count::<1, MAX_KEEP>)]
     keep: usize,
 }
 
@@ -215,22 +219,13 @@ impl Args {
         Ok(config)
     }
 
-    /// Checks the flags' own values (defaults pass), so an error names the flag.
+    /// Checks what the flags' parsers do not (their ranges), so an error names the flag.
     fn check_flags(&self) -> Result<()> {
-        if self.steps == 0 || self.batch_size == 0 || self.accumulation == 0 {
-            bail!("--steps, --batch-size and --accumulation must be positive");
-        }
-        if self.eval_every == 0 || self.checkpoint_every == 0 {
-            bail!("--eval-every and --checkpoint-every must be positive");
-        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, not {}", self.lr);
         }
         if !(0.0..=1.0).contains(&self.min_lr_fraction) {
             bail!("--min-lr-fraction must lie in [0, 1]");
-        }
-        if self.mean_depth == 0 || self.backprop == 0 {
-            bail!("--mean-depth and --backprop must be positive");
         }
         if self.task == Task::Chat && (self.data.is_none() || self.init_from.is_none()) {
             bail!("--task chat needs --data FILE.jsonl and --init-from MODEL (whose chat template it uses)");
