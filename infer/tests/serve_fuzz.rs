@@ -25,7 +25,7 @@ mod common;
 
 use common::*;
 
-const REQUESTS: usize = 3000;
+const REQUESTS: usize = 5000;
 /// The server's most recurrence steps: keeps the accepted requests cheap.
 const MAX_STEPS: usize = 8;
 /// The most a request may take, from sending to its last byte.
@@ -195,16 +195,25 @@ const KNOBS: [&str; 12] = [
 /// A value for `field`: sensible most of the time, an extreme otherwise.
 fn value(rng: &mut ChaCha8Rng, field: &str) -> Value {
     let sensible = sensible(field);
-    if !sensible.is_empty() && rng.random_bool(0.6) {
+    if !sensible.is_empty() && rng.random_bool(0.7) {
         sensible.choose(rng).unwrap().clone()
     } else {
         extremes().choose(rng).unwrap().clone()
     }
 }
 
-/// One request: a valid one with a few fields set to generated values.
+/// One request: a valid one with a few fields set to generated values (now and then a body
+/// that is not an object at all).
 fn request(rng: &mut ChaCha8Rng) -> (&'static str, Value) {
     let chat = rng.random_bool(0.4);
+    let path = if chat {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
+    if rng.random_bool(0.02) {
+        return (path, extremes().choose(rng).unwrap().clone());
+    }
     let mut body = Map::new();
     if chat {
         body.insert("messages".into(), json!([{"role": "user", "content": "Hi"}]));
@@ -212,7 +221,10 @@ fn request(rng: &mut ChaCha8Rng) -> (&'static str, Value) {
         body.insert("prompt".into(), json!([1, 2, 3]));
     }
     body.insert("max_tokens".into(), json!(rng.random_range(1..=6)));
-    for _ in 0..rng.random_range(1..=4) {
+    if rng.random_bool(0.15) {
+        body.insert("sampler".into(), json!("diffusion"));
+    }
+    for _ in 0..rng.random_range(1..=3) {
         let field = *FIELDS.choose(rng).unwrap();
         let value = if field == "diffusion" && rng.random_bool(0.8) {
             let mut knobs = Map::new();
@@ -304,7 +316,7 @@ async fn generated_requests_get_a_4xx_or_a_bounded_answer_and_the_server_lives()
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
-    let (mut refused, mut answered) = (0, 0);
+    let (mut refused, mut answered, mut waves) = (0, 0, 0);
     for (path, body, answer) in answers {
         let Ok((status, text)) = answer else {
             panic!("{path} {body}: no answer within {BOUND:?}");
@@ -322,6 +334,7 @@ async fn generated_requests_get_a_4xx_or_a_bounded_answer_and_the_server_lives()
         }
         assert_eq!(status, StatusCode::OK, "{shown}");
         answered += 1;
+        waves += usize::from(body["sampler"] == json!("diffusion"));
         let tokens = if body["stream"] == json!(true) {
             let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
             assert_eq!(events.last(), Some(&"[DONE]"), "{shown}");
@@ -340,12 +353,13 @@ async fn generated_requests_get_a_4xx_or_a_bounded_answer_and_the_server_lives()
         assert!(tokens <= most_tokens(&body), "{tokens} tokens: {shown}");
     }
     eprintln!(
-        "{REQUESTS} requests in {:.1} s: {refused} refused, {answered} answered",
+        "{REQUESTS} requests in {:.1} s: {refused} refused, {answered} answered ({waves} by the diffusion sampler)",
         started.elapsed().as_secs_f64()
     );
+    // Both outcomes, and both samplers, are well represented.
     assert!(
-        refused > REQUESTS / 4 && answered > REQUESTS / 10,
-        "{refused} refused, {answered} answered"
+        refused > REQUESTS / 4 && answered > REQUESTS / 10 && waves > 20,
+        "{refused} refused, {answered} answered, {waves} by diffusion"
     );
     // Still serving.
     let health = routes

@@ -52,7 +52,7 @@ impl Default for ConnectionLimits {
         Self {
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
-            max_connections: MAX_CONNECTIONS.min(most_connections()),
+            max_connections: MAX_CONNECTIONS.min(most_connections()).max(1),
             shutdown_grace: SHUTDOWN_GRACE,
         }
     }
