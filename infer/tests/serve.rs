@@ -4,18 +4,18 @@
 //! the API key, and shutdown on SIGINT. Raw TCP stands in for a client where the moment it
 //! leaves matters.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
-use infer::serve::api::ServerDefaults;
+use infer::serve::api::{InputLimits, MAX_BODY_BYTES, ServerDefaults};
 use infer::serve::engine::EngineLimits;
-use infer::serve::{App, serve};
+use infer::serve::{App, ConnectionLimits, serve};
 use infer::strategy::Strategy;
 use infer::text::TextStream;
 use model::burn::prelude::Device;
@@ -40,6 +40,20 @@ fn limits() -> EngineLimits {
 
 /// A server on a free loopback port; stops when the test's runtime ends.
 async fn start(dir: &Path, limits: EngineLimits, api_key: Option<&str>) -> (String, Arc<App>) {
+    let connections = ConnectionLimits {
+        shutdown_grace: Duration::from_secs(1),
+        ..ConnectionLimits::default()
+    };
+    start_with(dir, limits, api_key, connections).await
+}
+
+/// [`start`] with the connection limits given.
+async fn start_with(
+    dir: &Path,
+    limits: EngineLimits,
+    api_key: Option<&str>,
+    connections: ConnectionLimits,
+) -> (String, Arc<App>) {
     let folder = ModelFolder::open(dir, &Device::flex()).unwrap();
     let defaults = ServerDefaults {
         model_name: NAME.into(),
@@ -49,12 +63,7 @@ async fn start(dir: &Path, limits: EngineLimits, api_key: Option<&str>) -> (Stri
     let app = Arc::new(App::new(folder, defaults, limits, api_key.map(str::to_string)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(
-        listener,
-        app.clone(),
-        std::future::pending(),
-        Duration::from_secs(1),
-    ));
+    tokio::spawn(serve(listener, app.clone(), std::future::pending(), connections));
     (url, app)
 }
 
@@ -433,6 +442,12 @@ async fn bad_requests_get_400_with_a_reason_and_leave_the_server_healthy() {
         (b"{\"prompt\": \"Hi\"} {", Value::Null),
         (b"{\"prompt\": \"Hi\", \"max_tokens\": \"ten\"}", json!("max_tokens")),
         (b"{\"messages\": [{\"role\": 1}]}", json!("messages[0].role")),
+        (b"{\"prompt\": \"Hi\", \"top_p\": 7}", json!("top_p")),
+        (b"{\"prompt\": \"Hi\", \"temperature\": -1}", json!("temperature")),
+        (
+            b"{\"prompt\": \"Hi\", \"repetition_penalty\": 0}",
+            json!("repetition_penalty"),
+        ),
     ];
     for (body, param) in params {
         let shown = String::from_utf8_lossy(body).into_owned();
@@ -461,6 +476,24 @@ async fn bad_requests_get_400_with_a_reason_and_leave_the_server_healthy() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let response = client.get(format!("{url}/nowhere")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // A known route asked with the wrong method: 405 with the methods it takes, in JSON.
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v1/completions", "POST"),
+        (reqwest::Method::PUT, "/v1/chat/completions", "POST"),
+        (reqwest::Method::POST, "/health", "GET,HEAD"),
+        (reqwest::Method::DELETE, "/v1/models", "GET,HEAD"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("{url}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allowed, "{method} {path}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "method_not_allowed", "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains(path), "{answer}");
+    }
 
     let health: Value = client
         .get(format!("{url}/health"))
@@ -775,17 +808,12 @@ async fn the_api_key_guards_the_v1_routes() {
     assert_eq!(health.status(), StatusCode::OK, "health needs no key");
 }
 
-#[test]
-fn sigint_finishes_the_running_request_and_exits_cleanly() {
-    let dir = folder(DEFAULT_IDS);
+/// `huginn serve` on `dir` and a free loopback port, with `flags`: the process, its address
+/// and the rest of its stderr.
+fn spawn_server(dir: &Path, flags: &[&str]) -> (Child, String, BufReader<ChildStderr>) {
     let mut server = Command::new(env!("CARGO_BIN_EXE_huginn"))
-        .args([
-            "serve",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--model", dir.to_str().unwrap(), "--addr", "127.0.0.1:0"])
+        .args(flags)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -801,6 +829,13 @@ fn sigint_finishes_the_running_request_and_exits_cleanly() {
             break address.to_string();
         }
     };
+    (server, address, stderr)
+}
+
+#[test]
+fn sigint_finishes_the_running_request_and_exits_cleanly() {
+    let dir = folder(DEFAULT_IDS);
+    let (mut server, address, mut stderr) = spawn_server(dir.path(), &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -907,6 +942,33 @@ async fn the_diffusion_sampler_answers_as_the_cli_and_refuses_what_it_cannot_run
             json!({"prompt": "Hi", "sampler": "diffusion", "warm_start": "normalized"}),
             "warm_start",
         ),
+        // Beyond the context (the wave could never hold it), at type limits, and the prompt
+        // as the first wave when it cannot fit one: refused before any work.
+        (
+            json!({"prompt": [1, 2], "max_tokens": 4, "sampler": "diffusion", "diffusion": {"headway": 2147483647}}),
+            "diffusion.headway",
+        ),
+        (
+            json!({"prompt": [1, 2], "sampler": "diffusion", "diffusion": {"headway": u64::MAX}}),
+            "diffusion.headway",
+        ),
+        (
+            json!({"prompt": [1, 2], "sampler": "diffusion", "diffusion": {"headway": 255}}),
+            "diffusion.headway",
+        ),
+        (
+            json!({"prompt": [1, 2], "sampler": "diffusion", "diffusion": {"inner_recurrence": 1001}}),
+            "diffusion.inner_recurrence",
+        ),
+        (
+            json!({"prompt": [1, 2], "sampler": "diffusion", "diffusion": {"max_diffusion_steps": 0}}),
+            "diffusion.max_diffusion_steps",
+        ),
+        (
+            json!({"prompt": [1, 2, 3, 4, 5, 6], "sampler": "diffusion",
+                   "diffusion": {"full_prefill": false, "max_wavefront": 4}}),
+            "diffusion.full_prefill",
+        ),
     ] {
         let (status, answer) = post(&client, &url, "/v1/completions", body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
@@ -914,4 +976,445 @@ async fn the_diffusion_sampler_answers_as_the_cli_and_refuses_what_it_cannot_run
         assert!(got.starts_with(param), "{body}: {answer}");
     }
     assert_serving(&client, &url, &app, "refused diffusion requests").await;
+}
+
+/// Short timeouts, so that the tests of stalled clients take a second or two.
+fn quick() -> ConnectionLimits {
+    ConnectionLimits {
+        header_timeout: Duration::from_millis(600),
+        body_timeout: Duration::from_millis(600),
+        max_connections: 16,
+        shutdown_grace: Duration::from_secs(1),
+    }
+}
+
+/// How long the server took to close `stream` (what it sent before is skipped), or `None`
+/// when it is still open after `within`.
+async fn closed_within(stream: &TcpStream, within: Duration) -> Option<Duration> {
+    let since = Instant::now();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            stream.readable().await.unwrap();
+            match stream.try_read(&mut buffer) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Reset: closed too.
+                Err(_) => return,
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| since.elapsed())
+}
+
+/// A connection that sends nothing, one that stops within its headers, and one kept alive
+/// after its answer are each closed once `--header-timeout` has passed; one that stops within
+/// its body gets 408 after `--body-timeout`, and is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_cut_off_and_idle_connections_expire() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, app) = start_with(dir.path(), limits(), None, quick()).await;
+    let whole = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 2}));
+    let bare = connect(&url).await;
+    let half = connect(&url).await;
+    write_all(&half, b"POST /v1/completions HTTP/1.1\r\nhost: local").await;
+    let kept = connect(&url).await;
+    write_all(&kept, &whole).await;
+    let (status, answer) = read_response(&kept).await;
+    assert_eq!(status, 200, "{answer}");
+    for (stream, what) in [
+        (&bare, "a connection that sent nothing"),
+        (&half, "a connection that stopped within its headers"),
+        (&kept, "an idle kept-alive connection"),
+    ] {
+        let closed = closed_within(stream, Duration::from_secs(20)).await;
+        assert!(closed.is_some(), "{what} was still open after 20 s");
+    }
+    let slow = connect(&url).await;
+    let sent = Instant::now();
+    write_all(&slow, &whole[..whole.len() - 5]).await;
+    let (status, answer) = read_response(&slow).await;
+    assert_eq!(status, 408, "{answer}");
+    assert!(sent.elapsed() >= Duration::from_millis(500), "{:?}", sent.elapsed());
+    assert_eq!(answer["error"]["code"], "body_timeout", "{answer}");
+    assert!(closed_within(&slow, Duration::from_secs(20)).await.is_some());
+    assert_serving(&Client::new(), &url, &app, "stalled clients").await;
+}
+
+/// With `max_connections` connections open, the next waits unaccepted in the listen backlog;
+/// idle ones are closed after the header timeout, and the waiting request is then answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_idle_ones_time_out() {
+    let dir = folder(DEFAULT_IDS);
+    let connections = ConnectionLimits {
+        max_connections: 4,
+        header_timeout: Duration::from_millis(1500),
+        ..quick()
+    };
+    let (url, _app) = start_with(dir.path(), limits(), None, connections).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(connect(&url).await);
+    }
+    // Time for the server to accept them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 2});
+    let (status, answer) = post(&Client::new(), &url, "/v1/completions", body).await;
+    let waited = sent.elapsed();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "answered after {waited:?}: the 4 idle connections did not hold the limit"
+    );
+    for stream in &idle {
+        assert!(closed_within(stream, Duration::from_secs(20)).await.is_some());
+    }
+}
+
+/// A client may shut its sending side once its request is out (as `curl` with a file upload or
+/// `nc -N` do) and still read the answer, whole or streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    for streamed in [false, true] {
+        let request = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 4, "stream": streamed}));
+        let address = url.strip_prefix("http://").unwrap().to_string();
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut tcp = std::net::TcpStream::connect(address).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            tcp.write_all(&request).unwrap();
+            tcp.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = Vec::new();
+            let read = tcp.read_to_end(&mut answer);
+            (
+                read.map_err(|e| e.to_string()),
+                String::from_utf8_lossy(&answer).into_owned(),
+            )
+        })
+        .await
+        .unwrap();
+        let (read, answer) = answer;
+        assert!(read.is_ok(), "{read:?}: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 200"), "streamed {streamed}: {answer:?}");
+        let end = if streamed {
+            "data: [DONE]"
+        } else {
+            "\"completion_tokens\":4"
+        };
+        assert!(answer.contains(end), "streamed {streamed}: {answer}");
+    }
+}
+
+/// SIGTERM ends the server within the grace period and a second, even while clients hold
+/// requests they never finish sending (headers stopped midway, a declared body not sent).
+#[test]
+fn sigterm_closes_half_sent_requests_after_the_grace_period() {
+    let dir = folder(DEFAULT_IDS);
+    let flags = [
+        "--shutdown-grace",
+        "1",
+        "--header-timeout",
+        "600",
+        "--body-timeout",
+        "600",
+    ];
+    let (mut server, address, mut stderr) = spawn_server(dir.path(), &flags);
+    let address = address.strip_prefix("http://").unwrap();
+    let mut half = std::net::TcpStream::connect(address).unwrap();
+    half.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: local").unwrap();
+    let mut bodiless = std::net::TcpStream::connect(address).unwrap();
+    bodiless.write_all(raw_head(100).as_bytes()).unwrap();
+    bodiless.write_all(b"{\"prompt\": ").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(30) {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            panic!("still running 30 s after SIGTERM with --shutdown-grace 1");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = signalled.elapsed();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(took < Duration::from_secs(10), "{took:?}: {rest}");
+    assert!(rest.contains("huginn serve: stopped"), "{rest}");
+    for stream in [&mut half, &mut bodiless] {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        match stream.read_to_end(&mut answer) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+}
+
+/// Without a `seed`, each request samples with a fresh one, which the answer and each
+/// streamed chunk report; given back, it repeats the answer, and the CLI does the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_seed_samples_anew_and_reports_its_seed() {
+    let dir = folder_of_seed(DEFAULT_IDS, 7);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let sampled = json!({"prompt": "Hello", "max_tokens": 24, "temperature": 1.5, "stop_token_ids": []});
+    let mut seeds = Vec::new();
+    let mut texts = Vec::new();
+    for _ in 0..4 {
+        let (status, answer) = post(&client, &url, "/v1/completions", sampled.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let seed = answer["seed"].as_u64().unwrap_or_else(|| panic!("no seed: {answer}"));
+        assert!(seed < 1 << 53, "{seed} does not read back exactly as a JSON number");
+        seeds.push(seed);
+        texts.push(answer["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    let mut distinct = seeds.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{seeds:?}");
+    assert!(texts.iter().any(|t| *t != texts[0]), "{texts:?}");
+    let mut again = sampled.clone();
+    again["seed"] = json!(seeds[0]);
+    let (_, answer) = post(&client, &url, "/v1/completions", again.clone()).await;
+    assert_eq!(
+        (&answer["seed"], &answer["choices"][0]["text"]),
+        (&json!(seeds[0]), &json!(texts[0]))
+    );
+    again["stream"] = json!(true);
+    let response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&again)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_data(response).await;
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["seed"], json!(seeds[0]), "{chunk}");
+    }
+    assert_eq!(streamed_text(&events, false).0, texts[0]);
+    // Greedy answers do not depend on it.
+    let greedy = json!({"prompt": "Hello", "max_tokens": 12, "temperature": 0});
+    let (_, first) = post(&client, &url, "/v1/completions", greedy.clone()).await;
+    let (_, second) = post(&client, &url, "/v1/completions", greedy).await;
+    assert_ne!(first["seed"], second["seed"]);
+    assert_eq!(first["choices"], second["choices"]);
+
+    // The CLI draws one too, says which on stderr, and repeats the run (and the server's
+    // answer) with it.
+    let path = dir.path().to_str().unwrap();
+    let steps = STEPS.to_string();
+    let args = [
+        "generate",
+        "--model",
+        path,
+        "--prompt",
+        "Hello",
+        "--steps",
+        &steps,
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "1.5",
+    ];
+    let out = huginn(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let seed = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("seed: "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no seed on stderr: {stderr}"))
+        .to_string();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let repeated = huginn(&[&args[..], &["--seed", &seed]].concat());
+    assert_eq!(String::from_utf8(repeated.stdout).unwrap(), text);
+    assert!(!String::from_utf8_lossy(&repeated.stderr).contains("seed:"));
+    let mut same = sampled;
+    same["seed"] = json!(seed.parse::<u64>().unwrap());
+    let (_, answer) = post(&client, &url, "/v1/completions", same).await;
+    assert_eq!(answer["choices"][0]["text"], text.strip_suffix('\n').unwrap());
+}
+
+/// A context beyond what rotary positions in f32 can tell apart is refused when the folder
+/// loads, naming the field; and a request body is bounded whatever the context.
+#[test]
+fn a_config_with_an_absurd_context_is_refused_and_bodies_have_a_cap() {
+    let dir = folder(DEFAULT_IDS);
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["block_size"] = json!(1_000_000_000_000u64);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = huginn_within(&[
+        "serve",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("block_size = 1000000000000 is over 16777216"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let input = InputLimits {
+        context: 1 << 24,
+        token_bytes: Some(300),
+    };
+    assert_eq!(input.body_bytes(), MAX_BODY_BYTES);
+}
+
+/// Runs `huginn` with `args`, killed (and the test failed) if it is still running after 60 s:
+/// a flag that is not refused starts a server that would run forever.
+fn huginn_within(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "huginn {args:?} still running after 60 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Every numeric flag of `serve` has a range, and a value outside it is a one-line error
+/// before anything starts.
+#[test]
+fn absurd_serve_flags_are_refused_with_their_range() {
+    let cases: [(&[&str], &str); 16] = [
+        (
+            &["--shutdown-grace", "1e300"],
+            "--shutdown-grace must be a number of seconds in [0, 3600] (got 1e300)",
+        ),
+        (&["--shutdown-grace=-1"], "--shutdown-grace must be"),
+        (&["--shutdown-grace", "NaN"], "--shutdown-grace must be"),
+        (
+            &["--header-timeout", "0"],
+            "--header-timeout must be a number of seconds in (0, 3600] (got 0.0)",
+        ),
+        (&["--header-timeout", "1e300"], "--header-timeout must be"),
+        (&["--body-timeout", "inf"], "--body-timeout must be"),
+        (&["--max-connections", "0"], "--max-connections must be in 1..="),
+        (
+            &["--max-connections", "1000000000"],
+            "--max-connections must be in 1..=",
+        ),
+        (&["--max-batch", "0"], "--max-batch must be in 1..=1024"),
+        (&["--max-batch", "100000"], "--max-batch must be in 1..=1024"),
+        (&["--queue", "1000000000"], "--queue must be in 1..=65536"),
+        (
+            &["--kv-budget", "1000000GiB"],
+            "--kv-budget must be between 1 byte and this machine's memory",
+        ),
+        (&["--kv-budget", "0"], "--kv-budget must be between"),
+        (
+            &["--batch-window-ms", "1e300"],
+            "--batch-window-ms must be between 0 and 10000",
+        ),
+        (&["--max-steps", "99999999999"], "--max-steps must be in 1..=1024"),
+        (&["--steps", "0"], "--steps must be in 1..=--max-steps"),
+    ];
+    for (flags, needle) in cases {
+        let args: Vec<&str> = ["serve", "--addr", "127.0.0.1:0"]
+            .iter()
+            .chain(flags)
+            .copied()
+            .collect();
+        let out = huginn_within(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{flags:?}: {stderr}");
+    }
+}
+
+/// The case: with the descriptor limit at 128, 200 connections that never send a
+/// request. The server keeps at most 64 open (128 less its headroom), each closed after the
+/// header timeout, so a normal request waits its turn instead of forever.
+#[test]
+fn idle_connections_beyond_the_descriptor_limit_do_not_block_a_request_forever() {
+    let dir = folder(DEFAULT_IDS);
+    let mut server = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 128 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_huginn"),
+        ])
+        .args([
+            "serve",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--header-timeout", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    let address = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the server ended: {lines:?}");
+        if let Some(address) = line.trim().strip_prefix("huginn serve: listening on ") {
+            break address.to_string();
+        }
+        lines.push(line);
+    };
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("huginn serve: at most 64 connections open")),
+        "{lines:?}"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime.block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(connect(&address).await);
+        }
+        let client = Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let sent = Instant::now();
+        let response = client
+            .post(format!("{address}/v1/completions"))
+            .json(&json!({"prompt": [1, 2, 3], "max_tokens": 2}))
+            .send()
+            .await;
+        (response.map(|r| r.status()).map_err(|e| e.to_string()), sent.elapsed())
+    });
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let (status, took) = outcome;
+    assert_eq!(status, Ok(StatusCode::OK), "after {took:?}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
 }

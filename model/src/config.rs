@@ -27,6 +27,11 @@ pub const REQUIRED: [&str; 7] = [
     "n_layers_in_coda",
 ];
 
+/// The longest context a model may declare: rotary positions are computed in f32, which holds
+/// every integer only up to 2^24 (no table or position embedding grows with `block_size`, so
+/// the weights set no other bound).
+pub const MAX_BLOCK_SIZE: usize = 1 << 24;
+
 /// The architecture hyper-parameters of a recurrent-depth model (reference `RavenConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -243,6 +248,12 @@ impl HuginnConfig {
         ];
         if let Some((field, _)) = counts.iter().find(|(_, value)| *value == 0) {
             return bad(format!("{field} = 0; it must be at least 1"));
+        }
+        if self.block_size > MAX_BLOCK_SIZE {
+            return bad(format!(
+                "block_size = {} is over {MAX_BLOCK_SIZE}: rotary positions are computed in f32, exact only up to 2^24",
+                self.block_size
+            ));
         }
         if !self.n_embd.is_multiple_of(self.n_heads) {
             return bad(format!(
@@ -474,6 +485,10 @@ mod tests {
                 "beyond what this machine can address",
             ),
             (with(json!({"mean_recurrence": usize::MAX})), "mean_recurrence"),
+            (
+                with(json!({"block_size": 1_000_000_000_000u64})),
+                "block_size = 1000000000000 is over 16777216",
+            ),
             (r#"{"n_embd": 64"#.into(), "EOF"),
             ("[64]".into(), "not a JSON object"),
         ];

@@ -21,7 +21,7 @@ use clap::Parser;
 use infer::folder::ModelFolder;
 use infer::serve::api::{InputLimits, ServerDefaults};
 use infer::serve::engine::EngineLimits;
-use infer::serve::{App, serve};
+use infer::serve::{App, ConnectionLimits, serve};
 use model::{Backend, HuginnConfig, peak_rss_bytes, rss_bytes};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -142,7 +142,12 @@ fn run(args: Args) -> Result<()> {
         let addr = listener.local_addr()?;
         let url = format!("http://{addr}/v1/completions");
         let input = app.input_limits();
-        tokio::spawn(serve(listener, app, std::future::pending(), Duration::ZERO));
+        tokio::spawn(serve(
+            listener,
+            app,
+            std::future::pending(),
+            ConnectionLimits::default(),
+        ));
         if args.soak {
             // The engine logs what goes wrong in it (a panic, its thread ending).
             tracing_subscriber::fmt()

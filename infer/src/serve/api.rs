@@ -184,6 +184,22 @@ pub struct DiffusionKnobs {
     pub init_scale: Option<f64>,
 }
 
+/// The names of [`DiffusionKnobs`]' fields.
+const KNOBS: [&str; 12] = [
+    "headway",
+    "inner_recurrence",
+    "ema_embeds",
+    "state_noise_mixing",
+    "dampened_state_mixer",
+    "sqrt_mixer",
+    "freeze_strategy",
+    "exit_t",
+    "max_wavefront",
+    "max_diffusion_steps",
+    "full_prefill",
+    "init_scale",
+];
+
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -218,6 +234,11 @@ pub struct InputLimits {
 const JSON_BYTES_PER_TOKEN: usize = 64;
 const OTHER_FIELDS_BYTES: usize = 64 << 10;
 
+/// The most bytes of a request body whatever the context (a body is held in memory while it is
+/// read, once per connection): room for a whole 4096-token context (Huginn-0125's) of tokens up
+/// to 300 bytes each, written as `\u` escapes.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
 impl InputLimits {
     pub fn of(folder: &ModelFolder) -> Self {
         Self {
@@ -239,13 +260,14 @@ impl InputLimits {
     }
 
     /// The most bytes of a request body: the longest text with every byte written as a `\u`
-    /// escape (six bytes), plus the JSON around it.
+    /// escape (six bytes), plus the JSON around it; at most [`MAX_BODY_BYTES`].
     pub fn body_bytes(&self) -> usize {
         self.text_bytes()
             .unwrap_or(0)
             .saturating_mul(6)
             .saturating_add(self.context.saturating_mul(JSON_BYTES_PER_TOKEN))
             .saturating_add(OTHER_FIELDS_BYTES)
+            .min(MAX_BODY_BYTES)
     }
 
     /// Refuses `bytes` of prompt text that cannot fit the context, before it is tokenized.
@@ -402,7 +424,7 @@ impl Request {
         }
         let config = self.recurrence(defaults)?;
         let sampling = self.sampling(folder, vocab)?;
-        let diffusion = self.diffusion(&config, sampling.seed)?;
+        let diffusion = self.diffusion(&config, sampling.seed, prompt.len(), context, defaults)?;
         let stop_strings = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -534,8 +556,17 @@ impl Request {
     }
 
     /// The wavefront sampler's settings when `sampler` asks for it; combinations it cannot run
-    /// are refused by name.
-    fn diffusion(&self, shared: &AdaptiveConfig, seed: u64) -> Result<Option<DiffusionConfig>, ApiError> {
+    /// are refused by name, before any work: a headway beyond the positions left after the
+    /// prompt (whose wave could not fit the context), an inner recurrence beyond the server's
+    /// step limit, a prompt that cannot be the first wave.
+    fn diffusion(
+        &self,
+        shared: &AdaptiveConfig,
+        seed: u64,
+        prompt: usize,
+        context: usize,
+        defaults: &ServerDefaults,
+    ) -> Result<Option<DiffusionConfig>, ApiError> {
         match self.sampler.as_deref() {
             None | Some("sequential") => {
                 if self.diffusion.is_some() {
@@ -596,15 +627,51 @@ impl Request {
                 d.strategy
             },
         };
-        config
-            .validate()
-            .map_err(|e| ApiError::invalid(param("diffusion"), e.to_string()))?;
+        let room = context - prompt;
+        if !(1..=room).contains(&config.headway) {
+            return Err(ApiError::invalid(
+                param("diffusion.headway"),
+                format!(
+                    "`diffusion.headway` must be in 1..={room}: the positions left in the context of {context} after the prompt's {prompt}"
+                ),
+            ));
+        }
+        if config.inner_recurrence > defaults.max_num_steps {
+            return Err(ApiError::invalid(
+                param("diffusion.inner_recurrence"),
+                format!(
+                    "`diffusion.inner_recurrence` must be in 1..={} (the server's most recurrence steps)",
+                    defaults.max_num_steps
+                ),
+            ));
+        }
+        if !config.full_prefill && config.max_wavefront > 0 && prompt > config.max_wavefront {
+            return Err(ApiError::invalid(
+                param("diffusion.full_prefill"),
+                format!(
+                    "`diffusion.full_prefill: false` makes the prompt the first wave: its {prompt} tokens must fit `diffusion.max_wavefront` ({})",
+                    config.max_wavefront
+                ),
+            ));
+        }
+        config.validate().map_err(|e| {
+            // The sampler's messages start with the knob's name.
+            let message = e.to_string();
+            let knob = message
+                .trim_start_matches("invalid diffusion setting: ")
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+                .filter(|word| KNOBS.contains(word))
+                .map_or("diffusion".to_string(), |knob| format!("diffusion.{knob}"));
+            ApiError::invalid(Some(knob), message)
+        })?;
         Ok(Some(config))
     }
 
-    /// The folder's defaults (`generation_config.json`) with the request's fields over them.
+    /// The folder's defaults (`generation_config.json`) with the request's fields over them;
+    /// without a `seed`, a fresh one (as OpenAI's API: the same request samples anew).
     fn sampling(&self, folder: &ModelFolder, vocab: usize) -> Result<SamplingConfig, ApiError> {
-        let defaults = folder.generation.sampling(self.seed.unwrap_or(0));
+        let defaults = folder.generation.sampling(self.seed.unwrap_or_else(fresh_seed));
         let sampling = SamplingConfig {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k: self.top_k.map(|k| k as usize).or(defaults.top_k),
@@ -613,7 +680,13 @@ impl Request {
             repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
             seed: defaults.seed,
         };
-        sampling.validate().map_err(|e| ApiError::invalid(None, e))?;
+        sampling.validate().map_err(|e| {
+            // The message names the setting first.
+            let field = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty"]
+                .into_iter()
+                .find(|field| e.trim_start_matches("invalid sampling setting: ").starts_with(field));
+            ApiError::invalid(field.map(str::to_string), e)
+        })?;
         if sampling.temperature > 100.0 {
             return Err(ApiError::invalid(
                 param("temperature"),
@@ -628,6 +701,12 @@ impl Request {
         }
         Ok(sampling)
     }
+}
+
+/// A random seed below 2^53, so that it reads back exactly from the answer with any JSON
+/// parser (JavaScript's numbers are doubles).
+pub fn fresh_seed() -> u64 {
+    rand::random::<u64>() >> 11
 }
 
 fn encode_chat(messages: &[ChatMessage], folder: &ModelFolder, limits: &InputLimits) -> Result<Vec<u32>, ApiError> {

@@ -4,9 +4,12 @@
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
 //! `GET /health`. Every error is a JSON body `{"error": {...}}` with a 4xx/5xx status; a full
 //! queue answers 503 and shutting down finishes (then, after a grace period, cancels) what is
-//! running. Bodies and prompt text are bounded by what the model's context can hold.
+//! running. Bodies and prompt text are bounded by what the model's context can hold. Every
+//! answer, and every streamed chunk, carries the `seed` its sampling used (drawn afresh when
+//! the request gave none), so that a sampled answer can be asked for again.
 
 pub mod api;
+pub mod connections;
 pub mod engine;
 #[cfg(test)]
 mod tests;
@@ -26,7 +29,6 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -34,6 +36,8 @@ use tokio::sync::mpsc;
 
 use crate::folder::ModelFolder;
 use api::{ApiError, Endpoint, InputLimits, ServerDefaults};
+use connections::BodyTimeout;
+pub use connections::ConnectionLimits;
 use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
 
 /// Everything the handlers share.
@@ -93,34 +97,30 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .merge(v1)
         .fallback(|| async { ApiError::with(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
 
 /// Serves until `shutdown` resolves, then stops taking requests, lets running ones finish for
-/// up to `grace`, cancels what is left and returns once every connection is done.
+/// up to the grace period, cancels what is left and returns once every connection is closed
+/// (at most a second after the grace period, whatever state the clients left them in).
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
+    limits: ConnectionLimits,
 ) -> std::io::Result<()> {
-    let stopping = app.clone();
-    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one back
-    // until the previous is acknowledged (tens of milliseconds with delayed ACKs).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing running requests (at most {grace:?})");
-            stopping.draining.store(true, Ordering::Release);
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                stopping.engine.cancel_all();
-            });
-        })
-        .await
+    connections::run(listener, app.clone(), router(app), shutdown, limits).await
+}
+
+/// A route asked with a method it does not answer: 405, with the JSON error every answer has
+/// (the `Allow` header lists the methods it does answer).
+async fn method_not_allowed(request: HttpRequest) -> ApiError {
+    ApiError::with(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", request.method(), request.uri().path()),
+    )
 }
 
 async fn authorize(State(app): State<Arc<App>>, request: HttpRequest, next: Next) -> Response {
@@ -189,10 +189,13 @@ async fn chat_completions(State(app): State<Arc<App>>, request: HttpRequest) -> 
     answer(app, Endpoint::Chat, request).await.unwrap_or_else(refusal)
 }
 
-/// An error answer. One to a body left unread also closes the connection, and says so, so
-/// that the client sends its next request on a new one.
+/// An error answer. One to a body left unread (too large, or too slow) also closes the
+/// connection, and says so, so that the client sends its next request on a new one.
 fn refusal(error: ApiError) -> Response {
-    let unread = error.status == StatusCode::PAYLOAD_TOO_LARGE;
+    let unread = matches!(
+        error.status,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    );
     let mut response = error.into_response();
     if unread {
         response
@@ -209,6 +212,8 @@ struct Meta {
     model: String,
     endpoint: Endpoint,
     prompt_tokens: usize,
+    /// The sampler's seed, drawn when the request gave none: with it the request repeats.
+    seed: u64,
 }
 
 async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Result<Response, ApiError> {
@@ -239,6 +244,7 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Resu
         model: app.defaults.model_name.clone(),
         endpoint,
         prompt_tokens: parsed.row.prompt.len(),
+        seed: parsed.row.decoding.sampling.seed,
     };
     let job = Job {
         row: parsed.row,
@@ -286,7 +292,8 @@ fn usage(prompt_tokens: usize, steps_per_token: &[usize]) -> Value {
 }
 
 /// The request's body, at most `limit` bytes: refused unread when its length says it is over,
-/// and cut off at `limit` when it does not say.
+/// and cut off at `limit` when it does not say; and refused when it has not all arrived within
+/// the connection's body timeout.
 async fn read_body(request: HttpRequest, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::with(
@@ -299,38 +306,64 @@ async fn read_body(request: HttpRequest, limit: usize) -> Result<Bytes, ApiError
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let timeout = request.extensions().get::<BodyTimeout>().map(|t| t.0);
     let mut body = request.into_body().into_data_stream();
     if declared.is_some_and(|length| length > limit as u64) {
-        drain(body);
+        drain(body, timeout);
         return Err(too_large());
     }
-    let mut read = Vec::with_capacity(declared.map_or(0, |length| length as usize));
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::with(
-                StatusCode::BAD_REQUEST,
-                "unreadable_body",
-                format!("cannot read the request body: {e}"),
-            )
-        })?;
-        if read.len() + chunk.len() > limit {
-            drain(body);
-            return Err(too_large());
+    let read = async {
+        let mut read = Vec::with_capacity(declared.map_or(0, |length| length as usize));
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::with(
+                    StatusCode::BAD_REQUEST,
+                    "unreadable_body",
+                    format!("cannot read the request body: {e}"),
+                )
+            })?;
+            if read.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            read.extend_from_slice(&chunk);
         }
-        read.extend_from_slice(&chunk);
+        Ok(read)
+    };
+    let read = match timeout {
+        None => read.await,
+        Some(timeout) => tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
+            Err(ApiError::with(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s of its headers",
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }),
+    };
+    match read {
+        Ok(read) => Ok(read.into()),
+        Err(error) => {
+            if error.status == StatusCode::PAYLOAD_TOO_LARGE {
+                drain(body, timeout);
+            }
+            Err(error)
+        }
     }
-    Ok(read.into())
 }
 
 /// Most bytes, and time, spent reading a refused body to its end.
 const DRAIN_BYTES: usize = 64 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(30);
 
-/// Reads a refused body to its end and drops it, within bounds: most clients send the whole
-/// body before they read the answer, and a connection closed with bytes unread is reset, so
-/// they would see the reset rather than the 413.
-fn drain(mut body: BodyDataStream) {
-    tokio::spawn(tokio::time::timeout(DRAIN_TIME, async move {
+/// Reads a refused body to its end and drops it, within bounds (the body timeout, when the
+/// connection has one): most clients send the whole body before they read the answer, and a
+/// connection closed with bytes unread is reset, so they would see the reset rather than the
+/// 413.
+fn drain(mut body: BodyDataStream, timeout: Option<Duration>) {
+    let time = timeout.map_or(DRAIN_TIME, |t| t.min(DRAIN_TIME));
+    tokio::spawn(tokio::time::timeout(time, async move {
         let mut read = 0;
         while let Some(Ok(chunk)) = body.next().await {
             read += chunk.len();
@@ -398,7 +431,7 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
                 };
                 return Ok(axum::Json(json!({
                     "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-                    "choices": [choice], "usage": usage(meta.prompt_tokens, &steps_per_token),
+                    "seed": meta.seed, "choices": [choice], "usage": usage(meta.prompt_tokens, &steps_per_token),
                 }))
                 .into_response());
             }
@@ -484,8 +517,10 @@ fn chunk(meta: &Meta, content: Option<Value>, finish: Option<Finish>, steps: Opt
             )
         }
     };
-    let body =
-        json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
+    let body = json!({
+        "id": meta.id, "object": object, "created": meta.created, "model": meta.model, "seed": meta.seed,
+        "choices": [choice],
+    });
     SseEvent::default().data(body.to_string())
 }
 
@@ -495,7 +530,7 @@ fn usage_chunk(meta: &Meta, steps_per_token: &[usize]) -> SseEvent {
         Endpoint::Chat => "chat.completion.chunk",
     };
     let body = json!({
-        "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "id": meta.id, "object": object, "created": meta.created, "model": meta.model, "seed": meta.seed,
         "choices": [], "usage": usage(meta.prompt_tokens, steps_per_token),
     });
     SseEvent::default().data(body.to_string())

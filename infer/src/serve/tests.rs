@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::api::ServerDefaults;
 use super::engine::EngineLimits;
-use super::{App, serve};
+use super::{App, ConnectionLimits, serve};
 use crate::folder::ModelFolder;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +40,12 @@ async fn a_stopped_engine_answers_503_on_health_and_requests() {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, Arc::new(app), std::future::pending(), Duration::ZERO));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(app),
+        std::future::pending(),
+        ConnectionLimits::default(),
+    ));
     let client = reqwest::Client::new();
     let health = client.get(format!("{url}/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);

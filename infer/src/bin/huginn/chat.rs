@@ -20,6 +20,7 @@ pub fn run(mut folder: ModelFolder, system: Option<String>, args: &DecodingArgs)
     if folder.chat_template.is_none() || folder.tokenizer.is_none() {
         bail!("chat needs the model folder's tokenizer.json and a chat template");
     }
+    args.report_seed(&decoding, false);
     let folder = &folder;
     let tokenizer = folder.tokenizer.as_ref().expect("checked above");
     let context = folder.model.config().block_size;

@@ -7,6 +7,7 @@ use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::sampling::SamplingConfig;
+use infer::serve::api::fresh_seed;
 use infer::strategy::Strategy;
 
 #[derive(clap::Args, Debug)]
@@ -36,8 +37,10 @@ pub struct DecodingArgs {
     pub min_p: Option<f32>,
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the sampler (and of the diffusion sampler's noise); without it one is drawn
+    /// at random and printed to stderr, so that the run can be repeated.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Text that ends generation, left out of the output (needs the folder's tokenizer).
     /// Repeatable.
     #[arg(long)]
@@ -58,14 +61,15 @@ impl DecodingArgs {
     /// Checks the flags, adds the stop tokens and strings to `folder`, and returns the engine's
     /// settings.
     pub fn resolve(&self, folder: &mut ModelFolder) -> Result<(AdaptiveConfig, Decoding)> {
-        let defaults = folder.generation.sampling(self.seed);
+        let seed = self.seed.unwrap_or_else(fresh_seed);
+        let defaults = folder.generation.sampling(seed);
         let sampling = SamplingConfig {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k: self.top_k.or(defaults.top_k),
             top_p: self.top_p.or(defaults.top_p),
             min_p: self.min_p.or(defaults.min_p),
             repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
-            seed: self.seed,
+            seed,
         };
         sampling.validate().map_err(anyhow::Error::msg)?;
         if self.steps == 0 || self.steps > MAX_STEPS {
@@ -93,6 +97,15 @@ impl DecodingArgs {
             stop_tokens: folder.stop_tokens.clone(),
         };
         Ok((config, decoding))
+    }
+
+    /// Prints a drawn seed to stderr when the run's draws depend on it (sampling, or the
+    /// diffusion sampler's `noise`), so that the run can be repeated with `--seed`.
+    pub fn report_seed(&self, decoding: &Decoding, noise: bool) {
+        let seed = decoding.sampling.seed;
+        if self.seed.is_none() && (decoding.sampling.temperature > 0.0 || noise) {
+            eprintln!("seed: {seed} (drawn; --seed {seed} repeats this run)");
+        }
     }
 
     /// New tokens after a prompt of `len` tokens, as asked or defaulted (at most the room left

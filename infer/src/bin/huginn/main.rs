@@ -19,7 +19,7 @@ use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
-use infer::serve::{App, serve};
+use infer::serve::{App, ConnectionLimits, connections, serve};
 use infer::speculative::{self, SpeculativeConfig};
 use infer::text::TextStream;
 use model::burn::prelude::Device;
@@ -172,9 +172,22 @@ enum Command {
         #[arg(long, conflicts_with = "api_key")]
         no_auth: bool,
         /// Seconds running requests get to finish after Ctrl-C/SIGTERM before they are
-        /// cancelled.
-        #[arg(long, default_value_t = 30.0)]
+        /// cancelled; a second later every connection still open is closed (0 to 3600).
+        #[arg(long, default_value_t = connections::SHUTDOWN_GRACE.as_secs_f64())]
         shutdown_grace: f64,
+        /// Seconds a request's headers may take, from the connection's opening or the end of
+        /// its previous answer: also how long an idle keep-alive connection is kept
+        /// (over 0, at most 3600).
+        #[arg(long, default_value_t = connections::HEADER_TIMEOUT.as_secs_f64())]
+        header_timeout: f64,
+        /// Seconds a request's body may take once its headers have arrived; a slower one gets
+        /// 408 (over 0, at most 3600).
+        #[arg(long, default_value_t = connections::BODY_TIMEOUT.as_secs_f64())]
+        body_timeout: f64,
+        /// Most connections open at once; more wait unaccepted until one closes (default:
+        /// 1024, or what the descriptor limit `ulimit -n` leaves besides 64 for the rest).
+        #[arg(long)]
+        max_connections: Option<usize>,
     },
     /// Check a model against reference fixture folders (config.json, model.safetensors,
     /// expected.safetensors, generate.json).
@@ -299,8 +312,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("the diffusion sampler's flags (--headway, --freeze-strategy, …) need --sampler diffusion");
             }
             if sampler == SamplerKind::Diffusion {
-                let config = diffusion.config(&config, args.cache, args.seed)?;
+                let config = diffusion.config(&config, args.cache, decoding.sampling.seed)?;
                 diffusion::run(&folder, &prompt, max_new, &config, &decoding, &mut stdout)?;
+                args.report_seed(&decoding, config.init_scale > 0.0);
                 return Ok(ExitCode::SUCCESS);
             }
             let started = Instant::now();
@@ -382,6 +396,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "steps per token"
             };
             eprintln!("{label}: {} (mean {mean:.2})", listed.join(","));
+            args.report_seed(&decoding, false);
             // The first token comes out of the prompt's pass; the rest are decoding.
             let first = first.unwrap_or(total);
             let decode = (total - first).as_secs_f64();
@@ -428,6 +443,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             api_key,
             no_auth,
             shutdown_grace,
+            header_timeout,
+            body_timeout,
+            max_connections,
         } => {
             let api_key = api_key
                 .or_else(|| std::env::var("HUGINN_API_KEY").ok())
@@ -441,15 +459,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if steps == 0 || steps > max_steps {
                 bail!("--steps must be in 1..=--max-steps ({max_steps})");
             }
-            if max_batch == 0 || queue == 0 {
-                bail!("--max-batch and --queue must be at least 1");
+            if !(1..=MAX_BATCH).contains(&max_batch) {
+                bail!("--max-batch must be in 1..={MAX_BATCH}");
+            }
+            if !(1..=MAX_QUEUE).contains(&queue) {
+                bail!("--queue must be in 1..={MAX_QUEUE}");
+            }
+            let memory = physical_memory();
+            if kv_budget == 0 || kv_budget > memory {
+                bail!("--kv-budget must be between 1 byte and this machine's memory ({memory} bytes)");
             }
             if !(batch_window_ms.is_finite() && (0.0..=10_000.0).contains(&batch_window_ms)) {
                 bail!("--batch-window-ms must be between 0 and 10000");
             }
-            if !(shutdown_grace.is_finite() && shutdown_grace >= 0.0) {
-                bail!("--shutdown-grace must be a number of seconds >= 0");
+            let seconds = |flag: &str, value: f64, zero: bool| -> Result<Duration> {
+                let low = if zero { '[' } else { '(' };
+                if !(value.is_finite() && (value > 0.0 || (zero && value == 0.0)) && value <= MAX_SECONDS) {
+                    bail!("{flag} must be a number of seconds in {low}0, {MAX_SECONDS}] (got {value:?})");
+                }
+                Ok(Duration::from_secs_f64(value))
+            };
+            let most = connections::most_connections();
+            if most == 0 {
+                bail!(
+                    "the descriptor limit (ulimit -n) leaves no room for connections besides the {} the server keeps for itself; raise it",
+                    connections::DESCRIPTOR_HEADROOM
+                );
             }
+            let max_connections = max_connections.unwrap_or(connections::MAX_CONNECTIONS.min(most));
+            if !(1..=most).contains(&max_connections) {
+                bail!(
+                    "--max-connections must be in 1..={most}: the descriptor limit (ulimit -n) less {} for the rest",
+                    connections::DESCRIPTOR_HEADROOM
+                );
+            }
+            let connection_limits = ConnectionLimits {
+                header_timeout: seconds("--header-timeout", header_timeout, false)?,
+                body_timeout: seconds("--body-timeout", body_timeout, false)?,
+                max_connections,
+                shutdown_grace: seconds("--shutdown-grace", shutdown_grace, true)?,
+            };
             let name = model_name.unwrap_or_else(|| {
                 model
                     .as_deref()
@@ -488,15 +537,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .await
                     .with_context(|| format!("cannot listen on {addr}"))?;
                 let app = Arc::new(App::new(folder, defaults, limits, api_key));
+                eprintln!(
+                    "huginn serve: at most {} connections open; headers within {} s (also the keep-alive idle limit), bodies within {} s",
+                    connection_limits.max_connections,
+                    connection_limits.header_timeout.as_secs_f64(),
+                    connection_limits.body_timeout.as_secs_f64()
+                );
                 eprintln!("huginn serve: listening on http://{}", listener.local_addr()?);
-                serve(
-                    listener,
-                    app,
-                    shutdown_signal(),
-                    Duration::from_secs_f64(shutdown_grace),
-                )
-                .await
-                .context("serving")
+                serve(listener, app, shutdown_signal(), connection_limits)
+                    .await
+                    .context("serving")
             })?;
             eprintln!("huginn serve: stopped");
             Ok(ExitCode::SUCCESS)
@@ -563,6 +613,22 @@ fn stream_ids(
         separator = ",";
         Ok(ControlFlow::Continue(()))
     })
+}
+
+/// Most requests `serve` decodes together, and most it queues.
+const MAX_BATCH: usize = 1024;
+const MAX_QUEUE: usize = 1 << 16;
+/// Longest timeout or grace period `serve` takes, in seconds: an hour.
+const MAX_SECONDS: f64 = 3600.0;
+
+/// This machine's memory in bytes (`usize::MAX` where it cannot be read).
+fn physical_memory() -> usize {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGE_SIZE)) };
+    match (usize::try_from(pages), usize::try_from(page)) {
+        (Ok(pages), Ok(page)) if pages > 0 && page > 0 => pages.saturating_mul(page),
+        _ => usize::MAX,
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

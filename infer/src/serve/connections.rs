@@ -1,0 +1,165 @@
+//! The server's connections: an accept loop that keeps at most `max_connections` open, HTTP/1.1
+//! on each with a header read timeout (which also ends idle keep-alive connections) and
+//! half-closed clients answered, and a shutdown that closes every connection once the grace
+//! period is over, whatever state its request is in.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::{Extension, Router};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use super::App;
+
+/// How the server treats connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Most time a request's headers may take, counted from the connection's opening or the
+    /// end of its previous answer: so also how long an idle keep-alive connection is kept.
+    pub header_timeout: Duration,
+    /// Most time a request's body may take once its headers have arrived.
+    pub body_timeout: Duration,
+    /// Most connections open at once; further ones wait, unaccepted, in the listen backlog.
+    pub max_connections: usize,
+    /// How long running requests get to finish after the shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// Defaults: `huginn serve`'s.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Descriptors kept for everything but connections: the listener, the model's and tokenizer's
+/// files while they load, the log, the runtime's own.
+pub const DESCRIPTOR_HEADROOM: usize = 64;
+
+/// After the grace period running requests are cancelled; this long later, connections still
+/// open (their answers' last chunks unsent, or a client that never sent a whole request) are
+/// closed.
+const CANCELLED_FLUSH: Duration = Duration::from_secs(1);
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: HEADER_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
+            max_connections: MAX_CONNECTIONS.min(most_connections()).max(1),
+            shutdown_grace: SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// The most connections the process's descriptor limit (`RLIMIT_NOFILE`, soft) leaves room
+/// for besides [`DESCRIPTOR_HEADROOM`]; 0 when it leaves none.
+pub fn most_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let descriptors = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        // Unreadable: the traditional default.
+        1024
+    };
+    descriptors.saturating_sub(DESCRIPTOR_HEADROOM)
+}
+
+/// How long a request's body may take; the handler reads it from the request's extensions
+/// (absent when the router is called without a connection, as in tests).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyTimeout(pub Duration);
+
+/// Serves `router` over `listener` until `shutdown` resolves; then stops accepting, lets
+/// running requests finish for up to the grace period, cancels what is left, and closes every
+/// connection still open a moment later.
+pub(crate) async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
+    let service = TowerToHyperService::new(router.layer(Extension(BodyTimeout(limits.body_timeout))));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // A client may shut its sending side once its request is out and still read the answer.
+        .half_close(true);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let (close_all, close) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let tcp = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors or memory, or a connection reset before it was
+                    // accepted: wait a little rather than spin.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one back
+        // until the previous is acknowledged (tens of milliseconds with delayed ACKs).
+        let _ = tcp.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(tcp), service.clone());
+        let mut close = close.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let closing = async move {
+                let _ = close.wait_for(|&closing| closing).await;
+            };
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = closing => {}
+            }
+            // Answers the request in progress, then closes; an idle connection closes now.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let grace = limits.shutdown_grace;
+    tracing::info!("shutting down: finishing running requests (at most {grace:?})");
+    app.draining.store(true, Ordering::Release);
+    let _ = close_all.send(true);
+    if tokio::time::timeout(grace, every(&mut connections)).await.is_err() {
+        app.engine.cancel_all();
+        if tokio::time::timeout(CANCELLED_FLUSH, every(&mut connections))
+            .await
+            .is_err()
+        {
+            tracing::info!("closing {} connections still open", connections.len());
+            connections.shutdown().await;
+        }
+    }
+    // Nothing is left to answer: what the engine still holds ends now.
+    app.engine.cancel_all();
+    Ok(())
+}
+
+/// Waits for every connection to end.
+async fn every(connections: &mut JoinSet<()>) {
+    while connections.join_next().await.is_some() {}
+}
