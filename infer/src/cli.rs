@@ -4,15 +4,24 @@
 
 use std::process::ExitCode;
 
-/// Parses `A` from the command line and runs `run` on it.
-pub fn main<A: clap::Parser>(run: impl FnOnce(A) -> anyhow::Result<()>) -> ExitCode {
-    let args = match A::try_parse() {
-        Ok(args) => args,
+/// Parses `A` from the command line; a bad flag is printed as clap's first line, and its exit
+/// code returned.
+pub fn parse<A: clap::Parser>() -> Result<A, ExitCode> {
+    match A::try_parse() {
+        Ok(args) => Ok(args),
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             eprintln!("{}", e.to_string().lines().next().unwrap_or("invalid arguments"));
-            return ExitCode::from(2);
+            Err(ExitCode::from(2))
         }
+    }
+}
+
+/// Parses `A` from the command line and runs `run` on it.
+pub fn main<A: clap::Parser>(run: impl FnOnce(A) -> anyhow::Result<()>) -> ExitCode {
+    let args = match parse::<A>() {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

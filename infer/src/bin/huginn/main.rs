@@ -11,16 +11,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use infer::adaptive::{self, AdaptiveConfig, AdaptiveGeneration, Decoding, MAX_STEPS};
+use infer::cache::float_bytes;
 use infer::chat::{Message, Role};
 use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
+use infer::limits;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, serve};
 use infer::speculative::{self, SpeculativeConfig};
+use infer::strategy::Strategy;
 use infer::text::TextStream;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
@@ -188,7 +191,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match infer::cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     // Every command but `serve` works on this thread; the server's engine has its own.
     if !matches!(cli.command, Command::Serve { .. }) {
         model::threads::join_the_pool();
@@ -205,6 +211,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let device = cli.device.device_in(cli.dtype)?;
+    // An accelerator's own memory is not known here: only work on the CPU is checked against
+    // the machine's.
+    let on_host = cli.device == Backend::Cpu;
     match cli.command {
         Command::Depths {
             model,
@@ -216,9 +225,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let model = load(model.as_deref(), &device)?;
-            if max_depth == 0 || max_depth > MAX_STEPS {
-                bail!("--max-depth must be in 1..={MAX_STEPS}");
-            }
+            limits::within("--max-depth", max_depth, 1, MAX_STEPS)?;
+            limits::within("--top", top, 1, model.config().vocab_size)?;
             let depths = if depths.is_empty() {
                 (0..).map(|p| 1 << p).take_while(|d| *d <= max_depth).collect()
             } else {
@@ -298,10 +306,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if sampler == SamplerKind::Sequential && diffusion.any() {
                 bail!("the diffusion sampler's flags (--headway, --freeze-strategy, …) need --sampler diffusion");
             }
+            let shape = folder.model.config();
+            let element = float_bytes(&device);
             if sampler == SamplerKind::Diffusion {
                 let config = diffusion.config(&config, args.cache, args.seed)?;
+                config.check(shape, prompt.len(), max_new).map_err(diffusion::named)?;
+                if on_host {
+                    let needed = config.memory_bytes(shape, prompt.len(), max_new, element);
+                    limits::check_machine_memory("this generation's KV cache and waves", needed)?;
+                }
                 diffusion::run(&folder, &prompt, max_new, &config, &decoding, &mut stdout)?;
                 return Ok(ExitCode::SUCCESS);
+            }
+            let (strategy, steps, positions) = match speculate {
+                // Speculation runs the full cache at the deeper of its two depths.
+                Some(lookahead) => (
+                    Strategy::default(),
+                    config.max_steps.max(draft_steps),
+                    prompt.len() + max_new + lookahead,
+                ),
+                None => (config.strategy, config.max_steps, prompt.len() + max_new),
+            };
+            if on_host {
+                let needed = limits::kv_cache_bytes(shape, strategy, steps, positions, 1, element);
+                limits::check_machine_memory("this generation's KV cache", needed)?;
             }
             let started = Instant::now();
             let mut first = None;
@@ -314,18 +342,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "--speculate decodes greedily at a fixed depth: leave out --criterion, --temperature and --warm-start"
                     );
                 }
-                if lookahead == 0 || draft_steps == 0 || !(accept_threshold > 0.0 && accept_threshold <= 1.0) {
-                    bail!("--speculate and --draft-steps must be at least 1, --accept-threshold in (0, 1]");
-                }
-                if draft_steps > MAX_STEPS {
-                    bail!("--draft-steps must be in 1..={MAX_STEPS}");
-                }
                 let config = SpeculativeConfig {
                     draft_steps,
                     lookahead,
                     verify_steps: config.max_steps,
                     threshold: accept_threshold,
                 };
+                limits::check_speculative(shape, prompt.len(), max_new, &config).map_err(decoding::named)?;
                 let out = speculative::generate(&folder.model, &prompt, max_new, config)?;
                 first = Some(started.elapsed());
                 let mut tokens = out.tokens;
@@ -412,7 +435,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             decoding: args,
         } => {
             let folder = open_folder(&model, &device)?;
-            chat::run(folder, system, &args)?;
+            chat::run(folder, system, &args, on_host)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
