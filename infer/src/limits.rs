@@ -137,7 +137,7 @@ pub fn kv_cache_bytes(
 
 /// A generation that would hold more memory than it may.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{what} needs {}, more than the {} {limit}", gib(*.needed), gib(*.available))]
+#[error("{what} would take {}, more than the {} {limit}", gib(*.needed), gib(*.available))]
 pub struct OutOfMemory {
     pub what: String,
     /// `usize::MAX` when the count overflowed.
@@ -236,7 +236,7 @@ mod tests {
         let err = check_memory("this run", Some(3 << 30), 1 << 30, "this machine has available").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "this run needs 3.0 GiB, more than the 1.0 GiB this machine has available"
+            "this run would take 3.0 GiB, more than the 1.0 GiB this machine has available"
         );
         assert!(check_memory("x", None, usize::MAX, "y").is_err());
         assert!(available_memory().is_none_or(|b| b > 0));

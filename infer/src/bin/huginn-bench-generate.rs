@@ -32,7 +32,9 @@ use serde_json::json;
 #[derive(Parser, Debug)]
 #[command(
     name = "huginn-bench-generate",
-    about = "Generation speed of a recurrent-depth model"
+    about = "Generation speed of a recurrent-depth model",
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    allow_negative_numbers = true
 )]
 struct Args {
     #[arg(long, default_value = "cpu")]

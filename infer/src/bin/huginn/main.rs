@@ -57,6 +57,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show the next-token prediction after each recurrence step.
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    #[command(allow_negative_numbers = true)]
     Depths {
         /// Model folder (config.json + safetensors or model.bpk), or ORG/NAME[@REVISION] on the
         /// Hugging Face hub. Without it, a random tiny model.
@@ -84,6 +86,8 @@ enum Command {
     /// Generation, each token with up to --steps recurrence steps and an optional per-token
     /// exit criterion. The text (token ids without a tokenizer) streams to stdout, the steps
     /// per token go to stderr. Defaults come from the folder's generation_config.json.
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    #[command(allow_negative_numbers = true)]
     Generate {
         /// Model folder: config.json and weights, optionally tokenizer.json,
         /// tokenizer_config.json, generation_config.json; or ORG/NAME[@REVISION] on the Hugging
@@ -125,6 +129,8 @@ enum Command {
     /// An interactive conversation through the folder's chat template: one user message per
     /// line of standard input (`/exit` or end of input ends it), the reply streamed to stdout.
     /// The KV cache is kept between turns, so each turn runs only what is new.
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    #[command(allow_negative_numbers = true)]
     Chat {
         /// Model folder with tokenizer.json and a chat template, or ORG/NAME[@REVISION].
         #[arg(long)]
