@@ -228,9 +228,9 @@ impl DiffusionConfig {
         Ok(())
     }
 
-    /// The most positions a run holds in its cache and its wave: every position up to the
-    /// prompt, `max_new` tokens and a full wave beyond them, within the context; and the most
-    /// in one wave (its front included).
+    /// The most positions in one wave (before its front is added), and in the cache: every
+    /// position up to the prompt, `max_new` tokens and a full wave beyond them, within the
+    /// context.
     fn extent(&self, model: &HuginnConfig, prompt: usize, max_new: usize) -> Option<(usize, usize)> {
         let context = model.block_size;
         let wave = match self.max_wavefront {
@@ -238,7 +238,7 @@ impl DiffusionConfig {
             most => most.min(context),
         };
         let positions = prompt.checked_add(max_new)?.checked_add(wave)?.min(context);
-        Some((positions, wave.checked_add(self.headway)?))
+        Some((wave, positions))
     }
 
     /// The most bytes a run on `model` holds in its KV cache, `element_bytes` per number;
@@ -250,7 +250,7 @@ impl DiffusionConfig {
         max_new: usize,
         element_bytes: usize,
     ) -> Option<usize> {
-        let (positions, _) = self.extent(model, prompt, max_new)?;
+        let (_, positions) = self.extent(model, prompt, max_new)?;
         // The prompt's pass iterates `num_steps` times, each wave `inner_recurrence` times.
         let steps = self.num_steps.max(self.inner_recurrence);
         kv_cache_bytes(model, self.strategy, steps, positions, 1, element_bytes)
@@ -266,7 +266,8 @@ impl DiffusionConfig {
         max_new: usize,
         element_bytes: usize,
     ) -> Option<usize> {
-        let (_, wave) = self.extent(model, prompt, max_new)?;
+        let (wave, _) = self.extent(model, prompt, max_new)?;
+        let wave = wave.checked_add(self.headway)?;
         let tensors = wave.checked_mul(model.n_embd)?.checked_mul(8)?;
         let logits = wave.checked_mul(model.vocab_size)?.checked_mul(2)?;
         let numbers = tensors.checked_add(logits)?;
