@@ -541,6 +541,12 @@ fn numeric_generation_flags_answer_or_refuse_in_one_line() {
     for flag in ["--steps", "--temperature", "--top-k", "--max-new-tokens"] {
         add(&chat, flag, 2, &mut cases);
     }
+    // The issue's own: a headway of 2^31 − 1 once reached 8.5 GB and aborted.
+    for (flag, value) in [("--headway", "2147483647"), ("--headway", "18446744073709551615")] {
+        let mut args: Vec<String> = diffusion.iter().map(|s| s.to_string()).collect();
+        args.extend([flag.to_string(), value.to_string()]);
+        cases.push((args, flag));
+    }
     let run = |(args, flag): &(Vec<String>, &str)| {
         // `ulimit -v`: an allocation beyond 2 GiB fails (and aborts) instead of swapping.
         let mut child = Command::new("sh")
