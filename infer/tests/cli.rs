@@ -591,3 +591,33 @@ fn numeric_generation_flags_answer_or_refuse_in_one_line() {
         right.iter().for_each(run);
     });
 }
+
+/// Shapes and counts whose memory can be computed are checked against the machine's before
+/// anything is allocated (they aborted with an allocation failure), and counts have ranges.
+#[test]
+fn bench_generate_refuses_what_the_machine_cannot_hold() {
+    for (flags, needle) in [
+        (&["--width", "65536"][..], "the model's weights would take"),
+        (&["--layers", "1,1000000000,1"][..], "the model's weights would take"),
+        (&["--vocab-size", "1000000000"][..], "the model's weights would take"),
+        (&["--batch", "100000"][..], "--batch must be in 1..=4096 (got 100000)"),
+        (&["--runs", "1000000000"][..], "--runs must be in 1..=1000"),
+        (&["--steps", "-1"][..], "invalid value '-1' for '--steps <STEPS>'"),
+        (
+            // 2^21 positions × 4100 slots of 2 × 256 floats: 17 TiB.
+            &["--prompt-len", "1048576", "--new-tokens", "1048576", "--steps", "1024"][..],
+            "the benchmark's KV cache would take",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_huginn-bench-generate"))
+            .args(flags)
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&out);
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{flags:?}: {stderr}");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(started.elapsed().as_secs() < 30, "{flags:?}");
+    }
+}
