@@ -513,7 +513,10 @@ fn host(t: Tensor<3>) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::BLOCK;
     use model::HuginnConfig;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     fn fixed(steps: usize) -> AdaptiveConfig {
         AdaptiveConfig::fixed(steps, WarmStart::Cold, Strategy::default())
@@ -628,6 +631,68 @@ mod tests {
             for ((row, got), len) in rows.iter().zip(&out).zip([2, 7, 3, 0]) {
                 let alone = generate(&model, &row.prompt, 7, config).unwrap();
                 assert_eq!(got.tokens, alone.tokens[..len], "{:?} {warm_start:?}", row.prompt);
+            }
+        }
+    }
+
+    /// Every cache strategy under every exit criterion, with prompts around the cache's block
+    /// boundaries (slots grow 64 positions at a time; here also 4, to cross many): no panic,
+    /// and the same tokens and steps as through a cache that never grows. An early-exiting
+    /// token once left a slot shorter than the positions read from it ("Can't narrow").
+    #[test]
+    fn every_strategy_and_criterion_crosses_block_boundaries() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 59);
+        let context = model.config().block_size;
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let prompt: Vec<u32> = (0..65).map(|_| rng.random_range(0..64)).collect();
+        let mut strategies = vec![];
+        for lookup in ["full", "latest-m4", "available-m4", "always-last-m4", "skip"] {
+            for compress in ["", "-compress-s4", "-compress-anchor"] {
+                strategies.push(format!("{lookup}{compress}").parse::<Strategy>().unwrap());
+            }
+        }
+        for (block, lengths) in [(4, &[1, 3, 4, 5][..]), (BLOCK, &[59, 60, 62, 63, 64, 65][..])] {
+            for strategy in &strategies {
+                for criterion in Criterion::ALL {
+                    let threshold = match criterion {
+                        Criterion::ArgmaxStability => 1e-9,
+                        _ => criterion.auto_threshold(),
+                    };
+                    let config = AdaptiveConfig {
+                        criterion,
+                        threshold,
+                        // Beyond the 8 iterations compress-anchor keeps apart.
+                        max_steps: 9,
+                        warm_start: WarmStart::Cold,
+                        strategy: *strategy,
+                    };
+                    for &len in lengths {
+                        let run = |block| {
+                            let rows = [Row {
+                                prompt: prompt[..len].to_vec(),
+                                max_new: 4,
+                                decoding: Decoding::default(),
+                            }];
+                            let mut session = Session {
+                                cache: StrategyCache::with_block(config.strategy, &model, block),
+                                ..Session::new(&model, config)
+                            };
+                            let input = vec![rows[0].prompt.clone()];
+                            decode(&mut session, &rows, input, |_, _, _| ControlFlow::Continue(()))
+                                .unwrap()
+                                .pop()
+                                .unwrap()
+                        };
+                        let grown = run(block);
+                        let whole = run(context);
+                        assert_eq!(
+                            (&grown.tokens, &grown.steps_per_token),
+                            (&whole.tokens, &whole.steps_per_token),
+                            "{strategy} {} prompt {len} block {block}",
+                            criterion.name()
+                        );
+                    }
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ use model::{Attend, Huginn, HuginnConfig, KvCache, LayerSlot};
 use crate::strategy::{Layout, Strategy};
 
 /// Positions added at a time when a slot grows.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// Keys, values and which positions hold an entry, for one slot.
 struct Slot {
@@ -51,12 +51,12 @@ impl Slot {
         self.valid.len()
     }
 
-    /// Makes room for positions `..len`, keeping what is stored.
-    fn reserve(&mut self, len: usize) {
+    /// Makes room for positions `..len` (in whole blocks of `block`), keeping what is stored.
+    fn reserve(&mut self, len: usize, block: usize) {
         if len <= self.capacity() {
             return;
         }
-        let capacity = len.div_ceil(BLOCK) * BLOCK;
+        let capacity = len.div_ceil(block) * block;
         let [b, h, old, d] = self.keys().dims();
         let device = self.keys().device();
         self.map(|t| Tensor::zeros([b, h, capacity, d], &device).slice_assign([0..b, 0..h, 0..old, 0..d], t));
@@ -64,9 +64,9 @@ impl Slot {
     }
 
     /// Writes `keys` and `values` `[B, H, S, d]` at positions `start..start + S`.
-    fn write(&mut self, start: usize, keys: Tensor<4>, values: Tensor<4>) {
+    fn write(&mut self, start: usize, keys: Tensor<4>, values: Tensor<4>, block: usize) {
         let [b, h, len, d] = keys.dims();
-        self.reserve(start + len);
+        self.reserve(start + len, block);
         let range = [0..b, 0..h, start..start + len, 0..d];
         let (stored_keys, stored_values) = self.stored.take().expect("a slot holds its tensors");
         self.stored = Some((
@@ -86,12 +86,15 @@ pub struct StrategyCache {
     /// Left padding of each row: columns before it hold no token and are never attended to.
     pads: Vec<usize>,
     slots: BTreeMap<i64, Slot>,
+    /// Positions a slot grows by.
+    block: usize,
 }
 
 impl StrategyCache {
     pub fn new(strategy: Strategy, model: &Huginn) -> Self {
         let config = model.config();
         Self {
+            block: BLOCK,
             strategy,
             layout: Layout {
                 prelude: config.n_layers_in_prelude,
@@ -100,6 +103,15 @@ impl StrategyCache {
             start: 0,
             pads: Vec::new(),
             slots: BTreeMap::new(),
+        }
+    }
+
+    /// A cache whose slots grow by `block` positions: what is read must not depend on it.
+    #[cfg(test)]
+    pub(crate) fn with_block(strategy: Strategy, model: &Huginn, block: usize) -> Self {
+        Self {
+            block,
+            ..Self::new(strategy, model)
         }
     }
 
@@ -185,7 +197,7 @@ impl KvCache for StrategyCache {
         self.slots
             .entry(sigma)
             .or_insert_with(|| Slot::new(&keys))
-            .write(start, keys, values);
+            .write(start, keys, values, self.block);
         // The positions seen so far: every one has a first-layer entry.
         let seen: Vec<usize> = match self.slots.get(&0) {
             Some(first) => (0..end).filter(|&p| first.valid[p]).collect(),
@@ -243,13 +255,26 @@ impl StrategyCache {
         let device = own.keys().device();
         let mut keys = Tensor::zeros([b, h, end, d], &device);
         let mut values = Tensor::zeros([b, h, end, d], &device);
-        for (from, columns) in picks {
+        for (from, mut columns) in picks {
+            // A slot holds only the positions written to it, and grows in blocks as they come:
+            // one written last by earlier, deeper-iterated positions can end before `end`. Every
+            // column picked from it lies below its capacity (it holds an entry there).
             let source = &self.slots[&from];
-            let take = Tensor::<1, Bool>::from_data(TensorData::new(columns, [end]), &device)
-                .reshape([1, 1, end, 1])
-                .expand([b, h, end, d]);
-            keys = keys.mask_where(take.clone(), source.keys().clone().narrow(2, 0, end));
-            values = values.mask_where(take, source.values().clone().narrow(2, 0, end));
+            let n = source.capacity().min(end);
+            debug_assert!(!columns[n..].contains(&true), "picked where the slot holds no entry");
+            columns.truncate(n);
+            let take = Tensor::<1, Bool>::from_data(TensorData::new(columns, [n]), &device)
+                .reshape([1, 1, n, 1])
+                .expand([b, h, n, d]);
+            let picked = |all: Tensor<4>, stored: &Tensor<4>| {
+                let head = all
+                    .clone()
+                    .narrow(2, 0, n)
+                    .mask_where(take.clone(), stored.clone().narrow(2, 0, n));
+                all.slice_assign([0..b, 0..h, 0..n, 0..d], head)
+            };
+            keys = picked(keys, source.keys());
+            values = picked(values, source.values());
         }
         (keys, values, read)
     }

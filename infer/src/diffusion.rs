@@ -22,12 +22,13 @@ use std::str::FromStr;
 
 use model::burn::prelude::*;
 use model::burn::tensor::activation::relu;
-use model::{Huginn, InitialState, InputError, NoCache};
+use model::{Huginn, HuginnConfig, InitialState, InputError, NoCache};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::adaptive::{Decoding, MAX_STEPS};
 use crate::cache::StrategyCache;
+use crate::limits::{MAX_EXIT_THRESHOLD, OutOfRange, kv_cache_bytes, positions, within, within_f64};
 use crate::sampling::Sampler;
 use crate::strategy::{Compress, Lookup, Strategy};
 
@@ -103,7 +104,7 @@ pub struct DiffusionConfig {
     /// Core steps each wave runs on every position in it.
     pub inner_recurrence: usize,
     /// New positions the wave's front gains per wave (the first gets the sampled token, the
-    /// others a random guess).
+    /// others a random guess); at most the context left after the prompt.
     pub headway: usize,
     /// Weight of the previous wave's injection `e` in this wave's (an EMA over waves; 0: off).
     pub ema_embeds: f64,
@@ -117,7 +118,7 @@ pub struct DiffusionConfig {
     /// Threshold of the latent freeze strategies.
     pub exit_t: f64,
     /// Most positions in the wave; a full wave stops growing until positions freeze (0: no
-    /// limit).
+    /// limit; a wave never outgrows the context, so a larger value is the same).
     pub max_wavefront: usize,
     /// Most waves, against settings that never freeze (the reference runs two more).
     pub max_diffusion_steps: usize,
@@ -162,61 +163,116 @@ impl Default for DiffusionConfig {
 /// The most waves a run may ask for.
 pub const MAX_DIFFUSION_STEPS: usize = 1 << 20;
 
+/// The largest `init_scale`: the reference's is 1, and states a hundred times the trained scale
+/// already drown the prompt's signal.
+pub const MAX_INIT_SCALE: f64 = 100.0;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DiffusionError {
     #[error("invalid diffusion setting: {0}")]
     Config(String),
+    #[error("invalid diffusion setting: {0}")]
+    Range(#[from] OutOfRange),
     #[error(transparent)]
     Input(#[from] InputError),
 }
 
 impl DiffusionConfig {
-    /// Checks the values a user can get wrong, before any work starts.
+    /// Checks the values a user can get wrong that do not depend on the model, before any work
+    /// starts.
     pub fn validate(&self) -> Result<(), DiffusionError> {
-        let bad = |what: String| Err(DiffusionError::Config(what));
-        if self.num_steps == 0 || self.num_steps > MAX_STEPS {
-            return bad(format!("num_steps must be in 1..={MAX_STEPS} (got {})", self.num_steps));
-        }
-        if self.inner_recurrence == 0 || self.inner_recurrence > MAX_STEPS {
-            return bad(format!(
-                "inner_recurrence must be in 1..={MAX_STEPS} (got {})",
-                self.inner_recurrence
-            ));
-        }
+        within("num_steps", self.num_steps, 1, MAX_STEPS)?;
+        within("inner_recurrence", self.inner_recurrence, 1, MAX_STEPS)?;
         if self.headway == 0 {
-            return bad("headway must be at least 1".into());
+            return Err(OutOfRange::new("headway", "at least 1", 0).into());
         }
-        if self.max_wavefront != 0 && self.max_wavefront < 2 {
+        if self.max_wavefront == 1 {
             // One position is the last frozen token: it would never admit the next one.
-            return bad(format!(
-                "max_wavefront must be 0 (no limit) or at least 2 (got {}): a wave of one position never freezes",
-                self.max_wavefront
-            ));
+            return Err(OutOfRange::new(
+                "max_wavefront",
+                "0 (no limit) or at least 2: a wave of one position never freezes",
+                1,
+            )
+            .into());
         }
-        if self.max_diffusion_steps == 0 || self.max_diffusion_steps > MAX_DIFFUSION_STEPS {
-            return bad(format!(
-                "max_diffusion_steps must be in 1..={MAX_DIFFUSION_STEPS} (got {})",
-                self.max_diffusion_steps
-            ));
-        }
-        for (name, value) in [
-            ("ema_embeds", self.ema_embeds),
-            ("state_noise_mixing", self.state_noise_mixing),
-        ] {
-            if !(0.0..=1.0).contains(&value) {
-                return bad(format!("{name} must be in [0, 1] (got {value})"));
+        within("max_diffusion_steps", self.max_diffusion_steps, 1, MAX_DIFFUSION_STEPS)?;
+        within_f64("ema_embeds", self.ema_embeds, 0.0, 1.0)?;
+        within_f64("state_noise_mixing", self.state_noise_mixing, 0.0, 1.0)?;
+        within_f64("exit_t", self.exit_t, 0.0, MAX_EXIT_THRESHOLD)?;
+        within_f64("init_scale", self.init_scale, 0.0, MAX_INIT_SCALE)?;
+        Ok(())
+    }
+
+    /// [`Self::validate`], and the ranges that come from `model` and the request: the prompt
+    /// and `max_new` tokens fit the context, and `headway` is at most the positions left after
+    /// the prompt (a wave never reaches past the context, so a wider front is never run).
+    pub fn check(&self, model: &HuginnConfig, prompt: usize, max_new: usize) -> Result<(), DiffusionError> {
+        self.validate()?;
+        let context = model.block_size;
+        if prompt >= context {
+            return Err(InputError::NoRoom {
+                prompt,
+                new: 1,
+                context,
             }
+            .into());
         }
-        if !(self.exit_t.is_finite() && self.exit_t >= 0.0) {
-            return bad(format!("exit_t must be a finite number >= 0 (got {})", self.exit_t));
-        }
-        if !(self.init_scale.is_finite() && self.init_scale >= 0.0) {
-            return bad(format!(
-                "init_scale must be a finite number >= 0 (got {})",
-                self.init_scale
-            ));
+        positions(model, prompt, max_new, 0)?;
+        within("headway", self.headway, 1, context - prompt)?;
+        if !self.full_prefill && self.max_wavefront > 0 && prompt > self.max_wavefront {
+            return Err(DiffusionError::Config(format!(
+                "without the prompt's pass the prompt ({prompt} tokens) must fit in max_wavefront ({})",
+                self.max_wavefront
+            )));
         }
         Ok(())
+    }
+
+    /// The most positions in one wave (before its front is added), and in the cache: every
+    /// position up to the prompt, `max_new` tokens and a full wave beyond them, within the
+    /// context.
+    fn extent(&self, model: &HuginnConfig, prompt: usize, max_new: usize) -> Option<(usize, usize)> {
+        let context = model.block_size;
+        let wave = match self.max_wavefront {
+            0 => context,
+            most => most.min(context),
+        };
+        let positions = prompt.checked_add(max_new)?.checked_add(wave)?.min(context);
+        Some((wave, positions))
+    }
+
+    /// The most bytes a run on `model` holds in its KV cache, `element_bytes` per number;
+    /// `None` when that cannot be counted. Call after [`Self::check`].
+    pub fn cache_bytes(
+        &self,
+        model: &HuginnConfig,
+        prompt: usize,
+        max_new: usize,
+        element_bytes: usize,
+    ) -> Option<usize> {
+        let (_, positions) = self.extent(model, prompt, max_new)?;
+        // The prompt's pass iterates `num_steps` times, each wave `inner_recurrence` times.
+        let steps = self.num_steps.max(self.inner_recurrence);
+        kv_cache_bytes(model, self.strategy, steps, positions, 1, element_bytes)
+    }
+
+    /// [`Self::cache_bytes`] and the wave's own tensors: its states, noise, injections and
+    /// their EMA (a few `[1, L, h]`) and its logits `[1, L, V]`, on the device and copied to
+    /// the host.
+    pub fn memory_bytes(
+        &self,
+        model: &HuginnConfig,
+        prompt: usize,
+        max_new: usize,
+        element_bytes: usize,
+    ) -> Option<usize> {
+        let (wave, _) = self.extent(model, prompt, max_new)?;
+        let wave = wave.checked_add(self.headway)?;
+        let tensors = wave.checked_mul(model.n_embd)?.checked_mul(8)?;
+        let logits = wave.checked_mul(model.vocab_size)?.checked_mul(2)?;
+        let numbers = tensors.checked_add(logits)?;
+        self.cache_bytes(model, prompt, max_new, element_bytes)?
+            .checked_add(numbers.checked_mul(element_bytes)?)
     }
 }
 
@@ -252,8 +308,10 @@ pub struct DiffusionStats {
 }
 
 /// Generates after `prompt` until at least `max_new` tokens are frozen, a stop token freezes,
-/// the context is full or `max_diffusion_steps` waves have run. `on_frozen` receives each block
-/// of newly frozen tokens (up to the stop token) and may end the run.
+/// the context is full or `max_diffusion_steps` waves have run. After the prompt's pass and
+/// after every wave, `on_frozen` receives the block of newly frozen tokens (up to the stop
+/// token; empty when the wave froze none) and may end the run: a caller whose client has gone
+/// ends it there, a wave at most after it left.
 pub fn generate(
     model: &Huginn,
     prompt: &[u32],
@@ -262,23 +320,7 @@ pub fn generate(
     decoding: &Decoding,
     mut on_frozen: impl FnMut(&[u32]) -> ControlFlow<()>,
 ) -> Result<DiffusionGeneration, DiffusionError> {
-    config.validate()?;
-    let context = model.config().block_size;
-    if prompt.len() >= context {
-        return Err(InputError::NoRoom {
-            prompt: prompt.len(),
-            new: 1,
-            context,
-        }
-        .into());
-    }
-    if !config.full_prefill && config.max_wavefront > 0 && prompt.len() > config.max_wavefront {
-        return Err(DiffusionError::Config(format!(
-            "without the prompt's pass the prompt ({} tokens) must fit in max_wavefront ({})",
-            prompt.len(),
-            config.max_wavefront
-        )));
-    }
+    config.check(model.config(), prompt.len(), max_new)?;
     model.tokens(&[prompt.to_vec()])?;
     Wave::new(model, prompt, config, decoding).run(max_new, &mut on_frozen)
 }
@@ -388,8 +430,8 @@ impl<'a> Wave<'a> {
             self.seen = p;
             self.out.stats.core_forward_passes += 1;
             self.out.stats.tokens_forward += p;
-            let logits = host_rows(out.logits);
-            let token = self.sample(&logits[p - 1..], p)[0];
+            let logits = host_rows(out.logits.narrow(1, p - 1, 1));
+            let token = self.sample(&logits, p)[0];
             self.out.steps_between_samplings.push(config.num_steps);
             self.sequence.push(token);
             self.frozen = p + 1;
@@ -448,10 +490,10 @@ impl<'a> Wave<'a> {
                 self.out.stats.core_forward_passes += 1;
                 self.out.stats.tokens_forward += len;
             }
-            let logits = host_rows(model.coda_head(self.states.clone(), &rotary, &mut self.cache));
+            let logits = model.coda_head(self.states.clone(), &rotary, &mut self.cache);
             // Guesses for the positions after the frozen ones (and after the wave's first).
             let from = (self.frozen as i64 - 1 - c as i64).max(0) as usize;
-            let guesses = self.sample(&logits[from..], self.frozen);
+            let guesses = self.sample(&host_rows(logits.narrow(1, from, len - from)), self.frozen);
             self.out.steps_between_samplings.push(config.inner_recurrence);
             let edits = self.sequence[..self.frozen]
                 .iter()
@@ -621,16 +663,14 @@ impl<'a> Wave<'a> {
         };
     }
 
-    /// Hands the new tokens frozen at positions `from..to` to the caller, up to a stop token.
+    /// Hands the new tokens frozen at positions `from..to` (possibly none) to the caller, up
+    /// to a stop token.
     fn emit(
         &mut self,
         from: usize,
         to: usize,
         on_frozen: &mut impl FnMut(&[u32]) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
-        if from >= to {
-            return ControlFlow::Continue(());
-        }
         let mut block = &self.sequence[from..to];
         let stop = block.iter().position(|t| self.stop_tokens.contains(t));
         if let Some(at) = stop {

@@ -18,6 +18,7 @@ pub mod folder;
 pub mod generation_config;
 pub mod greedy;
 pub mod hub;
+pub mod limits;
 pub mod sampling;
 pub mod serve;
 pub mod speculative;

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::exit::argmax;
+use crate::limits::{self, OutOfRange};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingConfig {
@@ -36,26 +37,49 @@ impl Default for SamplingConfig {
     }
 }
 
+/// The highest temperature: beyond it every distribution is uniform to within f32's precision
+/// of the logits that produce it.
+pub const MAX_TEMPERATURE: f32 = 100.0;
+
+/// The repetition penalty's range: `1/100..=100` already moves a logit of 10 past any other.
+pub const REPETITION_PENALTY: (f32, f32) = (0.01, 100.0);
+
 impl SamplingConfig {
-    /// Checks the values a user can get wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        let bad = |what: &str| Err(format!("invalid sampling setting: {what}"));
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature must be a finite number >= 0");
+    /// Checks the values a user can get wrong, for a vocabulary of `vocab` tokens.
+    pub fn check(&self, vocab: usize) -> Result<(), OutOfRange> {
+        let t = self.temperature;
+        if !(t.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&t)) {
+            return Err(OutOfRange::new("temperature", format!("in [0, {MAX_TEMPERATURE}]"), t));
         }
-        if self.top_k == Some(0) {
-            return bad("top_k must be at least 1");
+        if let Some(k) = self.top_k {
+            limits::within("top_k", k, 1, vocab)?;
         }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return bad("top_p must be in (0, 1]");
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(OutOfRange::new("top_p", "in (0, 1]", p));
         }
-        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-            return bad("min_p must be in [0, 1]");
+        if let Some(p) = self.min_p
+            && !(0.0..=1.0).contains(&p)
+        {
+            return Err(OutOfRange::new("min_p", "in [0, 1]", p));
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty must be > 0");
+        let (low, high) = REPETITION_PENALTY;
+        let penalty = self.repetition_penalty;
+        if !(low..=high).contains(&penalty) {
+            return Err(OutOfRange::new(
+                "repetition_penalty",
+                format!("in [{low}, {high}]"),
+                penalty,
+            ));
         }
         Ok(())
+    }
+
+    /// [`Self::check`] without a vocabulary, as a message.
+    pub fn validate(&self) -> Result<(), String> {
+        self.check(usize::MAX)
+            .map_err(|e| format!("invalid sampling setting: {e}"))
     }
 }
 

@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 
 use safetensors::tensor::{Dtype, TensorView};
 
+mod common;
+
 fn huginn(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_huginn")).args(args).output().unwrap()
 }
@@ -202,7 +204,7 @@ fn generate_reproduces_the_reference_greedy_run() {
     let out = huginn(&[&args[..], &["--max-new-tokens", "12", "--stop-token", "121"]].concat());
     assert_eq!(text(&out).0.trim(), "108,34,91,121");
     let out = huginn(&[&args[..], &["--top-p", "1.5"]].concat());
-    assert!(text(&out).1.contains("top_p must be in (0, 1]"));
+    assert!(text(&out).1.contains("--top-p must be in (0, 1] (got 1.5)"));
     let out = huginn(&[&args[..], &["--cache", "latest-m7-sideways"]].concat());
     assert!(text(&out).1.contains("unknown cache strategy"));
     let out = huginn(&[&args[..], &["--max-new-tokens", "200"]].concat());
@@ -255,11 +257,11 @@ fn absurd_generation_flags_are_refused_with_the_limit() {
         (&["--steps", "0"], "--steps must be in 1..=1024"),
         (
             &["--criterion", "kl", "--exit-threshold=-1"],
-            "--exit-threshold must be a finite number >= 0 (got -1)",
+            "--exit-threshold must be a number in [0, 1000000] (got -1)",
         ),
         (
             &["--criterion", "kl", "--exit-threshold", "NaN"],
-            "--exit-threshold must be a finite number >= 0 (got NaN)",
+            "--exit-threshold must be a number in [0, 1000000] (got NaN)",
         ),
         (
             &["--max-new-tokens", "9"],
@@ -317,7 +319,7 @@ fn speculative_generation_equals_greedy_at_the_verify_depth() {
             &["--speculate", "4", "--temperature", "0.7"][..],
             "--speculate decodes greedily",
         ),
-        (&["--speculate", "0"][..], "at least 1"),
+        (&["--speculate", "0"][..], "--speculate must be in 1..="),
         (&["--draft-steps", "2"][..], "--speculate"),
     ] {
         let out = huginn(&[&args[..], extra].concat());
@@ -366,4 +368,256 @@ fn half_precision_runs_on_the_cpu_and_stays_close_to_f32() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).1.contains("expected f32, f16 or bf16"), "{}", text(&out).1);
+}
+
+/// A valid generation through every cache strategy with an exit criterion that stops early,
+/// with prompts that end at and around the cache's 64-position blocks: each answers (an
+/// early-exiting token once left `always-last-m4` reading a slot shorter than the positions:
+/// "Can't narrow … Size=64", exit 101).
+#[test]
+fn early_exits_with_every_cache_strategy_cross_the_cache_blocks() {
+    let model = fixture("tiny-a");
+    let model = model.to_str().unwrap();
+    for (cache, len, steps) in [
+        ("always-last-m4", 64, "32"),
+        ("always-last-m4-compress-anchor", 60, "5"),
+        ("always-last-m4-compress-anchor", 64, "32"),
+        ("latest-m4", 63, "32"),
+        ("available-m4-compress-s4", 65, "32"),
+    ] {
+        let ids: Vec<String> = (0..len).map(|i| ((i * 37) % 128).to_string()).collect();
+        let ids = ids.join(",");
+        let args = [
+            "generate",
+            "--model",
+            model,
+            "--ids",
+            &ids,
+            "--cache",
+            cache,
+            "--criterion",
+            "argmax-stability",
+            "--exit-threshold",
+            "1e-9",
+            "--steps",
+            steps,
+            "--max-new-tokens",
+            "12",
+        ];
+        let out = huginn(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{cache} {len}: {stderr}");
+        assert_eq!(stdout.trim().split(',').count(), 12, "{cache} {len}: {stdout}");
+    }
+}
+
+/// A diffusion headway past the context is refused at once by name (it once claimed 8.5 GB
+/// and aborted; 2^64 − 1 overflowed).
+#[test]
+fn a_headway_past_the_context_is_a_one_line_error() {
+    let model = fixture("tiny-a");
+    for headway in ["2147483647", "18446744073709551615", "126"] {
+        let started = std::time::Instant::now();
+        let out = huginn(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            "1,2,3",
+            "--sampler",
+            "diffusion",
+            "--headway",
+            headway,
+        ]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{headway}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--headway must be in 1..=125 (got {headway})")),
+            "{stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(started.elapsed().as_secs() < 20);
+    }
+}
+
+/// Every numeric flag of `generate`, `chat` and `depths` at and beyond its range (0, −1, huge,
+/// 1e9, NaN, inf, 2^64 − 1, 2^32, fractions), each a real process on a tiny model, under a
+/// 2 GiB address-space limit and a 60 s deadline: it answers (exit 0) or refuses with one line
+/// (exit 1 for a value out of range, 2 for one that does not parse); never a panic (101), a
+/// signal (an allocation abort), or a hang.
+#[test]
+fn numeric_generation_flags_answer_or_refuse_in_one_line() {
+    use std::io::Write;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let tiny = fixture("tiny-a");
+    let tiny = tiny.to_str().unwrap().to_string();
+    let chat_dir = common::folder(common::DEFAULT_IDS);
+    let chat_model = chat_dir.path().to_str().unwrap().to_string();
+    let values = [
+        "0",
+        "-1",
+        "1e9",
+        "NaN",
+        "inf",
+        "18446744073709551615",
+        "4294967296",
+        "99999999999999999999999",
+        "0.5",
+        "-inf",
+        "1e-300",
+        "2147483647",
+    ];
+    // The flags, and what else each run needs.
+    let generate = ["generate", "--model", &tiny, "--ids", "1,2,3", "--max-new-tokens", "3"];
+    let diffusion = [
+        &generate[..],
+        &["--sampler", "diffusion", "--max-diffusion-steps", "20"],
+    ]
+    .concat();
+    let speculate = [&generate[..], &["--speculate", "2"]].concat();
+    let depths = ["depths", "--model", &tiny, "--ids", "1,2,3", "--max-depth", "4"];
+    let chat = ["chat", "--model", &chat_model, "--max-new-tokens", "3"];
+    let decoding = [
+        "--steps",
+        "--exit-threshold",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--repetition-penalty",
+        "--seed",
+        "--max-new-tokens",
+    ];
+    let mut cases: Vec<(Vec<String>, &str)> = Vec::new();
+    let mut value = 0;
+    let mut add = |base: &[&str], flag: &'static str, count: usize, cases: &mut Vec<(Vec<String>, &str)>| {
+        for _ in 0..count {
+            // The flag replaces the base's value for it.
+            let mut args: Vec<String> = Vec::new();
+            let mut skip = false;
+            for arg in base {
+                if std::mem::take(&mut skip) {
+                    continue;
+                }
+                skip = *arg == flag;
+                if !skip {
+                    args.push(arg.to_string());
+                }
+            }
+            args.extend([flag.to_string(), values[value % values.len()].to_string()]);
+            if flag == "--exit-threshold" {
+                args.extend(["--criterion".into(), "kl".into()]);
+            }
+            cases.push((args, flag));
+            value += 1;
+        }
+    };
+    for flag in decoding {
+        add(&generate, flag, 3, &mut cases);
+    }
+    for flag in ["--ids", "--stop-token"] {
+        add(&generate, flag, 2, &mut cases);
+    }
+    for flag in [
+        "--headway",
+        "--inner-recurrence",
+        "--ema-embeds",
+        "--state-noise-mixing",
+        "--exit-t",
+        "--max-wavefront",
+        "--max-diffusion-steps",
+        "--init-scale",
+    ] {
+        add(&diffusion, flag, 2, &mut cases);
+    }
+    for flag in ["--speculate", "--draft-steps", "--accept-threshold"] {
+        add(&speculate, flag, 2, &mut cases);
+    }
+    for flag in ["--max-depth", "--depths", "--top", "--seed", "--ids"] {
+        add(&depths, flag, 2, &mut cases);
+    }
+    for flag in ["--steps", "--temperature", "--top-k", "--max-new-tokens"] {
+        add(&chat, flag, 2, &mut cases);
+    }
+    // The issue's own: a headway of 2^31 − 1 once reached 8.5 GB and aborted.
+    for (flag, value) in [("--headway", "2147483647"), ("--headway", "18446744073709551615")] {
+        let mut args: Vec<String> = diffusion.iter().map(|s| s.to_string()).collect();
+        args.extend([flag.to_string(), value.to_string()]);
+        cases.push((args, flag));
+    }
+    let run = |(args, flag): &(Vec<String>, &str)| {
+        // `ulimit -v`: an allocation beyond 2 GiB fails (and aborts) instead of swapping.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_huginn"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // One chat turn, then the end of input.
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"hello\n");
+        drop(stdin);
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("{flag}: {args:?} ran past 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let (_, stderr) = text(&out);
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(0..=2)),
+            "{flag}: {args:?} ended with {:?}: {stderr}",
+            out.status
+        );
+        if code != Some(0) {
+            assert_eq!(stderr.trim().lines().count(), 1, "{flag}: {args:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        }
+    };
+    // Two at a time: the machine that runs the suite may have two cores.
+    let (left, right) = cases.split_at(cases.len() / 2);
+    std::thread::scope(|scope| {
+        scope.spawn(|| left.iter().for_each(run));
+        right.iter().for_each(run);
+    });
+}
+
+/// Shapes and counts whose memory can be computed are checked against the machine's before
+/// anything is allocated (they aborted with an allocation failure), and counts have ranges.
+#[test]
+fn bench_generate_refuses_what_the_machine_cannot_hold() {
+    for (flags, needle) in [
+        (&["--width", "65536"][..], "the model's weights would take"),
+        (&["--layers", "1,1000000000,1"][..], "the model's weights would take"),
+        (&["--vocab-size", "1000000000"][..], "the model's weights would take"),
+        (&["--batch", "100000"][..], "--batch must be in 1..=4096 (got 100000)"),
+        (&["--runs", "1000000000"][..], "--runs must be in 1..=1000"),
+        (&["--steps", "-1"][..], "invalid value '-1' for '--steps <STEPS>'"),
+        (
+            // 2^21 positions × 4100 slots of 2 × 256 floats: 17 TiB.
+            &["--prompt-len", "1048576", "--new-tokens", "1048576", "--steps", "1024"][..],
+            "the benchmark's KV cache would take",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_huginn-bench-generate"))
+            .args(flags)
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&out);
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{flags:?}: {stderr}");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(started.elapsed().as_secs() < 30, "{flags:?}");
+    }
 }

@@ -17,13 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use infer::adaptive::AdaptiveConfig;
+use infer::adaptive::{AdaptiveConfig, MAX_STEPS};
 use infer::bench::{GenerationBench, measure_diffusion, measure_generation};
 use infer::cache::{bytes_per_position, float_bytes};
-use infer::diffusion::DiffusionConfig;
+use infer::diffusion::{DiffusionConfig, DiffusionError};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
+use infer::limits::{self, MAX_EXIT_THRESHOLD, within, within_f64};
 use infer::strategy::Strategy;
 use model::{Backend, HuginnConfig, Precision, peak_rss_bytes};
 use serde_json::json;
@@ -31,7 +32,9 @@ use serde_json::json;
 #[derive(Parser, Debug)]
 #[command(
     name = "huginn-bench-generate",
-    about = "Generation speed of a recurrent-depth model"
+    about = "Generation speed of a recurrent-depth model",
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    allow_negative_numbers = true
 )]
 struct Args {
     #[arg(long, default_value = "cpu")]
@@ -129,11 +132,40 @@ fn main() -> ExitCode {
     infer::cli::main(run)
 }
 
-fn run(args: Args) -> Result<()> {
-    if args.batch == 0 || args.prompt_len == 0 || args.new_tokens < 2 || args.runs == 0 || args.steps == 0 {
-        bail!("--batch, --prompt-len, --runs and --steps must be at least 1, --new-tokens at least 2");
+/// The most timed runs: each is a whole generation.
+const MAX_RUNS: usize = 1000;
+/// The most rows: far beyond where batching stops paying.
+const MAX_BATCH: usize = 4096;
+/// The most positions of a random-weight model (its context is set from the flags).
+const MAX_POSITIONS: usize = 1 << 20;
+
+/// Ranges of the flags that need no model; those that do are checked once it is known.
+fn check(args: &Args) -> Result<()> {
+    within("--batch", args.batch, 1, MAX_BATCH)?;
+    within("--runs", args.runs, 1, MAX_RUNS)?;
+    within("--prompt-len", args.prompt_len, 1, MAX_POSITIONS)?;
+    within("--new-tokens", args.new_tokens, 2, MAX_POSITIONS)?;
+    within("--steps", args.steps, 1, MAX_STEPS)?;
+    within("--inner-recurrence", args.inner_recurrence, 1, MAX_STEPS)?;
+    within_f64("--exit-t", args.exit_t, 0.0, MAX_EXIT_THRESHOLD)?;
+    if let Some(t) = args.exit_threshold {
+        within_f64("--exit-threshold", t, 0.0, MAX_EXIT_THRESHOLD)?;
     }
+    if !args.huginn_0125 && args.model.is_none() {
+        within("--heads", args.heads, 1, args.width.max(1))?;
+        if args.layers.len() != 3 {
+            bail!("--layers takes three counts: prelude,core,coda");
+        }
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<()> {
+    check(&args)?;
     let device = args.device.device_in(args.dtype)?;
+    let element = float_bytes(&device);
+    // An accelerator's own memory is not known here: only the CPU's work is checked.
+    let on_host = args.device == Backend::Cpu;
     let model = match &args.model {
         Some(dir) => {
             let dir = infer::hub::resolve(dir)?;
@@ -152,6 +184,11 @@ fn run(args: Args) -> Result<()> {
             };
             config.block_size = (args.prompt_len + args.new_tokens).max(256);
             config.validate().context("the model shape")?;
+            // Drawn as f32 and then held in the device's float type.
+            if on_host {
+                let needed = config.num_params().checked_mul(4 + element);
+                limits::check_machine_memory("the model's weights", needed)?;
+            }
             if args.huginn_0125 {
                 // 3.5 billion values: drawn by the device, not sampled on the host.
                 config.init_on_device(&device)
@@ -160,6 +197,11 @@ fn run(args: Args) -> Result<()> {
             }
         }
     };
+    let positions = args.prompt_len + args.new_tokens;
+    let needed = limits::kv_cache_bytes(model.config(), args.cache, args.steps, positions, args.batch, element);
+    if on_host {
+        limits::check_machine_memory("the benchmark's KV cache", needed)?;
+    }
     let bench = GenerationBench {
         batch: args.batch,
         prompt_len: args.prompt_len,
@@ -190,6 +232,19 @@ fn run(args: Args) -> Result<()> {
             init_scale: 0.0,
             ..DiffusionConfig::default()
         };
+        config
+            .check(model.config(), args.prompt_len, args.new_tokens)
+            .map_err(|e| match e {
+                DiffusionError::Range(r) => {
+                    let name = format!("--{}", r.name.replace('_', "-"));
+                    anyhow::Error::from(r.named(name))
+                }
+                other => other.into(),
+            })?;
+        let needed = config.memory_bytes(model.config(), args.prompt_len, args.new_tokens, element);
+        if on_host {
+            limits::check_machine_memory("the wavefront sampler's cache and waves", needed)?;
+        }
         Some(measure_diffusion(
             &model,
             args.prompt_len,
@@ -200,7 +255,7 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps, float_bytes(&device));
+    let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps, element);
     let c = model.config();
     let layers = [c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda];
     let figures = json!({

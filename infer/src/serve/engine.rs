@@ -60,8 +60,11 @@ pub struct Job {
 pub enum Finish {
     /// A stop token or stop string.
     Stop,
-    /// `max_tokens` reached.
+    /// `max_tokens` reached, or the model's context.
     Length,
+    /// The wavefront sampler ran its `max_diffusion_steps` waves before `max_tokens` tokens
+    /// froze: the positions' states did not settle, and the answer is what had frozen.
+    NotConverged,
     /// The server is shutting down.
     Cancelled,
 }
@@ -71,6 +74,7 @@ impl Finish {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::NotConverged => "not_converged",
             Self::Cancelled => "cancelled",
         }
     }
@@ -258,6 +262,12 @@ impl PositionBytes {
     }
 
     fn row(&self, job: &Job) -> usize {
+        if let Some(diffusion) = &job.diffusion {
+            let (prompt, new) = (job.row.prompt.len(), job.row.max_new);
+            return diffusion
+                .cache_bytes(&self.model, prompt, new, self.element)
+                .unwrap_or(usize::MAX);
+        }
         (job.row.prompt.len() + job.row.max_new) * self.per_position(&job.config)
     }
 
@@ -464,7 +474,9 @@ impl Worker {
 
 impl Worker {
     /// One request through the wavefront sampler (batch size 1, as the reference's): tokens
-    /// stream as they freeze, each reported with the wave's core steps.
+    /// stream as they freeze, each reported with the wave's core steps. A wave can freeze
+    /// nothing, so the client's leaving and a cancellation are checked after every wave, not
+    /// only when a token is sent.
     fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) {
         let folder = &self.folder;
         let mut decoding = job.row.decoding.clone();
@@ -480,6 +492,13 @@ impl Worker {
         let (mut finish, mut failed, mut sent) = (Finish::Length, None, 0);
         let max_new = job.row.max_new;
         let result = diffusion::generate(&folder.model, &job.row.prompt, max_new, config, &decoding, |block| {
+            if self.shared.cancel.load(Ordering::Acquire) {
+                finish = Finish::Cancelled;
+                return ControlFlow::Break(());
+            }
+            if job.events.is_closed() {
+                return ControlFlow::Break(());
+            }
             for &id in block {
                 if sent == max_new {
                     return ControlFlow::Break(());
@@ -533,6 +552,12 @@ impl Worker {
                     },
                     _ => String::new(),
                 };
+                if finish == Finish::Length
+                    && sent < max_new
+                    && generation.stats.diffusion_steps >= config.max_diffusion_steps
+                {
+                    finish = Finish::NotConverged;
+                }
                 let mut steps = generation.steps_between_samplings;
                 steps.truncate(sent);
                 Event::Done {

@@ -9,13 +9,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use infer::adaptive::Conversation;
+use infer::cache::float_bytes;
 use infer::chat::{Message, Role};
 use infer::folder::ModelFolder;
+use infer::limits;
 use infer::text::{TextError, TextStream};
 
 use crate::decoding::DecodingArgs;
 
-pub fn run(mut folder: ModelFolder, system: Option<String>, args: &DecodingArgs) -> Result<()> {
+/// Runs the conversation; `on_host`: the model runs on the CPU, whose memory bounds the cache.
+pub fn run(mut folder: ModelFolder, system: Option<String>, args: &DecodingArgs, on_host: bool) -> Result<()> {
     let (config, decoding) = args.resolve(&mut folder)?;
     if folder.chat_template.is_none() || folder.tokenizer.is_none() {
         bail!("chat needs the model folder's tokenizer.json and a chat template");
@@ -50,7 +53,19 @@ pub fn run(mut folder: ModelFolder, system: Option<String>, args: &DecodingArgs)
                 tokens.len()
             );
         }
-        let max_new = args.max_new(folder, tokens.len()).min(context - tokens.len());
+        let max_new = args.max_new(folder, tokens.len())?.min(context - tokens.len());
+        // The cache holds the whole conversation: checked as it grows, before the turn runs.
+        if on_host {
+            let needed = limits::kv_cache_bytes(
+                folder.model.config(),
+                config.strategy,
+                config.max_steps,
+                tokens.len() + max_new,
+                1,
+                float_bytes(&folder.model.device()),
+            );
+            limits::check_machine_memory("this conversation's KV cache", needed)?;
+        }
         let mut text = TextStream::new(tokenizer, folder.stop_strings.clone());
         let mut reply = String::new();
         let mut failed: Option<TextError> = None;

@@ -2,10 +2,11 @@
 //! defaults from the folder's `generation_config.json`.
 
 use anyhow::{Result, bail};
-use infer::adaptive::{AdaptiveConfig, Decoding, MAX_STEPS};
+use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
+use infer::limits::{self, OutOfRange, check_recurrence};
 use infer::sampling::SamplingConfig;
 use infer::serve::api::fresh_seed;
 use infer::strategy::Strategy;
@@ -71,20 +72,29 @@ impl DecodingArgs {
             repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
             seed,
         };
-        sampling.validate().map_err(anyhow::Error::msg)?;
-        if self.steps == 0 || self.steps > MAX_STEPS {
-            bail!("--steps must be in 1..={MAX_STEPS}");
-        }
-        if let Some(t) = self.exit_threshold
-            && !(t.is_finite() && t >= 0.0)
-        {
-            bail!("--exit-threshold must be a finite number >= 0 (got {t})");
-        }
+        sampling.check(folder.model.config().vocab_size).map_err(|e| {
+            // A value not given here came from the folder's generation_config.json.
+            let given = match e.name.as_str() {
+                "temperature" => self.temperature.is_some(),
+                "top_k" => self.top_k.is_some(),
+                "top_p" => self.top_p.is_some(),
+                "min_p" => self.min_p.is_some(),
+                _ => self.repetition_penalty.is_some(),
+            };
+            let name = if given {
+                flag(&e.name)
+            } else {
+                format!("{} in generation_config.json", e.name)
+            };
+            e.named(name)
+        })?;
         if !self.stop.is_empty() && folder.tokenizer.is_none() {
             bail!("--stop needs a tokenizer (tokenizer.json in the model folder); --stop-token takes ids");
         }
-        folder.add_stop_tokens(self.stop_token.iter().copied());
-        folder.add_stop_strings(self.stop.iter().cloned());
+        let vocab = folder.model.config().vocab_size;
+        if let Some(id) = self.stop_token.iter().find(|&&id| id as usize >= vocab) {
+            bail!("--stop-token {id} is outside the vocabulary of {vocab}");
+        }
         let config = AdaptiveConfig {
             criterion: self.criterion,
             threshold: self.exit_threshold.unwrap_or(self.criterion.auto_threshold()),
@@ -92,6 +102,9 @@ impl DecodingArgs {
             warm_start: self.warm_start,
             strategy: self.cache.unwrap_or_default(),
         };
+        check_recurrence(&config).map_err(named)?;
+        folder.add_stop_tokens(self.stop_token.iter().copied());
+        folder.add_stop_strings(self.stop.iter().cloned());
         let decoding = Decoding {
             sampling,
             stop_tokens: folder.stop_tokens.clone(),
@@ -109,33 +122,52 @@ impl DecodingArgs {
     }
 
     /// New tokens after a prompt of `len` tokens, as asked or defaulted (at most the room left
-    /// when the default comes from `generation_config.json`).
-    pub fn max_new(&self, folder: &ModelFolder, len: usize) -> usize {
+    /// when the default comes from `generation_config.json`), refused when there are none.
+    pub fn max_new(&self, folder: &ModelFolder, len: usize) -> Result<usize> {
         let room = folder.model.config().block_size.saturating_sub(len);
-        self.max_new_tokens
-            .or_else(|| folder.generation.max_new_tokens(len).map(|n| n.min(room)))
-            .unwrap_or(16)
+        match (self.max_new_tokens, folder.generation.max_new_tokens(len)) {
+            (Some(0), _) => bail!("--max-new-tokens must be at least 1"),
+            (Some(n), _) => Ok(n),
+            (None, Some(0)) => bail!(
+                "generation_config.json leaves no new tokens after a prompt of {len} (its max_new_tokens or max_length); give --max-new-tokens"
+            ),
+            (None, Some(n)) => Ok(n.min(room)),
+            (None, None) => Ok(16),
+        }
     }
 
-    /// [`Self::max_new`], refused when it is 0 or the prompt and it do not fit the context
-    /// (`extra` positions besides, as speculative decoding's lookahead).
+    /// [`Self::max_new`], refused when the prompt and it do not fit the context (`extra`
+    /// positions besides, as speculative decoding's lookahead).
     pub fn fitting_max_new(&self, folder: &ModelFolder, len: usize, extra: usize) -> Result<usize> {
         let context = folder.model.config().block_size;
-        let max_new = self.max_new(folder, len);
-        if max_new == 0 {
-            bail!("--max-new-tokens must be at least 1");
-        }
-        let needed = len.saturating_add(max_new).saturating_add(extra);
-        if needed > context {
+        let max_new = self.max_new(folder, len)?;
+        if limits::positions(folder.model.config(), len, max_new, extra).is_err() {
             let lookahead = if extra > 0 {
                 format!(" and a lookahead of {extra}")
             } else {
                 String::new()
             };
+            let needed = len.saturating_add(max_new).saturating_add(extra);
             bail!(
                 "the prompt has {len} tokens and --max-new-tokens is {max_new}{lookahead}: {needed} positions, more than the model's context of {context}"
             );
         }
         Ok(max_new)
     }
+}
+
+/// The flag that sets the library's setting `name`.
+pub fn flag(name: &str) -> String {
+    match name {
+        "num_steps" => "--steps".into(),
+        "lookahead" => "--speculate".into(),
+        "max_new_tokens" => "--max-new-tokens".into(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
+
+/// A library range error under its flag's name.
+pub fn named(e: OutOfRange) -> anyhow::Error {
+    let name = flag(&e.name);
+    e.named(name).into()
 }

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use infer::adaptive::{AdaptiveConfig, Decoding};
-use infer::diffusion::{self, DiffusionConfig, Freeze};
+use infer::diffusion::{self, DiffusionConfig, DiffusionError, Freeze};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
 use infer::strategy::Strategy;
 use infer::text::TextStream;
+
+use crate::decoding;
 
 /// Which generation algorithm `generate` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -104,8 +106,9 @@ impl DiffusionArgs {
             || *no_full_prefill
     }
 
-    /// The sampler's settings from these flags and the shared decoding ones; refuses the
-    /// shared flags it has no use for.
+    /// The sampler's settings from these flags and the shared decoding ones (checked against
+    /// the model and the prompt by [`DiffusionConfig::check`]); refuses the shared flags it
+    /// has no use for.
     pub fn config(&self, shared: &AdaptiveConfig, cache: Option<Strategy>, seed: u64) -> Result<DiffusionConfig> {
         if shared.criterion != Criterion::None {
             bail!("--sampler diffusion freezes positions by --freeze-strategy: leave out --criterion");
@@ -132,8 +135,15 @@ impl DiffusionArgs {
             seed,
             strategy: cache.unwrap_or(d.strategy),
         };
-        config.validate()?;
         Ok(config)
+    }
+}
+
+/// The library's refusal, naming the flag of the setting it refuses.
+pub fn named(e: DiffusionError) -> anyhow::Error {
+    match e {
+        DiffusionError::Range(range) => decoding::named(range),
+        other => other.into(),
     }
 }
 

@@ -11,16 +11,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use infer::adaptive::{self, AdaptiveConfig, AdaptiveGeneration, Decoding, MAX_STEPS};
+use infer::cache::float_bytes;
 use infer::chat::{Message, Role};
 use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
 use infer::folder::ModelFolder;
 use infer::greedy::WarmStart;
+use infer::limits;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, connections, serve};
 use infer::speculative::{self, SpeculativeConfig};
+use infer::strategy::Strategy;
 use infer::text::TextStream;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
@@ -54,6 +57,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show the next-token prediction after each recurrence step.
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    #[command(allow_negative_numbers = true)]
     Depths {
         /// Model folder (config.json + safetensors or model.bpk), or ORG/NAME[@REVISION] on the
         /// Hugging Face hub. Without it, a random tiny model.
@@ -81,6 +86,8 @@ enum Command {
     /// Generation, each token with up to --steps recurrence steps and an optional per-token
     /// exit criterion. The text (token ids without a tokenizer) streams to stdout, the steps
     /// per token go to stderr. Defaults come from the folder's generation_config.json.
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    #[command(allow_negative_numbers = true)]
     Generate {
         /// Model folder: config.json and weights, optionally tokenizer.json,
         /// tokenizer_config.json, generation_config.json; or ORG/NAME[@REVISION] on the Hugging
@@ -122,6 +129,8 @@ enum Command {
     /// An interactive conversation through the folder's chat template: one user message per
     /// line of standard input (`/exit` or end of input ends it), the reply streamed to stdout.
     /// The KV cache is kept between turns, so each turn runs only what is new.
+    // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
+    #[command(allow_negative_numbers = true)]
     Chat {
         /// Model folder with tokenizer.json and a chat template, or ORG/NAME[@REVISION].
         #[arg(long)]
@@ -201,7 +210,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match infer::cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     // Every command but `serve` works on this thread; the server's engine has its own.
     if !matches!(cli.command, Command::Serve { .. }) {
         model::kernels::threads::join_the_pool();
@@ -218,6 +230,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let device = cli.device.device_in(cli.dtype)?;
+    // An accelerator's own memory is not known here: only work on the CPU is checked against
+    // the machine's.
+    let on_host = cli.device == Backend::Cpu;
     match cli.command {
         Command::Depths {
             model,
@@ -229,9 +244,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let model = load(model.as_deref(), &device)?;
-            if max_depth == 0 || max_depth > MAX_STEPS {
-                bail!("--max-depth must be in 1..={MAX_STEPS}");
-            }
+            limits::within("--max-depth", max_depth, 1, MAX_STEPS)?;
+            limits::within("--top", top, 1, model.config().vocab_size)?;
             let depths = if depths.is_empty() {
                 (0..).map(|p| 1 << p).take_while(|d| *d <= max_depth).collect()
             } else {
@@ -311,11 +325,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if sampler == SamplerKind::Sequential && diffusion.any() {
                 bail!("the diffusion sampler's flags (--headway, --freeze-strategy, …) need --sampler diffusion");
             }
+            let shape = folder.model.config();
+            let element = float_bytes(&device);
             if sampler == SamplerKind::Diffusion {
                 let config = diffusion.config(&config, args.cache, decoding.sampling.seed)?;
+                config.check(shape, prompt.len(), max_new).map_err(diffusion::named)?;
+                if on_host {
+                    let needed = config.memory_bytes(shape, prompt.len(), max_new, element);
+                    limits::check_machine_memory("this generation's KV cache and waves", needed)?;
+                }
                 diffusion::run(&folder, &prompt, max_new, &config, &decoding, &mut stdout)?;
                 args.report_seed(&decoding, config.init_scale > 0.0);
                 return Ok(ExitCode::SUCCESS);
+            }
+            let (strategy, steps, positions) = match speculate {
+                // Speculation runs the full cache at the deeper of its two depths.
+                Some(lookahead) => (
+                    Strategy::default(),
+                    config.max_steps.max(draft_steps),
+                    prompt.len() + max_new + lookahead,
+                ),
+                None => (config.strategy, config.max_steps, prompt.len() + max_new),
+            };
+            if on_host {
+                let needed = limits::kv_cache_bytes(shape, strategy, steps, positions, 1, element);
+                limits::check_machine_memory("this generation's KV cache", needed)?;
             }
             let started = Instant::now();
             let mut first = None;
@@ -328,18 +362,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "--speculate decodes greedily at a fixed depth: leave out --criterion, --temperature and --warm-start"
                     );
                 }
-                if lookahead == 0 || draft_steps == 0 || !(accept_threshold > 0.0 && accept_threshold <= 1.0) {
-                    bail!("--speculate and --draft-steps must be at least 1, --accept-threshold in (0, 1]");
-                }
-                if draft_steps > MAX_STEPS {
-                    bail!("--draft-steps must be in 1..={MAX_STEPS}");
-                }
                 let config = SpeculativeConfig {
                     draft_steps,
                     lookahead,
                     verify_steps: config.max_steps,
                     threshold: accept_threshold,
                 };
+                limits::check_speculative(shape, prompt.len(), max_new, &config).map_err(decoding::named)?;
                 let out = speculative::generate(&folder.model, &prompt, max_new, config)?;
                 first = Some(started.elapsed());
                 let mut tokens = out.tokens;
@@ -427,7 +456,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             decoding: args,
         } => {
             let folder = open_folder(&model, &device)?;
-            chat::run(folder, system, &args)?;
+            chat::run(folder, system, &args, on_host)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
