@@ -814,6 +814,7 @@ fn spawn_server(dir: &Path, flags: &[&str]) -> (Child, String, BufReader<ChildSt
     let mut server = Command::new(env!("CARGO_BIN_EXE_huginn"))
         .args(["serve", "--model", dir.to_str().unwrap(), "--addr", "127.0.0.1:0"])
         .args(flags)
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -1355,30 +1356,44 @@ fn absurd_serve_flags_are_refused_with_their_range() {
     }
 }
 
+/// A server process, killed when the test ends however it ends (a server left running would
+/// keep the test harness's output open).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The case: with the descriptor limit at 128, 200 connections that never send a
 /// request. The server keeps at most 64 open (128 less its headroom), each closed after the
 /// header timeout, so a normal request waits its turn instead of forever.
 #[test]
 fn idle_connections_beyond_the_descriptor_limit_do_not_block_a_request_forever() {
     let dir = folder(DEFAULT_IDS);
-    let mut server = Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -n 128 && exec \"$0\" \"$@\"",
-            env!("CARGO_BIN_EXE_huginn"),
-        ])
-        .args([
-            "serve",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--header-timeout", "1"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut server = Killed(
+        Command::new("sh")
+            .args([
+                "-c",
+                "ulimit -n 128 && exec \"$0\" \"$@\"",
+                env!("CARGO_BIN_EXE_huginn"),
+            ])
+            .args([
+                "serve",
+                "--model",
+                dir.path().to_str().unwrap(),
+                "--addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--header-timeout", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
     let mut lines = Vec::new();
     let address = loop {
         let mut line = String::new();
@@ -1412,8 +1427,7 @@ fn idle_connections_beyond_the_descriptor_limit_do_not_block_a_request_forever()
             .await;
         (response.map(|r| r.status()).map_err(|e| e.to_string()), sent.elapsed())
     });
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     let (status, took) = outcome;
     assert_eq!(status, Ok(StatusCode::OK), "after {took:?}");
     assert!(took < Duration::from_secs(30), "{took:?}");
