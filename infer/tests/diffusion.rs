@@ -367,7 +367,7 @@ use std::time::{Duration, Instant};
 use infer::folder::ModelFolder;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
-use infer::serve::{App, serve};
+use infer::serve::{App, ConnectionLimits, serve};
 use serde_json::{Value, json};
 
 /// A server for the test folder on a free loopback port; stops when the test's runtime ends.
@@ -391,7 +391,10 @@ async fn start_server(dir: &Path) -> (String, std::sync::Arc<App>) {
         listener,
         app.clone(),
         std::future::pending(),
-        Duration::from_secs(1),
+        ConnectionLimits {
+            shutdown_grace: Duration::from_secs(1),
+            ..ConnectionLimits::default()
+        },
     ));
     (url, app)
 }

@@ -1101,6 +1101,7 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
         .unwrap();
         let (read, answer) = answer;
         assert!(read.is_ok(), "{read:?}: {answer}");
+        let answer = after_probes(&answer);
         assert!(answer.starts_with("HTTP/1.1 200"), "streamed {streamed}: {answer:?}");
         let end = if streamed {
             "data: [DONE]"
@@ -1110,6 +1111,54 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
         assert!(answer.contains(end), "streamed {streamed}: {answer}");
     }
 }
+
+/// What follows the interim `100 Continue` answers a half-closed client is probed with.
+fn after_probes(answer: &str) -> &str {
+    let mut answer = answer;
+    while let Some(rest) = answer.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n") {
+        answer = rest;
+    }
+    answer
+}
+
+/// A half-closed client whose answer takes several probe intervals is probed (interim
+/// `100 Continue` answers, which HTTP/1.1 clients skip) and still gets its whole answer; a
+/// client that has gone is told apart by the probe's failure
+/// (`a_diffusion_request_whose_client_left_stops_at_the_next_wave` in tests/diffusion.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_with_a_long_answer_is_probed_and_answered() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    // A diffusion run that never settles: it ends, `not_converged`, after its waves.
+    let request = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 4, "sampler": "diffusion",
+        "diffusion": {"exit_t": 0.0, "max_wavefront": 8, "max_diffusion_steps": LONG_WAVES}}));
+    let address = url.strip_prefix("http://").unwrap().to_string();
+    let started = std::time::Instant::now();
+    let (read, answer) = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(address).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        tcp.write_all(&request).unwrap();
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let read = tcp.read_to_end(&mut answer);
+        (read.map_err(|e| e.to_string()), String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(read.is_ok(), "{read:?}: {answer}");
+    assert!(
+        took > 2 * infer::serve::PROBE_EVERY,
+        "the request took {took:?}: raise LONG_WAVES so that it outlasts two probes"
+    );
+    assert!(answer.starts_with("HTTP/1.1 100 Continue\r\n\r\n"), "{answer:?}");
+    let answer = after_probes(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("\"finish_reason\":\"not_converged\""), "{answer}");
+}
+
+/// Waves of the half-closed test's diffusion run: a few seconds on the tiny model.
+const LONG_WAVES: u64 = 20_000;
 
 /// SIGTERM ends the server within the grace period and a second, even while clients hold
 /// requests they never finish sending (headers stopped midway, a declared body not sent).

@@ -2,18 +2,30 @@
 //! on each with a header read timeout (which also ends idle keep-alive connections) and
 //! half-closed clients answered, and a shutdown that closes every connection once the grace
 //! period is over, whatever state its request is in.
+//!
+//! A client that shuts its sending side and one that has gone look the same to the server: both
+//! are an end of file after a whole request. A half-closed client is still answered, so the end
+//! of file alone cannot cancel its request; instead, while its answer is not yet being written,
+//! the connection writes an interim `100 Continue` every [`PROBE_EVERY`], which every HTTP/1.1
+//! client skips (RFC 9110, 15.2). A client that has gone answers the probe with a reset, the
+//! next probe fails, and the connection is dropped with its request: work for it stops at the
+//! engine's next step, as for a stream whose client has left.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::App;
@@ -46,6 +58,13 @@ pub const DESCRIPTOR_HEADROOM: usize = 64;
 /// open (their answers' last chunks unsent, or a client that never sent a whole request) are
 /// closed.
 const CANCELLED_FLUSH: Duration = Duration::from_secs(1);
+
+/// How often a client that has sent its whole request and closed its side is asked whether it
+/// is still there, until its answer is written.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The probe: an interim response that carries nothing.
+const PROBE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
@@ -122,7 +141,9 @@ pub(crate) async fn run(
         // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one back
         // until the previous is acknowledged (tens of milliseconds with delayed ACKs).
         let _ = tcp.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(tcp), service.clone());
+        let socket = Socket::new(tcp);
+        let gone = socket.client_gone();
+        let connection = http.serve_connection(TokioIo::new(socket), service.clone());
         let mut close = close.clone();
         connections.spawn(async move {
             let _permit = permit;
@@ -132,6 +153,8 @@ pub(crate) async fn run(
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => return,
+                // Dropping the connection drops its request, whose work then stops.
+                () = gone => return,
                 () = closing => {}
             }
             // Answers the request in progress, then closes; an idle connection closes now.
@@ -162,4 +185,125 @@ pub(crate) async fn run(
 /// Waits for every connection to end.
 async fn every(connections: &mut JoinSet<()>) {
     while connections.join_next().await.is_some() {}
+}
+
+/// A connection's socket, shared between hyper and the probe that asks a half-closed client
+/// whether it is still there.
+struct Socket {
+    tcp: Arc<TcpStream>,
+    state: Arc<SocketState>,
+}
+
+#[derive(Default)]
+struct SocketState {
+    /// The client has closed its sending side (or gone).
+    read_closed: AtomicBool,
+    /// Signalled once, when `read_closed` is set.
+    read_closed_now: Notify,
+    /// hyper has written since the client closed its side: the answer is on its way, and a
+    /// probe could land inside it.
+    answering: AtomicBool,
+    /// hyper's writes and the probe's never interleave.
+    writing: Mutex<()>,
+}
+
+impl Socket {
+    fn new(tcp: TcpStream) -> Self {
+        Self {
+            tcp: Arc::new(tcp),
+            state: Arc::default(),
+        }
+    }
+
+    /// Resolves when the client is known to have gone: after it closed its side, a probe
+    /// written while no answer was being written failed.
+    fn client_gone(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (tcp, state) = (self.tcp.clone(), self.state.clone());
+        async move {
+            state.read_closed_now.notified().await;
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                match probe(&tcp, &state) {
+                    Probe::Sent => {}
+                    // The answer's own writes tell a gone client from now on.
+                    Probe::Answering => return std::future::pending().await,
+                    Probe::Gone => return,
+                }
+            }
+        }
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.state.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What one probe found.
+enum Probe {
+    /// Written (or the send buffer was full with nothing being answered: tried next time).
+    Sent,
+    /// hyper is writing the answer: no probe may land inside it.
+    Answering,
+    /// Reset, broken pipe, or a torn probe the stream cannot recover from.
+    Gone,
+}
+
+/// Writes one probe unless the answer is being written.
+fn probe(tcp: &TcpStream, state: &SocketState) -> Probe {
+    let _writing = state.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if state.answering.load(Ordering::Acquire) {
+        return Probe::Answering;
+    }
+    match tcp.try_write(PROBE) {
+        Ok(n) if n == PROBE.len() => Probe::Sent,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Probe::Sent,
+        _ => Probe::Gone,
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.tcp.poll_read_ready(cx))?;
+            match self.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(0) => {
+                    if !self.state.read_closed.swap(true, Ordering::AcqRel) {
+                        self.state.read_closed_now.notify_one();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let _writing = self.lock_writes();
+            if self.state.read_closed.load(Ordering::Acquire) {
+                self.state.answering.store(true, Ordering::Release);
+            }
+            match self.tcp.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the socket.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
+    }
 }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use crate::folder::ModelFolder;
 use api::{ApiError, Endpoint, InputLimits, ServerDefaults};
 use connections::BodyTimeout;
-pub use connections::ConnectionLimits;
+pub use connections::{ConnectionLimits, PROBE_EVERY};
 use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
 
 /// Everything the handlers share.
