@@ -6,9 +6,15 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The lock file's name in a run directory.
 pub const LOCK_FILE: &str = ".lock";
+
+/// How long a taken lock is retried before the directory counts as in use. A lock belongs to
+/// the open file, which a child forked by any thread shares until it executes its program:
+/// a lock just let go can look held for that moment (another thread starting a process).
+const PATIENCE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -41,10 +47,16 @@ impl RunLock {
             .write(true)
             .open(&path)
             .map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(TryLockError::WouldBlock) => Err(LockError::Busy(dir.to_path_buf())),
-            Err(TryLockError::Error(error)) => Err(io(error)),
+        let started = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(TryLockError::WouldBlock) if started.elapsed() < PATIENCE => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(TryLockError::WouldBlock) => return Err(LockError::Busy(dir.to_path_buf())),
+                Err(TryLockError::Error(error)) => return Err(io(error)),
+            }
         }
     }
 }
