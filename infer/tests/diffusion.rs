@@ -491,9 +491,10 @@ async fn a_headway_past_the_context_is_refused_and_the_server_lives() {
             json!({"prompt": [1, 2], "max_tokens": 4, "sampler": "diffusion", "diffusion": {"headway": headway}}),
         )
         .await;
-        assert_ne!(status, reqwest::StatusCode::OK, "{answer}");
+        assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["error"]["param"], "diffusion.headway", "{answer}");
         let message = answer["error"]["message"].as_str().unwrap();
-        assert!(message.contains("headway must be in 1..="), "{answer}");
+        assert!(message.contains("headway` must be in 1..="), "{answer}");
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
     let (status, answer) = complete(&url, json!({"prompt": [1, 2, 3], "max_tokens": 2})).await;

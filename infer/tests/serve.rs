@@ -1141,7 +1141,10 @@ async fn a_half_closed_client_with_a_long_answer_is_probed_and_answered() {
         tcp.shutdown(std::net::Shutdown::Write).unwrap();
         let mut answer = Vec::new();
         let read = tcp.read_to_end(&mut answer);
-        (read.map_err(|e| e.to_string()), String::from_utf8_lossy(&answer).into_owned())
+        (
+            read.map_err(|e| e.to_string()),
+            String::from_utf8_lossy(&answer).into_owned(),
+        )
     })
     .await
     .unwrap();

@@ -153,16 +153,7 @@ impl Checkpoints {
         })?;
         let json = serde_json::to_vec_pretty(state).expect("plain data serializes");
         std::fs::write(partial.join(STATE), json).map_err(io(&partial))?;
-        let mut sums = Checksums {
-            step: state.step,
-            crc32: BTreeMap::new(),
-        };
-        for file in FILES {
-            let path = partial.join(file);
-            sums.crc32.insert(file.to_string(), crc32(&path).map_err(io(&path))?);
-        }
-        let json = serde_json::to_vec_pretty(&sums).expect("plain data serializes");
-        std::fs::write(partial.join(CHECKSUMS), json).map_err(io(&partial))?;
+        std::fs::write(partial.join(CHECKSUMS), checksums(&partial, state.step)?).map_err(io(&partial))?;
         sync_folder(&partial)?;
         pause_point("checkpoint-before-rename");
         // The same step saved again (a resumed run reaching it): the old one is moved out of
@@ -215,10 +206,17 @@ impl Checkpoints {
         optim: impl Fn(&Huginn) -> ModuleOptimizer,
     ) -> Result<Option<Resumed>, CheckpointError> {
         let all = self.list()?;
+        // A run none of whose checkpoints has a checksum manifest was written before there
+        // were any: its checkpoints load unverified, as they did then. In any other run a
+        // checkpoint without one is damaged.
+        let verified = all.iter().any(|(_, path)| path.join(CHECKSUMS).exists());
         let mut failures: Vec<(PathBuf, String)> = Vec::new();
         for (_, path) in all.iter().rev() {
-            match load(path, device, &optim) {
+            match load_checked(path, device, &optim, verified) {
                 Ok((model, optimizer, state)) => {
+                    if !verified {
+                        add_checksums(path, state.step)?;
+                    }
                     let mut skipped = Vec::new();
                     for (failed, reason) in failures {
                         let aside = aside_name(&failed, "unreadable");
@@ -238,6 +236,7 @@ impl Checkpoints {
                         state,
                         checkpoint: path.clone(),
                         skipped,
+                        verified,
                     }));
                 }
                 Err(e) => failures.push((path.clone(), e.to_string())),
@@ -311,6 +310,30 @@ fn all_finite(model: &Huginn) -> bool {
 
 /// Checks the files of the checkpoint `dir` against its `checksums.json`, and that they are
 /// of the step its name says.
+/// `checksums.json` for the checkpoint files in `dir`, of step `step`.
+fn checksums(dir: &Path, step: u64) -> Result<Vec<u8>, CheckpointError> {
+    let mut sums = Checksums {
+        step,
+        crc32: BTreeMap::new(),
+    };
+    for file in FILES {
+        let path = dir.join(file);
+        sums.crc32.insert(file.to_string(), crc32(&path).map_err(io(&path))?);
+    }
+    Ok(serde_json::to_vec_pretty(&sums).expect("plain data serializes"))
+}
+
+/// Gives a checkpoint from before checksums, which has just loaded, its `checksums.json`
+/// (written beside it and renamed, so it is absent or whole), so a later resume can verify it.
+fn add_checksums(dir: &Path, step: u64) -> Result<(), CheckpointError> {
+    let partial = dir.join(format!("{CHECKSUMS}.partial"));
+    let file = std::fs::File::create(&partial).map_err(io(&partial))?;
+    std::io::Write::write_all(&mut &file, &checksums(dir, step)?).map_err(io(&partial))?;
+    file.sync_all().map_err(io(&partial))?;
+    std::fs::rename(&partial, dir.join(CHECKSUMS)).map_err(io(&partial))?;
+    sync(dir)
+}
+
 fn verify(dir: &Path, step: Option<u64>) -> Result<(), CheckpointError> {
     let corrupt = |path: &Path, reason: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
@@ -353,6 +376,9 @@ pub struct Resumed {
     pub checkpoint: PathBuf,
     /// Newer checkpoints that did not load, each renamed out of the way.
     pub skipped: Vec<Skipped>,
+    /// Whether the checkpoint's files matched its checksums; `false` for a run written before
+    /// checkpoints carried them.
+    pub verified: bool,
 }
 
 /// A checkpoint a resume could not load.
@@ -370,6 +396,16 @@ pub fn load(
     device: &Device,
     optim: impl FnOnce(&Huginn) -> ModuleOptimizer,
 ) -> Result<(Huginn, ModuleOptimizer, TrainState), CheckpointError> {
+    load_checked(dir, device, optim, true)
+}
+
+/// [`load`], checking the files against their checksums only where `verify` says so.
+fn load_checked(
+    dir: &Path,
+    device: &Device,
+    optim: impl FnOnce(&Huginn) -> ModuleOptimizer,
+    verify_checksums: bool,
+) -> Result<(Huginn, ModuleOptimizer, TrainState), CheckpointError> {
     let corrupt = |path: &Path, reason: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -379,7 +415,9 @@ pub fn load(
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("step-"))
         .and_then(|n| n.parse::<u64>().ok());
-    verify(dir, named)?;
+    if verify_checksums {
+        verify(dir, named)?;
+    }
     let config = HuginnConfig::from_file(dir.join(CONFIG)).map_err(|e| corrupt(dir, e.to_string()))?;
     let model = Huginn::load_burn(&config, dir.join(MODEL), device).map_err(|e| corrupt(dir, e.to_string()))?;
     let path = dir.join(OPTIMIZER);

@@ -396,6 +396,8 @@ pub struct Trainer {
     log: MetricsLog,
     resumed_from: Option<PathBuf>,
     skipped: Vec<Skipped>,
+    /// The resume's checkpoint predates checksums and was loaded unverified.
+    unverified: bool,
     /// Held while the trainer lives: no second process trains in `dir`.
     _lock: RunLock,
 }
@@ -472,7 +474,12 @@ impl Trainer {
         let checkpoints = Checkpoints::open(dir, config.keep_checkpoints)?;
         let (model, optim, state, resumed) =
             match checkpoints.load_newest(device, |m| config.optimizer.init(m, peak))? {
-                Some(r) => (r.model, r.optimizer, r.state, Some((r.checkpoint, r.skipped))),
+                Some(r) => (
+                    r.model,
+                    r.optimizer,
+                    r.state,
+                    Some((r.checkpoint, r.skipped, r.verified)),
+                ),
                 None => {
                     let model = config.initial_model(device)?;
                     let optim = config.optimizer.init(&model, peak);
@@ -480,9 +487,10 @@ impl Trainer {
                 }
             };
         let mut trainer = Self::assemble(dir, config, devices, data, (model, optim, state), lock)?;
-        if let Some((checkpoint, skipped)) = resumed {
+        if let Some((checkpoint, skipped, verified)) = resumed {
             trainer.resumed_from = Some(checkpoint);
             trainer.skipped = skipped;
+            trainer.unverified = !verified;
         }
         Ok(trainer)
     }
@@ -523,6 +531,7 @@ impl Trainer {
             log,
             resumed_from: None,
             skipped: Vec::new(),
+            unverified: false,
             _lock: lock,
         })
     }
@@ -536,6 +545,12 @@ impl Trainer {
     /// Newer checkpoints a resume could not load, renamed out of the way.
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
+    }
+
+    /// Whether the resume's checkpoint was written before checkpoints carried checksums, so
+    /// its files could not be verified.
+    pub fn resumed_unverified(&self) -> bool {
+        self.unverified
     }
 
     pub fn state(&self) -> TrainState {

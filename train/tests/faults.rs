@@ -387,6 +387,27 @@ fn a_checkpoint_whose_files_do_not_match_their_checksums_is_skipped() {
     ]);
 }
 
+/// A run written before checkpoints carried checksums (none of its checkpoints has a
+/// `checksums.json`) still resumes, from its newest checkpoint, unverified and saying so; the
+/// checkpoints it writes from then on carry checksums.
+#[test]
+fn a_run_from_before_checksums_resumes_unverified_and_says_so() {
+    let killed = killed_at("prune-after-rename", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    copy_dir(&killed.path().join("run"), &run);
+    for entry in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let manifest = entry.unwrap().path().join("checksums.json");
+        if manifest.exists() {
+            std::fs::remove_file(manifest).unwrap();
+        }
+    }
+    let stderr = resumes_to_the_straight_result(&run);
+    assert_eq!(resumed_step(&stderr), 9, "{stderr}");
+    assert!(stderr.contains("predate checksums"), "{stderr}");
+    assert!(!stderr.contains("skipped a checkpoint"), "{stderr}");
+}
+
 #[test]
 fn a_damaged_metrics_log_is_rebuilt_from_the_other_and_no_row_is_lost() {
     // Killed after step 9's checkpoint: the logs hold steps 1..=9 and two evaluations.

@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::App;
@@ -196,13 +196,10 @@ struct Socket {
 
 #[derive(Default)]
 struct SocketState {
-    /// The client has closed its sending side (or gone).
-    read_closed: AtomicBool,
-    /// Signalled once, when `read_closed` is set.
-    read_closed_now: Notify,
-    /// hyper has written since the client closed its side: the answer is on its way, and a
-    /// probe could land inside it.
-    answering: AtomicBool,
+    /// hyper has written since it last read: an answer is on its way (or done), and a probe
+    /// could land inside it. hyper reads a client's next request only once its answer to the
+    /// one before is whole, so a read means no answer is being written.
+    written: AtomicBool,
     /// hyper's writes and the probe's never interleave.
     writing: Mutex<()>,
 }
@@ -215,12 +212,22 @@ impl Socket {
         }
     }
 
-    /// Resolves when the client is known to have gone: after it closed its side, a probe
-    /// written while no answer was being written failed.
+    /// Resolves when the client is known to have gone: it closed its side, and then a probe
+    /// written while no answer was being written failed. (hyper itself does not read a
+    /// half-closed connection while it answers, so the end of file is looked for here, by
+    /// peeking.)
     fn client_gone(&self) -> impl Future<Output = ()> + Send + 'static {
         let (tcp, state) = (self.tcp.clone(), self.state.clone());
         async move {
-            state.read_closed_now.notified().await;
+            let mut byte = [0u8; 1];
+            loop {
+                match tcp.peek(&mut byte).await {
+                    Ok(0) => break,
+                    // A next request waits for hyper to read it: look again later.
+                    Ok(_) => tokio::time::sleep(PROBE_EVERY).await,
+                    Err(_) => return,
+                }
+            }
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
                 match probe(&tcp, &state) {
@@ -234,7 +241,10 @@ impl Socket {
     }
 
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.state.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .writing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -248,10 +258,10 @@ enum Probe {
     Gone,
 }
 
-/// Writes one probe unless the answer is being written.
+/// Writes one probe unless an answer is being written.
 fn probe(tcp: &TcpStream, state: &SocketState) -> Probe {
     let _writing = state.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if state.answering.load(Ordering::Acquire) {
+    if state.written.load(Ordering::Acquire) {
         return Probe::Answering;
     }
     match tcp.try_write(PROBE) {
@@ -266,13 +276,10 @@ impl AsyncRead for Socket {
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
             match self.tcp.try_read(buf.initialize_unfilled()) {
-                Ok(0) => {
-                    if !self.state.read_closed.swap(true, Ordering::AcqRel) {
-                        self.state.read_closed_now.notify_one();
-                    }
-                    return Poll::Ready(Ok(()));
-                }
                 Ok(n) => {
+                    if n > 0 {
+                        self.state.written.store(false, Ordering::Release);
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -288,9 +295,7 @@ impl AsyncWrite for Socket {
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
             let _writing = self.lock_writes();
-            if self.state.read_closed.load(Ordering::Acquire) {
-                self.state.answering.store(true, Ordering::Release);
-            }
+            self.state.written.store(true, Ordering::Release);
             match self.tcp.try_write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 written => return Poll::Ready(written),

@@ -426,6 +426,12 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
                 s.moved_to.display()
             );
         }
+        if t.resumed_unverified() {
+            eprintln!(
+                "note: this run's checkpoints predate checksums (checksums.json): the one resumed from \
+                 is loaded unverified; checkpoints written from now on carry them"
+            );
+        }
         match t.resumed_from() {
             Some(checkpoint) => eprintln!(
                 "resuming {} at step {} from {}",
