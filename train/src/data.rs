@@ -23,7 +23,7 @@ use crate::text::{self, TextCorpus, TextError};
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum DataConfig {
     /// k-hop variable chains; train on 1..=6 hops, test on 1..=6 and 7..=10. The first
-    /// `curriculum` batches ramp the most hops from 1 to 6 (0: no curriculum).
+    /// `curriculum` batches ramp the most hops from 1 to the task's most trained (0: no curriculum).
     Chains {
         seed: u64,
         #[serde(default)]

@@ -226,7 +226,7 @@ fn build(what: &str, package: &str, features: &str, bin: &str) -> Result<()> {
 }
 
 /// What a build is about to do. The minutes are the measured cold builds on the 2-core machine
-/// (README, Build times): Burn on the CPU backend alone 14, with wgpu about 25.
+/// (docs/backends.md, Build times): Burn on the CPU backend alone 14, with wgpu about 25.
 fn build_notice(what: &str, features: &str) -> String {
     let burn = if features.contains("cuda") {
         "Burn with the CUDA backend (its build downloads CUDA's compiler: it needs the network)".to_string()

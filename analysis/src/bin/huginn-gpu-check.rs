@@ -1,6 +1,6 @@
 //! `huginn-gpu-check`: the accelerator check of the inference and training work, as one binary
 //! so that it can be carried, built, to a machine with a GPU and no Rust toolchain
-//! (`scripts/gpu-check.sh` packs it; the README's "GPU check" says how to run it). On one
+//! (`scripts/gpu-check.sh` packs it; docs/backends.md's "GPU check" says how to run it). On one
 //! device it runs, in order:
 //!
 //! 1. **parity**: every reference fixture folder given (forward, training gradients,

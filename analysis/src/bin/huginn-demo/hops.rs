@@ -41,7 +41,7 @@ pub struct HopDemo {
 
 impl HopDemo {
     /// Pointer chains: learned within the CPU budget, and deeper chains are answered by
-    /// iterating longer (see the README's results).
+    /// iterating longer (see docs/results.md).
     ///
     /// Why one core layer and r̄ = 16: a pass of layers can follow several pointers at once
     /// (pointer doubling), and with (1, 2, 1) layers at r̄ = 6 one pass answered 82% of 1-6
@@ -50,7 +50,7 @@ impl HopDemo {
     ///
     /// Seed 4: not every seed finds the iterative solution within the budget, and which do
     /// changes with the engine's float order. With the engine of 2026-12-06's last sweep, seed
-    /// 4 was the one of seeds 0-5 to meet every target (the README's seed sweep; seed 3 did
+    /// 4 was the one of seeds 0-5 to meet every target (the seed sweep in docs/results.md; seed 3 did
     /// with the engine before).
     pub fn pointers() -> Self {
         Self {

@@ -44,7 +44,7 @@ struct Args {
     /// The reasoning task: k-hop pointer chains (deeper chains than trained are answered by
     /// iterating longer), reversed-digit addition (one pass is not enough in distribution; no
     /// depth-hard split), or k-hop variable chains (built to need depth, not learned within the
-    /// CPU budget). The README compares them.
+    /// CPU budget). docs/results.md compares them.
     #[arg(long, value_enum, default_value_t = Task::Pointers)]
     task: Task,
     /// A small language model on the embedded Shakespeare slice instead of a reasoning task.
@@ -56,8 +56,8 @@ struct Args {
     /// Override the training mean depth r̄ (iterations are Poisson-lognormal around r̄ + 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     mean_depth: Option<u64>,
-    /// Seed of the weights, the data and the depth draws. Default: the task's own (3 for
-    /// pointer chains, chosen from a sweep that the README reports; 0 for the others).
+    /// Seed of the weights, the data and the depth draws. Default: the task's own (4 for
+    /// pointer chains, chosen from the seed sweep in docs/results.md; 0 for the others).
     #[arg(long)]
     seed: Option<u64>,
     /// Hide progress bars.

@@ -96,7 +96,7 @@ struct Args {
     /// Tokens per text row.
     #[arg(long, default_value_t = 128, value_parser = count::<1, MAX_SEQ_LEN>)]
     seq_len: usize,
-    /// Chains and pointers: batches over which the most hops ramps from 1 to 6 (0: none).
+    /// Chains and pointers: batches over which the most hops ramps from 1 to the task's most (10 for pointers, 6 for chains; 0: none).
     #[arg(long, default_value_t = 0, value_parser = count64::<0, MAX_STEPS>)]
     curriculum: u64,
     /// Most digits of a training operand (`--task addition`).
