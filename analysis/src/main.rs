@@ -48,11 +48,11 @@ enum Command {
         /// tokenizer.json for --text and token labels (default: the model folder's, or its parent's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// R: recurrence steps to record.
-        #[arg(long, default_value_t = 64)]
+        /// R: recurrence steps to record (1-1024).
+        #[arg(long, default_value_t = 64, value_parser = steps_parser(), allow_hyphen_values = true)]
         steps: usize,
-        /// Also run on to this many steps and keep that state as s* (for the heat map).
-        #[arg(long)]
+        /// Also run on to this many steps and keep that state as s* (for the heat map; 1-4096).
+        #[arg(long, value_parser = reference_steps_parser())]
         reference_steps: Option<usize>,
         #[command(flatten)]
         init: InitArgs,
@@ -68,12 +68,14 @@ enum Command {
         /// Captures (base paths or their .safetensors/.json files).
         #[arg(required = true)]
         captures: Vec<PathBuf>,
-        #[arg(long, default_value_t = 6)]
+        /// Principal components to fit (1-64).
+        #[arg(long, default_value_t = 6, value_parser = count_parser())]
         components: usize,
-        /// Fit on this many states drawn at random instead of all.
-        #[arg(long)]
+        /// Fit on this many states drawn at random instead of all (at least 2).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1 << 32))]
         subsample: Option<usize>,
-        #[arg(long, default_value_t = 4)]
+        /// Power iterations of the randomized fit (0-64).
+        #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=64))]
         power_iterations: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -90,9 +92,11 @@ enum Command {
         /// Positions to draw (default: a spread of up to --shown, one of each motif first).
         #[arg(long, value_delimiter = ',')]
         tokens: Vec<usize>,
-        #[arg(long, default_value_t = 6)]
+        /// Tokens drawn (1-64).
+        #[arg(long, default_value_t = 6, value_parser = count_parser())]
         shown: usize,
-        #[arg(long, default_value_t = 6)]
+        /// Principal components to fit (1-64).
+        #[arg(long, default_value_t = 6, value_parser = count_parser())]
         components: usize,
         /// Output base path (writes .png and .svg).
         #[arg(long)]
@@ -118,16 +122,19 @@ enum Command {
         run: PathBuf,
         #[command(flatten)]
         prompt: PromptArgs,
-        #[arg(long, default_value_t = 64)]
+        /// Recurrence steps to record (1-1024).
+        #[arg(long, default_value_t = 64, value_parser = steps_parser())]
         steps: usize,
-        #[arg(long, default_value_t = 256)]
+        /// Steps of the reference state s* (1-4096).
+        #[arg(long, default_value_t = 256, value_parser = reference_steps_parser())]
         reference_steps: usize,
         #[command(flatten)]
         init: InitArgs,
-        #[arg(long, default_value_t = 6)]
+        /// Principal components to fit (1-64).
+        #[arg(long, default_value_t = 6, value_parser = count_parser())]
         components: usize,
-        /// Tokens drawn in the trajectory figure.
-        #[arg(long, default_value_t = 6)]
+        /// Tokens drawn in the trajectory figure (1-64).
+        #[arg(long, default_value_t = 6, value_parser = count_parser())]
         shown: usize,
         /// Output folder (default: RUN/report).
         #[arg(long)]
@@ -160,8 +167,8 @@ struct InitArgs {
     /// Seed of the random initial state (the reference's like-init).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Scale of the random initial state.
-    #[arg(long, default_value_t = 1.0)]
+    /// Scale of the random initial state (0-100).
+    #[arg(long, default_value_t = 1.0, value_parser = init_scale, allow_hyphen_values = true)]
     init_scale: f64,
     /// Start from zeros instead.
     #[arg(long)]
@@ -181,8 +188,51 @@ impl InitArgs {
     }
 }
 
+/// Recurrence steps recorded: the engine's most (`huginn generate --steps`).
+fn steps_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)
+}
+
+/// Steps of the reference state s*, run on past the recorded ones.
+fn reference_steps_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096)
+}
+
+/// Principal components and tokens drawn: more than a figure can show is a mistake.
+fn count_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64)
+}
+
+/// `--init-scale`: finite, in 0..=100 (the bound the samplers use).
+fn init_scale(text: &str) -> Result<f64, String> {
+    let scale: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=infer::diffusion::MAX_INIT_SCALE).contains(&scale) {
+        return Err(format!("must be in 0..={}", infer::diffusion::MAX_INIT_SCALE));
+    }
+    Ok(scale)
+}
+
+/// The bytes a capture of `steps` (and `reference_steps`) over `tokens` positions holds: one
+/// f32 state per step and position, twice with the raw states kept.
+fn capture_bytes(
+    steps: usize,
+    reference_steps: Option<usize>,
+    raw: bool,
+    tokens: usize,
+    width: usize,
+) -> Option<usize> {
+    let states = steps.checked_add(1)?.checked_add(reference_steps.map_or(0, |_| 1))?;
+    let copies = if raw { 2 } else { 1 };
+    states.checked_mul(tokens)?.checked_mul(width)?.checked_mul(4 * copies)
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    // Clap's errors on one line, as every other binary of the workspace gives them.
+    let cli = match infer::cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
@@ -219,6 +269,8 @@ fn run(cli: Cli) -> Result<()> {
                 (PromptInput::Default, _) => bail!("give a prompt: --prompt TEXT or --ids 1,2,3"),
             };
             let huginn = Huginn::from_pretrained(&model, &device)?;
+            let needed = capture_bytes(steps, reference_steps, raw, prompt.len(), huginn.config().n_embd);
+            infer::limits::check_machine_memory("this capture's states", needed)?;
             let options = CaptureOptions {
                 steps,
                 init: init.init(),
@@ -415,4 +467,20 @@ fn progress() -> ProgressBar {
             .progress_chars("=> "),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_too_large_to_count_or_to_hold_is_refused() {
+        assert_eq!(capture_bytes(3, None, false, 5, 16), Some(4 * 5 * 16 * 4));
+        assert_eq!(capture_bytes(3, Some(8), true, 5, 16), Some(5 * 5 * 16 * 8));
+        assert_eq!(capture_bytes(usize::MAX, None, false, 1, 1), None);
+        let huge = capture_bytes(1024, Some(4096), true, 1 << 20, 65536);
+        assert!(huge.is_some());
+        assert!(infer::limits::check_machine_memory("states", huge).is_err());
+        assert!(infer::limits::check_machine_memory("states", None).is_err());
+    }
 }

@@ -297,3 +297,66 @@ fn bad_input_is_a_one_line_error() {
     let err = fails(&["training-curves", &format!("{d}/empty.jsonl"), "--out", &out]);
     assert!(err.contains("no training or evaluation records"), "{err}");
 }
+
+/// Every numeric flag beyond its range, and a capture whose states cannot fit the machine, is a
+/// one-line error before any work (the values that once aborted on allocation or ran for
+/// minutes: 10^9 steps, 2^64 − 1, NaN, an infinite scale).
+#[test]
+fn numeric_flags_beyond_their_range_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    HuginnConfig::tiny(32, 16, 2, (1, 2, 1))
+        .init(&Device::flex(), 3)
+        .save_burn(&model)
+        .unwrap();
+    let model = model.to_str().unwrap();
+    let out = dir.path().join("capture");
+    let out = out.to_str().unwrap();
+    let capture = |flag: &str, value: &str| {
+        vec!["capture", "--model", model, "--ids", "1,2,3", "--out", out, flag, value]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let mut cases = Vec::new();
+    for value in ["0", "1025", "1000000000", "18446744073709551615", "-1", "NaN"] {
+        cases.push(capture("--steps", value));
+    }
+    for value in ["0", "4097", "18446744073709551615"] {
+        cases.push(capture("--reference-steps", value));
+    }
+    for value in ["-1", "101", "NaN", "inf", "1e300"] {
+        cases.push(capture("--init-scale", value));
+    }
+    for (flag, value) in [
+        ("--components", "0"),
+        ("--components", "65"),
+        ("--power-iterations", "65"),
+        ("--subsample", "1"),
+    ] {
+        cases.push(
+            ["pca", "x.safetensors", "--out", out, flag, value]
+                .map(str::to_string)
+                .to_vec(),
+        );
+    }
+    for (flag, value) in [("--shown", "0"), ("--shown", "1000000000"), ("--components", "0")] {
+        cases.push(
+            ["plot-trajectories", "x", "--out", out, flag, value]
+                .map(str::to_string)
+                .to_vec(),
+        );
+    }
+    for (flag, value) in [("--steps", "0"), ("--reference-steps", "1000000000"), ("--shown", "65")] {
+        cases.push(["report", "run", flag, value].map(str::to_string).to_vec());
+    }
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stderr = fails(&args);
+        let flag = args
+            .iter()
+            .find(|a| a.starts_with("--") && !["--model", "--ids", "--out"].contains(a));
+        assert!(stderr.contains(flag.unwrap()), "{args:?}: {stderr}");
+    }
+    assert!(!Path::new(out).with_extension("safetensors").exists());
+}

@@ -10,9 +10,9 @@ use model::{Huginn, InitialState, InputError};
 
 use crate::cache::{StrategyCache, row_index};
 use crate::exit::{Criterion, ExitTracker};
-use crate::greedy::WarmStart;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::strategy::Strategy;
+use crate::warm_start::WarmStart;
 
 /// How adaptive generation runs.
 #[derive(Debug, Clone, Copy, PartialEq)]

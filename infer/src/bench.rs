@@ -186,7 +186,7 @@ pub fn measure_diffusion(
         &prompt,
         out.tokens.len(),
         config.num_steps,
-        crate::greedy::WarmStart::Cold,
+        crate::warm_start::WarmStart::Cold,
     )?;
     let agreeing_prefix = out.tokens.iter().zip(&plain.tokens).take_while(|(a, b)| a == b).count();
     let made = out.tokens.len().max(1) as f64;
@@ -206,8 +206,8 @@ pub fn measure_diffusion(
 mod tests {
     use super::*;
     use crate::exit::Criterion;
-    use crate::greedy::WarmStart;
     use crate::strategy::Strategy;
+    use crate::warm_start::WarmStart;
     use model::HuginnConfig;
     use model::burn::prelude::*;
 

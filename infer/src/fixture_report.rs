@@ -11,7 +11,8 @@ use serde_json::Value;
 use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
 use crate::strategy::Strategy;
-use crate::{adaptive, greedy, speculative};
+use crate::warm_start::WarmStart;
+use crate::{adaptive, speculative};
 
 /// Everything checked for one fixture folder.
 #[derive(Debug, Serialize)]
@@ -224,7 +225,7 @@ fn check_token_by_token(
             criterion,
             threshold: criterion.auto_threshold(),
             max_steps: fixture.model.config().mean_recurrence,
-            warm_start: greedy::WarmStart::Cold,
+            warm_start: WarmStart::Cold,
             strategy: Strategy::default(),
         };
         let robust = result["robust"].as_bool() == Some(true);
@@ -353,11 +354,7 @@ impl Plan {
                 return None;
             }
             // The reference's adaptive generator carries the raw state.
-            let warm_start = if continuous {
-                greedy::WarmStart::Raw
-            } else {
-                greedy::WarmStart::Cold
-            };
+            let warm_start = if continuous { WarmStart::Raw } else { WarmStart::Cold };
             Mode::Adaptive(adaptive::AdaptiveConfig {
                 criterion,
                 threshold,
@@ -370,9 +367,9 @@ impl Plan {
                 return None;
             }
             let warm = if continuous {
-                greedy::WarmStart::Normalized
+                WarmStart::Normalized
             } else {
-                greedy::WarmStart::Cold
+                WarmStart::Cold
             };
             Mode::Adaptive(adaptive::AdaptiveConfig::fixed(steps, warm, strategy))
         } else {

@@ -25,3 +25,4 @@ pub mod speculative;
 pub mod stop;
 pub mod strategy;
 pub mod text;
+pub mod warm_start;

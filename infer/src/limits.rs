@@ -194,7 +194,7 @@ fn gib(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::greedy::WarmStart;
+    use crate::warm_start::WarmStart;
 
     #[test]
     fn ranges_name_the_setting_and_the_value() {

@@ -113,7 +113,8 @@ fn accepts(logits: &[f32], draft: u32, threshold: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::greedy::{self, WarmStart};
+    use crate::greedy;
+    use crate::warm_start::WarmStart;
     use model::HuginnConfig;
     use model::burn::prelude::Device;
 

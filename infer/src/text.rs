@@ -130,8 +130,8 @@ pub struct TextGeneration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::greedy::WarmStart;
     use crate::strategy::Strategy;
+    use crate::warm_start::WarmStart;
     use model::HuginnConfig;
     use model::burn::prelude::Device;
 

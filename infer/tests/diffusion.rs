@@ -25,8 +25,9 @@ use std::ops::ControlFlow;
 
 use infer::adaptive::Decoding;
 use infer::diffusion::{self, DiffusionConfig, DiffusionError, Freeze};
-use infer::greedy::{self, WarmStart};
+use infer::greedy;
 use infer::strategy::Strategy;
+use infer::warm_start::WarmStart;
 use model::HuginnConfig;
 
 fn tiny_d() -> Fixture {

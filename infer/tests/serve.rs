@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::folder::ModelFolder;
-use infer::greedy::WarmStart;
 use infer::serve::api::{InputLimits, MAX_BODY_BYTES, ServerDefaults};
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, serve};
 use infer::strategy::Strategy;
 use infer::text::TextStream;
+use infer::warm_start::WarmStart;
 use model::burn::prelude::Device;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
@@ -1084,22 +1084,7 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     let (url, _app) = start(dir.path(), limits(), None).await;
     for streamed in [false, true] {
         let request = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 4, "stream": streamed}));
-        let address = url.strip_prefix("http://").unwrap().to_string();
-        let answer = tokio::task::spawn_blocking(move || {
-            let mut tcp = std::net::TcpStream::connect(address).unwrap();
-            tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            tcp.write_all(&request).unwrap();
-            tcp.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut answer = Vec::new();
-            let read = tcp.read_to_end(&mut answer);
-            (
-                read.map_err(|e| e.to_string()),
-                String::from_utf8_lossy(&answer).into_owned(),
-            )
-        })
-        .await
-        .unwrap();
-        let (read, answer) = answer;
+        let (read, answer) = half_closed_exchange(&url, request, Duration::from_secs(60)).await;
         assert!(read.is_ok(), "{read:?}: {answer}");
         let answer = after_probes(&answer);
         assert!(answer.starts_with("HTTP/1.1 200"), "streamed {streamed}: {answer:?}");
@@ -1110,6 +1095,26 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
         };
         assert!(answer.contains(end), "streamed {streamed}: {answer}");
     }
+}
+
+/// Sends `request` on a new connection, shuts the sending side, and reads until the server
+/// closes (or `timeout` passes without a byte): the read's outcome and what was read.
+async fn half_closed_exchange(url: &str, request: Vec<u8>, timeout: Duration) -> (Result<usize, String>, String) {
+    let address = url.strip_prefix("http://").unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(address).unwrap();
+        tcp.set_read_timeout(Some(timeout)).unwrap();
+        tcp.write_all(&request).unwrap();
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let read = tcp.read_to_end(&mut answer);
+        (
+            read.map_err(|e| e.to_string()),
+            String::from_utf8_lossy(&answer).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
 }
 
 /// What follows the interim `100 Continue` answers a half-closed client is probed with.
@@ -1132,22 +1137,8 @@ async fn a_half_closed_client_with_a_long_answer_is_probed_and_answered() {
     // A diffusion run that never settles: it ends, `not_converged`, after its waves.
     let request = raw_request(&json!({"prompt": [1, 2, 3], "max_tokens": 4, "sampler": "diffusion",
         "diffusion": {"exit_t": 0.0, "max_wavefront": 8, "max_diffusion_steps": LONG_WAVES}}));
-    let address = url.strip_prefix("http://").unwrap().to_string();
     let started = std::time::Instant::now();
-    let (read, answer) = tokio::task::spawn_blocking(move || {
-        let mut tcp = std::net::TcpStream::connect(address).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        tcp.write_all(&request).unwrap();
-        tcp.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut answer = Vec::new();
-        let read = tcp.read_to_end(&mut answer);
-        (
-            read.map_err(|e| e.to_string()),
-            String::from_utf8_lossy(&answer).into_owned(),
-        )
-    })
-    .await
-    .unwrap();
+    let (read, answer) = half_closed_exchange(&url, request, Duration::from_secs(120)).await;
     let took = started.elapsed();
     assert!(read.is_ok(), "{read:?}: {answer}");
     assert!(

@@ -314,7 +314,7 @@ fn a_text_run_final_folder_opens_with_its_tokenizer() {
         .unwrap();
     assert!(folder.stop_tokens.contains(&eos), "{:?}", folder.stop_tokens);
     let prompt = folder.encode("ROMEO:").unwrap();
-    let generated = infer::greedy::generate(&folder.model, &prompt, 4, 2, infer::greedy::WarmStart::Cold).unwrap();
+    let generated = infer::greedy::generate(&folder.model, &prompt, 4, 2, infer::warm_start::WarmStart::Cold).unwrap();
     assert_eq!(generated.tokens.len(), 4);
     assert_eq!(
         std::fs::read(out.join("final/tokenizer.json")).unwrap(),

@@ -23,9 +23,9 @@ use infer::cache::{bytes_per_position, float_bytes};
 use infer::diffusion::{DiffusionConfig, DiffusionError};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
-use infer::greedy::WarmStart;
 use infer::limits::{self, MAX_EXIT_THRESHOLD, within, within_f64};
 use infer::strategy::Strategy;
+use infer::warm_start::WarmStart;
 use model::{Backend, HuginnConfig, Precision, peak_rss_bytes};
 use serde_json::json;
 

@@ -15,9 +15,9 @@ use crate::chat::{Message, Role};
 use crate::diffusion::DiffusionConfig;
 use crate::exit::Criterion;
 use crate::folder::ModelFolder;
-use crate::greedy::WarmStart;
 use crate::sampling::SamplingConfig;
 use crate::strategy::Strategy;
+use crate::warm_start::WarmStart;
 
 /// An error answer: `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
 #[derive(Debug, Clone, PartialEq)]

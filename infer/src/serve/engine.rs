@@ -597,8 +597,8 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::greedy::WarmStart;
     use crate::strategy::Strategy;
+    use crate::warm_start::WarmStart;
 
     fn job() -> (Job, mpsc::UnboundedReceiver<Event>) {
         let (events, receiver) = mpsc::unbounded_channel();

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use infer::adaptive::AdaptiveConfig;
 use infer::folder::ModelFolder;
-use infer::greedy::WarmStart;
 use infer::strategy::Strategy;
+use infer::warm_start::WarmStart;
 use model::HuginnConfig;
 use model::burn::prelude::Device;
 use serde_json::json;

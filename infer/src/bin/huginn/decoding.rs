@@ -5,11 +5,11 @@ use anyhow::{Result, bail};
 use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
-use infer::greedy::WarmStart;
 use infer::limits::{self, OutOfRange, check_recurrence};
 use infer::sampling::SamplingConfig;
 use infer::serve::api::fresh_seed;
 use infer::strategy::Strategy;
+use infer::warm_start::WarmStart;
 
 #[derive(clap::Args, Debug)]
 pub struct DecodingArgs {

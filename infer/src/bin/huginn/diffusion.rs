@@ -10,9 +10,9 @@ use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::diffusion::{self, DiffusionConfig, DiffusionError, Freeze};
 use infer::exit::Criterion;
 use infer::folder::ModelFolder;
-use infer::greedy::WarmStart;
 use infer::strategy::Strategy;
 use infer::text::TextStream;
+use infer::warm_start::WarmStart;
 
 use crate::decoding;
 

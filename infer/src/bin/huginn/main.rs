@@ -17,7 +17,6 @@ use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
 use infer::folder::ModelFolder;
-use infer::greedy::WarmStart;
 use infer::limits;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
@@ -25,6 +24,7 @@ use infer::serve::{App, ConnectionLimits, connections, serve};
 use infer::speculative::{self, SpeculativeConfig};
 use infer::strategy::Strategy;
 use infer::text::TextStream;
+use infer::warm_start::WarmStart;
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
 
