@@ -447,14 +447,14 @@ impl Worker {
                         continue;
                     }
                     let tail = match &mut texts[b] {
-                        Some(stream) if finish[b] != Finish::Stop => match stream.finish() {
+                        Some(stream) => match stream.finish() {
                             Ok(tail) => tail,
                             Err(e) => {
                                 let _ = events.send(Event::Failed(e.to_string()));
                                 continue;
                             }
                         },
-                        _ => String::new(),
+                        None => String::new(),
                     };
                     let _ = events.send(Event::Done {
                         finish: finish[b],
@@ -543,14 +543,14 @@ impl Worker {
             (Ok(_), Some(reason)) => Event::Failed(reason),
             (Ok(generation), None) => {
                 let tail = match &mut text {
-                    Some(stream) if finish != Finish::Stop => match stream.finish() {
+                    Some(stream) => match stream.finish() {
                         Ok(tail) => tail,
                         Err(e) => {
                             let _ = job.events.send(Event::Failed(e.to_string()));
                             return;
                         }
                     },
-                    _ => String::new(),
+                    None => String::new(),
                 };
                 if finish == Finish::Length
                     && sent < max_new
