@@ -254,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             raw,
             out,
         } => {
-            let model = infer::hub::resolve(&model)?;
+            let model = folder::hub::resolve(&model)?;
             let tokenizer = tokenizer.or_else(|| find_tokenizer(&model));
             let prompt = match (prompt.input(), &tokenizer) {
                 (PromptInput::Text(text), Some(path)) => Prompt::from_text(&text, path)?,

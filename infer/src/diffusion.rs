@@ -28,7 +28,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::adaptive::{Decoding, MAX_STEPS};
 use crate::cache::StrategyCache;
-use crate::limits::{MAX_EXIT_THRESHOLD, OutOfRange, kv_cache_bytes, positions, within, within_f64};
+use crate::limits::{MAX_EXIT_THRESHOLD, kv_cache_bytes, positions};
+use crate::range::{OutOfRange, within, within_f64};
 use crate::sampling::Sampler;
 use crate::strategy::{Compress, Lookup, Strategy};
 

@@ -2,11 +2,12 @@
 //! filters: repetition penalty, temperature, top-k, top-p, min-p, then a seeded draw (greedy
 //! argmax when sampling is off).
 
+use folder::generation_config::GenerationConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::exit::argmax;
-use crate::limits::{self, OutOfRange};
+use crate::range::{OutOfRange, within};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingConfig {
@@ -37,6 +38,30 @@ impl Default for SamplingConfig {
     }
 }
 
+impl SamplingConfig {
+    /// The sampler a folder's `generation_config.json` describes, with `transformers`' own
+    /// defaults for fields left out when sampling (temperature 1, top-k 50); top-k 0 means no
+    /// top-k there.
+    pub fn from_generation_config(defaults: &GenerationConfig, seed: u64) -> Self {
+        Self {
+            temperature: if defaults.do_sample {
+                defaults.temperature.unwrap_or(1.0)
+            } else {
+                0.0
+            },
+            top_k: match defaults.top_k {
+                Some(0) => None,
+                Some(k) => Some(k),
+                None => defaults.do_sample.then_some(50),
+            },
+            top_p: defaults.top_p,
+            min_p: defaults.min_p,
+            repetition_penalty: defaults.repetition_penalty.unwrap_or(1.0),
+            seed,
+        }
+    }
+}
+
 /// The highest temperature: beyond it every distribution is uniform to within f32's precision
 /// of the logits that produce it.
 pub const MAX_TEMPERATURE: f32 = 100.0;
@@ -52,7 +77,7 @@ impl SamplingConfig {
             return Err(OutOfRange::new("temperature", format!("in [0, {MAX_TEMPERATURE}]"), t));
         }
         if let Some(k) = self.top_k {
-            limits::within("top_k", k, 1, vocab)?;
+            within("top_k", k, 1, vocab)?;
         }
         if let Some(p) = self.top_p
             && !(p > 0.0 && p <= 1.0)
@@ -164,6 +189,25 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_configs_sample_as_transformers_reads_them() {
+        let released = GenerationConfig::from_json(r#"{"bos_token_id": 65504, "eos_token_id": 65505}"#).unwrap();
+        assert_eq!(
+            SamplingConfig::from_generation_config(&released, 0),
+            SamplingConfig::default(),
+            "greedy"
+        );
+        let sampled = GenerationConfig::from_json(r#"{"do_sample": true, "temperature": 0.7}"#).unwrap();
+        let sampling = SamplingConfig::from_generation_config(&sampled, 3);
+        assert_eq!(
+            (sampling.temperature, sampling.top_k, sampling.seed),
+            (0.7, Some(50), 3)
+        );
+        let no_top_k = GenerationConfig::from_json(r#"{"do_sample": true, "top_k": 0}"#).unwrap();
+        let sampling = SamplingConfig::from_generation_config(&no_top_k, 0);
+        assert_eq!((sampling.temperature, sampling.top_k), (1.0, None));
+    }
 
     fn frequencies(config: SamplingConfig, logits: &[f32], draws: usize) -> Vec<f64> {
         let mut sampler = Sampler::new(config);

@@ -365,7 +365,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use infer::folder::ModelFolder;
+use folder::ModelFolder;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, serve};

@@ -2,9 +2,9 @@
 //! Huginn's special tokens, Huginn's chat template and a generation config; what the library
 //! reads from them, the errors for malformed files, and `huginn generate` streaming text.
 
+use folder::ModelFolder;
+use folder::chat::{Message, Role};
 use infer::adaptive::{self, Decoding};
-use infer::chat::{Message, Role};
-use infer::folder::ModelFolder;
 use model::HuginnConfig;
 use model::burn::prelude::Device;
 use serde_json::json;

@@ -10,8 +10,8 @@ use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use folder::ModelFolder;
 use infer::adaptive::{AdaptiveConfig, Decoding};
-use infer::folder::ModelFolder;
 use infer::serve::api::{InputLimits, MAX_BODY_BYTES, ServerDefaults};
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, serve};

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use folder::ModelFolder;
 use futures_util::StreamExt;
-use infer::folder::ModelFolder;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, router};

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use infer::chat::{Message, Role};
-use infer::folder::TextFiles;
+use folder::TextFiles;
+use folder::chat::{Message, Role};
 use model::HuginnConfig;
 use model::pretrained::CONFIG_FILE;
 use serde::{Deserialize, Serialize};

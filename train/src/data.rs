@@ -133,7 +133,7 @@ impl Dataset {
                 }
             }
             DataConfig::Chat { file, format, folder } => {
-                let folder = infer::hub::resolve(folder).map_err(|e| ChatDataError::Folder(e.to_string()))?;
+                let folder = folder::hub::resolve(folder).map_err(|e| ChatDataError::Folder(e.to_string()))?;
                 Dataset::Chat(Box::new(ChatData::new(file, format, &folder, tokenizer)?))
             }
         })

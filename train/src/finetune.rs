@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use infer::folder::{CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE};
+use folder::{CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE};
 use model::pretrained::CONFIG_FILE;
 use model::{Huginn, HuginnConfig};
 
@@ -14,7 +14,7 @@ use crate::run::{RunConfig, TrainError};
 
 /// `spec` as a folder here: itself, or a hub name's snapshot in the Hugging Face cache.
 pub fn resolve(spec: &Path) -> Result<PathBuf, TrainError> {
-    infer::hub::resolve(spec).map_err(|e| TrainError::InvalidConfig(format!("init_from: {e}")))
+    folder::hub::resolve(spec).map_err(|e| TrainError::InvalidConfig(format!("init_from: {e}")))
 }
 
 /// The config of the model folder `dir`.

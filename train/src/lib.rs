@@ -10,9 +10,12 @@
 //! ([`run_lock`]), configured by TOML files ([`config_file`]) within ranges ([`limits`]) and
 //! the machine's memory ([`memory`]);
 //! fine-tuning from a model folder or hub name ([`finetune`]) on chat data ([`chat_data`]);
-//! the training benchmark ([`bench`]).
+//! the training benchmark ([`bench`](mod@bench)).
 //! The truncated-backprop forward pass is `model::Huginn::forward_truncated`, checked against
 //! the reference's gradients.
+//!
+//! Read [`step`] first (one optimizer step at a drawn depth), then [`run`] (a whole run:
+//! checkpoints, metrics, resuming) and [`data`] (what a task hands the step).
 
 pub mod addition;
 pub mod batch;

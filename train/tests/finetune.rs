@@ -13,10 +13,10 @@ use std::process::{Command, Output};
 
 use burn::prelude::*;
 use common::{DEFAULT_IDS, folder};
+use folder::ModelFolder;
+use folder::chat::{Message, Role};
 use hub_server::Hub;
 use infer::adaptive::{self, AdaptiveConfig, Decoding};
-use infer::chat::{Message, Role};
-use infer::folder::ModelFolder;
 use infer::strategy::Strategy;
 use infer::warm_start::WarmStart;
 use model::HuginnConfig;

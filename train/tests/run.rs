@@ -304,7 +304,7 @@ fn a_text_run_final_folder_opens_with_its_tokenizer() {
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let folder = infer::folder::ModelFolder::open(out.join("final"), &Device::flex()).unwrap();
+    let folder = folder::ModelFolder::open(out.join("final"), &Device::flex()).unwrap();
     assert!(folder.tokenizer.is_some());
     let eos = folder
         .tokenizer

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const PACKAGES: [&str; 4] = ["model", "train", "infer", "analysis"];
+const PACKAGES: [&str; 5] = ["model", "folder", "train", "infer", "analysis"];
 
 /// The units `cargo <args>` would build, as one identity per unit that covers everything its
 /// artifact depends on (package, target, features, profile, mode, platform, and the same for

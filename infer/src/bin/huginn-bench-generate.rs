@@ -17,13 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use folder::ModelFolder;
 use infer::adaptive::{AdaptiveConfig, MAX_STEPS};
 use infer::bench::{GenerationBench, measure_diffusion, measure_generation};
 use infer::cache::{bytes_per_position, float_bytes};
 use infer::diffusion::{DiffusionConfig, DiffusionError};
 use infer::exit::Criterion;
-use infer::folder::ModelFolder;
-use infer::limits::{self, MAX_EXIT_THRESHOLD, within, within_f64};
+use infer::limits::{self, MAX_EXIT_THRESHOLD};
+use infer::range::{within, within_f64};
 use infer::strategy::Strategy;
 use infer::warm_start::WarmStart;
 use model::{Backend, HuginnConfig, Precision, peak_rss_bytes};
@@ -168,7 +169,7 @@ fn run(args: Args) -> Result<()> {
     let on_host = args.device == Backend::Cpu;
     let model = match &args.model {
         Some(dir) => {
-            let dir = infer::hub::resolve(dir)?;
+            let dir = folder::hub::resolve(dir)?;
             ModelFolder::open(&dir, &device)
                 .with_context(|| format!("loading {}", dir.display()))?
                 .model

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use infer::folder::ModelFolder;
+use folder::ModelFolder;
 use infer::serve::api::{InputLimits, ServerDefaults};
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, serve};
@@ -102,7 +102,7 @@ fn run(args: Args) -> Result<()> {
     let device = args.device.device()?;
     let mut folder = match &args.model {
         Some(dir) => {
-            let dir = infer::hub::resolve(dir)?;
+            let dir = folder::hub::resolve(dir)?;
             ModelFolder::open(&dir, &device).with_context(|| format!("loading {}", dir.display()))?
         }
         None => {

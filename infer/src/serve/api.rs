@@ -1,5 +1,5 @@
 //! The wire format: OpenAI-style completion and chat requests (plus this server's recurrence
-//! fields), their validation into an engine [`Job`], and the error body every failure gets.
+//! fields), their validation into an engine [`Job`](crate::serve::engine::Job), and the error body every failure gets.
 
 use std::str::FromStr;
 
@@ -11,13 +11,13 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::adaptive::{AdaptiveConfig, Decoding, Row};
-use crate::chat::{Message, Role};
 use crate::diffusion::DiffusionConfig;
 use crate::exit::Criterion;
-use crate::folder::ModelFolder;
 use crate::sampling::SamplingConfig;
 use crate::strategy::Strategy;
 use crate::warm_start::WarmStart;
+use folder::ModelFolder;
+use folder::chat::{Message, Role};
 
 /// An error answer: `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
 #[derive(Debug, Clone, PartialEq)]
@@ -671,7 +671,7 @@ impl Request {
     /// The folder's defaults (`generation_config.json`) with the request's fields over them;
     /// without a `seed`, a fresh one (as OpenAI's API: the same request samples anew).
     fn sampling(&self, folder: &ModelFolder, vocab: usize) -> Result<SamplingConfig, ApiError> {
-        let defaults = folder.generation.sampling(self.seed.unwrap_or_else(fresh_seed));
+        let defaults = SamplingConfig::from_generation_config(&folder.generation, self.seed.unwrap_or_else(fresh_seed));
         let sampling = SamplingConfig {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k: self.top_k.map(|k| k as usize).or(defaults.top_k),

@@ -25,8 +25,8 @@ use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
 use crate::cache::{bytes_per_position, float_bytes};
 use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
-use crate::folder::ModelFolder;
 use crate::text::TextStream;
+use folder::ModelFolder;
 
 /// How the engine schedules work.
 #[derive(Debug, Clone, Copy)]

@@ -34,11 +34,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::folder::ModelFolder;
 use api::{ApiError, Endpoint, InputLimits, ServerDefaults};
 use connections::BodyTimeout;
 pub use connections::{ConnectionLimits, PROBE_EVERY};
 use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
+use folder::ModelFolder;
 
 /// Everything the handlers share.
 pub struct App {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::api::ServerDefaults;
 use super::engine::EngineLimits;
 use super::{App, ConnectionLimits, serve};
-use crate::folder::ModelFolder;
+use folder::ModelFolder;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_engine_answers_503_on_health_and_requests() {

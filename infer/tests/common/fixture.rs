@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
+use folder::ModelFolder;
 use infer::adaptive::AdaptiveConfig;
-use infer::folder::ModelFolder;
 use infer::strategy::Strategy;
 use infer::warm_start::WarmStart;
 use model::HuginnConfig;

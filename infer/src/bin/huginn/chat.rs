@@ -8,10 +8,10 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use folder::ModelFolder;
+use folder::chat::{Message, Role};
 use infer::adaptive::Conversation;
 use infer::cache::float_bytes;
-use infer::chat::{Message, Role};
-use infer::folder::ModelFolder;
 use infer::limits;
 use infer::text::{TextError, TextStream};
 

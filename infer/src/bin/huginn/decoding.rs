@@ -2,10 +2,11 @@
 //! defaults from the folder's `generation_config.json`.
 
 use anyhow::{Result, bail};
+use folder::ModelFolder;
 use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::exit::Criterion;
-use infer::folder::ModelFolder;
-use infer::limits::{self, OutOfRange, check_recurrence};
+use infer::limits::{self, check_recurrence};
+use infer::range::OutOfRange;
 use infer::sampling::SamplingConfig;
 use infer::serve::api::fresh_seed;
 use infer::strategy::Strategy;
@@ -63,7 +64,7 @@ impl DecodingArgs {
     /// settings.
     pub fn resolve(&self, folder: &mut ModelFolder) -> Result<(AdaptiveConfig, Decoding)> {
         let seed = self.seed.unwrap_or_else(fresh_seed);
-        let defaults = folder.generation.sampling(seed);
+        let defaults = SamplingConfig::from_generation_config(&folder.generation, seed);
         let sampling = SamplingConfig {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k: self.top_k.or(defaults.top_k),

@@ -6,10 +6,10 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use folder::ModelFolder;
 use infer::adaptive::{AdaptiveConfig, Decoding};
 use infer::diffusion::{self, DiffusionConfig, DiffusionError, Freeze};
 use infer::exit::Criterion;
-use infer::folder::ModelFolder;
 use infer::strategy::Strategy;
 use infer::text::TextStream;
 use infer::warm_start::WarmStart;

@@ -10,14 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use folder::ModelFolder;
+use folder::chat::{Message, Role};
 use infer::adaptive::{self, AdaptiveConfig, AdaptiveGeneration, Decoding, MAX_STEPS};
 use infer::cache::float_bytes;
-use infer::chat::{Message, Role};
 use infer::depths::predictions_by_depth;
 use infer::exit::Criterion;
 use infer::fixture_report::{Summary, check_dir};
-use infer::folder::ModelFolder;
-use infer::limits;
 use infer::serve::api::ServerDefaults;
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, connections, serve};
@@ -25,6 +24,7 @@ use infer::speculative::{self, SpeculativeConfig};
 use infer::strategy::Strategy;
 use infer::text::TextStream;
 use infer::warm_start::WarmStart;
+use infer::{limits, range};
 use model::burn::prelude::Device;
 use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
 
@@ -244,8 +244,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let model = load(model.as_deref(), &device)?;
-            limits::within("--max-depth", max_depth, 1, MAX_STEPS)?;
-            limits::within("--top", top, 1, model.config().vocab_size)?;
+            range::within("--max-depth", max_depth, 1, MAX_STEPS)?;
+            range::within("--top", top, 1, model.config().vocab_size)?;
             let depths = if depths.is_empty() {
                 (0..).map(|p| 1 << p).take_while(|d| *d <= max_depth).collect()
             } else {
@@ -705,14 +705,14 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 
 /// A model folder here, or `ORG/NAME[@REVISION]` fetched into the Hugging Face cache.
 fn open_folder(spec: &std::path::Path, device: &Device) -> Result<ModelFolder> {
-    let dir = infer::hub::resolve(spec)?;
+    let dir = folder::hub::resolve(spec)?;
     ModelFolder::open(&dir, device).with_context(|| format!("loading {}", dir.display()))
 }
 
 fn load(dir: Option<&std::path::Path>, device: &Device) -> Result<Huginn> {
     match dir {
         Some(spec) => {
-            let dir = infer::hub::resolve(spec)?;
+            let dir = folder::hub::resolve(spec)?;
             Huginn::from_pretrained(&dir, device).with_context(|| format!("loading {}", dir.display()))
         }
         None => Ok(HuginnConfig::tiny(256, 64, 4, (1, 2, 1)).init(device, 0)),

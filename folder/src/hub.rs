@@ -2,7 +2,7 @@
 //! the standard cache (`~/.cache/huggingface/hub`, or `$HF_HOME/hub`) and opened from its
 //! snapshot folder like any local folder.
 //!
-//! Only what [`ModelFolder::open`](crate::folder::ModelFolder::open) reads is fetched: the
+//! Only what [`ModelFolder::open`](crate::ModelFolder::open) reads is fetched: the
 //! config, the weights (one file or the shards the index names), and the tokenizer, chat
 //! template and generation files the repository has. Files it lacks are recorded the way the
 //! Python client records them (`.no_exist/COMMIT/FILE`), and the branch's `refs/` entry is
@@ -24,7 +24,7 @@ use model::checkpoint::{INDEX_FILE, SINGLE_FILE, read_index};
 use model::pretrained::{BURN_FILE, CONFIG_FILE};
 use thiserror::Error;
 
-use crate::folder::{CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use crate::{CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 
 /// Files the folder loader reads when they are there.
 const OPTIONAL: [&str; 4] = [

@@ -3,8 +3,6 @@
 
 use serde::Deserialize;
 
-use crate::sampling::SamplingConfig;
-
 /// The fields of `generation_config.json` generation uses; others are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct GenerationConfig {
@@ -32,27 +30,6 @@ pub struct GenerationConfig {
 impl GenerationConfig {
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(text)
-    }
-
-    /// The sampler these defaults describe, with `transformers`' own defaults for fields left
-    /// out when sampling (temperature 1, top-k 50); top-k 0 means no top-k there.
-    pub fn sampling(&self, seed: u64) -> SamplingConfig {
-        SamplingConfig {
-            temperature: if self.do_sample {
-                self.temperature.unwrap_or(1.0)
-            } else {
-                0.0
-            },
-            top_k: match self.top_k {
-                Some(0) => None,
-                Some(k) => Some(k),
-                None => self.do_sample.then_some(50),
-            },
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
-            seed,
-        }
     }
 
     /// New tokens for a prompt of `prompt_len` tokens, when the file sets a length.
@@ -94,7 +71,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(released.eos_token_id, [65505]);
-        assert_eq!(released.sampling(0), SamplingConfig::default(), "greedy");
         assert_eq!(released.max_new_tokens(10), None);
         let vllm = GenerationConfig::from_json(
             r#"{"bos_token_id": 65504, "pad_token_id": 65509, "eos_token_id": [65505, 65508],
@@ -104,16 +80,12 @@ mod tests {
         .unwrap();
         assert_eq!(vllm.eos_token_id, [65505, 65508]);
         assert_eq!(vllm.stop_strings, ["<|end_text|>", "<|end_turn|>"]);
-        let sampling = vllm.sampling(3);
-        assert_eq!(
-            (sampling.temperature, sampling.top_k, sampling.seed),
-            (0.7, Some(50), 3)
-        );
+        assert_eq!((vllm.do_sample, vllm.temperature, vllm.top_k), (true, Some(0.7), None));
         assert_eq!(vllm.max_new_tokens(10), Some(246));
         assert_eq!(vllm.max_new_tokens(300), Some(0));
         let explicit = GenerationConfig::from_json(r#"{"max_new_tokens": 5, "max_length": 9, "top_k": 0}"#).unwrap();
         assert_eq!(explicit.max_new_tokens(10), Some(5));
-        assert_eq!(explicit.sampling(0).top_k, None);
+        assert_eq!(explicit.top_k, Some(0));
         assert_eq!(
             GenerationConfig::from_json(r#"{"eos_token_id": null, "stop_strings": "\n\n"}"#).unwrap(),
             GenerationConfig {
