@@ -161,7 +161,9 @@ impl ModelFolder {
             .ok_or(FolderError::Missing("tokenizer (tokenizer.json)"))
     }
 
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, FolderError> {
+    /// Token ids of `text` alone, without the beginning-of-sequence token [`Self::encode`]
+    /// puts first (as lm-eval encodes a task's text by default).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, FolderError> {
         let encoding = self
             .tokenizer()?
             .encode(text, false)

@@ -621,3 +621,105 @@ fn bench_generate_refuses_what_the_machine_cannot_hold() {
         assert!(started.elapsed().as_secs() < 30, "{flags:?}");
     }
 }
+
+/// `huginn eval` on two task files (text through the folder's tokenizer, and token ids) at two
+/// depths and one exit: the table on stdout, `report.json` with every task and setting, the
+/// same accuracies as the library gives, and an existing report left as it is.
+#[test]
+fn eval_reports_accuracy_by_depth_and_never_overwrites_a_report() {
+    let dir = common::folder(common::DEFAULT_IDS);
+    let work = tempfile::tempdir().unwrap();
+    let text_task = work.path().join("words.jsonl");
+    std::fs::write(
+        &text_task,
+        [
+            r#"{"context": "Hello", "choices": [" world", " there", "!"], "gold": 0}"#,
+            r#"{"context": "One, two,", "choices": [" three", " four"], "gold": 0}"#,
+            r#"{"context": "abc ", "choices": ["def", "xyz"], "gold": 1}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let id_task = work.path().join("ids.jsonl");
+    std::fs::write(
+        &id_task,
+        r#"{"context_ids": [1, 2, 3], "choice_ids": [[4, 5], [6], [7, 8, 9]], "gold": 2}"#,
+    )
+    .unwrap();
+    let out = work.path().join("out");
+    let tasks = format!("{},{}", text_task.display(), id_task.display());
+    let args = [
+        "eval",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--tasks",
+        &tasks,
+        "--depths",
+        "1,3",
+        "--exit",
+        "kl:0.01",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = huginn(&args);
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1 + 2 * 3, "{stdout}");
+    assert!(
+        stdout.lines().nth(2).unwrap().starts_with("words") && stdout.contains("r=3"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6);
+    // The library's accuracy for the id task at depth 3.
+    let folder = folder::ModelFolder::open(dir.path(), &model::burn::prelude::Device::flex()).unwrap();
+    let task = infer::eval::read_task(&id_task, &folder, None, false).unwrap();
+    let outcomes = infer::eval::evaluate(&folder.model, &task, &[3], &[], 8, || {}).unwrap();
+    let at_three = results
+        .iter()
+        .find(|r| r["task"] == "ids" && r["setting"] == serde_json::json!({"kind": "depth", "steps": 3}))
+        .unwrap();
+    assert_eq!(at_three["acc"], serde_json::json!(outcomes[0].acc));
+    assert_eq!(at_three["mean_steps"], serde_json::json!(3.0));
+    let written = std::fs::read(out.join("report.json")).unwrap();
+    let again = huginn(&args);
+    let (_, stderr) = text(&again);
+    assert!(!again.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("an earlier report is kept"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("report.json")).unwrap(), written);
+}
+
+/// A bad task file, or a bad flag, is one line naming it, before any scoring or writing.
+#[test]
+fn eval_refuses_bad_tasks_and_flags_in_one_line() {
+    let dir = common::folder(common::DEFAULT_IDS);
+    let work = tempfile::tempdir().unwrap();
+    let task = work.path().join("bad.jsonl");
+    std::fs::write(&task, "{\"context\": \"Hi\", \"choices\": [\" a\", \" b\"], \"gold\": 0}\n{\"context\": \"Hi\", \"choices\": [\" a\"], \"gold\": 0}\n").unwrap();
+    let out = work.path().join("out");
+    let model = dir.path().to_str().unwrap();
+    let task = task.to_str().unwrap();
+    let out_dir = out.to_str().unwrap();
+    for (extra, expected) in [
+        (&[][..], "bad.jsonl:2: 1 choice(s)"),
+        (&["--depths", "0"][..], "--depths must be in 1..="),
+        (&["--exit", "kl"][..], "write CRITERION:THRESHOLD"),
+        (&["--exit", "soon:1"][..], "soon"),
+        (&["--exit", "kl:-1"][..], "--exit threshold"),
+        (&["--exit", "none:1"][..], "never exits"),
+        (&["--batch", "0"][..], "--batch must be in 1..="),
+        (&["--limit", "0"][..], "--limit must be in 1..="),
+    ] {
+        let mut args = vec!["eval", "--model", model, "--tasks", task, "--out", out_dir];
+        args.extend_from_slice(extra);
+        let run = huginn(&args);
+        let (_, stderr) = text(&run);
+        assert!(!run.status.success(), "{extra:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert!(!out.exists(), "{extra:?} wrote a report");
+    }
+}

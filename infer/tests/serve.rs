@@ -1529,3 +1529,252 @@ fn idle_connections_beyond_the_descriptor_limit_do_not_block_a_request_forever()
     assert_eq!(status, Ok(StatusCode::OK), "after {took:?}");
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
+
+/// What lm-eval's `local-completions` does with a scoring answer (`parse_logprobs`): the
+/// continuation's summed log probability (`token_logprobs[ctxlen:-1]`) and whether each of
+/// its tokens is the most likely one (`top_logprobs`).
+fn lm_eval_reads(choice: &Value, context: usize) -> (f64, bool) {
+    let logprobs = &choice["logprobs"];
+    let tokens = logprobs["token_logprobs"].as_array().unwrap();
+    let tops = logprobs["top_logprobs"].as_array().unwrap();
+    let continuation = &tokens[context..tokens.len() - 1];
+    let sum = continuation.iter().map(|v| v.as_f64().unwrap()).sum();
+    let greedy = continuation.iter().zip(&tops[context..]).all(|(token, top)| {
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        token.as_f64().unwrap() == best
+    });
+    (sum, greedy)
+}
+
+/// lm-eval's loglikelihood request, as its `local-completions` model sends it: token ids,
+/// `echo`, one alternative, one new token, and the depth in the model's name. Every prompt
+/// token after the first gets the library's log probability at that depth, concurrent
+/// requests of different lengths (scored in one padded pass) get what each gets alone, the
+/// new token is greedy decoding's, and pure scoring (`max_tokens: 0`) returns the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_requests_get_the_library_s_log_probabilities_alone_or_together() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let model = ModelFolder::open(dir.path(), &Device::flex()).unwrap().model;
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| (0..3 + 2 * i).map(|t| (7 * t + i) % 250).collect())
+        .collect();
+    let request = |prompt: &Vec<u32>, name: &str| json!({"model": name, "prompt": [prompt], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": true, "seed": 1234});
+    let answers = futures_util::future::join_all(
+        prompts
+            .iter()
+            .map(|p| post(&client, &url, "/v1/completions", request(p, "tiny@r=4"))),
+    )
+    .await;
+    let expected = infer::score::at_depths(&model, &prompts, &[4], 1).unwrap().remove(0);
+    for ((prompt, (status, answer)), scores) in prompts.iter().zip(answers).zip(&expected) {
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let choice = &answer["choices"][0];
+        let logprobs = &choice["logprobs"];
+        let token_logprobs = logprobs["token_logprobs"].as_array().unwrap();
+        assert_eq!(token_logprobs.len(), prompt.len() + 1);
+        assert_eq!(token_logprobs[0], Value::Null);
+        assert_eq!(logprobs["top_logprobs"][0], Value::Null);
+        for (got, want) in token_logprobs[1..prompt.len()].iter().zip(&scores.tokens) {
+            assert!(
+                (got.as_f64().unwrap() - f64::from(want.logprob)).abs() < 1e-5,
+                "{got} vs {want:?}"
+            );
+        }
+        assert_eq!(logprobs["tokens"].as_array().unwrap().len(), prompt.len() + 1);
+        assert_eq!(logprobs["text_offset"].as_array().unwrap().len(), prompt.len() + 1);
+        // The continuation as lm-eval reads it: the prompt's last two tokens.
+        let (sum, greedy) = lm_eval_reads(choice, prompt.len() - 2);
+        let (want_sum, want_greedy) = scores.continuation(prompt.len() - 2);
+        assert!((sum - want_sum).abs() < 1e-4, "{sum} vs {want_sum}");
+        assert_eq!(greedy, want_greedy);
+        // The new token is greedy decoding's at that depth.
+        let plain = json!({"prompt": [prompt], "max_tokens": 1, "temperature": 0, "num_steps": 4});
+        let (_, generated) = post(&client, &url, "/v1/completions", plain).await;
+        assert_eq!(choice["token_ids"], generated["choices"][0]["token_ids"], "{answer}");
+        assert_eq!(answer["usage"]["completion_tokens"], json!(1));
+    }
+    // Pure scoring: the prompt's text and log probabilities, nothing new.
+    let mut pure = request(&prompts[0], "tiny@r=4");
+    pure["max_tokens"] = json!(0);
+    pure["prompt"] = json!("Hello");
+    let (status, answer) = post(&client, &url, "/v1/completions", pure).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["choices"][0]["text"], json!("Hello"));
+    assert_eq!(answer["usage"]["completion_tokens"], json!(0));
+    assert_eq!(answer["choices"][0]["finish_reason"], json!("length"));
+    let tokens = answer["choices"][0]["logprobs"]["tokens"].as_array().unwrap();
+    assert_eq!(json!(tokens.len()), answer["usage"]["prompt_tokens"]);
+    // Under an exit criterion each token's prediction takes its own steps, as the library's
+    // token-by-token scoring gives them.
+    let exit = request(&prompts[3], "tiny@r=8@exit=kl:0.001");
+    let (status, answer) = post(&client, &url, "/v1/completions", exit).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let config = AdaptiveConfig {
+        criterion: infer::exit::Criterion::Kl,
+        threshold: 0.001,
+        max_steps: 8,
+        ..AdaptiveConfig::fixed(8, WarmStart::Cold, Strategy::default())
+    };
+    let alone = infer::score::adaptive(&model, &prompts[3], config, 1).unwrap();
+    let got = answer["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    for (got, want) in got[1..prompts[3].len()].iter().zip(&alone.tokens) {
+        assert!(
+            (got.as_f64().unwrap() - f64::from(want.logprob)).abs() < 1e-5,
+            "{got} vs {want:?}"
+        );
+    }
+    assert_eq!(answer["choices"][0]["steps_per_token"], json!([alone.next.steps]));
+    assert_serving(&client, &url, &app, "scoring").await;
+}
+
+/// Scoring asks that cannot be met are refused by name, before any work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_requests_out_of_range_are_refused_by_name() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let base = json!({"prompt": "Hi", "max_tokens": 1, "logprobs": 1, "echo": true});
+    let with = |field: &str, value: Value| {
+        let mut request = base.clone();
+        request[field] = value;
+        request
+    };
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    let chat_with = |field: &str, value: Value| {
+        let mut request = chat.clone();
+        request[field] = value;
+        request
+    };
+    let cases = [
+        (
+            "/v1/completions",
+            with("logprobs", json!(21)),
+            StatusCode::BAD_REQUEST,
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            with("logprobs", json!(-1)),
+            StatusCode::BAD_REQUEST,
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            with("logprobs", json!("many")),
+            StatusCode::BAD_REQUEST,
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            with("max_tokens", json!(2)),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            with("stream", json!(true)),
+            StatusCode::BAD_REQUEST,
+            "stream",
+        ),
+        (
+            "/v1/completions",
+            with("sampler", json!("diffusion")),
+            StatusCode::BAD_REQUEST,
+            "sampler",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tiny@r=x")),
+            StatusCode::BAD_REQUEST,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tiny@depth=4")),
+            StatusCode::BAD_REQUEST,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tiny@r=4@r=5")),
+            StatusCode::BAD_REQUEST,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tiny@exit=kl:x")),
+            StatusCode::BAD_REQUEST,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tiny@exit=soon")),
+            StatusCode::BAD_REQUEST,
+            "exit_criterion",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tiny@r=0")),
+            StatusCode::BAD_REQUEST,
+            "num_steps",
+        ),
+        (
+            "/v1/completions",
+            with("model", json!("tinier@r=4")),
+            StatusCode::NOT_FOUND,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "model": "tiny@r=4", "num_steps": 4}),
+            StatusCode::BAD_REQUEST,
+            "num_steps",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 0}),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            chat_with("echo", json!(true)),
+            StatusCode::BAD_REQUEST,
+            "echo",
+        ),
+        (
+            "/v1/chat/completions",
+            chat_with("logprobs", json!(true)),
+            StatusCode::BAD_REQUEST,
+            "logprobs",
+        ),
+    ];
+    for (path, request, status, field) in cases {
+        let (got, answer) = post(&client, &url, path, request.clone()).await;
+        assert_eq!(
+            (got, &answer["error"]["param"]),
+            (status, &json!(field)),
+            "{request}: {answer}"
+        );
+    }
+    // The suffixes are listed with the model.
+    let models: Value = client
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        models["data"][0]["name_suffixes"],
+        json!(["@r=STEPS", "@exit=CRITERION[:THRESHOLD]"])
+    );
+}

@@ -14,6 +14,8 @@ use crate::adaptive::{AdaptiveConfig, Decoding, Row};
 use crate::diffusion::DiffusionConfig;
 use crate::exit::Criterion;
 use crate::sampling::SamplingConfig;
+use crate::score::MAX_TOP;
+use crate::serve::engine::Scoring;
 use crate::strategy::Strategy;
 use crate::warm_start::WarmStart;
 use folder::ModelFolder;
@@ -300,6 +302,65 @@ pub struct Parsed {
     pub stop_strings: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Set when the request asked for log probabilities (`logprobs`, `echo`).
+    pub scoring: Option<Scoring>,
+    /// The answer repeats the prompt, with its log probabilities.
+    pub echo: bool,
+}
+
+/// What a model name's suffixes set: `NAME@r=16` the recurrence steps, `NAME@exit=kl:5e-4` an
+/// exit criterion and its threshold (`NAME@exit=kl` its automatic one); both may be given
+/// (`NAME@r=32@exit=kl`). Clients that send only standard fields (lm-eval) pick a depth this way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NameSettings {
+    pub num_steps: Option<u32>,
+    pub exit_criterion: Option<String>,
+    pub exit_threshold: Option<f64>,
+}
+
+/// The suffixes a model name may carry, as `/v1/models` lists them.
+pub const NAME_SUFFIXES: [&str; 2] = ["@r=STEPS", "@exit=CRITERION[:THRESHOLD]"];
+
+impl NameSettings {
+    /// Splits `name` into the server's model name and its settings; `None` when the base is
+    /// another model.
+    pub fn parse(name: &str, model_name: &str) -> Option<Result<Self, ApiError>> {
+        let rest = name.strip_prefix(model_name)?;
+        if !(rest.is_empty() || rest.starts_with('@')) {
+            return None;
+        }
+        let bad = |what: &str| {
+            Some(Err(ApiError::invalid(
+                param("model"),
+                format!(
+                    "{what} in the model name `{name}`; suffixes are {} (e.g. `{model_name}@r=16`)",
+                    NAME_SUFFIXES.join(", ")
+                ),
+            )))
+        };
+        let mut settings = Self::default();
+        for part in rest.split('@').skip(1) {
+            match part.split_once('=') {
+                Some(("r", steps)) if settings.num_steps.is_none() => match steps.parse() {
+                    Ok(n) => settings.num_steps = Some(n),
+                    Err(_) => return bad(&format!("`r={steps}` is not a number of steps")),
+                },
+                Some(("exit", exit)) if settings.exit_criterion.is_none() => {
+                    let (criterion, threshold) = match exit.split_once(':') {
+                        Some((c, t)) => match t.parse::<f64>() {
+                            Ok(t) => (c, Some(t)),
+                            Err(_) => return bad(&format!("`{t}` is not an exit threshold")),
+                        },
+                        None => (exit, None),
+                    };
+                    settings.exit_criterion = Some(criterion.to_string());
+                    settings.exit_threshold = threshold;
+                }
+                _ => return bad(&format!("`@{part}` is not a suffix (or repeats one)")),
+            }
+        }
+        Some(Ok(settings))
+    }
 }
 
 /// Reads a request body; every failure names what is wrong.
@@ -335,22 +396,64 @@ impl Request {
         defaults: &ServerDefaults,
         limits: &InputLimits,
     ) -> Result<Parsed, ApiError> {
-        if let Some(name) = &self.model
-            && *name != defaults.model_name
-        {
-            return Err(ApiError {
-                param: param("model"),
-                ..ApiError::with(
-                    StatusCode::NOT_FOUND,
-                    "model_not_found",
-                    format!(
-                        "the model `{name}` does not exist; this server has `{}`",
-                        defaults.model_name
-                    ),
-                )
-            });
+        let named = match &self.model {
+            None => NameSettings::default(),
+            Some(name) => match NameSettings::parse(name, &defaults.model_name) {
+                Some(settings) => settings?,
+                None => return Err(Self::no_such_model(name, defaults)),
+            },
+        };
+        let mut this = self;
+        for (field, set) in [
+            ("num_steps", named.num_steps.is_some() && this.num_steps.is_some()),
+            (
+                "exit_criterion",
+                named.exit_criterion.is_some() && this.exit_criterion.is_some(),
+            ),
+            (
+                "exit_threshold",
+                named.exit_threshold.is_some() && this.exit_threshold.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(ApiError::invalid(
+                    param(field),
+                    format!("`{field}` is set both by the model name and by the field; give it once"),
+                ));
+            }
         }
-        self.unsupported()?;
+        this.num_steps = this.num_steps.or(named.num_steps);
+        this.exit_criterion = this.exit_criterion.or(named.exit_criterion);
+        this.exit_threshold = this.exit_threshold.or(named.exit_threshold);
+        this.checked(endpoint, folder, defaults, limits)
+    }
+
+    fn no_such_model(name: &str, defaults: &ServerDefaults) -> ApiError {
+        ApiError {
+            param: param("model"),
+            ..ApiError::with(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "the model `{name}` does not exist; this server has `{}` (with suffixes {})",
+                    defaults.model_name,
+                    NAME_SUFFIXES.join(", ")
+                ),
+            )
+        }
+    }
+
+    /// [`Self::validate`] once the model name's settings are in the fields.
+    fn checked(
+        self,
+        endpoint: Endpoint,
+        folder: &ModelFolder,
+        defaults: &ServerDefaults,
+        limits: &InputLimits,
+    ) -> Result<Parsed, ApiError> {
+        self.unsupported(endpoint)?;
+        let scoring = self.scoring()?;
+        let echo = self.echo == Some(true);
         let prompt = match endpoint {
             Endpoint::Completions => {
                 if self.messages.is_some() {
@@ -399,6 +502,8 @@ impl Request {
             ));
         }
         let max_new = match (self.max_tokens.or(self.max_completion_tokens), endpoint) {
+            // Pure scoring: the prompt's log probabilities and nothing new.
+            (Some(0), _) if echo => 0,
             (Some(0), _) => {
                 return Err(ApiError::invalid(
                     param("max_tokens"),
@@ -421,6 +526,27 @@ impl Request {
                     prompt.len()
                 ),
             ));
+        }
+        if scoring.is_some() {
+            if max_new > 1 {
+                return Err(ApiError::invalid(
+                    param("max_tokens"),
+                    "`max_tokens` must be 0 or 1 with `logprobs` or `echo` (log probabilities of longer answers \
+                     are not supported yet)",
+                ));
+            }
+            if self.stream {
+                return Err(ApiError::invalid(
+                    param("stream"),
+                    "`stream` cannot be combined with `logprobs` or `echo` (not supported yet)",
+                ));
+            }
+            if self.sampler.as_deref().is_some_and(|s| s != "sequential") {
+                return Err(ApiError::invalid(
+                    param("sampler"),
+                    "`logprobs` and `echo` score with the sequential sampler only",
+                ));
+            }
         }
         let config = self.recurrence(defaults)?;
         let sampling = self.sampling(folder, vocab)?;
@@ -460,11 +586,34 @@ impl Request {
             stop_strings,
             stream: self.stream,
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            scoring,
+            echo,
+        })
+    }
+
+    /// `logprobs` (a number of alternatives, `0..=20`; `null` or `false` for none) and `echo`:
+    /// either asks for scoring.
+    fn scoring(&self) -> Result<Option<Scoring>, ApiError> {
+        let top = match &self.logprobs {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => None,
+            Some(value) => match value.as_u64() {
+                Some(n) if n as usize <= MAX_TOP => Some(n as usize),
+                _ => {
+                    return Err(ApiError::invalid(
+                        param("logprobs"),
+                        format!("`logprobs` must be a number of alternatives in 0..={MAX_TOP} (got {value})"),
+                    ));
+                }
+            },
+        };
+        Ok(match (top, self.echo == Some(true)) {
+            (None, false) => None,
+            (top, _) => Some(Scoring { top: top.unwrap_or(0) }),
         })
     }
 
     /// Fields of the OpenAI API this server accepts only at their neutral values.
-    fn unsupported(&self) -> Result<(), ApiError> {
+    fn unsupported(&self, endpoint: Endpoint) -> Result<(), ApiError> {
         let refuse = |name: &str, what: &str| Err(ApiError::invalid(param(name), format!("`{name}` {what}")));
         if self.n.is_some_and(|n| n != 1) {
             return refuse("n", "must be 1: one completion per request");
@@ -475,12 +624,17 @@ impl Request {
         if self.frequency_penalty.is_some_and(|p| p != 0.0) {
             return refuse("frequency_penalty", "is not supported (use repetition_penalty)");
         }
-        if self.echo == Some(true) {
-            return refuse("echo", "is not supported");
-        }
-        let neutral = |v: &serde_json::Value| v.is_null() || *v == json!(false) || *v == json!(0);
-        if self.logprobs.as_ref().is_some_and(|v| !neutral(v)) {
-            return refuse("logprobs", "is not supported");
+        if endpoint == Endpoint::Chat {
+            if self.echo == Some(true) {
+                return refuse("echo", "belongs to /v1/completions");
+            }
+            let neutral = |v: &serde_json::Value| v.is_null() || *v == json!(false);
+            if self.logprobs.as_ref().is_some_and(|v| !neutral(v)) {
+                return refuse(
+                    "logprobs",
+                    "is not supported on /v1/chat/completions yet (use /v1/completions with the chat template applied)",
+                );
+            }
         }
         if self.stream_options.is_some() && !self.stream {
             return refuse("stream_options", "is only allowed with `stream: true`");

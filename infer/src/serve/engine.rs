@@ -3,6 +3,9 @@
 //! batch (up to `max_batch` rows and the KV-cache budget); each row samples, stops and exits on
 //! its own and leaves the batch, with its cache, the moment it ends or its client goes away.
 //!
+//! Scoring requests (`logprobs`, `echo`) at a fixed depth are scored together in one padded
+//! pass, apart from generation.
+//!
 //! Requests with an exit criterion run one at a time: in a batch, a token's recurrence runs
 //! until the batch's last row exits, and those extra steps would stay in the cache of the
 //! rows that exited earlier (as in the reference's batched generation), so the answer would
@@ -25,7 +28,10 @@ use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
 use crate::cache::{bytes_per_position, float_bytes};
 use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
+use crate::sampling::Sampler;
+use crate::score::{self, Scores, TokenScore};
 use crate::text::TextStream;
+use crate::warm_start::WarmStart;
 use folder::ModelFolder;
 
 /// How the engine schedules work.
@@ -51,8 +57,18 @@ pub struct Job {
     pub diffusion: Option<DiffusionConfig>,
     /// Text that ends the sequence (left out of it), besides the folder's own.
     pub stop_strings: Vec<String>,
+    /// Set when the request asks for log probabilities: its prompt is scored, and its answer
+    /// (at most one token) drawn from the prediction after the prompt.
+    pub scoring: Option<Scoring>,
     /// Where the request's tokens go; closed when its client has gone.
     pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// A request for the log probabilities of its prompt and answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scoring {
+    /// Most likely alternatives listed per token (`0..=score::MAX_TOP`).
+    pub top: usize,
 }
 
 /// Why a sequence ended.
@@ -96,6 +112,12 @@ pub enum Event {
         finish: Finish,
         tail: String,
         steps_per_token: Vec<usize>,
+    },
+    /// A scoring request's log probabilities: each prompt token after the first, then each
+    /// answer token; `Done` follows.
+    Scored {
+        prompt: Vec<TokenScore>,
+        answer: Vec<TokenScore>,
     },
     Failed(String),
 }
@@ -359,7 +381,10 @@ impl Worker {
         if batch[0].config.criterion == Criterion::None && batch[0].diffusion.is_none() {
             let mut i = 0;
             while i < self.waiting.len() && batch.len() < self.limits.max_batch {
-                if self.waiting[i].config == batch[0].config && self.waiting[i].diffusion.is_none() {
+                let same = self.waiting[i].config == batch[0].config
+                    && self.waiting[i].diffusion.is_none()
+                    && self.waiting[i].scoring.is_some() == batch[0].scoring.is_some();
+                if same {
                     batch.push(self.waiting.remove(i).expect("index in range"));
                     if self.per_position.batch(&batch) > self.limits.kv_budget_bytes {
                         let job = batch.pop().expect("just pushed");
@@ -375,6 +400,9 @@ impl Worker {
     }
 
     fn decode(&self, batch: &[Job]) {
+        if batch[0].scoring.is_some() {
+            return self.score(batch);
+        }
         if let [job] = batch
             && let Some(config) = &job.diffusion
         {
@@ -477,6 +505,69 @@ impl Worker {
     /// stream as they freeze, each reported with the wave's core steps. A wave can freeze
     /// nothing, so the client's leaving and a cancellation are checked after every wave, not
     /// only when a token is sent.
+    /// Scores the prompts of a batch of scoring jobs and draws each one's answer token, if it
+    /// asked for one, from the prediction after its prompt (as generation draws its first).
+    /// At a fixed depth from a cold start the prompts go through one padded pass; otherwise
+    /// each is fed token by token with its own exits and warm starts.
+    fn score(&self, batch: &[Job]) {
+        let model = &self.folder.model;
+        let top = |job: &Job| job.scoring.map_or(0, |s| s.top);
+        let first = &batch[0].config;
+        let results: Vec<Result<Scores, String>> =
+            if first.criterion == Criterion::None && first.warm_start == WarmStart::Cold {
+                let rows: Vec<Vec<u32>> = batch.iter().map(|job| job.row.prompt.clone()).collect();
+                let most_top = batch.iter().map(top).max().unwrap_or(0);
+                match score::at_depths(model, &rows, &[first.max_steps], most_top) {
+                    Ok(mut by_depth) => by_depth.pop().expect("one depth").into_iter().map(Ok).collect(),
+                    Err(e) => batch.iter().map(|_| Err(e.to_string())).collect(),
+                }
+            } else {
+                batch
+                    .iter()
+                    .map(|job| {
+                        if self.shared.cancel.load(Ordering::Acquire) || job.events.is_closed() {
+                            return Err("cancelled".to_string());
+                        }
+                        score::adaptive(model, &job.row.prompt, job.config, top(job)).map_err(|e| e.to_string())
+                    })
+                    .collect()
+            };
+        for (job, result) in batch.iter().zip(results) {
+            let mut scores = match result {
+                Ok(scores) => scores,
+                Err(reason) => {
+                    let _ = job.events.send(Event::Failed(reason));
+                    continue;
+                }
+            };
+            for token in &mut scores.tokens {
+                token.top.truncate(top(job));
+            }
+            let decoding = &job.row.decoding;
+            let answer: Vec<TokenScore> = (job.row.max_new > 0)
+                .then(|| {
+                    let token = Sampler::new(decoding.sampling).sample(&scores.next.logits, &job.row.prompt);
+                    scores.next.score(token, top(job))
+                })
+                .into_iter()
+                .collect();
+            self.shared.generated.fetch_add(answer.len(), Ordering::AcqRel);
+            let stopped = answer
+                .iter()
+                .any(|t| decoding.stop_tokens.contains(&t.token) || self.folder.stop_tokens.contains(&t.token));
+            let steps_per_token = answer.iter().map(|t| t.steps).collect();
+            let _ = job.events.send(Event::Scored {
+                prompt: scores.tokens,
+                answer,
+            });
+            let _ = job.events.send(Event::Done {
+                finish: if stopped { Finish::Stop } else { Finish::Length },
+                tail: String::new(),
+                steps_per_token,
+            });
+        }
+    }
+
     fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) {
         let folder = &self.folder;
         let mut decoding = job.row.decoding.clone();
@@ -611,6 +702,7 @@ mod tests {
             config: AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()),
             diffusion: None,
             stop_strings: Vec::new(),
+            scoring: None,
             events,
         };
         (job, receiver)

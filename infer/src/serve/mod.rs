@@ -7,10 +7,16 @@
 //! running. Bodies and prompt text are bounded by what the model's context can hold. Every
 //! answer, and every streamed chunk, carries the `seed` its sampling used (drawn afresh when
 //! the request gave none), so that a sampled answer can be asked for again.
+//!
+//! `/v1/completions` scores too: `logprobs` (alternatives per token) and `echo` (the prompt's
+//! own log probabilities) with `max_tokens` 0 or 1, as lm-eval's `local-completions` asks for
+//! multiple-choice answers; a model name's suffix (`NAME@r=16`, `NAME@exit=kl:5e-4`) sets the
+//! recurrence for clients that send only standard fields.
 
 pub mod api;
 pub mod connections;
 pub mod engine;
+pub mod logprobs;
 #[cfg(test)]
 mod tests;
 
@@ -34,7 +40,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use api::{ApiError, Endpoint, InputLimits, ServerDefaults};
+use api::{ApiError, Endpoint, InputLimits, NAME_SUFFIXES, ServerDefaults};
 use connections::BodyTimeout;
 pub use connections::{ConnectionLimits, PROBE_EVERY};
 use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
@@ -174,6 +180,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
             "mean_recurrence": config.mean_recurrence,
             "default_num_steps": app.defaults.num_steps,
             "max_num_steps": app.defaults.max_num_steps,
+            "name_suffixes": NAME_SUFFIXES,
         }],
     }))
     .into_response()
@@ -214,6 +221,10 @@ struct Meta {
     prompt_tokens: usize,
     /// The sampler's seed, drawn when the request gave none: with it the request repeats.
     seed: u64,
+    /// The prompt's first token, when the answer repeats the prompt (`echo`).
+    echo: Option<u32>,
+    /// The folder, whose tokenizer writes a scoring answer's tokens.
+    folder: Arc<ModelFolder>,
 }
 
 async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Result<Response, ApiError> {
@@ -245,12 +256,15 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Resu
         endpoint,
         prompt_tokens: parsed.row.prompt.len(),
         seed: parsed.row.decoding.sampling.seed,
+        echo: parsed.echo.then(|| parsed.row.prompt[0]),
+        folder: app.folder.clone(),
     };
     let job = Job {
         row: parsed.row,
         config: parsed.config,
         diffusion: parsed.diffusion,
         stop_strings: parsed.stop_strings,
+        scoring: parsed.scoring,
         events,
     };
     app.engine.submit(job).map_err(|refusal| match refusal {
@@ -395,11 +409,17 @@ fn engine_gone() -> ApiError {
 async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut ids = Vec::new();
+    let mut logprobs = Value::Null;
     loop {
         match events.recv().await.ok_or_else(engine_gone)? {
             Event::Token { id, text: piece, .. } => {
                 text += &piece;
                 ids.push(id);
+            }
+            Event::Scored { prompt, answer } => {
+                let echo = meta.echo.map(|first| (first, prompt.as_slice()));
+                (text, logprobs) = logprobs::completion(meta.folder.tokenizer.as_ref(), echo, &answer);
+                ids = answer.iter().map(|t| t.token).collect();
             }
             Event::Failed(reason) => {
                 return Err(ApiError::with(
@@ -416,7 +436,7 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
                 text += &tail;
                 let choice = match meta.endpoint {
                     Endpoint::Completions => json!({
-                        "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
+                        "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
                         "token_ids": ids, "steps_per_token": steps_per_token,
                     }),
                     Endpoint::Chat => json!({
@@ -480,6 +500,8 @@ fn stream(
                     out.push_back(SseEvent::default().data("[DONE]"));
                     ended = true;
                 }
+                // Scoring requests are not streamed (refused when they ask).
+                Some(Event::Scored { .. }) => {}
                 Some(Event::Failed(reason)) => {
                     let error = ApiError::with(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", reason);
                     out.push_back(SseEvent::default().data(error.body().to_string()));

@@ -31,6 +31,7 @@ use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
 mod chat;
 mod decoding;
 mod diffusion;
+mod eval;
 
 use decoding::DecodingArgs;
 use diffusion::{DiffusionArgs, SamplerKind};
@@ -131,6 +132,9 @@ enum Command {
     /// The KV cache is kept between turns, so each turn runs only what is new.
     // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
     #[command(allow_negative_numbers = true)]
+    /// Multiple-choice accuracy by recurrence depth (and under exit criteria), scored by
+    /// log-likelihood from local task files, as lm-eval's `acc` and `acc_norm`.
+    Eval(eval::EvalArgs),
     Chat {
         /// Model folder with tokenizer.json and a chat template, or ORG/NAME[@REVISION].
         #[arg(long)]
@@ -448,6 +452,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 steps.len().saturating_sub(1) as f64 / decode.max(f64::MIN_POSITIVE),
                 steps.iter().max().copied().unwrap_or(0)
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            let folder = open_folder(&args.model, &device)?;
+            eval::run(&folder, &args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Chat {

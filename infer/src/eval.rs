@@ -1,0 +1,537 @@
+//! Evaluation by depth: multiple-choice tasks scored by log-likelihood at fixed recurrence
+//! depths and under exit criteria, as the paper's accuracy-against-compute tables are made.
+//!
+//! A question is a context and its choices; each choice is scored as the continuation of the
+//! context ([`crate::score`]), and the model's answer is the choice with the highest summed log
+//! probability (`acc`), or the highest per character of the choice's text (`acc_norm`), as
+//! lm-eval's `multiple_choice` tasks count them. Contexts and choices are split into tokens as
+//! lm-eval splits them: whitespace at the end of the context moves to the choice, the two are
+//! encoded together, and the choice's tokens are what follows the context's own encoding.
+//!
+//! The depths of one run share their recurrence: every batch of questions runs once to the
+//! deepest depth, and the coda reads the state at each depth on the way.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use model::Huginn;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::adaptive::AdaptiveConfig;
+use crate::score::{self, ScoreError, Scores};
+use folder::ModelFolder;
+
+#[derive(Debug, Error)]
+pub enum EvalError {
+    #[error("cannot read {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}:{line}: {reason}")]
+    Line { path: PathBuf, line: usize, reason: String },
+    #[error("{0}: no questions")]
+    Empty(PathBuf),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
+}
+
+/// One multiple-choice question, in tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub context: Vec<u32>,
+    pub choices: Vec<Vec<u32>>,
+    /// What `acc_norm` divides by: each choice's length in characters (in tokens for a task
+    /// given as token ids).
+    pub lengths: Vec<usize>,
+    pub gold: usize,
+}
+
+/// A task file's questions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub name: String,
+    pub questions: Vec<Question>,
+}
+
+/// A line of a task file: text (through the model's tokenizer) or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    context: Option<String>,
+    choices: Option<Vec<String>>,
+    context_ids: Option<Vec<u32>>,
+    choice_ids: Option<Vec<Vec<u32>>>,
+    gold: usize,
+}
+
+/// Reads a JSONL task file, one question per line (`{"context", "choices", "gold"}` in text,
+/// or `{"context_ids", "choice_ids", "gold"}` in tokens), every line checked against `folder`'s
+/// model before any is scored; `limit` keeps the first questions. Text is encoded without
+/// special tokens (lm-eval's default); `add_bos` puts the folder's beginning-of-sequence token
+/// before each context.
+pub fn read_task(path: &Path, folder: &ModelFolder, limit: Option<usize>, add_bos: bool) -> Result<Task, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|error| EvalError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let config = folder.model.config();
+    let mut questions = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if limit.is_some_and(|limit| questions.len() == limit) {
+            break;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| EvalError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        let line: Line = serde_json::from_str(line).map_err(|e| bad(format!("not a question: {e}")))?;
+        let question = match line {
+            Line {
+                context: Some(context),
+                choices: Some(choices),
+                context_ids: None,
+                choice_ids: None,
+                gold,
+            } => encode(folder, &context, &choices, gold, add_bos).map_err(bad)?,
+            Line {
+                context: None,
+                choices: None,
+                context_ids: Some(context),
+                choice_ids: Some(choices),
+                gold,
+            } => Question {
+                lengths: choices.iter().map(Vec::len).collect(),
+                context,
+                choices,
+                gold,
+            },
+            _ => {
+                return Err(bad(
+                    "give `context` and `choices` (text) or `context_ids` and `choice_ids` (tokens), with `gold`"
+                        .into(),
+                ));
+            }
+        };
+        check(&question, config.vocab_size, config.block_size).map_err(bad)?;
+        questions.push(question);
+    }
+    if questions.is_empty() {
+        return Err(EvalError::Empty(path.to_path_buf()));
+    }
+    let name = path
+        .file_stem()
+        .map_or_else(|| "task".into(), |s| s.to_string_lossy().into_owned());
+    Ok(Task { name, questions })
+}
+
+/// A question's tokens as lm-eval makes them (`_encode_pair`).
+fn encode(
+    folder: &ModelFolder,
+    context: &str,
+    choices: &[String],
+    gold: usize,
+    add_bos: bool,
+) -> Result<Question, String> {
+    let trimmed = context.trim_end();
+    let spaces = &context[trimmed.len()..];
+    let bos = if add_bos {
+        folder.encode("").map_err(|e| e.to_string())?
+    } else {
+        Vec::new()
+    };
+    let tokens = |text: &str| {
+        let ids = folder.tokenize(text).map_err(|e| e.to_string())?;
+        Ok::<_, String>([bos.as_slice(), &ids].concat())
+    };
+    let context_ids = tokens(trimmed)?;
+    let mut encoded = Vec::with_capacity(choices.len());
+    for choice in choices {
+        let continuation = format!("{spaces}{choice}");
+        let whole = tokens(&format!("{trimmed}{continuation}"))?;
+        encoded.push(whole.get(context_ids.len()..).unwrap_or_default().to_vec());
+    }
+    Ok(Question {
+        context: context_ids,
+        lengths: choices.iter().map(|c| c.chars().count()).collect(),
+        choices: encoded,
+        gold,
+    })
+}
+
+fn check(question: &Question, vocab: usize, context: usize) -> Result<(), String> {
+    if question.context.is_empty() {
+        return Err("the context has no tokens".into());
+    }
+    if question.choices.len() < 2 {
+        return Err(format!(
+            "{} choice(s): a question needs at least two",
+            question.choices.len()
+        ));
+    }
+    if question.gold >= question.choices.len() {
+        return Err(format!(
+            "gold {} is not one of the {} choices (counted from 0)",
+            question.gold,
+            question.choices.len()
+        ));
+    }
+    for (i, choice) in question.choices.iter().enumerate() {
+        if choice.is_empty() {
+            return Err(format!("choice {i} has no tokens after the context"));
+        }
+        let len = question.context.len() + choice.len();
+        if len > context {
+            return Err(format!(
+                "choice {i} and its context are {len} tokens, more than the model's context of {context}"
+            ));
+        }
+    }
+    let ids = question.context.iter().chain(question.choices.iter().flatten());
+    if let Some(id) = ids.into_iter().find(|&&id| id as usize >= vocab) {
+        return Err(format!("token id {id} is outside the vocabulary of {vocab}"));
+    }
+    Ok(())
+}
+
+/// How the recurrence runs for one line of the results.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Setting {
+    /// Every token gets this many steps.
+    Depth { steps: usize },
+    /// Every token runs until the criterion says it may exit, at most `max_steps`.
+    Exit {
+        criterion: &'static str,
+        threshold: f64,
+        max_steps: usize,
+    },
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Depth { steps } => write!(f, "r={steps}"),
+            Self::Exit {
+                criterion,
+                threshold,
+                max_steps,
+            } => write!(f, "{criterion}:{threshold:e} (≤{max_steps})"),
+        }
+    }
+}
+
+/// A task's result at one setting.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    pub task: String,
+    pub setting: Setting,
+    pub questions: usize,
+    pub acc: f64,
+    pub acc_stderr: f64,
+    pub acc_norm: f64,
+    pub acc_norm_stderr: f64,
+    /// Recurrence steps per scored token (the choices' tokens), mean and most.
+    pub mean_steps: f64,
+    pub max_steps: usize,
+    /// Core iterations run over all positions of all rows: the compute the setting took (the
+    /// depths of one run share theirs, so each reports its own count as if run alone).
+    pub core_steps: u64,
+    /// Seconds of the run this setting belongs to (shared by the depths of one run).
+    pub seconds: f64,
+}
+
+/// Scores `task` at each of `depths` (one shared run, batches of at most `batch` rows) and
+/// under each exit configuration (row by row); `progress` is told of every question done.
+pub fn evaluate(
+    model: &Huginn,
+    task: &Task,
+    depths: &[usize],
+    exits: &[AdaptiveConfig],
+    batch: usize,
+    mut progress: impl FnMut(),
+) -> Result<Vec<Outcome>, EvalError> {
+    let mut outcomes = Vec::new();
+    if !depths.is_empty() {
+        let started = Instant::now();
+        let mut tallies = vec![Tally::default(); depths.len()];
+        for questions in chunks(&task.questions, batch.max(1)) {
+            let rows: Vec<Vec<u32>> = questions
+                .iter()
+                .flat_map(|q| q.choices.iter().map(|c| [q.context.as_slice(), c].concat()))
+                .collect();
+            let scored = score::at_depths(model, &rows, depths, 0)?;
+            for (tally, by_row) in tallies.iter_mut().zip(&scored) {
+                let mut rows = by_row.iter();
+                for question in questions {
+                    let scores: Vec<&Scores> = rows.by_ref().take(question.choices.len()).collect();
+                    tally.add(question, &scores);
+                }
+            }
+            questions.iter().for_each(|_| progress());
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        for (tally, &steps) in tallies.iter().zip(depths) {
+            outcomes.push(tally.outcome(&task.name, Setting::Depth { steps }, seconds));
+        }
+    }
+    for config in exits {
+        let started = Instant::now();
+        let mut tally = Tally::default();
+        for question in &task.questions {
+            let scored = question
+                .choices
+                .iter()
+                .map(|c| score::adaptive(model, &[question.context.as_slice(), c].concat(), *config, 0))
+                .collect::<Result<Vec<_>, _>>()?;
+            let scores: Vec<&Scores> = scored.iter().collect();
+            tally.add(question, &scores);
+            progress();
+        }
+        let setting = Setting::Exit {
+            criterion: config.criterion.name(),
+            threshold: config.threshold,
+            max_steps: config.max_steps,
+        };
+        outcomes.push(tally.outcome(&task.name, setting, started.elapsed().as_secs_f64()));
+    }
+    Ok(outcomes)
+}
+
+/// Consecutive questions whose rows (one per choice) number at most `rows`, at least one
+/// question each.
+fn chunks(questions: &[Question], rows: usize) -> Vec<&[Question]> {
+    let mut out = Vec::new();
+    let (mut start, mut count) = (0, 0);
+    for (i, question) in questions.iter().enumerate() {
+        if count > 0 && count + question.choices.len() > rows {
+            out.push(&questions[start..i]);
+            (start, count) = (i, 0);
+        }
+        count += question.choices.len();
+    }
+    if start < questions.len() {
+        out.push(&questions[start..]);
+    }
+    out
+}
+
+/// Running counts for one setting.
+#[derive(Debug, Clone, Default)]
+struct Tally {
+    correct: Vec<bool>,
+    correct_norm: Vec<bool>,
+    steps: Vec<usize>,
+    core_steps: u64,
+}
+
+impl Tally {
+    /// Adds a question from its choices' scores.
+    fn add(&mut self, question: &Question, scores: &[&Scores]) {
+        let from = question.context.len();
+        let lls: Vec<f64> = scores.iter().map(|s| s.continuation(from).0).collect();
+        let normed: Vec<f64> = lls
+            .iter()
+            .zip(&question.lengths)
+            .map(|(ll, &len)| ll / len.max(1) as f64)
+            .collect();
+        self.correct.push(first_max(&lls) == question.gold);
+        self.correct_norm.push(first_max(&normed) == question.gold);
+        for s in scores {
+            self.steps.extend(s.tokens[from - 1..].iter().map(|t| t.steps));
+            // Every position of the row ran its steps, the last one's (`next`) too.
+            self.core_steps += s.tokens.iter().map(|t| t.steps as u64).sum::<u64>() + s.next.steps as u64;
+        }
+    }
+
+    fn outcome(&self, task: &str, setting: Setting, seconds: f64) -> Outcome {
+        let (acc, acc_stderr) = mean_and_stderr(&self.correct);
+        let (acc_norm, acc_norm_stderr) = mean_and_stderr(&self.correct_norm);
+        Outcome {
+            task: task.to_string(),
+            setting,
+            questions: self.correct.len(),
+            acc,
+            acc_stderr,
+            acc_norm,
+            acc_norm_stderr,
+            mean_steps: self.steps.iter().sum::<usize>() as f64 / self.steps.len().max(1) as f64,
+            max_steps: self.steps.iter().copied().max().unwrap_or(0),
+            core_steps: self.core_steps,
+            seconds,
+        }
+    }
+}
+
+/// The index of the first largest value (ties go to the earlier choice).
+fn first_max(values: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The share of `true` and its standard error, from the sample standard deviation (as
+/// lm-eval reports it; 0 for a single question).
+fn mean_and_stderr(hits: &[bool]) -> (f64, f64) {
+    let n = hits.len() as f64;
+    let p = hits.iter().filter(|&&h| h).count() as f64 / n.max(1.0);
+    let stderr = if hits.len() > 1 {
+        (p * (1.0 - p) / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (p, stderr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strategy::Strategy;
+    use crate::warm_start::WarmStart;
+    use model::HuginnConfig;
+    use model::burn::prelude::Device;
+
+    fn folder() -> ModelFolder {
+        ModelFolder::from_model(HuginnConfig::tiny(40, 16, 4, (1, 2, 1)).init(&Device::flex(), 9))
+    }
+
+    fn write(lines: &[&str]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), lines.join("\n")).unwrap();
+        file
+    }
+
+    /// Questions whose gold is what the model itself prefers at depth 2 score 1 there, the
+    /// counts match each row scored alone, and depths and exits report their steps.
+    #[test]
+    fn accuracy_is_counted_from_each_row_s_own_scores() {
+        let folder = folder();
+        let model = &folder.model;
+        let mut questions = Vec::new();
+        for q in 0..5u32 {
+            let context: Vec<u32> = (0..2 + q).map(|t| (5 * t + q) % 40).collect();
+            let choices: Vec<Vec<u32>> = (0..3u32).map(|c| vec![(c + q) % 40, (7 * c + 1) % 40]).collect();
+            let lls: Vec<f64> = choices
+                .iter()
+                .map(|c| {
+                    let row = [context.as_slice(), c].concat();
+                    score::at_depths(model, &[row], &[2], 0).unwrap()[0][0]
+                        .continuation(context.len())
+                        .0
+                })
+                .collect();
+            let gold = first_max(&lls);
+            questions.push(Question {
+                lengths: vec![2; 3],
+                context,
+                choices,
+                gold,
+            });
+        }
+        let task = Task {
+            name: "own".into(),
+            questions,
+        };
+        let exit = AdaptiveConfig {
+            criterion: crate::exit::Criterion::Kl,
+            threshold: 1e-3,
+            ..AdaptiveConfig::fixed(6, WarmStart::Cold, Strategy::default())
+        };
+        let mut done = 0;
+        // Batches of 4 rows: one question (3 rows) per batch.
+        let outcomes = evaluate(model, &task, &[1, 2], &[exit], 4, || done += 1).unwrap();
+        assert_eq!(done, 10);
+        assert_eq!(outcomes.len(), 3);
+        let at_two = &outcomes[1];
+        assert_eq!(
+            (at_two.setting, at_two.acc, at_two.acc_norm),
+            (Setting::Depth { steps: 2 }, 1.0, 1.0)
+        );
+        assert_eq!((at_two.mean_steps, at_two.max_steps, at_two.acc_stderr), (2.0, 2, 0.0));
+        // Each row: (context + 2) positions, 2 steps each.
+        let positions: usize = task.questions.iter().map(|q| 3 * (q.context.len() + 2)).sum();
+        assert_eq!(at_two.core_steps, 2 * positions as u64);
+        let adaptive = &outcomes[2];
+        assert!(adaptive.mean_steps >= 1.0 && adaptive.max_steps <= 6, "{adaptive:?}");
+        // The same in one batch.
+        let together = evaluate(model, &task, &[1, 2], &[], 64, || {}).unwrap();
+        assert_eq!((together[1].acc, together[0].acc), (outcomes[1].acc, outcomes[0].acc));
+    }
+
+    #[test]
+    fn stderr_is_lm_eval_s() {
+        let (p, se) = mean_and_stderr(&[true, false, true, true]);
+        assert_eq!(p, 0.75);
+        assert!((se - (0.75f64 * 0.25 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(mean_and_stderr(&[true]), (1.0, 0.0));
+    }
+
+    /// Every bad line is refused with its file and line number, before any scoring.
+    #[test]
+    fn bad_task_files_name_the_line() {
+        let folder = folder();
+        let ok = r#"{"context_ids": [1, 2], "choice_ids": [[3], [4]], "gold": 1}"#;
+        let too_long = format!(
+            r#"{{"context_ids": {:?}, "choice_ids": [[3], [4]], "gold": 0}}"#,
+            vec![1; 256]
+        );
+        let cases = [
+            (vec![ok, "{"], ":2: not a question"),
+            (
+                vec![ok, r#"{"context_ids": [1], "choice_ids": [[3]], "gold": 0}"#],
+                ":2: 1 choice(s)",
+            ),
+            (
+                vec![r#"{"context_ids": [1], "choice_ids": [[3], [4]], "gold": 2}"#],
+                ":1: gold 2",
+            ),
+            (
+                vec![r#"{"context_ids": [], "choice_ids": [[3], [4]], "gold": 0}"#],
+                ":1: the context has no tokens",
+            ),
+            (
+                vec![r#"{"context_ids": [1], "choice_ids": [[3], []], "gold": 0}"#],
+                ":1: choice 1 has no tokens",
+            ),
+            (
+                vec![r#"{"context_ids": [1], "choice_ids": [[3], [40]], "gold": 0}"#],
+                ":1: token id 40",
+            ),
+            (
+                vec![r#"{"context_ids": [1], "choice_ids": [[3], [4]]}"#],
+                ":1: not a question: missing field `gold`",
+            ),
+            (
+                vec![r#"{"context": "a", "choice_ids": [[3], [4]], "gold": 0}"#],
+                ":1: give `context`",
+            ),
+            (
+                vec![r#"{"context": "a", "choices": ["b", "c"], "gold": 0}"#],
+                ":1: the model folder has no tokenizer",
+            ),
+            (
+                vec![r#"{"context_ids": [1], "choice_ids": [[3], [4]], "gold": 0, "extra": 1}"#],
+                ":1: not a question: unknown field",
+            ),
+            (vec![too_long.as_str()], ":1: choice 0 and its context are 257 tokens"),
+            (vec!["", "  "], ": no questions"),
+        ];
+        for (lines, expected) in cases {
+            let file = write(&lines);
+            let err = read_task(file.path(), &folder, None, false).unwrap_err().to_string();
+            assert!(err.contains(expected), "{lines:?}: {err}");
+            assert!(err.starts_with(&file.path().display().to_string()), "{err}");
+        }
+        let file = write(&[ok, ok, ok]);
+        assert_eq!(
+            read_task(file.path(), &folder, Some(2), false).unwrap().questions.len(),
+            2
+        );
+    }
+}
