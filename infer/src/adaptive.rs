@@ -91,7 +91,7 @@ pub fn generate_batch_with(
     config: AdaptiveConfig,
     decoding: &Decoding,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
-    generate_rows(model, &rows_of(prompts, max_new, decoding), config, |_, _, _| {
+    generate_rows(model, &rows_of(prompts, max_new, decoding), config, |_, _, _, _| {
         ControlFlow::Continue(())
     })
 }
@@ -108,7 +108,7 @@ pub fn generate_streaming(
     mut on_token: impl FnMut(u32, usize) -> ControlFlow<()>,
 ) -> Result<AdaptiveGeneration, InputError> {
     let rows = rows_of(&[prompt.to_vec()], max_new, decoding);
-    let mut rows = generate_rows(model, &rows, config, |_, token, steps| on_token(token, steps))?;
+    let mut rows = generate_rows(model, &rows, config, |_, token, steps, _| on_token(token, steps))?;
     Ok(rows.pop().expect("one row"))
 }
 
@@ -146,7 +146,8 @@ pub struct Row {
 pub const MAX_STEPS: usize = 1024;
 
 /// Generation for rows that each sample, stop and end on their own: a row ends after
-/// `max_new` tokens, a stop token, or `Break` from `on_token(row, token, steps)`, and then
+/// `max_new` tokens, a stop token, or `Break` from `on_token(row, token, steps, logits)` (the
+/// logits the token was drawn from, for its log probability), and then
 /// leaves the batch at once with its cache entries, so the others run on without it. Ragged
 /// prompts are left-padded and masked, so with a fixed depth each row computes what it would
 /// alone. With an exit criterion every row exits on its own, but the batch iterates each token
@@ -156,7 +157,7 @@ pub fn generate_rows(
     model: &Huginn,
     rows: &[Row],
     config: AdaptiveConfig,
-    on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
+    on_token: impl FnMut(usize, u32, usize, &[f32]) -> ControlFlow<()>,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let context = model.config().block_size;
     if let Some(row) = rows.iter().find(|r| r.prompt.len() + r.max_new > context) {
@@ -186,7 +187,7 @@ fn decode(
     session: &mut Session<'_>,
     rows: &[Row],
     mut input: Vec<Vec<u32>>,
-    mut on_token: impl FnMut(usize, u32, usize) -> ControlFlow<()>,
+    mut on_token: impl FnMut(usize, u32, usize, &[f32]) -> ControlFlow<()>,
 ) -> Result<Vec<AdaptiveGeneration>, InputError> {
     let mut samplers: Vec<Sampler> = rows.iter().map(|r| Sampler::new(r.decoding.sampling)).collect();
     let mut history: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
@@ -215,7 +216,7 @@ fn decode(
             row.tokens.push(next);
             row.steps_per_token.push(exited.steps);
             row.exit_values.push(exited.values);
-            let flow = on_token(b, next, exited.steps);
+            let flow = on_token(b, next, exited.steps, &exited.logits);
             let ended =
                 row.tokens.len() >= rows[b].max_new || rows[b].decoding.stop_tokens.contains(&next) || flow.is_break();
             if !ended {
@@ -297,7 +298,7 @@ impl<'a> Conversation<'a> {
             decoding: decoding.clone(),
         };
         let input = vec![tokens[reused..].to_vec()];
-        let mut out = decode(&mut self.session, &[row], input, |_, token, steps| {
+        let mut out = decode(&mut self.session, &[row], input, |_, token, steps, _| {
             on_token(token, steps)
         })?;
         let generation = out.pop().expect("one row");
@@ -617,7 +618,7 @@ mod tests {
                 })
                 .collect();
             let mut seen = [0; 4];
-            let out = generate_rows(&model, &rows, config, |b, _, _| {
+            let out = generate_rows(&model, &rows, config, |b, _, _, _| {
                 seen[b] += 1;
                 // The caller ends row 2 after its third token.
                 if b == 2 && seen[b] == 3 {
@@ -678,7 +679,7 @@ mod tests {
                                 ..Session::new(&model, config)
                             };
                             let input = vec![rows[0].prompt.clone()];
-                            decode(&mut session, &rows, input, |_, _, _| ControlFlow::Continue(()))
+                            decode(&mut session, &rows, input, |_, _, _, _| ControlFlow::Continue(()))
                                 .unwrap()
                                 .pop()
                                 .unwrap()

@@ -108,7 +108,7 @@ fn once(model: &Huginn, rows: &[Row], config: AdaptiveConfig, count: &dyn Fn() -
     // Per generated position: the most steps any row took (what the batch ran).
     let mut iterations: Vec<usize> = Vec::new();
     let mut seen = vec![0usize; rows.len()];
-    let out = generate_rows(model, rows, config, |b, _, steps| {
+    let out = generate_rows(model, rows, config, |b, _, steps, _| {
         first.get_or_insert_with(|| {
             allocations_at_first = count();
             Instant::now()

@@ -66,7 +66,7 @@ pub struct Prediction {
 impl Prediction {
     /// How `token` scores as the next one, with the `top` most likely listed.
     pub fn score(&self, token: u32, top: usize) -> TokenScore {
-        score_token(&self.logits, token, top, self.steps)
+        token_score(&self.logits, token, top, self.steps)
     }
 }
 
@@ -139,7 +139,7 @@ pub fn at_depths(
                 };
                 Scores {
                     tokens: (1..row.len())
-                        .map(|p| score_token(at(p - 1), row[p], top, depth))
+                        .map(|p| token_score(at(p - 1), row[p], top, depth))
                         .collect(),
                     next: Prediction {
                         logits: at(row.len() - 1).to_vec(),
@@ -171,7 +171,7 @@ pub fn adaptive(model: &Huginn, row: &[u32], config: AdaptiveConfig, top: usize)
         tokens: predictions
             .iter()
             .zip(&row[1..])
-            .map(|((steps, logits), &token)| score_token(logits, token, top, *steps))
+            .map(|((steps, logits), &token)| token_score(logits, token, top, *steps))
             .collect(),
         next: Prediction { logits, steps },
     })
@@ -190,8 +190,10 @@ fn host_logits(logits: Tensor<3>) -> Vec<f32> {
         .expect("f32 logits")
 }
 
-/// Log-softmax in f64 of one position's logits, read for `token`.
-fn score_token(logits: &[f32], token: u32, top: usize, steps: usize) -> TokenScore {
+/// How `token` scores among one position's `logits` (a prediction that took `steps`), with
+/// the `top` most likely listed: the log-softmax in f64. Generation reports the tokens it draws
+/// with it.
+pub fn token_score(logits: &[f32], token: u32, top: usize, steps: usize) -> TokenScore {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| (f64::from(l) - f64::from(max)).exp()).sum();
     let log_norm = f64::from(max) + sum.ln();

@@ -1631,6 +1631,58 @@ async fn scoring_requests_get_the_library_s_log_probabilities_alone_or_together(
         );
     }
     assert_eq!(answer["choices"][0]["steps_per_token"], json!([alone.next.steps]));
+    // A longer answer with its log probabilities: greedy decoding's tokens, each scored as
+    // the teacher-forced pass over the prompt and the answer scores it, and the most likely.
+    let prompt = &prompts[2];
+    let ask =
+        json!({"prompt": [prompt], "max_tokens": 5, "temperature": 0, "logprobs": 2, "num_steps": 4, "echo": true});
+    let (status, answer) = post(&client, &url, "/v1/completions", ask).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let plain = json!({"prompt": [prompt], "max_tokens": 5, "temperature": 0, "num_steps": 4});
+    let (_, generated) = post(&client, &url, "/v1/completions", plain).await;
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["token_ids"], generated["choices"][0]["token_ids"]);
+    let new: Vec<u32> = serde_json::from_value(choice["token_ids"].clone()).unwrap();
+    let whole = [prompt.as_slice(), &new[..new.len() - 1]].concat();
+    let forced = infer::score::at_depths(&model, &[whole], &[4], 2)
+        .unwrap()
+        .remove(0)
+        .remove(0);
+    let logprobs = &choice["logprobs"];
+    let got = logprobs["token_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), prompt.len() + new.len());
+    for (i, want) in forced.tokens.iter().enumerate().skip(prompt.len() - 1) {
+        assert!(
+            (got[i + 1].as_f64().unwrap() - f64::from(want.logprob)).abs() < 1e-4,
+            "{i}: {got:?} vs {want:?}"
+        );
+        assert!(want.greedy, "temperature 0 draws the most likely token");
+        // Two alternatives that read alike (bytes of unfinished characters) are listed once.
+        let alternatives = logprobs["top_logprobs"][i + 1].as_object().unwrap();
+        assert!((1..=2).contains(&alternatives.len()), "{alternatives:?}");
+        let best = alternatives
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(best, got[i + 1].as_f64().unwrap(), "the token is the most likely");
+    }
+    // The chat format: one entry per new token, its alternatives most likely first.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+        "logprobs": true, "top_logprobs": 2});
+    let (status, answer) = post(&client, &url, "/v1/chat/completions", chat).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let content = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(json!(content.len()), answer["usage"]["completion_tokens"]);
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(
+            top[0]["logprob"], entry["logprob"],
+            "greedy: the token is the most likely"
+        );
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        assert_eq!(entry["bytes"], json!(entry["token"].as_str().unwrap().as_bytes()));
+    }
     assert_serving(&client, &url, &app, "scoring").await;
 }
 
@@ -1652,110 +1704,42 @@ async fn scoring_requests_out_of_range_are_refused_by_name() {
         request[field] = value;
         request
     };
-    let cases = [
+    let bad_request = StatusCode::BAD_REQUEST;
+    let mut cases: Vec<(&str, Value, StatusCode, &str)> = [
+        (with("logprobs", json!(21)), "logprobs"),
+        (with("logprobs", json!(-1)), "logprobs"),
+        (with("logprobs", json!("many")), "logprobs"),
+        (with("top_logprobs", json!(2)), "top_logprobs"),
+        (with("stream", json!(true)), "stream"),
+        (with("sampler", json!("diffusion")), "sampler"),
+        (with("model", json!("tiny@r=x")), "model"),
+        (with("model", json!("tiny@depth=4")), "model"),
+        (with("model", json!("tiny@r=4@r=5")), "model"),
+        (with("model", json!("tiny@exit=kl:x")), "model"),
+        (with("model", json!("tiny@exit=soon")), "exit_criterion"),
+        (with("model", json!("tiny@r=0")), "num_steps"),
         (
-            "/v1/completions",
-            with("logprobs", json!(21)),
-            StatusCode::BAD_REQUEST,
-            "logprobs",
-        ),
-        (
-            "/v1/completions",
-            with("logprobs", json!(-1)),
-            StatusCode::BAD_REQUEST,
-            "logprobs",
-        ),
-        (
-            "/v1/completions",
-            with("logprobs", json!("many")),
-            StatusCode::BAD_REQUEST,
-            "logprobs",
-        ),
-        (
-            "/v1/completions",
-            with("max_tokens", json!(2)),
-            StatusCode::BAD_REQUEST,
-            "max_tokens",
-        ),
-        (
-            "/v1/completions",
-            with("stream", json!(true)),
-            StatusCode::BAD_REQUEST,
-            "stream",
-        ),
-        (
-            "/v1/completions",
-            with("sampler", json!("diffusion")),
-            StatusCode::BAD_REQUEST,
-            "sampler",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tiny@r=x")),
-            StatusCode::BAD_REQUEST,
-            "model",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tiny@depth=4")),
-            StatusCode::BAD_REQUEST,
-            "model",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tiny@r=4@r=5")),
-            StatusCode::BAD_REQUEST,
-            "model",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tiny@exit=kl:x")),
-            StatusCode::BAD_REQUEST,
-            "model",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tiny@exit=soon")),
-            StatusCode::BAD_REQUEST,
-            "exit_criterion",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tiny@r=0")),
-            StatusCode::BAD_REQUEST,
-            "num_steps",
-        ),
-        (
-            "/v1/completions",
-            with("model", json!("tinier@r=4")),
-            StatusCode::NOT_FOUND,
-            "model",
-        ),
-        (
-            "/v1/completions",
             json!({"prompt": "Hi", "model": "tiny@r=4", "num_steps": 4}),
-            StatusCode::BAD_REQUEST,
             "num_steps",
         ),
-        (
-            "/v1/completions",
-            json!({"prompt": "Hi", "max_tokens": 0}),
-            StatusCode::BAD_REQUEST,
-            "max_tokens",
-        ),
-        (
-            "/v1/chat/completions",
-            chat_with("echo", json!(true)),
-            StatusCode::BAD_REQUEST,
-            "echo",
-        ),
-        (
-            "/v1/chat/completions",
-            chat_with("logprobs", json!(true)),
-            StatusCode::BAD_REQUEST,
-            "logprobs",
-        ),
+        (json!({"prompt": "Hi", "max_tokens": 0}), "max_tokens"),
+    ]
+    .into_iter()
+    .map(|(request, field)| ("/v1/completions", request, bad_request, field))
+    .collect();
+    let not_found = with("model", json!("tinier@r=4"));
+    cases.push(("/v1/completions", not_found, StatusCode::NOT_FOUND, "model"));
+    let mut too_many = chat_with("logprobs", json!(true));
+    too_many["top_logprobs"] = json!(21);
+    let chat_cases = [
+        (chat_with("echo", json!(true)), "echo"),
+        (chat_with("logprobs", json!(5)), "logprobs"),
+        (chat_with("top_logprobs", json!(2)), "top_logprobs"),
+        (too_many, "top_logprobs"),
     ];
+    for (request, field) in chat_cases {
+        cases.push(("/v1/chat/completions", request, bad_request, field));
+    }
     for (path, request, status, field) in cases {
         let (got, answer) = post(&client, &url, path, request.clone()).await;
         assert_eq!(

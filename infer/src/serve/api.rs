@@ -148,6 +148,8 @@ pub struct Request {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub logprobs: Option<serde_json::Value>,
+    /// Chat: alternatives per token, with `logprobs: true`.
+    pub top_logprobs: Option<u32>,
     pub echo: Option<bool>,
     pub user: Option<String>,
     /// Recurrence steps per token (the most, with an exit criterion).
@@ -452,7 +454,7 @@ impl Request {
         limits: &InputLimits,
     ) -> Result<Parsed, ApiError> {
         self.unsupported(endpoint)?;
-        let scoring = self.scoring()?;
+        let scoring = self.scoring(endpoint)?;
         let echo = self.echo == Some(true);
         let prompt = match endpoint {
             Endpoint::Completions => {
@@ -528,13 +530,6 @@ impl Request {
             ));
         }
         if scoring.is_some() {
-            if max_new > 1 {
-                return Err(ApiError::invalid(
-                    param("max_tokens"),
-                    "`max_tokens` must be 0 or 1 with `logprobs` or `echo` (log probabilities of longer answers \
-                     are not supported yet)",
-                ));
-            }
             if self.stream {
                 return Err(ApiError::invalid(
                     param("stream"),
@@ -591,9 +586,31 @@ impl Request {
         })
     }
 
-    /// `logprobs` (a number of alternatives, `0..=20`; `null` or `false` for none) and `echo`:
-    /// either asks for scoring.
-    fn scoring(&self) -> Result<Option<Scoring>, ApiError> {
+    /// `logprobs` and `echo`: either asks for scoring. On completions `logprobs` is a number of
+    /// alternatives (`0..=20`); on chat it is `true` or `false`, with `top_logprobs` the number.
+    fn scoring(&self, endpoint: Endpoint) -> Result<Option<Scoring>, ApiError> {
+        if endpoint == Endpoint::Chat {
+            let wanted = match &self.logprobs {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+                Some(serde_json::Value::Bool(true)) => true,
+                Some(value) => {
+                    return Err(ApiError::invalid(
+                        param("logprobs"),
+                        format!(
+                            "`logprobs` must be true or false here (got {value}); `top_logprobs` sets the alternatives"
+                        ),
+                    ));
+                }
+            };
+            let top = self.top_logprobs.map_or(0, |n| n as usize);
+            if top > MAX_TOP || (top > 0 && !wanted) {
+                return Err(ApiError::invalid(
+                    param("top_logprobs"),
+                    format!("`top_logprobs` must be in 0..={MAX_TOP}, with `logprobs: true`"),
+                ));
+            }
+            return Ok(wanted.then_some(Scoring { top, prompt: false }));
+        }
         let top = match &self.logprobs {
             None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => None,
             Some(value) => match value.as_u64() {
@@ -606,10 +623,11 @@ impl Request {
                 }
             },
         };
-        Ok(match (top, self.echo == Some(true)) {
-            (None, false) => None,
-            (top, _) => Some(Scoring { top: top.unwrap_or(0) }),
-        })
+        let echo = self.echo == Some(true);
+        Ok((top.is_some() || echo).then(|| Scoring {
+            top: top.unwrap_or(0),
+            prompt: echo,
+        }))
     }
 
     /// Fields of the OpenAI API this server accepts only at their neutral values.
@@ -624,17 +642,15 @@ impl Request {
         if self.frequency_penalty.is_some_and(|p| p != 0.0) {
             return refuse("frequency_penalty", "is not supported (use repetition_penalty)");
         }
-        if endpoint == Endpoint::Chat {
-            if self.echo == Some(true) {
-                return refuse("echo", "belongs to /v1/completions");
-            }
-            let neutral = |v: &serde_json::Value| v.is_null() || *v == json!(false);
-            if self.logprobs.as_ref().is_some_and(|v| !neutral(v)) {
+        match endpoint {
+            Endpoint::Chat if self.echo == Some(true) => return refuse("echo", "belongs to /v1/completions"),
+            Endpoint::Completions if self.top_logprobs.is_some() => {
                 return refuse(
-                    "logprobs",
-                    "is not supported on /v1/chat/completions yet (use /v1/completions with the chat template applied)",
+                    "top_logprobs",
+                    "belongs to /v1/chat/completions (here `logprobs` is the number of alternatives)",
                 );
             }
+            _ => {}
         }
         if self.stream_options.is_some() && !self.stream {
             return refuse("stream_options", "is only allowed with `stream: true`");

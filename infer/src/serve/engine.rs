@@ -57,18 +57,26 @@ pub struct Job {
     pub diffusion: Option<DiffusionConfig>,
     /// Text that ends the sequence (left out of it), besides the folder's own.
     pub stop_strings: Vec<String>,
-    /// Set when the request asks for log probabilities: its prompt is scored, and its answer
-    /// (at most one token) drawn from the prediction after the prompt.
+    /// Set when the request asks for log probabilities: each new token comes with its score,
+    /// and the prompt's come first when asked for.
     pub scoring: Option<Scoring>,
     /// Where the request's tokens go; closed when its client has gone.
     pub events: mpsc::UnboundedSender<Event>,
 }
 
-/// A request for the log probabilities of its prompt and answer.
+/// A request for the log probabilities of its answer, and of its prompt when `prompt` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scoring {
     /// Most likely alternatives listed per token (`0..=score::MAX_TOP`).
     pub top: usize,
+    pub prompt: bool,
+}
+
+impl Job {
+    /// A scoring job of at most one new token: its prompt pass alone answers it.
+    fn scores_only(&self) -> bool {
+        self.scoring.is_some() && self.row.max_new <= 1
+    }
 }
 
 /// Why a sequence ended.
@@ -105,6 +113,8 @@ pub enum Event {
         id: u32,
         text: String,
         steps: usize,
+        /// The token's log probability and alternatives, for a scoring request.
+        score: Option<TokenScore>,
     },
     /// The end: `tail` is text held back until now (an unfinished stop string that never
     /// completed, the last bytes of a character).
@@ -113,11 +123,10 @@ pub enum Event {
         tail: String,
         steps_per_token: Vec<usize>,
     },
-    /// A scoring request's log probabilities: each prompt token after the first, then each
-    /// answer token; `Done` follows.
+    /// The prompt's log probabilities (each token after the first), before any token, when a
+    /// scoring request asks for them.
     Scored {
         prompt: Vec<TokenScore>,
-        answer: Vec<TokenScore>,
     },
     Failed(String),
 }
@@ -383,7 +392,7 @@ impl Worker {
             while i < self.waiting.len() && batch.len() < self.limits.max_batch {
                 let same = self.waiting[i].config == batch[0].config
                     && self.waiting[i].diffusion.is_none()
-                    && self.waiting[i].scoring.is_some() == batch[0].scoring.is_some();
+                    && self.waiting[i].scores_only() == batch[0].scores_only();
                 if same {
                     batch.push(self.waiting.remove(i).expect("index in range"));
                     if self.per_position.batch(&batch) > self.limits.kv_budget_bytes {
@@ -400,7 +409,7 @@ impl Worker {
     }
 
     fn decode(&self, batch: &[Job]) {
-        if batch[0].scoring.is_some() {
+        if batch[0].scores_only() {
             return self.score(batch);
         }
         if let [job] = batch
@@ -432,8 +441,21 @@ impl Worker {
             .collect();
         let mut finish = vec![Finish::Length; batch.len()];
         let mut failed: Vec<Option<String>> = vec![None; batch.len()];
+        for (b, job) in batch.iter().enumerate() {
+            if job.scoring.is_some_and(|s| s.prompt) {
+                match self.prompt_scores(job) {
+                    Ok(prompt) => {
+                        let _ = job.events.send(Event::Scored { prompt });
+                    }
+                    Err(reason) => failed[b] = Some(reason),
+                }
+            }
+        }
         let mut seen = vec![0usize; batch.len()];
-        let result = generate_rows(&folder.model, &rows, batch[0].config, |b, id, steps| {
+        let result = generate_rows(&folder.model, &rows, batch[0].config, |b, id, steps, logits| {
+            if failed[b].is_some() {
+                return ControlFlow::Break(());
+            }
             self.shared.generated.fetch_add(1, Ordering::AcqRel);
             if self.shared.cancel.load(Ordering::Acquire) {
                 finish[b] = Finish::Cancelled;
@@ -459,7 +481,8 @@ impl Worker {
             if stopped {
                 finish[b] = Finish::Stop;
             }
-            let sent = batch[b].events.send(Event::Token { id, text, steps });
+            let score = batch[b].scoring.map(|s| score::token_score(logits, id, s.top, steps));
+            let sent = batch[b].events.send(Event::Token { id, text, steps, score });
             if sent.is_err() || stopped {
                 ControlFlow::Break(())
             } else {
@@ -540,32 +563,84 @@ impl Worker {
                     continue;
                 }
             };
-            for token in &mut scores.tokens {
-                token.top.truncate(top(job));
+            if job.scoring.is_some_and(|s| s.prompt) {
+                for token in &mut scores.tokens {
+                    token.top.truncate(top(job));
+                }
+                let _ = job.events.send(Event::Scored { prompt: scores.tokens });
             }
-            let decoding = &job.row.decoding;
-            let answer: Vec<TokenScore> = (job.row.max_new > 0)
-                .then(|| {
-                    let token = Sampler::new(decoding.sampling).sample(&scores.next.logits, &job.row.prompt);
-                    scores.next.score(token, top(job))
-                })
-                .into_iter()
-                .collect();
-            self.shared.generated.fetch_add(answer.len(), Ordering::AcqRel);
-            let stopped = answer
-                .iter()
-                .any(|t| decoding.stop_tokens.contains(&t.token) || self.folder.stop_tokens.contains(&t.token));
-            let steps_per_token = answer.iter().map(|t| t.steps).collect();
-            let _ = job.events.send(Event::Scored {
-                prompt: scores.tokens,
-                answer,
-            });
+            let mut steps_per_token = Vec::new();
+            let mut finish = Finish::Length;
+            let mut tail = String::new();
+            if job.row.max_new > 0 {
+                let decoding = &job.row.decoding;
+                let token = Sampler::new(decoding.sampling).sample(&scores.next.logits, &job.row.prompt);
+                let score = scores.next.score(token, top(job));
+                self.shared.generated.fetch_add(1, Ordering::AcqRel);
+                if decoding.stop_tokens.contains(&token) || self.folder.stop_tokens.contains(&token) {
+                    finish = Finish::Stop;
+                }
+                // The token's text as generation gives it: through the stop strings, an
+                // unfinished character shown as such.
+                let text = match &self.folder.tokenizer {
+                    Some(tokenizer) => {
+                        let stops = self.folder.stop_strings.iter().chain(&job.stop_strings).cloned();
+                        let mut stream = TextStream::new(tokenizer, stops);
+                        let pushed = stream.push(token);
+                        match pushed.and_then(|released| Ok((released, stream.finish()?))) {
+                            Ok((released, rest)) => {
+                                if released.stopped {
+                                    finish = Finish::Stop;
+                                }
+                                tail = rest;
+                                released.text
+                            }
+                            Err(e) => {
+                                let _ = job.events.send(Event::Failed(e.to_string()));
+                                continue;
+                            }
+                        }
+                    }
+                    None => token.to_string(),
+                };
+                steps_per_token.push(score.steps);
+                let steps = score.steps;
+                let _ = job.events.send(Event::Token {
+                    id: token,
+                    text,
+                    steps,
+                    score: Some(score),
+                });
+            }
             let _ = job.events.send(Event::Done {
-                finish: if stopped { Finish::Stop } else { Finish::Length },
-                tail: String::new(),
+                finish,
+                tail,
                 steps_per_token,
             });
         }
+    }
+
+    /// The log probabilities of `job`'s prompt, as [`Self::score`] computes them for one job.
+    fn prompt_scores(&self, job: &Job) -> Result<Vec<TokenScore>, String> {
+        let model = &self.folder.model;
+        let top = job.scoring.map_or(0, |s| s.top);
+        let scores = if job.config.criterion == Criterion::None && job.config.warm_start == WarmStart::Cold {
+            score::at_depths(
+                model,
+                std::slice::from_ref(&job.row.prompt),
+                &[job.config.max_steps],
+                top,
+            )
+            .map(|mut by_depth| {
+                by_depth
+                    .pop()
+                    .and_then(|mut rows| rows.pop())
+                    .expect("one row at one depth")
+            })
+        } else {
+            score::adaptive(model, &job.row.prompt, job.config, top)
+        };
+        scores.map(|s| s.tokens).map_err(|e| e.to_string())
     }
 
     fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) {
@@ -619,7 +694,13 @@ impl Worker {
                     finish = Finish::Stop;
                 }
                 let steps = config.inner_recurrence;
-                if job.events.send(Event::Token { id, text: piece, steps }).is_err() || stopped {
+                let token = Event::Token {
+                    id,
+                    text: piece,
+                    steps,
+                    score: None,
+                };
+                if job.events.send(token).is_err() || stopped {
                     return ControlFlow::Break(());
                 }
             }

@@ -1,29 +1,29 @@
-//! The answer of a scoring request (`logprobs`, `echo`) in OpenAI's legacy completions format:
-//! the text, and per token its text, log probability, most likely alternatives and where its
-//! text starts. With `echo` the prompt's tokens come first, the first of them with `null`
-//! (nothing precedes it to predict it from).
+//! Log probabilities in OpenAI's formats: the legacy completions object (per token its text,
+//! log probability, most likely alternatives and where its text starts; with `echo` the
+//! prompt's tokens first, the first of them `null`: nothing precedes it to predict it from),
+//! and the chat object (`content`, per token its text, bytes, log probability and
+//! alternatives).
 
 use serde_json::{Map, Value, json};
 use tokenizers::Tokenizer;
 
 use crate::score::TokenScore;
 
-/// The answer's text and its `logprobs` object, for `answer` after `prompt` (`prompt` holds the
-/// prompt's scores when the request echoes it, its first token in `first`).
+/// The `logprobs` object for `answer`, after the prompt's tokens and scores when the request
+/// echoes it (`prompt[0]` has no score: `scores[i]` is `prompt[i + 1]`'s).
 pub fn completion(
     tokenizer: Option<&Tokenizer>,
-    echo: Option<(u32, &[TokenScore])>,
+    echo: Option<(&[u32], &[TokenScore])>,
     answer: &[TokenScore],
-) -> (String, Value) {
+) -> Value {
     let mut ids = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
-    if let Some((first, prompt)) = echo {
-        ids.push(first);
+    if let Some((prompt, scores)) = echo {
+        ids.extend_from_slice(prompt);
         token_logprobs.push(Value::Null);
         top_logprobs.push(Value::Null);
-        for score in prompt {
-            ids.push(score.token);
+        for score in scores {
             token_logprobs.push(json!(score.logprob));
             top_logprobs.push(alternatives(tokenizer, score));
         }
@@ -45,17 +45,43 @@ pub fn completion(
             None => tokens[i].len() + 1,
         };
     }
-    let text = match tokenizer {
-        Some(tokenizer) => tokenizer.decode(&ids, true).unwrap_or_default(),
-        None => tokens.join(","),
-    };
-    let logprobs = json!({
+    json!({
         "tokens": tokens,
         "token_logprobs": token_logprobs,
         "top_logprobs": top_logprobs,
         "text_offset": offsets,
-    });
-    (text, logprobs)
+    })
+}
+
+/// The answer's text after the prompt's (`echo`): the prompt decoded as the answer is (token
+/// ids, comma separated, without a tokenizer).
+pub fn echoed(tokenizer: Option<&Tokenizer>, prompt: &[u32], answer: &str) -> String {
+    match tokenizer {
+        Some(tokenizer) => tokenizer.decode(prompt, true).unwrap_or_default() + answer,
+        None => {
+            let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+            let separator = if answer.is_empty() { "" } else { "," };
+            ids.join(",") + separator + answer
+        }
+    }
+}
+
+/// The chat format's `logprobs`: `{"content": [...]}`, per token its text, log probability,
+/// UTF-8 bytes and the most likely alternatives (each with the same three), most likely first.
+pub fn chat(tokenizer: Option<&Tokenizer>, answer: &[TokenScore]) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let token = piece(tokenizer, id, false);
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    };
+    let content: Vec<Value> = answer
+        .iter()
+        .map(|score| {
+            let mut first = entry(score.token, score.logprob);
+            first["top_logprobs"] = score.top.iter().map(|&(id, logprob)| entry(id, logprob)).collect();
+            first
+        })
+        .collect();
+    json!({ "content": content })
 }
 
 /// `{token text: log probability}` of the most likely tokens; when two tokens read the same

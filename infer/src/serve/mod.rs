@@ -221,8 +221,10 @@ struct Meta {
     prompt_tokens: usize,
     /// The sampler's seed, drawn when the request gave none: with it the request repeats.
     seed: u64,
-    /// The prompt's first token, when the answer repeats the prompt (`echo`).
-    echo: Option<u32>,
+    /// The prompt, when the answer repeats it (`echo`).
+    echo: Option<Vec<u32>>,
+    /// The answer carries OpenAI's `logprobs` object.
+    logprobs: bool,
     /// The folder, whose tokenizer writes a scoring answer's tokens.
     folder: Arc<ModelFolder>,
 }
@@ -256,7 +258,8 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Resu
         endpoint,
         prompt_tokens: parsed.row.prompt.len(),
         seed: parsed.row.decoding.sampling.seed,
-        echo: parsed.echo.then(|| parsed.row.prompt[0]),
+        echo: parsed.echo.then(|| parsed.row.prompt.clone()),
+        logprobs: parsed.scoring.is_some(),
         folder: app.folder.clone(),
     };
     let job = Job {
@@ -409,18 +412,18 @@ fn engine_gone() -> ApiError {
 async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut ids = Vec::new();
-    let mut logprobs = Value::Null;
+    let mut prompt_scores = Vec::new();
+    let mut scores = Vec::new();
     loop {
         match events.recv().await.ok_or_else(engine_gone)? {
-            Event::Token { id, text: piece, .. } => {
+            Event::Token {
+                id, text: piece, score, ..
+            } => {
                 text += &piece;
                 ids.push(id);
+                scores.extend(score);
             }
-            Event::Scored { prompt, answer } => {
-                let echo = meta.echo.map(|first| (first, prompt.as_slice()));
-                (text, logprobs) = logprobs::completion(meta.folder.tokenizer.as_ref(), echo, &answer);
-                ids = answer.iter().map(|t| t.token).collect();
-            }
+            Event::Scored { prompt } => prompt_scores = prompt,
             Event::Failed(reason) => {
                 return Err(ApiError::with(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -434,6 +437,18 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
                 steps_per_token,
             } => {
                 text += &tail;
+                let tokenizer = meta.folder.tokenizer.as_ref();
+                let logprobs = match (meta.logprobs, meta.endpoint) {
+                    (false, _) => Value::Null,
+                    (true, Endpoint::Completions) => {
+                        let echo = meta.echo.as_deref().map(|prompt| (prompt, prompt_scores.as_slice()));
+                        logprobs::completion(tokenizer, echo, &scores)
+                    }
+                    (true, Endpoint::Chat) => logprobs::chat(tokenizer, &scores),
+                };
+                if let Some(prompt) = &meta.echo {
+                    text = logprobs::echoed(tokenizer, prompt, &text);
+                }
                 let choice = match meta.endpoint {
                     Endpoint::Completions => json!({
                         "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
@@ -441,7 +456,7 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
                     }),
                     Endpoint::Chat => json!({
                         "index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": null, "finish_reason": finish.as_str(),
+                        "logprobs": logprobs, "finish_reason": finish.as_str(),
                         "token_ids": ids, "steps_per_token": steps_per_token,
                     }),
                 };

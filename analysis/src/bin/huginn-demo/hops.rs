@@ -226,6 +226,7 @@ pub fn run<T: HopTask>(
         })
         .collect();
     let in_distribution = |h: usize| h <= trained_most;
+    write_tasks(out, &per_hop, trained_most)?;
 
     let (depths, probe) = (&config.probe.depths, &config.probe);
     let bar = progress_bar(
@@ -305,5 +306,35 @@ pub fn run<T: HopTask>(
     report["wall_seconds"] = json!(started.elapsed().as_secs_f64());
     report::write_json(out, &report)?;
     print_summary(&accuracies, &exits);
+    Ok(())
+}
+
+/// The held-out questions as multiple-choice task files for `huginn eval` (and lm-eval through
+/// the server): `tasks/in_distribution.jsonl` and `tasks/harder.jsonl`, each question its
+/// prompt's token ids and, as choices, every answer the questions have (the digits), so the
+/// table by depth that `huginn eval` prints is the demo's own, scored by log-likelihood.
+fn write_tasks(out: &Path, per_hop: &[(usize, Vec<HopExample>)], trained_most: usize) -> Result<()> {
+    let dir = out.join("tasks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut answers: Vec<u32> = per_hop
+        .iter()
+        .flat_map(|(_, set)| set.iter().map(|e| e.answer))
+        .collect();
+    answers.sort_unstable();
+    answers.dedup();
+    let choices: Vec<Vec<u32>> = answers.iter().map(|&a| vec![a]).collect();
+    for (name, inside) in [("in_distribution", true), ("harder", false)] {
+        let lines: Vec<String> = per_hop
+            .iter()
+            .filter(|(h, _)| (*h <= trained_most) == inside)
+            .flat_map(|(_, set)| set)
+            .map(|e| {
+                let gold = answers.binary_search(&e.answer).expect("every answer is a choice");
+                json!({"context_ids": e.prompt(), "choice_ids": choices, "gold": gold}).to_string() + "\n"
+            })
+            .collect();
+        let path = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&path, lines.concat()).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
