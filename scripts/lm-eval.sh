@@ -21,10 +21,12 @@ venv=${LM_EVAL_VENV:-$HOME/.cache/huginn-lm-eval/venv}
 port=${PORT:-18089}
 
 if [ ! -x "$venv/bin/lm_eval" ]; then
-  echo "== installing lm-eval into $venv (once; torch for the CPU first)" >&2
+  echo "== installing lm-eval into $venv (once; with torch, several GB)" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q torch --index-url https://download.pytorch.org/whl/cpu
-  "$venv/bin/pip" install -q "lm-eval==0.4.9"
+  # torch for the CPU alone where its index is reachable; otherwise PyPI's build comes with lm-eval.
+  "$venv/bin/pip" install -q torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null || true
+  # lm-eval 0.4.9 with the libraries of its time: transformers 5 and datasets 4 break its imports.
+  "$venv/bin/pip" install -q "lm-eval[api]==0.4.9" "transformers>=4.45,<5" "datasets==3.6.0" "huggingface-hub<1"
 fi
 
 cargo build -q -p infer --bin huginn
@@ -65,12 +67,14 @@ done
 
 limit_flag=()
 [ -n "$limit" ] && limit_flag=(--limit "$limit")
-echo "== lm-eval $("$venv/bin/python" -c 'import lm_eval; print(lm_eval.__version__)' 2>/dev/null || true), local-completions against huginn serve"
+echo "== lm-eval $("$venv/bin/pip" show lm-eval 2>/dev/null | sed -n 's/^Version: //p'), local-completions against huginn serve"
 for depth in ${depths//,/ }; do
   echo "-- r=$depth"
   HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 "$venv/bin/lm_eval" --model local-completions \
     --model_args "model=m@r=$depth,base_url=http://127.0.0.1:$port/v1/completions,tokenizer=$model,tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=4,max_retries=1" \
-    --tasks huginn_mc --include_path "$work" "${limit_flag[@]}" 2>&1 | grep -E '^\|'
+    --tasks huginn_mc --include_path "$work" "${limit_flag[@]}" > "$work/lm-eval-$depth.log" 2>&1 ||
+    { tail -20 "$work/lm-eval-$depth.log"; exit 1; }
+  grep -E '^\|' "$work/lm-eval-$depth.log"
 done
 
 echo "== huginn eval on the same questions"
