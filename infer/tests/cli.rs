@@ -675,8 +675,9 @@ fn eval_reports_accuracy_by_depth_and_never_overwrites_a_report() {
     assert_eq!(results.len(), 6);
     // The library's accuracy for the id task at depth 3.
     let folder = folder::ModelFolder::open(dir.path(), &model::burn::prelude::Device::flex()).unwrap();
-    let task = infer::eval::read_task(&id_task, &folder, None, false).unwrap();
-    let outcomes = infer::eval::evaluate(&folder.model, &task, &[3], &[], 8, || {}).unwrap();
+    let options = infer::eval::Options::default();
+    let task = infer::eval::read_task(&id_task, &folder, &options).unwrap();
+    let outcomes = infer::eval::evaluate(&folder, &task, &[3], &[], 8, &options, || {}).unwrap();
     let at_three = results
         .iter()
         .find(|r| r["task"] == "ids" && r["setting"] == serde_json::json!({"kind": "depth", "steps": 3}))
@@ -690,6 +691,55 @@ fn eval_reports_accuracy_by_depth_and_never_overwrites_a_report() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("an earlier report is kept"), "{stderr}");
     assert_eq!(std::fs::read(out.join("report.json")).unwrap(), written);
+}
+
+/// A generation task (token ids): the answer the model itself gives at depth 3 matches there,
+/// a changed one does not, and the steps per new token are the depth.
+#[test]
+fn eval_scores_generation_tasks_by_exact_match() {
+    let dir = common::folder(common::DEFAULT_IDS);
+    let folder = folder::ModelFolder::open(dir.path(), &model::burn::prelude::Device::flex()).unwrap();
+    let config = infer::adaptive::AdaptiveConfig::fixed(3, Default::default(), Default::default());
+    let decoding = infer::adaptive::Decoding {
+        stop_tokens: folder.stop_tokens.clone(),
+        ..Default::default()
+    };
+    let prompts = [vec![5u32, 6, 7], vec![8, 9]];
+    let own = infer::adaptive::generate_batch_with(&folder.model, &prompts, 4, config, &decoding).unwrap();
+    let right = &own[0].tokens[..1];
+    let wrong = [(own[1].tokens[0] + 1) % 200];
+    let work = tempfile::tempdir().unwrap();
+    let task = work.path().join("gen.jsonl");
+    let lines = [
+        serde_json::json!({"prompt_ids": prompts[0], "answer_ids": right}).to_string(),
+        serde_json::json!({"prompt_ids": prompts[1], "answer_ids": wrong}).to_string(),
+    ];
+    std::fs::write(&task, lines.join("\n")).unwrap();
+    let out = work.path().join("out");
+    let run = huginn(&[
+        "eval",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--tasks",
+        task.to_str().unwrap(),
+        "--depths",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let result = &report["results"][0];
+    assert_eq!(
+        (&result["acc"], &result["questions"]),
+        (&serde_json::json!(0.5), &serde_json::json!(2)),
+        "{stdout}"
+    );
+    assert_eq!(result["max_steps"], serde_json::json!(3));
 }
 
 /// A bad task file, or a bad flag, is one line naming it, before any scoring or writing.

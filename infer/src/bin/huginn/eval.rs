@@ -1,6 +1,6 @@
-//! `huginn eval`: multiple-choice tasks from local JSONL files, scored by log-likelihood at
-//! each depth of `--depths` and under each exit of `--exit`, printed as the paper's table
-//! (accuracy per depth) and written to `report.json`.
+//! `huginn eval`: tasks from local JSONL files (multiple choice, scored by log-likelihood; or
+//! generation, scored by exact match) at each depth of `--depths` and under each exit of
+//! `--exit`, printed as the paper's table (accuracy per depth) and written to `report.json`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::str::FromStr;
 use anyhow::{Context, Result, bail};
 use folder::ModelFolder;
 use infer::adaptive::{AdaptiveConfig, MAX_STEPS};
-use infer::eval::{self, Outcome};
+use infer::eval::{self, Options, Outcome, Questions};
 use infer::exit::Criterion;
 use infer::limits::MAX_EXIT_THRESHOLD;
 use infer::range;
@@ -21,8 +21,9 @@ pub struct EvalArgs {
     /// Model folder, or ORG/NAME[@REVISION].
     #[arg(long)]
     pub model: PathBuf,
-    /// Task files, JSONL, one question per line: {"context", "choices", "gold"} in text (needs
-    /// the folder's tokenizer) or {"context_ids", "choice_ids", "gold"} in token ids.
+    /// Task files, JSONL, one question per line. Multiple choice: {"context", "choices",
+    /// "gold"} in text (needs the folder's tokenizer) or {"context_ids", "choice_ids", "gold"}.
+    /// Generation: {"prompt", "answer", "regex"?} or {"prompt_ids", "answer_ids"}.
     #[arg(long, required = true, value_delimiter = ',')]
     tasks: Vec<PathBuf>,
     /// Fixed recurrence depths, one shared run.
@@ -45,6 +46,18 @@ pub struct EvalArgs {
     /// adds none by default).
     #[arg(long)]
     add_bos: bool,
+    /// Generation tasks: most new tokens of an answer.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Generation tasks: text that ends an answer (comma separated; e.g. a newline).
+    #[arg(long, value_delimiter = ',')]
+    stop: Vec<String>,
+    /// Generation tasks: send each prompt as a user message through the folder's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Generation tasks with --chat: a system message before each prompt.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Where report.json goes.
     #[arg(long, default_value = "eval")]
     out: PathBuf,
@@ -61,6 +74,11 @@ pub fn run(folder: &ModelFolder, args: &EvalArgs) -> Result<()> {
     for &depth in &args.depths {
         range::within("--depths", depth, 1, MAX_STEPS)?;
     }
+    let context = folder.model.config().block_size;
+    range::within("--max-new-tokens", args.max_new_tokens, 1, context)?;
+    if args.stop.iter().any(String::is_empty) {
+        bail!("--stop strings must not be empty");
+    }
     let exit_steps = args.exit_steps.or(args.depths.iter().copied().max()).unwrap_or(32);
     range::within("--exit-steps", exit_steps, 1, MAX_STEPS)?;
     let exits = args
@@ -71,26 +89,34 @@ pub fn run(folder: &ModelFolder, args: &EvalArgs) -> Result<()> {
     if args.depths.is_empty() && exits.is_empty() {
         bail!("nothing to evaluate: give --depths or --exit");
     }
+    let options = Options {
+        limit: args.limit,
+        add_bos: args.add_bos,
+        chat: args.chat,
+        system: args.system.clone(),
+        max_new: args.max_new_tokens,
+        stop: args.stop.clone(),
+    };
     // Every file is read and checked before any is scored.
     let tasks = args
         .tasks
         .iter()
-        .map(|path| eval::read_task(path, folder, args.limit, args.add_bos))
+        .map(|path| eval::read_task(path, folder, &options))
         .collect::<Result<Vec<_>, _>>()?;
-    let total: usize =
-        tasks.iter().map(|t| t.questions.len()).sum::<usize>() * (usize::from(!args.depths.is_empty()) + exits.len());
+    // Multiple-choice depths share one run per question; generation runs each depth.
+    let total: usize = tasks
+        .iter()
+        .map(|t| match &t.questions {
+            Questions::Choice(q) => q.len() * (usize::from(!args.depths.is_empty()) + exits.len()),
+            Questions::Generate(q) => q.len() * (args.depths.len() + exits.len()),
+        })
+        .sum();
     let bar = progress(total as u64);
     let mut outcomes = Vec::new();
     for task in &tasks {
         bar.set_message(task.name.clone());
-        outcomes.extend(eval::evaluate(
-            &folder.model,
-            task,
-            &args.depths,
-            &exits,
-            args.batch,
-            || bar.inc(1),
-        )?);
+        let scored = eval::evaluate(folder, task, &args.depths, &exits, args.batch, &options, || bar.inc(1))?;
+        outcomes.extend(scored);
     }
     bar.finish_and_clear();
     print_table(&outcomes);

@@ -1,38 +1,22 @@
-//! Evaluation by depth: multiple-choice tasks scored by log-likelihood at fixed recurrence
-//! depths and under exit criteria, as the paper's accuracy-against-compute tables are made.
-//!
-//! A question is a context and its choices; each choice is scored as the continuation of the
-//! context ([`crate::score`]), and the model's answer is the choice with the highest summed log
-//! probability (`acc`), or the highest per character of the choice's text (`acc_norm`), as
-//! lm-eval's `multiple_choice` tasks count them. Contexts and choices are split into tokens as
-//! lm-eval splits them: whitespace at the end of the context moves to the choice, the two are
-//! encoded together, and the choice's tokens are what follows the context's own encoding.
+//! Multiple-choice tasks, scored by log-likelihood. A question is a context and its choices;
+//! each choice is scored as the continuation of the context ([`crate::score`]), and the model's
+//! answer is the choice with the highest summed log probability (`acc`), or the highest per
+//! character of the choice's text (`acc_norm`), as lm-eval's `multiple_choice` tasks count
+//! them. Contexts and choices are split into tokens as lm-eval splits them: whitespace at the
+//! end of the context moves to the choice, the two are encoded together, and the choice's
+//! tokens are what follows the context's own encoding.
 //!
 //! The depths of one run share their recurrence: every batch of questions runs once to the
 //! deepest depth, and the coda reads the state at each depth on the way.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use model::Huginn;
-use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
+use super::{EvalError, Line, Options, Outcome, Setting, mean_and_stderr};
 use crate::adaptive::AdaptiveConfig;
-use crate::score::{self, ScoreError, Scores};
+use crate::score::{self, Scores};
 use folder::ModelFolder;
-
-#[derive(Debug, Error)]
-pub enum EvalError {
-    #[error("cannot read {path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
-    #[error("{path}:{line}: {reason}")]
-    Line { path: PathBuf, line: usize, reason: String },
-    #[error("{0}: no questions")]
-    Empty(PathBuf),
-    #[error(transparent)]
-    Score(#[from] ScoreError),
-}
 
 /// One multiple-choice question, in tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,90 +29,51 @@ pub struct Question {
     pub gold: usize,
 }
 
-/// A task file's questions.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Task {
-    pub name: String,
-    pub questions: Vec<Question>,
-}
-
-/// A line of a task file: text (through the model's tokenizer) or token ids.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line {
-    context: Option<String>,
-    choices: Option<Vec<String>>,
-    context_ids: Option<Vec<u32>>,
-    choice_ids: Option<Vec<Vec<u32>>>,
-    gold: usize,
-}
-
-/// Reads a JSONL task file, one question per line (`{"context", "choices", "gold"}` in text,
-/// or `{"context_ids", "choice_ids", "gold"}` in tokens), every line checked against `folder`'s
-/// model before any is scored; `limit` keeps the first questions. Text is encoded without
-/// special tokens (lm-eval's default); `add_bos` puts the folder's beginning-of-sequence token
-/// before each context.
-pub fn read_task(path: &Path, folder: &ModelFolder, limit: Option<usize>, add_bos: bool) -> Result<Task, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|error| EvalError::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
+/// A multiple-choice line as a question in tokens, checked against the model.
+pub(super) fn question(line: Line, folder: &ModelFolder, options: &Options) -> Result<Question, String> {
+    let question = match line {
+        Line {
+            context: Some(context),
+            choices: Some(choices),
+            context_ids: None,
+            choice_ids: None,
+            gold: Some(gold),
+            prompt: None,
+            answer: None,
+            regex: None,
+            prompt_ids: None,
+            answer_ids: None,
+        } => encode_text(folder, &context, &choices, gold, options.add_bos)?,
+        Line {
+            context: None,
+            choices: None,
+            context_ids: Some(context),
+            choice_ids: Some(choices),
+            gold: Some(gold),
+            prompt: None,
+            answer: None,
+            regex: None,
+            prompt_ids: None,
+            answer_ids: None,
+        } => Question {
+            lengths: choices.iter().map(Vec::len).collect(),
+            context,
+            choices,
+            gold,
+        },
+        _ => {
+            return Err(
+                "give `context` and `choices` (text) or `context_ids` and `choice_ids` (tokens), with `gold`".into(),
+            );
+        }
+    };
     let config = folder.model.config();
-    let mut questions = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if limit.is_some_and(|limit| questions.len() == limit) {
-            break;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |reason: String| EvalError::Line {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason,
-        };
-        let line: Line = serde_json::from_str(line).map_err(|e| bad(format!("not a question: {e}")))?;
-        let question = match line {
-            Line {
-                context: Some(context),
-                choices: Some(choices),
-                context_ids: None,
-                choice_ids: None,
-                gold,
-            } => encode(folder, &context, &choices, gold, add_bos).map_err(bad)?,
-            Line {
-                context: None,
-                choices: None,
-                context_ids: Some(context),
-                choice_ids: Some(choices),
-                gold,
-            } => Question {
-                lengths: choices.iter().map(Vec::len).collect(),
-                context,
-                choices,
-                gold,
-            },
-            _ => {
-                return Err(bad(
-                    "give `context` and `choices` (text) or `context_ids` and `choice_ids` (tokens), with `gold`"
-                        .into(),
-                ));
-            }
-        };
-        check(&question, config.vocab_size, config.block_size).map_err(bad)?;
-        questions.push(question);
-    }
-    if questions.is_empty() {
-        return Err(EvalError::Empty(path.to_path_buf()));
-    }
-    let name = path
-        .file_stem()
-        .map_or_else(|| "task".into(), |s| s.to_string_lossy().into_owned());
-    Ok(Task { name, questions })
+    check(&question, config.vocab_size, config.block_size)?;
+    Ok(question)
 }
 
 /// A question's tokens as lm-eval makes them (`_encode_pair`).
-fn encode(
+fn encode_text(
     folder: &ModelFolder,
     context: &str,
     choices: &[String],
@@ -196,58 +141,12 @@ fn check(question: &Question, vocab: usize, context: usize) -> Result<(), String
     Ok(())
 }
 
-/// How the recurrence runs for one line of the results.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Setting {
-    /// Every token gets this many steps.
-    Depth { steps: usize },
-    /// Every token runs until the criterion says it may exit, at most `max_steps`.
-    Exit {
-        criterion: &'static str,
-        threshold: f64,
-        max_steps: usize,
-    },
-}
-
-impl std::fmt::Display for Setting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Depth { steps } => write!(f, "r={steps}"),
-            Self::Exit {
-                criterion,
-                threshold,
-                max_steps,
-            } => write!(f, "{criterion}:{threshold:e} (≤{max_steps})"),
-        }
-    }
-}
-
-/// A task's result at one setting.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Outcome {
-    pub task: String,
-    pub setting: Setting,
-    pub questions: usize,
-    pub acc: f64,
-    pub acc_stderr: f64,
-    pub acc_norm: f64,
-    pub acc_norm_stderr: f64,
-    /// Recurrence steps per scored token (the choices' tokens), mean and most.
-    pub mean_steps: f64,
-    pub max_steps: usize,
-    /// Core iterations run over all positions of all rows: the compute the setting took (the
-    /// depths of one run share theirs, so each reports its own count as if run alone).
-    pub core_steps: u64,
-    /// Seconds of the run this setting belongs to (shared by the depths of one run).
-    pub seconds: f64,
-}
-
-/// Scores `task` at each of `depths` (one shared run, batches of at most `batch` rows) and
-/// under each exit configuration (row by row); `progress` is told of every question done.
+/// Scores `questions` at each of `depths` (one shared run, batches of at most `batch` rows)
+/// and under each exit configuration (row by row); `progress` is told of every question done.
 pub fn evaluate(
     model: &Huginn,
-    task: &Task,
+    name: &str,
+    questions: &[Question],
     depths: &[usize],
     exits: &[AdaptiveConfig],
     batch: usize,
@@ -257,30 +156,30 @@ pub fn evaluate(
     if !depths.is_empty() {
         let started = Instant::now();
         let mut tallies = vec![Tally::default(); depths.len()];
-        for questions in chunks(&task.questions, batch.max(1)) {
-            let rows: Vec<Vec<u32>> = questions
+        for chunk in chunks(questions, batch.max(1)) {
+            let rows: Vec<Vec<u32>> = chunk
                 .iter()
                 .flat_map(|q| q.choices.iter().map(|c| [q.context.as_slice(), c].concat()))
                 .collect();
             let scored = score::at_depths(model, &rows, depths, 0)?;
             for (tally, by_row) in tallies.iter_mut().zip(&scored) {
                 let mut rows = by_row.iter();
-                for question in questions {
+                for question in chunk {
                     let scores: Vec<&Scores> = rows.by_ref().take(question.choices.len()).collect();
                     tally.add(question, &scores);
                 }
             }
-            questions.iter().for_each(|_| progress());
+            chunk.iter().for_each(|_| progress());
         }
         let seconds = started.elapsed().as_secs_f64();
         for (tally, &steps) in tallies.iter().zip(depths) {
-            outcomes.push(tally.outcome(&task.name, Setting::Depth { steps }, seconds));
+            outcomes.push(tally.outcome(name, Setting::Depth { steps }, seconds));
         }
     }
     for config in exits {
         let started = Instant::now();
         let mut tally = Tally::default();
-        for question in &task.questions {
+        for question in questions {
             let scored = question
                 .choices
                 .iter()
@@ -295,7 +194,7 @@ pub fn evaluate(
             threshold: config.threshold,
             max_steps: config.max_steps,
         };
-        outcomes.push(tally.outcome(&task.name, setting, started.elapsed().as_secs_f64()));
+        outcomes.push(tally.outcome(name, setting, started.elapsed().as_secs_f64()));
     }
     Ok(outcomes)
 }
@@ -376,19 +275,6 @@ fn first_max(values: &[f64]) -> usize {
     best
 }
 
-/// The share of `true` and its standard error, from the sample standard deviation (as
-/// lm-eval reports it; 0 for a single question).
-fn mean_and_stderr(hits: &[bool]) -> (f64, f64) {
-    let n = hits.len() as f64;
-    let p = hits.iter().filter(|&&h| h).count() as f64 / n.max(1.0);
-    let stderr = if hits.len() > 1 {
-        (p * (1.0 - p) / (n - 1.0)).sqrt()
-    } else {
-        0.0
-    };
-    (p, stderr)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,10 +320,6 @@ mod tests {
                 gold,
             });
         }
-        let task = Task {
-            name: "own".into(),
-            questions,
-        };
         let exit = AdaptiveConfig {
             criterion: crate::exit::Criterion::Kl,
             threshold: 1e-3,
@@ -445,7 +327,7 @@ mod tests {
         };
         let mut done = 0;
         // Batches of 4 rows: one question (3 rows) per batch.
-        let outcomes = evaluate(model, &task, &[1, 2], &[exit], 4, || done += 1).unwrap();
+        let outcomes = evaluate(model, "own", &questions, &[1, 2], &[exit], 4, || done += 1).unwrap();
         assert_eq!(done, 10);
         assert_eq!(outcomes.len(), 3);
         let at_two = &outcomes[1];
@@ -455,21 +337,13 @@ mod tests {
         );
         assert_eq!((at_two.mean_steps, at_two.max_steps, at_two.acc_stderr), (2.0, 2, 0.0));
         // Each row: (context + 2) positions, 2 steps each.
-        let positions: usize = task.questions.iter().map(|q| 3 * (q.context.len() + 2)).sum();
+        let positions: usize = questions.iter().map(|q| 3 * (q.context.len() + 2)).sum();
         assert_eq!(at_two.core_steps, 2 * positions as u64);
         let adaptive = &outcomes[2];
         assert!(adaptive.mean_steps >= 1.0 && adaptive.max_steps <= 6, "{adaptive:?}");
         // The same in one batch.
-        let together = evaluate(model, &task, &[1, 2], &[], 64, || {}).unwrap();
+        let together = evaluate(model, "own", &questions, &[1, 2], &[], 64, || {}).unwrap();
         assert_eq!((together[1].acc, together[0].acc), (outcomes[1].acc, outcomes[0].acc));
-    }
-
-    #[test]
-    fn stderr_is_lm_eval_s() {
-        let (p, se) = mean_and_stderr(&[true, false, true, true]);
-        assert_eq!(p, 0.75);
-        assert!((se - (0.75f64 * 0.25 / 3.0).sqrt()).abs() < 1e-12);
-        assert_eq!(mean_and_stderr(&[true]), (1.0, 0.0));
     }
 
     /// Every bad line is refused with its file and line number, before any scoring.
@@ -505,7 +379,7 @@ mod tests {
             ),
             (
                 vec![r#"{"context_ids": [1], "choice_ids": [[3], [4]]}"#],
-                ":1: not a question: missing field `gold`",
+                ":1: give `context`",
             ),
             (
                 vec![r#"{"context": "a", "choice_ids": [[3], [4]], "gold": 0}"#],
@@ -521,16 +395,41 @@ mod tests {
             ),
             (vec![too_long.as_str()], ":1: choice 0 and its context are 257 tokens"),
             (vec!["", "  "], ": no questions"),
+            (
+                vec![ok, r#"{"prompt_ids": [1], "answer_ids": [2]}"#],
+                ":2: a file holds one kind of question",
+            ),
+            (
+                vec![r#"{"prompt_ids": [1], "answer_ids": []}"#],
+                ":1: `answer_ids` is empty",
+            ),
+            (
+                vec![r#"{"prompt": "a", "answer": "b", "regex": "("}"#],
+                ":1: `regex` is not a regular expression",
+            ),
+            (vec![r#"{"prompt_ids": [1], "answer": "b"}"#], ":1: give `prompt`"),
         ];
         for (lines, expected) in cases {
             let file = write(&lines);
-            let err = read_task(file.path(), &folder, None, false).unwrap_err().to_string();
+            let err = super::super::read_task(file.path(), &folder, &Options::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expected), "{lines:?}: {err}");
             assert!(err.starts_with(&file.path().display().to_string()), "{err}");
         }
         let file = write(&[ok, ok, ok]);
         assert_eq!(
-            read_task(file.path(), &folder, Some(2), false).unwrap().questions.len(),
+            super::super::read_task(
+                file.path(),
+                &folder,
+                &Options {
+                    limit: Some(2),
+                    ..Options::default()
+                }
+            )
+            .unwrap()
+            .questions
+            .len(),
             2
         );
     }
