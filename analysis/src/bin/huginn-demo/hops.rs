@@ -309,10 +309,11 @@ pub fn run<T: HopTask>(
     Ok(())
 }
 
-/// The held-out questions as multiple-choice task files for `huginn eval` (and lm-eval through
-/// the server): `tasks/in_distribution.jsonl` and `tasks/harder.jsonl`, each question its
-/// prompt's token ids and, as choices, every answer the questions have (the digits), so the
-/// table by depth that `huginn eval` prints is the demo's own, scored by log-likelihood.
+/// The held-out questions as task files for `huginn eval`: `tasks/in_distribution.jsonl` and
+/// `tasks/harder.jsonl` as multiple choice (each question its prompt's token ids and, as
+/// choices, every answer the questions have: the digits), so the table by depth that
+/// `huginn eval` prints is the demo's own, scored by log-likelihood; and the same questions as
+/// generation (`*-generate.jsonl`: the prompt and its answer), for exits on new tokens.
 fn write_tasks(out: &Path, per_hop: &[(usize, Vec<HopExample>)], trained_most: usize) -> Result<()> {
     let dir = out.join("tasks");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -324,17 +325,26 @@ fn write_tasks(out: &Path, per_hop: &[(usize, Vec<HopExample>)], trained_most: u
     answers.dedup();
     let choices: Vec<Vec<u32>> = answers.iter().map(|&a| vec![a]).collect();
     for (name, inside) in [("in_distribution", true), ("harder", false)] {
-        let lines: Vec<String> = per_hop
+        let examples: Vec<&HopExample> = per_hop
             .iter()
             .filter(|(h, _)| (*h <= trained_most) == inside)
             .flat_map(|(_, set)| set)
-            .map(|e| {
-                let gold = answers.binary_search(&e.answer).expect("every answer is a choice");
-                json!({"context_ids": e.prompt(), "choice_ids": choices, "gold": gold}).to_string() + "\n"
-            })
             .collect();
-        let path = dir.join(format!("{name}.jsonl"));
-        std::fs::write(&path, lines.concat()).with_context(|| format!("writing {}", path.display()))?;
+        let choice = examples.iter().map(|e| {
+            let gold = answers.binary_search(&e.answer).expect("every answer is a choice");
+            json!({"context_ids": e.prompt(), "choice_ids": choices, "gold": gold})
+        });
+        let generate = examples
+            .iter()
+            .map(|e| json!({"prompt_ids": e.prompt(), "answer_ids": [e.answer]}));
+        for (file, lines) in [
+            (format!("{name}.jsonl"), choice.collect::<Vec<_>>()),
+            (format!("{name}-generate.jsonl"), generate.collect()),
+        ] {
+            let path = dir.join(file);
+            let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(())
 }
