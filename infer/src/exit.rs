@@ -182,7 +182,7 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
 }
 
 /// Index of the first maximum (as `torch.argmax` picks).
-pub fn argmax(values: &[f32]) -> usize {
+pub fn argmax<T: PartialOrd>(values: &[T]) -> usize {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
         if *v > values[best] {

@@ -224,6 +224,26 @@ fn streamed_text(events: &[String], chat: bool) -> (String, String) {
     (text, finish)
 }
 
+/// `huginn generate` sampling 24 tokens after "Hello" at temperature 1.5, as the seed tests
+/// ask the server for them.
+fn sampled_generate(dir: &Path) -> Vec<String> {
+    let args = [
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--steps",
+    ];
+    let rest = ["--max-new-tokens", "24", "--temperature", "1.5"];
+    let steps = STEPS.to_string();
+    args.iter()
+        .chain([&steps.as_str()])
+        .chain(&rest)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// `huginn generate`'s stdout, less the newline it ends with.
 fn cli(args: &[&str]) -> String {
     let out = huginn(args);
@@ -1260,21 +1280,8 @@ async fn a_request_without_a_seed_samples_anew_and_reports_its_seed() {
 
     // The CLI draws one too, says which on stderr, and repeats the run (and the server's
     // answer) with it.
-    let path = dir.path().to_str().unwrap();
-    let steps = STEPS.to_string();
-    let args = [
-        "generate",
-        "--model",
-        path,
-        "--prompt",
-        "Hello",
-        "--steps",
-        &steps,
-        "--max-new-tokens",
-        "24",
-        "--temperature",
-        "1.5",
-    ];
+    let args = sampled_generate(dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = huginn(&args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
@@ -1302,26 +1309,11 @@ async fn an_answer_ending_inside_a_character_at_a_stop_token_is_the_cli_s() {
     let dir = folder_of_seed(DEFAULT_IDS, 7);
     let (url, _app) = start(dir.path(), limits(), None).await;
     let client = Client::new();
-    let path = dir.path().to_str().unwrap();
-    let steps = STEPS.to_string();
     let mut unfinished = 0;
     for seed in [20u64, 33, 65, 97] {
-        let seed_flag = seed.to_string();
-        let printed = cli(&[
-            "generate",
-            "--model",
-            path,
-            "--prompt",
-            "Hello",
-            "--steps",
-            &steps,
-            "--max-new-tokens",
-            "24",
-            "--temperature",
-            "1.5",
-            "--seed",
-            &seed_flag,
-        ]);
+        let mut args = sampled_generate(dir.path());
+        args.extend(["--seed".to_string(), seed.to_string()]);
+        let printed = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
         unfinished += usize::from(printed.ends_with(char::REPLACEMENT_CHARACTER));
         let request = json!({"prompt": "Hello", "max_tokens": 24, "temperature": 1.5, "seed": seed});
         let (status, answer) = post(&client, &url, "/v1/completions", request.clone()).await;

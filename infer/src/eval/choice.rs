@@ -15,6 +15,7 @@ use model::Huginn;
 
 use super::{EvalError, Line, Options, Outcome, Setting, mean_and_stderr};
 use crate::adaptive::AdaptiveConfig;
+use crate::exit::argmax;
 use crate::score::{self, Scores};
 use folder::ModelFolder;
 
@@ -236,8 +237,8 @@ impl Tally {
             .zip(&question.lengths)
             .map(|(ll, &len)| ll / len.max(1) as f64)
             .collect();
-        self.correct.push(first_max(&lls) == question.gold);
-        self.correct_norm.push(first_max(&normed) == question.gold);
+        self.correct.push(argmax(&lls) == question.gold);
+        self.correct_norm.push(argmax(&normed) == question.gold);
         for s in scores {
             self.steps.extend(s.tokens[from - 1..].iter().map(|t| t.steps));
             // Every position of the row ran its steps, the last one's (`next`) too.
@@ -262,17 +263,6 @@ impl Tally {
             seconds,
         }
     }
-}
-
-/// The index of the first largest value (ties go to the earlier choice).
-fn first_max(values: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 #[cfg(test)]
@@ -312,7 +302,7 @@ mod tests {
                         .0
                 })
                 .collect();
-            let gold = first_max(&lls);
+            let gold = argmax(&lls);
             questions.push(Question {
                 lengths: vec![2; 3],
                 context,
