@@ -164,13 +164,20 @@ fn progress(total: u64) -> indicatif::ProgressBar {
 /// The paper's layout: a row per task and setting, accuracy with its standard error, the
 /// steps the scored tokens took, and the time.
 fn print_table(outcomes: &[Outcome]) {
+    let task = outcomes.iter().map(|o| o.task.len()).max().unwrap_or(0).max(4);
+    let setting = outcomes
+        .iter()
+        .map(|o| o.setting.to_string().chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(7);
     println!(
-        "{:<16} {:<24} {:>5} {:>15} {:>15} {:>8} {:>5} {:>9}",
+        "{:<task$} {:<setting$} {:>5} {:>15} {:>15} {:>8} {:>5} {:>9}",
         "task", "setting", "n", "acc", "acc_norm", "steps", "max", "seconds"
     );
     for o in outcomes {
         println!(
-            "{:<16} {:<24} {:>5} {:>8.4} ±{:.4} {:>8.4} ±{:.4} {:>8.2} {:>5} {:>9.2}",
+            "{:<task$} {:<setting$} {:>5} {:>8.4} ±{:.4} {:>8.4} ±{:.4} {:>8.2} {:>5} {:>9.2}",
             o.task,
             o.setting.to_string(),
             o.questions,
