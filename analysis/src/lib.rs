@@ -9,6 +9,8 @@
 //! * [`dynamics`]: each token's trajectory labelled fixed point, orbit or slider;
 //! * [`exits`]: steps-to-exit per token under the adaptive-compute exit criteria;
 //! * [`curves`]: training and depth curves from a run's metrics;
+//! * [`eval_report`]: a `huginn eval` report, for its accuracy-against-depth and
+//!   accuracy-against-compute plots;
 //! * [`plot`]: the figures, PNG and SVG;
 //! * [`report`]: all of it for one training run, with an HTML gallery and a JSON summary.
 //!
@@ -20,6 +22,7 @@
 //! huginn-analysis plot-trajectories cap --basis basis.safetensors --out traj
 //! huginn-analysis heatmap cap --out heat
 //! huginn-analysis training-curves RUN --out curves
+//! huginn-analysis eval-plots eval/report.json --out eval/accuracy
 //! huginn-analysis report RUN                          # RUN/report/index.html
 //! ```
 
@@ -27,6 +30,7 @@ pub mod capture;
 pub mod curves;
 pub mod dynamics;
 pub mod error;
+pub mod eval_report;
 pub mod exits;
 pub mod linalg;
 pub mod outputs;

@@ -7,6 +7,7 @@ use analysis::capture::{Capture, CaptureOptions, Init};
 use analysis::curves::{Metric, TrainingCurves};
 use analysis::dynamics::{self, Motif, classify};
 use analysis::pca::{Pca, PcaOptions};
+use analysis::plot::compute::plot_accuracy_against_compute;
 use analysis::plot::depth::{Colours, plot_depth_curves};
 use analysis::plot::heatmap::plot_convergence;
 use analysis::plot::training::plot_training_curves;
@@ -114,6 +115,15 @@ enum Command {
         /// A run directory or a metrics.jsonl file.
         metrics: PathBuf,
         /// Output base path: <OUT>.png|svg, and <OUT>-depth.png|svg when there are evaluations.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Draw a `huginn eval` report: accuracy against depth per task, and accuracy against mean
+    /// steps per token with each exit criterion as a point beside the fixed-depth curve.
+    EvalPlots {
+        /// The report.json `huginn eval` wrote.
+        report: PathBuf,
+        /// Output base path: <OUT>-depth.png|svg and <OUT>-compute.png|svg.
         #[arg(long)]
         out: PathBuf,
     },
@@ -377,6 +387,28 @@ fn run(cli: Cli) -> Result<()> {
                 None => format!("Distance to the last captured iterate ({})", capture.meta.steps),
             };
             let images = plot_convergence(&out, &title, &labels, &capture.distances_to_target())?;
+            eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
+        }
+        Command::EvalPlots { report, out } => {
+            let tasks = analysis::eval_report::read(&report)?;
+            let by_depth: Vec<(String, Vec<(usize, f64)>)> = tasks
+                .iter()
+                .filter(|t| !t.depths.is_empty())
+                .map(|t| (t.name.clone(), t.depths.clone()))
+                .collect();
+            if !by_depth.is_empty() {
+                let base = with_suffix(&out, "-depth");
+                let images = plot_depth_curves(
+                    &base,
+                    "Accuracy against test-time depth",
+                    "accuracy",
+                    &by_depth,
+                    Colours::Categorical,
+                )?;
+                eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
+            }
+            let base = with_suffix(&out, "-compute");
+            let images = plot_accuracy_against_compute(&base, "Accuracy against compute", &tasks)?;
             eprintln!("wrote {} and {}", images.png.display(), images.svg.display());
         }
         Command::TrainingCurves { metrics, out } => {

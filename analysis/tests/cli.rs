@@ -360,3 +360,51 @@ fn numeric_flags_beyond_their_range_are_one_line_errors() {
     }
     assert!(!Path::new(out).with_extension("safetensors").exists());
 }
+
+/// `eval-plots` draws a `huginn eval` report (two tasks, depths and exits) as accuracy against
+/// depth and against mean steps, and refuses a report it cannot trust in one line.
+#[test]
+fn eval_plots_draw_a_report_and_refuse_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let depth = |task: &str, steps: u64, acc: f64| {
+        serde_json::json!({"task": task, "setting": {"kind": "depth", "steps": steps}, "acc": acc,
+            "mean_steps": steps as f64})
+    };
+    let exit = serde_json::json!({"task": "hard", "acc": 0.7, "mean_steps": 9.5,
+        "setting": {"kind": "exit", "criterion": "kl", "threshold": 0.001, "max_steps": 32}});
+    let results = vec![
+        depth("easy", 1, 0.3),
+        depth("easy", 8, 0.9),
+        depth("hard", 8, 0.6),
+        depth("hard", 32, 0.75),
+        exit,
+    ];
+    let report = dir.path().join("report.json");
+    std::fs::write(&report, serde_json::json!({"results": results}).to_string()).unwrap();
+    let out = dir.path().join("plots/eval");
+    ok(&["eval-plots", report.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let svg = check_saved(&dir.path().join("plots/eval-compute"), (860, 540));
+    assert!(
+        svg.contains("hard: exit kl &lt; 1e-3") || svg.contains("hard: exit kl < 1e-3"),
+        "the exit is labelled"
+    );
+    check_saved(&dir.path().join("plots/eval-depth"), (860, 540));
+
+    let bad = [
+        (
+            serde_json::json!({"results": [depth("easy", 1, 1.5)]}),
+            "`acc` is not a number in [0, 1]",
+        ),
+        (
+            serde_json::json!({"results": [{"task": "easy", "setting": {"kind": "depth", "steps": 0}, "acc": 0.5, "mean_steps": 1.0}]}),
+            "`steps` of at least 1",
+        ),
+        (serde_json::json!({"results": []}), "no results"),
+        (serde_json::json!({"accuracy": 1}), "not a huginn eval report"),
+    ];
+    for (content, expected) in bad {
+        std::fs::write(&report, content.to_string()).unwrap();
+        let err = fails(&["eval-plots", report.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(err.contains(expected) && err.contains("report.json"), "{err}");
+    }
+}

@@ -4,9 +4,11 @@
 //!
 //! The entry points write `<base>.png` and `<base>.svg`: [`trajectories::plot_trajectories`],
 //! [`heatmap::plot_convergence`], [`histogram::plot_exit_histogram`],
-//! [`depth::plot_depth_curves`] and [`training::plot_training_curves`].
+//! [`depth::plot_depth_curves`], [`compute::plot_accuracy_against_compute`] and
+//! [`training::plot_training_curves`].
 
 pub mod colorbar;
+pub mod compute;
 pub mod depth;
 pub mod heatmap;
 pub mod histogram;
