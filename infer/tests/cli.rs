@@ -773,3 +773,32 @@ fn eval_refuses_bad_tasks_and_flags_in_one_line() {
         assert!(!out.exists(), "{extra:?} wrote a report");
     }
 }
+
+/// The task files shipped in `tasks/` read and score (here on the tiny fixture model).
+#[test]
+fn the_shipped_task_files_are_valid() {
+    let dir = common::folder(common::DEFAULT_IDS);
+    let work = tempfile::tempdir().unwrap();
+    let tasks = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks");
+    for entry in std::fs::read_dir(&tasks).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "jsonl") {
+            continue;
+        }
+        let out = work.path().join(path.file_stem().unwrap());
+        let run = huginn(&[
+            "eval",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--tasks",
+            path.to_str().unwrap(),
+            "--depths",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let (stdout, stderr) = text(&run);
+        assert!(run.status.success(), "{}: {stderr}", path.display());
+        assert!(stdout.lines().count() >= 2, "{stdout}");
+    }
+}
