@@ -351,6 +351,33 @@ pub fn forward_token_by_token(
     Ok(out)
 }
 
+/// What generation computes for `prompt` followed by `rest` when `rest` is fed as its answer:
+/// the prompt as one chunk (its last position's prediction is the first returned), then each
+/// token of `rest` alone, each iterated until its exit. Returns the steps and logits of every
+/// prediction, the last one after `rest`'s last token.
+pub fn forward_after_prompt(
+    model: &Huginn,
+    prompt: &[u32],
+    rest: &[u32],
+    config: AdaptiveConfig,
+) -> Result<Vec<(usize, Vec<f32>)>, InputError> {
+    let len = prompt.len() + rest.len();
+    if len > model.config().block_size {
+        return Err(InputError::TooLong {
+            len,
+            context: model.config().block_size,
+        });
+    }
+    let mut session = Session::new(model, config);
+    let first = session.chunk(&[prompt.to_vec()])?.pop().expect("one row");
+    let mut out = vec![(first.steps, first.logits)];
+    for &token in rest {
+        let done = session.chunk(&[vec![token]])?.pop().expect("one row");
+        out.push((done.steps, done.logits));
+    }
+    Ok(out)
+}
+
 /// One row's outcome for a chunk: the step it exited at, its last position's logits there,
 /// and the criterion's value after every step it ran.
 struct RowExit {

@@ -177,6 +177,32 @@ pub fn adaptive(model: &Huginn, row: &[u32], config: AdaptiveConfig, top: usize)
     })
 }
 
+/// Scores `continuation` after `context` as generation would produce it under `config`: the
+/// context runs as one prompt chunk, and each continuation token's prediction takes the steps
+/// its own exit took. Only the continuation is scored (`tokens[i]` is `continuation[i]`).
+pub fn continuation(
+    model: &Huginn,
+    context: &[u32],
+    continuation: &[u32],
+    config: AdaptiveConfig,
+    top: usize,
+) -> Result<Scores, ScoreError> {
+    within("top_logprobs", top, 0, MAX_TOP)?;
+    if context.is_empty() {
+        return Err(InputError::Empty.into());
+    }
+    let mut predictions = adaptive::forward_after_prompt(model, context, continuation, config)?;
+    let (steps, logits) = predictions.pop().expect("the prompt's prediction at least");
+    Ok(Scores {
+        tokens: predictions
+            .iter()
+            .zip(continuation)
+            .map(|((steps, logits), &token)| token_score(logits, token, top, *steps))
+            .collect(),
+        next: Prediction { logits, steps },
+    })
+}
+
 /// Bytes of `[batch, len, vocab]` f32 logits, on the device and copied to the host.
 fn logits_bytes(batch: usize, len: usize, vocab: usize) -> Option<usize> {
     batch.checked_mul(len)?.checked_mul(vocab)?.checked_mul(2 * 4)
@@ -269,6 +295,25 @@ mod tests {
                 assert!((next.logprob - alone).abs() < 1e-4, "{next:?} vs {alone}");
                 assert_eq!(stepwise.next.steps, depth);
             }
+        }
+    }
+
+    /// At a fixed depth the context as one chunk and the continuation token by token give what
+    /// the one padded pass gives for the continuation's tokens.
+    #[test]
+    fn a_continuation_after_its_context_equals_the_whole_pass_at_a_fixed_depth() {
+        let model = tiny();
+        let (context, rest) = (vec![3, 9, 27, 31], vec![12, 5, 40]);
+        let whole = at_depths(&model, &[[context.clone(), rest.clone()].concat()], &[5], 2).unwrap();
+        let config = AdaptiveConfig::fixed(5, WarmStart::Cold, Strategy::default());
+        let after = continuation(&model, &context, &rest, config, 2).unwrap();
+        assert_eq!(after.tokens.len(), rest.len());
+        for (got, want) in after.tokens.iter().zip(&whole[0][0].tokens[context.len() - 1..]) {
+            assert_eq!(
+                (got.token, got.steps, got.greedy),
+                (want.token, want.steps, want.greedy)
+            );
+            assert!((got.logprob - want.logprob).abs() < 1e-4, "{got:?} vs {want:?}");
         }
     }
 

@@ -7,7 +7,9 @@
 //! tokens are what follows the context's own encoding.
 //!
 //! The depths of one run share their recurrence: every batch of questions runs once to the
-//! deepest depth, and the coda reads the state at each depth on the way.
+//! deepest depth, and the coda reads the state at each depth on the way. Under an exit
+//! criterion a choice is scored as generation would produce it: the context as one prompt
+//! chunk, then each of the choice's tokens alone, iterated until its exit.
 
 use std::time::Instant;
 
@@ -166,8 +168,13 @@ pub fn evaluate(
             for (tally, by_row) in tallies.iter_mut().zip(&scored) {
                 let mut rows = by_row.iter();
                 for question in chunk {
-                    let scores: Vec<&Scores> = rows.by_ref().take(question.choices.len()).collect();
-                    tally.add(question, &scores);
+                    let from = question.context.len();
+                    let choices: Vec<ChoiceScore> = rows
+                        .by_ref()
+                        .take(question.choices.len())
+                        .map(|s| ChoiceScore::of_row(s, from))
+                        .collect();
+                    tally.add(question, &choices);
                 }
             }
             chunk.iter().for_each(|_| progress());
@@ -181,13 +188,24 @@ pub fn evaluate(
         let started = Instant::now();
         let mut tally = Tally::default();
         for question in questions {
-            let scored = question
+            let choices = question
                 .choices
                 .iter()
-                .map(|c| score::adaptive(model, &[question.context.as_slice(), c].concat(), *config, 0))
-                .collect::<Result<Vec<_>, _>>()?;
-            let scores: Vec<&Scores> = scored.iter().collect();
-            tally.add(question, &scores);
+                .map(|c| {
+                    let scores = score::continuation(model, &question.context, c, *config, 0)?;
+                    // The context ran as one chunk at its exit's steps, then each token alone.
+                    let tokens = &scores.tokens;
+                    let core = tokens[0].steps * question.context.len()
+                        + tokens[1..].iter().map(|t| t.steps).sum::<usize>()
+                        + scores.next.steps;
+                    Ok(ChoiceScore {
+                        logprob: tokens.iter().map(|t| f64::from(t.logprob)).sum(),
+                        steps: tokens.iter().map(|t| t.steps).collect(),
+                        core_steps: core as u64,
+                    })
+                })
+                .collect::<Result<Vec<_>, EvalError>>()?;
+            tally.add(question, &choices);
             progress();
         }
         let setting = Setting::Exit {
@@ -218,6 +236,27 @@ fn chunks(questions: &[Question], rows: usize) -> Vec<&[Question]> {
     out
 }
 
+/// How one choice scored: its summed log probability, the steps each of its tokens' predictions
+/// took, and the core iterations its row ran over all positions.
+struct ChoiceScore {
+    logprob: f64,
+    steps: Vec<usize>,
+    core_steps: u64,
+}
+
+impl ChoiceScore {
+    /// From a whole row's scores (one pass, every position at the same depth), the choice
+    /// starting at token `from`.
+    fn of_row(scores: &Scores, from: usize) -> Self {
+        Self {
+            logprob: scores.continuation(from).0,
+            steps: scores.tokens[from - 1..].iter().map(|t| t.steps).collect(),
+            // Every position of the row ran its steps, the last one's (`next`) too.
+            core_steps: scores.tokens.iter().map(|t| t.steps as u64).sum::<u64>() + scores.next.steps as u64,
+        }
+    }
+}
+
 /// Running counts for one setting.
 #[derive(Debug, Clone, Default)]
 struct Tally {
@@ -229,9 +268,8 @@ struct Tally {
 
 impl Tally {
     /// Adds a question from its choices' scores.
-    fn add(&mut self, question: &Question, scores: &[&Scores]) {
-        let from = question.context.len();
-        let lls: Vec<f64> = scores.iter().map(|s| s.continuation(from).0).collect();
+    fn add(&mut self, question: &Question, choices: &[ChoiceScore]) {
+        let lls: Vec<f64> = choices.iter().map(|c| c.logprob).collect();
         let normed: Vec<f64> = lls
             .iter()
             .zip(&question.lengths)
@@ -239,10 +277,9 @@ impl Tally {
             .collect();
         self.correct.push(argmax(&lls) == question.gold);
         self.correct_norm.push(argmax(&normed) == question.gold);
-        for s in scores {
-            self.steps.extend(s.tokens[from - 1..].iter().map(|t| t.steps));
-            // Every position of the row ran its steps, the last one's (`next`) too.
-            self.core_steps += s.tokens.iter().map(|t| t.steps as u64).sum::<u64>() + s.next.steps as u64;
+        for choice in choices {
+            self.steps.extend(&choice.steps);
+            self.core_steps += choice.core_steps;
         }
     }
 
