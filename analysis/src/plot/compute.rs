@@ -7,7 +7,8 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::{DrawError, Figure, Images, categorical, padded, save, text};
+use super::depth::{legend, log2_chart};
+use super::{DrawError, Figure, Images, categorical, padded, save};
 use crate::AnalysisError;
 use crate::eval_report::TaskResults;
 
@@ -35,21 +36,8 @@ impl Figure for ComputeFigure<'_> {
             fixed.chain(t.exits.iter().map(|(_, _, a)| *a))
         });
         let (y0, y1) = padded(accuracies);
-        let mut chart = ChartBuilder::on(root)
-            .caption(self.title, text(20.0))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(60)
-            .build_cartesian_2d((lo / 1.25..hi * 1.25).log_scale().base(2.0), y0..y1)?;
-        chart
-            .configure_mesh()
-            .x_desc("mean recurrence steps per token (log₂ scale)")
-            .y_desc("accuracy")
-            .x_labels(8)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style(text(12.0))
-            .axis_desc_style(text(14.0))
-            .draw()?;
+        let axes = ("mean recurrence steps per token (log₂ scale)", "accuracy");
+        let mut chart = log2_chart(root, self.title, (lo, hi), (y0, y1), axes)?;
         // Curves take the first colours, exit points the ones after them.
         let mut next_colour = self.tasks.len();
         for (t, task) in self.tasks.iter().enumerate() {
@@ -68,14 +56,7 @@ impl Figure for ComputeFigure<'_> {
                     .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 7, style));
             }
         }
-        chart
-            .configure_series_labels()
-            .label_font(text(13.0))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()?;
-        Ok(())
+        legend(&mut chart)
     }
 }
 

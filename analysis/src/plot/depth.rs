@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use plotters::coord::Shift;
+use plotters::coord::combinators::LogCoord;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::{DrawError, Figure, Images, categorical, padded, save, sequential, text};
@@ -47,22 +49,8 @@ impl Figure for DepthFigure<'_> {
         let lo = depths().fold(f64::INFINITY, f64::min);
         let hi = depths().fold(0.0, f64::max);
         let (y0, y1) = padded(self.series.iter().flat_map(|(_, p)| p.iter().map(|(_, v)| *v)));
-        let mut chart = ChartBuilder::on(root)
-            .caption(self.title, text(20.0))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(60)
-            .build_cartesian_2d((lo / 1.25..hi * 1.25).log_scale().base(2.0), y0..y1)?;
-        chart
-            .configure_mesh()
-            .x_desc("recurrence depth at test time (log₂ scale)")
-            .y_desc(self.y_label)
-            // Few enough labels that plotters puts them at powers of two only.
-            .x_labels(8)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style(text(12.0))
-            .axis_desc_style(text(14.0))
-            .draw()?;
+        let x_desc = "recurrence depth at test time (log₂ scale)";
+        let mut chart = log2_chart(root, self.title, (lo, hi), (y0, y1), (x_desc, self.y_label))?;
         for (s, (label, points)) in self.series.iter().enumerate() {
             let colour = self.colours.pick(s, self.series.len());
             let mut points = points.clone();
@@ -73,15 +61,50 @@ impl Figure for DepthFigure<'_> {
                 .label(label.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .label_font(text(13.0))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()?;
-        Ok(())
+        legend(&mut chart)
     }
+}
+
+/// A chart whose x axis is log₂ (depths, steps) from `x.0` to `x.1`, padded a quarter step
+/// either side, with labels at powers of two, and a linear y axis.
+pub(super) fn log2_chart<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    x: (f64, f64),
+    y: (f64, f64),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<ChartContext<'a, DB, Cartesian2d<LogCoord<f64>, RangedCoordf64>>, DrawError> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, text(20.0))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x.0 / 1.25..x.1 * 1.25).log_scale().base(2.0), y.0..y.1)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        // Few enough labels that plotters puts them at powers of two only.
+        .x_labels(8)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(text(12.0))
+        .axis_desc_style(text(14.0))
+        .draw()?;
+    Ok(chart)
+}
+
+/// The series' legend, in the lower right (where accuracy curves leave room).
+pub(super) fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<LogCoord<f64>, RangedCoordf64>>,
+) -> Result<(), DrawError> {
+    chart
+        .configure_series_labels()
+        .label_font(text(13.0))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    Ok(())
 }
 
 /// Writes `value` against depth, one curve per `(label, [(depth, value)])`, to
