@@ -302,9 +302,15 @@ impl PositionBytes {
         (job.row.prompt.len() + job.row.max_new) * self.per_position(&job.config)
     }
 
-    /// A padded batch holds every row at the widest prompt plus the longest answer.
+    /// A padded batch holds every row at the widest prompt plus the longest answer. A scoring
+    /// batch holds no cache but the logits of every position of every padded row, in f32 on
+    /// the device and again on the host: the budget bounds those instead.
     fn batch(&self, jobs: &[Job]) -> usize {
         let width = jobs.iter().map(|j| j.row.prompt.len()).max().unwrap_or(0);
+        if jobs.first().is_some_and(Job::scores_only) {
+            let logits = jobs.len().saturating_mul(width).saturating_mul(self.model.vocab_size);
+            return logits.saturating_mul(2 * 4);
+        }
         let new = jobs.iter().map(|j| j.row.max_new).max().unwrap_or(0);
         jobs.first()
             .map_or(0, |j| jobs.len() * (width + new) * self.per_position(&j.config))
@@ -787,6 +793,27 @@ mod tests {
             events,
         };
         (job, receiver)
+    }
+
+    /// Scoring batches are bounded by their logits (no cache), generation batches by their
+    /// padded cache.
+    #[test]
+    fn the_budget_counts_a_scoring_batch_s_logits() {
+        let model = model::HuginnConfig::tiny(100, 16, 4, (1, 2, 1));
+        let bytes = PositionBytes { model, element: 4 };
+        let (mut scoring, _events) = job();
+        scoring.scoring = Some(Scoring { top: 1, prompt: true });
+        scoring.row.max_new = 1;
+        // Two rows of two positions, 100 logits each, 8 bytes per logit.
+        let (mut other, _more) = job();
+        other.scoring = scoring.scoring;
+        other.row.max_new = 0;
+        assert_eq!(bytes.batch(&[scoring, other]), 2 * 2 * 100 * 8);
+        let (generating, _rest) = job();
+        assert_eq!(
+            bytes.batch(&[generating]),
+            4 * bytes.per_position(&AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()))
+        );
     }
 
     #[test]
