@@ -530,37 +530,13 @@ impl Worker {
 }
 
 impl Worker {
-    /// One request through the wavefront sampler (batch size 1, as the reference's): tokens
-    /// stream as they freeze, each reported with the wave's core steps. A wave can freeze
-    /// nothing, so the client's leaving and a cancellation are checked after every wave, not
-    /// only when a token is sent.
     /// Scores the prompts of a batch of scoring jobs and draws each one's answer token, if it
     /// asked for one, from the prediction after its prompt (as generation draws its first).
     /// At a fixed depth from a cold start the prompts go through one padded pass; otherwise
     /// each is fed token by token with its own exits and warm starts.
     fn score(&self, batch: &[Job]) {
-        let model = &self.folder.model;
         let top = |job: &Job| job.scoring.map_or(0, |s| s.top);
-        let first = &batch[0].config;
-        let results: Vec<Result<Scores, String>> =
-            if first.criterion == Criterion::None && first.warm_start == WarmStart::Cold {
-                let rows: Vec<Vec<u32>> = batch.iter().map(|job| job.row.prompt.clone()).collect();
-                let most_top = batch.iter().map(top).max().unwrap_or(0);
-                match score::at_depths(model, &rows, &[first.max_steps], most_top) {
-                    Ok(mut by_depth) => by_depth.pop().expect("one depth").into_iter().map(Ok).collect(),
-                    Err(e) => batch.iter().map(|_| Err(e.to_string())).collect(),
-                }
-            } else {
-                batch
-                    .iter()
-                    .map(|job| {
-                        if self.shared.cancel.load(Ordering::Acquire) || job.events.is_closed() {
-                            return Err("cancelled".to_string());
-                        }
-                        score::adaptive(model, &job.row.prompt, job.config, top(job)).map_err(|e| e.to_string())
-                    })
-                    .collect()
-            };
+        let results = self.score_prompts(batch);
         for (job, result) in batch.iter().zip(results) {
             let mut scores = match result {
                 Ok(scores) => scores,
@@ -628,27 +604,39 @@ impl Worker {
 
     /// The log probabilities of `job`'s prompt, as [`Self::score`] computes them for one job.
     fn prompt_scores(&self, job: &Job) -> Result<Vec<TokenScore>, String> {
-        let model = &self.folder.model;
-        let top = job.scoring.map_or(0, |s| s.top);
-        let scores = if job.config.criterion == Criterion::None && job.config.warm_start == WarmStart::Cold {
-            score::at_depths(
-                model,
-                std::slice::from_ref(&job.row.prompt),
-                &[job.config.max_steps],
-                top,
-            )
-            .map(|mut by_depth| {
-                by_depth
-                    .pop()
-                    .and_then(|mut rows| rows.pop())
-                    .expect("one row at one depth")
-            })
-        } else {
-            score::adaptive(model, &job.row.prompt, job.config, top)
-        };
-        scores.map(|s| s.tokens).map_err(|e| e.to_string())
+        let scored = self.score_prompts(std::slice::from_ref(job)).pop().expect("one job");
+        scored.map(|s| s.tokens)
     }
 
+    /// Scores the jobs' prompts: at a fixed depth from a cold start in one padded pass, else
+    /// each token by token with its own exits and warm starts (the jobs share one recurrence
+    /// setting, as a batch does).
+    fn score_prompts(&self, jobs: &[Job]) -> Vec<Result<Scores, String>> {
+        let model = &self.folder.model;
+        let top = |job: &Job| job.scoring.map_or(0, |s| s.top);
+        let config = &jobs[0].config;
+        if config.criterion == Criterion::None && config.warm_start == WarmStart::Cold {
+            let rows: Vec<Vec<u32>> = jobs.iter().map(|job| job.row.prompt.clone()).collect();
+            let most_top = jobs.iter().map(top).max().unwrap_or(0);
+            return match score::at_depths(model, &rows, &[config.max_steps], most_top) {
+                Ok(mut by_depth) => by_depth.pop().expect("one depth").into_iter().map(Ok).collect(),
+                Err(e) => jobs.iter().map(|_| Err(e.to_string())).collect(),
+            };
+        }
+        jobs.iter()
+            .map(|job| {
+                if self.shared.cancel.load(Ordering::Acquire) || job.events.is_closed() {
+                    return Err("cancelled".to_string());
+                }
+                score::adaptive(model, &job.row.prompt, job.config, top(job)).map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    /// One request through the wavefront sampler (batch size 1, as the reference's): tokens
+    /// stream as they freeze, each reported with the wave's core steps. A wave can freeze
+    /// nothing, so the client's leaving and a cancellation are checked after every wave, not
+    /// only when a token is sent.
     fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) {
         let folder = &self.folder;
         let mut decoding = job.row.decoding.clone();
