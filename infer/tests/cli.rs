@@ -245,6 +245,24 @@ fn bad_input_is_a_one_line_error() {
 }
 
 /// Values that would run forever, never fire, or not fit are refused up front, with the limit.
+/// Each command's help describes that command (a description once slipped onto its
+/// neighbour, taking chat's negative-number parsing with it), and a negative `chat --steps` is
+/// a bad value of `--steps`, not an unknown flag.
+#[test]
+fn each_command_s_help_is_its_own() {
+    for (command, own, other) in [
+        ("chat", "An interactive conversation", "Accuracy by recurrence depth"),
+        ("eval", "Accuracy by recurrence depth", "An interactive conversation"),
+    ] {
+        let (stdout, _) = text(&huginn(&[command, "--help"]));
+        assert!(stdout.contains(own) && !stdout.contains(other), "{command}: {stdout}");
+    }
+    let tiny = fixture("tiny-a");
+    let out = huginn(&["chat", "--model", tiny.to_str().unwrap(), "--steps", "-1"]);
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("'-1' for '--steps"), "{stderr}");
+}
+
 #[test]
 fn absurd_generation_flags_are_refused_with_the_limit() {
     let model = fixture("tiny-a");

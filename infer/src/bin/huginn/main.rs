@@ -127,14 +127,15 @@ enum Command {
         #[arg(long, default_value_t = 1.0, requires = "speculate")]
         accept_threshold: f64,
     },
+    /// Accuracy by recurrence depth (and under exit criteria) on local task files: multiple
+    /// choice scored by log-likelihood (lm-eval's `acc` and `acc_norm`), generation by exact
+    /// match.
+    Eval(eval::EvalArgs),
     /// An interactive conversation through the folder's chat template: one user message per
     /// line of standard input (`/exit` or end of input ends it), the reply streamed to stdout.
     /// The KV cache is kept between turns, so each turn runs only what is new.
     // `--steps -1` is a bad value of --steps (named in the error), not an unknown flag `-1`.
     #[command(allow_negative_numbers = true)]
-    /// Multiple-choice accuracy by recurrence depth (and under exit criteria), scored by
-    /// log-likelihood from local task files, as lm-eval's `acc` and `acc_norm`.
-    Eval(eval::EvalArgs),
     Chat {
         /// Model folder with tokenizer.json and a chat template, or ORG/NAME[@REVISION].
         #[arg(long)]
