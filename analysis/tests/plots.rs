@@ -6,7 +6,7 @@ mod common;
 use analysis::AnalysisError;
 use analysis::curves::TrainingCurves;
 use analysis::dynamics::{Motif, classify};
-use analysis::plot::depth::{Colours, DepthFigure, plot_depth_curves};
+use analysis::plot::depth::{Colours, DepthFigure, plot_depth_bands, plot_depth_curves};
 use analysis::plot::heatmap::{ConvergenceFigure, plot_convergence};
 use analysis::plot::histogram::{ExitHistogram, plot_exit_histogram};
 use analysis::plot::training::{TrainingFigure, plot_training_curves};
@@ -207,6 +207,7 @@ fn depth_curves_use_a_log2_axis() {
         title: "Accuracy by depth",
         y_label: "accuracy",
         series: &series,
+        bands: &[],
         colours: Colours::Categorical,
     };
     assert_drawn(&render(&figure).unwrap(), "depth");
@@ -225,6 +226,32 @@ fn depth_curves_use_a_log2_axis() {
     );
     assert!(svg.contains("harder") && svg.contains("log₂"));
     assert!(plot_depth_curves(&base, "x", "y", &[("zero".into(), vec![(0, 1.0)])], Colours::Ordered).is_err());
+    assert!(!svg.contains("<polygon"), "no band was asked for");
+}
+
+#[test]
+fn depth_bands_shade_each_curve_s_range_in_its_colour() {
+    let series = vec![
+        ("mean".to_string(), vec![(1, 0.5), (4, 0.7), (16, 0.8)]),
+        ("other".to_string(), vec![(1, 0.6), (16, 0.65)]),
+    ];
+    let bands = vec![
+        vec![(1, 0.3, 0.6), (4, 0.6, 0.9), (16, 0.7, 0.95)],
+        vec![(1, 0.55, 0.62), (16, 0.6, 0.7)],
+    ];
+    let scratch = tempfile::tempdir().unwrap();
+    let base = scratch.path().join("band");
+    plot_depth_bands(&base, "Across seeds", "accuracy", &series, &bands, Colours::Categorical).unwrap();
+    let svg = std::fs::read_to_string(base.with_extension("svg")).unwrap();
+    assert_eq!(svg.matches("<polygon").count(), 2, "one band per curve");
+    // The axis reaches the band's lowest edge (0.3), below every curve's point.
+    let texts = svg_texts(&svg);
+    assert!(texts.iter().any(|t| t == "0.3" || t == "0.30"), "{texts:?}");
+    let one_band = &bands[..1];
+    let err = plot_depth_bands(&base, "x", "y", &series, one_band, Colours::Categorical).unwrap_err();
+    assert!(err.to_string().contains("1 bands for 2 curves"), "{err}");
+    let at_zero = vec![vec![(0, 0.1, 0.2), (1, 0.1, 0.2)], vec![(1, 0.5, 0.6)]];
+    assert!(plot_depth_bands(&base, "x", "y", &series, &at_zero, Colours::Categorical).is_err());
 }
 
 #[test]

@@ -42,6 +42,12 @@ enum Task {
         /// Output directory (default runs/demo, or runs/demo-text with --text).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Seed of the run (default: the task's own).
+        #[arg(long)]
+        seed: Option<String>,
+        /// One run per seed and each depth's spread across them (`0..5`: seeds 0 to 5).
+        #[arg(long)]
+        seeds: Option<String>,
     },
     /// Everything CI checks: formatting, clippy, the CUDA code's type-check, the test suite, the
     /// fixture check.
@@ -100,9 +106,20 @@ fn main() -> ExitCode {
                 task,
                 text,
                 out,
+                seed,
+                seeds,
             } => {
                 let out = out.unwrap_or_else(|| PathBuf::from(if text { "runs/demo-text" } else { "runs/demo" }));
-                demo(&device, demo_features(&device), quick, &task, text, &out, false)
+                let mut flags = vec!["--task", &task];
+                flags.extend(quick.then_some("--quick"));
+                flags.extend(text.then_some("--text"));
+                if let Some(seed) = &seed {
+                    flags.extend(["--seed", seed]);
+                }
+                if let Some(seeds) = &seeds {
+                    flags.extend(["--seeds", seeds]);
+                }
+                demo(&device, demo_features(&device), &out, &flags, false)
             }
             Task::Ci => ci(),
             Task::Bench {
@@ -238,7 +255,8 @@ fn build_notice(what: &str, features: &str) -> String {
     format!("== building {what}: the first build compiles {burn}; later builds take seconds")
 }
 
-fn demo(device: &str, features: &str, quick: bool, task: &str, text: bool, out: &Path, quiet: bool) -> Result<()> {
+/// Runs `huginn-demo` on `device` into `out` with `flags` (task, sizes, seeds).
+fn demo(device: &str, features: &str, out: &Path, flags: &[&str], quiet: bool) -> Result<()> {
     if !quiet {
         build("the demo", "analysis", features, "huginn-demo")?;
     }
@@ -247,19 +265,8 @@ fn demo(device: &str, features: &str, quick: bool, task: &str, text: bool, out: 
     if !features.is_empty() {
         args.extend(["--features", features]);
     }
-    args.extend([
-        "--bin",
-        "huginn-demo",
-        "--",
-        "--device",
-        device,
-        "--out",
-        &out,
-        "--task",
-        task,
-    ]);
-    args.extend(quick.then_some("--quick"));
-    args.extend(text.then_some("--text"));
+    args.extend(["--bin", "huginn-demo", "--", "--device", device, "--out", &out]);
+    args.extend(flags);
     args.extend(quiet.then_some("--quiet"));
     cargo(&args)
 }
@@ -363,10 +370,24 @@ fn ci() -> Result<()> {
     check_fixture(&[], false, "cpu", CI_FEATURES)?;
     // The main job's whole pipeline on tiny sizes, every task and text.
     let scratch = std::env::temp_dir().join("huginn-ci-demo");
-    for task in ["pointers", "addition", "chains"] {
-        demo("cpu", CI_FEATURES, true, task, false, &scratch.join(task), true)?;
+    // Pointers as a sweep of two seeds: each seed's whole demo, then the spread across them.
+    demo(
+        "cpu",
+        CI_FEATURES,
+        &scratch.join("pointers"),
+        &["--quick", "--seeds", "0..1"],
+        true,
+    )?;
+    for task in ["addition", "chains"] {
+        demo(
+            "cpu",
+            CI_FEATURES,
+            &scratch.join(task),
+            &["--quick", "--task", task],
+            true,
+        )?;
     }
-    demo("cpu", CI_FEATURES, true, "pointers", true, &scratch.join("text"), true)
+    demo("cpu", CI_FEATURES, &scratch.join("text"), &["--quick", "--text"], true)
 }
 
 #[cfg(test)]

@@ -31,11 +31,16 @@ impl Colours {
     }
 }
 
+/// The range a curve spans across runs (seeds, say): `(depth, lowest, highest)` per point.
+pub type Band = Vec<(usize, f64, f64)>;
+
 pub struct DepthFigure<'a> {
     pub title: &'a str,
     pub y_label: &'a str,
     /// `(label, [(depth, value)])`.
     pub series: &'a [(String, Vec<(usize, f64)>)],
+    /// One band per series, shaded in its colour under the curve; empty for none.
+    pub bands: &'a [Band],
     pub colours: Colours,
 }
 
@@ -48,9 +53,23 @@ impl Figure for DepthFigure<'_> {
         let depths = || self.series.iter().flat_map(|(_, p)| p.iter().map(|(d, _)| *d as f64));
         let lo = depths().fold(f64::INFINITY, f64::min);
         let hi = depths().fold(0.0, f64::max);
-        let (y0, y1) = padded(self.series.iter().flat_map(|(_, p)| p.iter().map(|(_, v)| *v)));
+        let values = self.series.iter().flat_map(|(_, p)| p.iter().map(|(_, v)| *v));
+        let edges = self.bands.iter().flat_map(|b| b.iter().flat_map(|(_, l, h)| [*l, *h]));
+        let (y0, y1) = padded(values.chain(edges));
         let x_desc = "recurrence depth at test time (log₂ scale)";
         let mut chart = log2_chart(root, self.title, (lo, hi), (y0, y1), (x_desc, self.y_label))?;
+        for (s, band) in self.bands.iter().enumerate() {
+            let colour = self.colours.pick(s, self.series.len());
+            let mut band = band.clone();
+            band.sort_by_key(|(d, _, _)| *d);
+            // The upper edge left to right, then the lower edge back.
+            let upper = band.iter().map(|(d, _, h)| (*d as f64, *h));
+            let lower = band.iter().rev().map(|(d, l, _)| (*d as f64, *l));
+            chart.draw_series(std::iter::once(Polygon::new(
+                upper.chain(lower).collect::<Vec<_>>(),
+                colour.mix(0.18).filled(),
+            )))?;
+        }
         for (s, (label, points)) in self.series.iter().enumerate() {
             let colour = self.colours.pick(s, self.series.len());
             let mut points = points.clone();
@@ -116,18 +135,40 @@ pub fn plot_depth_curves(
     series: &[(String, Vec<(usize, f64)>)],
     colours: Colours,
 ) -> Result<Images, AnalysisError> {
+    plot_depth_bands(base, title, y_label, series, &[], colours)
+}
+
+/// As [`plot_depth_curves`], each curve over its band (`bands[i]` under `series[i]`): a mean
+/// across runs over the range the runs span.
+pub fn plot_depth_bands(
+    base: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[(String, Vec<(usize, f64)>)],
+    bands: &[Band],
+    colours: Colours,
+) -> Result<Images, AnalysisError> {
     if series.is_empty()
         || series
             .iter()
             .any(|(_, p)| p.is_empty() || p.iter().any(|(d, _)| *d == 0))
+        || bands.iter().flatten().any(|(d, _, _)| *d == 0)
     {
         return Err(AnalysisError::Invalid("depth curves need points at depths ≥ 1".into()));
+    }
+    if !bands.is_empty() && bands.len() != series.len() {
+        return Err(AnalysisError::Invalid(format!(
+            "{} bands for {} curves; give one per curve or none",
+            bands.len(),
+            series.len()
+        )));
     }
     save(
         &DepthFigure {
             title,
             y_label,
             series,
+            bands,
             colours,
         },
         base,

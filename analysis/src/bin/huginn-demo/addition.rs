@@ -197,6 +197,7 @@ pub fn run(config: &AdditionDemo, out: &Path, device: &Device, progress: bool, s
         recurrent: accuracy,
         baseline: baseline_accuracy,
         by_level: level_accuracy,
+        questions: [test.len(), harder.len()],
     };
     let mut report = task_report(
         "addition",

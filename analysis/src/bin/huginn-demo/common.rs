@@ -206,6 +206,9 @@ pub struct Accuracies<'a> {
     pub recurrent: [Vec<f64>; 2],
     pub baseline: [Vec<f64>; 2],
     pub by_level: Vec<(usize, Vec<f64>)>,
+    /// Questions behind each split's accuracies (in distribution, harder): what a spread across
+    /// seeds needs to tell a gain from sampling noise.
+    pub questions: [usize; 2],
 }
 
 /// The accuracy at depth `depth` of a by-depth list (NaN when that depth was not probed).
@@ -264,6 +267,10 @@ pub fn task_report(
         "baseline_accuracy_by_depth": {
             "in_distribution": by_depth(depths, &accuracies.baseline[0]),
             "harder": by_depth(depths, &accuracies.baseline[1]),
+        },
+        "questions": {
+            "in_distribution": accuracies.questions[0],
+            "harder": accuracies.questions[1],
         },
         "accuracy_by_difficulty_and_depth": accuracies.by_level.iter().map(|(h, a)| (h.to_string(), by_depth(depths, a))).collect::<BTreeMap<_, _>>(),
         "adaptive_exit": exit_json(headline(exits)),

@@ -277,6 +277,13 @@ pub fn run<T: HopTask>(
         recurrent: accuracy,
         baseline: baseline_accuracy,
         by_level: hop_accuracy,
+        questions: [true, false].map(|inside| {
+            per_hop
+                .iter()
+                .filter(|(h, _)| in_distribution(*h) == inside)
+                .map(|(_, set)| set.len())
+                .sum()
+        }),
     };
     let mut report = task_report(
         demo.name,
