@@ -335,7 +335,7 @@ pub fn forward_token_by_token(
     model: &Huginn,
     tokens: &[u32],
     config: AdaptiveConfig,
-) -> Result<Vec<(usize, Vec<f32>)>, InputError> {
+) -> Result<Vec<Predicted>, InputError> {
     if tokens.len() > model.config().block_size {
         return Err(InputError::TooLong {
             len: tokens.len(),
@@ -351,31 +351,41 @@ pub fn forward_token_by_token(
     Ok(out)
 }
 
-/// What generation computes for `prompt` followed by `rest` when `rest` is fed as its answer:
-/// the prompt as one chunk (its last position's prediction is the first returned), then each
-/// token of `rest` alone, each iterated until its exit. Returns the steps and logits of every
-/// prediction, the last one after `rest`'s last token.
+/// A prediction: the recurrence steps it took and its logits.
+pub type Predicted = (usize, Vec<f32>);
+
+/// What generation computes for `prompt` followed by each of `rests` fed as its answer: the
+/// prompt as one chunk (its last position's prediction is the first returned), then each token
+/// of a rest alone, each iterated until its exit. The prompt runs once; each rest goes on from
+/// a copy of the session it left, so each computes exactly what it would alone. Returns, per
+/// rest, the steps and logits of every prediction, the last one after the rest's last token.
 pub fn forward_after_prompt(
     model: &Huginn,
     prompt: &[u32],
-    rest: &[u32],
+    rests: &[Vec<u32>],
     config: AdaptiveConfig,
-) -> Result<Vec<(usize, Vec<f32>)>, InputError> {
-    let len = prompt.len() + rest.len();
-    if len > model.config().block_size {
+) -> Result<Vec<Vec<Predicted>>, InputError> {
+    let context = model.config().block_size;
+    if let Some(rest) = rests.iter().find(|r| prompt.len() + r.len() > context) {
         return Err(InputError::TooLong {
-            len,
-            context: model.config().block_size,
+            len: prompt.len() + rest.len(),
+            context,
         });
     }
     let mut session = Session::new(model, config);
     let first = session.chunk(&[prompt.to_vec()])?.pop().expect("one row");
-    let mut out = vec![(first.steps, first.logits)];
-    for &token in rest {
-        let done = session.chunk(&[vec![token]])?.pop().expect("one row");
-        out.push((done.steps, done.logits));
-    }
-    Ok(out)
+    rests
+        .iter()
+        .map(|rest| {
+            let mut session = session.clone();
+            let mut out = vec![(first.steps, first.logits.clone())];
+            for &token in rest {
+                let done = session.chunk(&[vec![token]])?.pop().expect("one row");
+                out.push((done.steps, done.logits));
+            }
+            Ok(out)
+        })
+        .collect()
 }
 
 /// One row's outcome for a chunk: the step it exited at, its last position's logits there,
@@ -393,7 +403,9 @@ struct Exited {
     state: Tensor<3>,
 }
 
-/// A sequence (or batch) being extended chunk by chunk through one cache.
+/// A sequence (or batch) being extended chunk by chunk through one cache. A clone goes on
+/// from the same point without disturbing the original.
+#[derive(Clone)]
 struct Session<'a> {
     model: &'a Huginn,
     config: AdaptiveConfig,

@@ -15,7 +15,9 @@ use crate::strategy::{Layout, Strategy};
 /// Positions added at a time when a slot grows.
 pub(crate) const BLOCK: usize = 64;
 
-/// Keys, values and which positions hold an entry, for one slot.
+/// Keys, values and which positions hold an entry, for one slot. A clone shares its tensors
+/// until either side writes (a write to a shared tensor copies it first).
+#[derive(Clone)]
 struct Slot {
     /// `[B, H, capacity, d]` keys and values. Held in an `Option` so that writes can take
     /// them by value: a tensor with no other owner is updated in place, not copied.
@@ -78,6 +80,7 @@ impl Slot {
 }
 
 /// Entries per (stored slot σ, position), read through a [`Strategy`].
+#[derive(Clone)]
 pub struct StrategyCache {
     strategy: Strategy,
     layout: Layout,

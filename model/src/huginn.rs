@@ -307,15 +307,21 @@ impl Huginn {
 
     /// Coda and tied head from a RAW state: `wte · ln_f(coda(ln_f(s)))`, logits in f32.
     pub fn coda_head(&self, state: Tensor<3>, rotary: &Rotary, cache: &mut dyn KvCache) -> Tensor<3> {
+        self.head(self.coda(state, rotary, cache))
+    }
+
+    /// The coda from a RAW state, `ln_f(coda(ln_f(s)))`: what the head reads. On its own for
+    /// positions whose keys and values later positions need but whose logits nobody does.
+    pub fn coda(&self, state: Tensor<3>, rotary: &Rotary, cache: &mut dyn KvCache) -> Tensor<3> {
         let mut x = self.latent(state);
         for (l, block) in self.coda.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Coda(l), cache);
         }
-        self.head(self.ln_f.forward(x))
+        self.ln_f.forward(x)
     }
 
     /// The tied output head: `x · wteᵀ`, cast to f32.
-    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         crate::kernels::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
     }
 

@@ -6,10 +6,12 @@
 //! end of the context moves to the choice, the two are encoded together, and the choice's
 //! tokens are what follows the context's own encoding.
 //!
-//! The depths of one run share their recurrence: every batch of questions runs once to the
-//! deepest depth, and the coda reads the state at each depth on the way. Under an exit
-//! criterion a choice is scored as generation would produce it: the context as one prompt
-//! chunk, then each of the choice's tokens alone, iterated until its exit.
+//! The depths of one run share their recurrence, and a question's choices share its context:
+//! every batch of questions runs its contexts once to the deepest depth, the choices read
+//! them, and the coda reads the state at each depth on the way ([`score::choices`]). Under an
+//! exit criterion a choice is scored as generation would produce it: the context as one
+//! prompt chunk (once per question), then each of the choice's tokens alone, iterated until
+//! its exit.
 
 use std::time::Instant;
 
@@ -160,21 +162,21 @@ pub fn evaluate(
         let started = Instant::now();
         let mut tallies = vec![Tally::default(); depths.len()];
         for chunk in chunks(questions, batch.max(1)) {
-            let rows: Vec<Vec<u32>> = chunk
+            let asked: Vec<score::choices::Question<'_>> = chunk
                 .iter()
-                .flat_map(|q| q.choices.iter().map(|c| [q.context.as_slice(), c].concat()))
+                .map(|q| score::choices::Question {
+                    context: &q.context,
+                    choices: &q.choices,
+                })
                 .collect();
-            let scored = score::at_depths(model, &rows, depths, 0)?;
-            for (tally, by_row) in tallies.iter_mut().zip(&scored) {
-                let mut rows = by_row.iter();
-                for question in chunk {
-                    let from = question.context.len();
-                    let choices: Vec<ChoiceScore> = rows
-                        .by_ref()
-                        .take(question.choices.len())
-                        .map(|s| ChoiceScore::of_row(s, from))
-                        .collect();
-                    tally.add(question, &choices);
+            let scored = score::choices::choices_at_depths(model, &asked, depths)?;
+            for ((tally, by_question), &depth) in tallies.iter_mut().zip(&scored).zip(depths) {
+                for (question, choices) in chunk.iter().zip(by_question) {
+                    // The context but its last token ran once; each choice row ran that token
+                    // and its own, and every position ran `depth` steps.
+                    let positions =
+                        question.context.len() - 1 + choices.iter().map(|c| c.tokens.len() + 1).sum::<usize>();
+                    tally.add(question, choices, (depth * positions) as u64);
                 }
             }
             chunk.iter().for_each(|_| progress());
@@ -188,24 +190,17 @@ pub fn evaluate(
         let started = Instant::now();
         let mut tally = Tally::default();
         for question in questions {
-            let choices = question
-                .choices
+            let choices = score::continuations(model, &question.context, &question.choices, *config, 0)?;
+            // The context ran once as one chunk at its exit's steps (`tokens[0]`'s), then each
+            // choice's tokens alone, and the prediction after its last.
+            let context = choices
+                .first()
+                .map_or(0, |c| c.tokens[0].steps * question.context.len());
+            let rest: usize = choices
                 .iter()
-                .map(|c| {
-                    let scores = score::continuation(model, &question.context, c, *config, 0)?;
-                    // The context ran as one chunk at its exit's steps, then each token alone.
-                    let tokens = &scores.tokens;
-                    let core = tokens[0].steps * question.context.len()
-                        + tokens[1..].iter().map(|t| t.steps).sum::<usize>()
-                        + scores.next.steps;
-                    Ok(ChoiceScore {
-                        logprob: tokens.iter().map(|t| f64::from(t.logprob)).sum(),
-                        steps: tokens.iter().map(|t| t.steps).collect(),
-                        core_steps: core as u64,
-                    })
-                })
-                .collect::<Result<Vec<_>, EvalError>>()?;
-            tally.add(question, &choices);
+                .map(|c| c.tokens[1..].iter().map(|t| t.steps).sum::<usize>() + c.next.steps)
+                .sum();
+            tally.add(question, &choices, (context + rest) as u64);
             progress();
         }
         let setting = Setting::Exit {
@@ -236,27 +231,6 @@ fn chunks(questions: &[Question], rows: usize) -> Vec<&[Question]> {
     out
 }
 
-/// How one choice scored: its summed log probability, the steps each of its tokens' predictions
-/// took, and the core iterations its row ran over all positions.
-struct ChoiceScore {
-    logprob: f64,
-    steps: Vec<usize>,
-    core_steps: u64,
-}
-
-impl ChoiceScore {
-    /// From a whole row's scores (one pass, every position at the same depth), the choice
-    /// starting at token `from`.
-    fn of_row(scores: &Scores, from: usize) -> Self {
-        Self {
-            logprob: scores.continuation(from).0,
-            steps: scores.tokens[from - 1..].iter().map(|t| t.steps).collect(),
-            // Every position of the row ran its steps, the last one's (`next`) too.
-            core_steps: scores.tokens.iter().map(|t| t.steps as u64).sum::<u64>() + scores.next.steps as u64,
-        }
-    }
-}
-
 /// Running counts for one setting.
 #[derive(Debug, Clone, Default)]
 struct Tally {
@@ -267,9 +241,10 @@ struct Tally {
 }
 
 impl Tally {
-    /// Adds a question from its choices' scores.
-    fn add(&mut self, question: &Question, choices: &[ChoiceScore]) {
-        let lls: Vec<f64> = choices.iter().map(|c| c.logprob).collect();
+    /// Adds a question from its choices' scores (each choice's tokens only) and the core
+    /// iterations it took over every position.
+    fn add(&mut self, question: &Question, choices: &[Scores], core_steps: u64) {
+        let lls: Vec<f64> = choices.iter().map(|c| c.continuation(1).0).collect();
         let normed: Vec<f64> = lls
             .iter()
             .zip(&question.lengths)
@@ -278,9 +253,9 @@ impl Tally {
         self.correct.push(argmax(&lls) == question.gold);
         self.correct_norm.push(argmax(&normed) == question.gold);
         for choice in choices {
-            self.steps.extend(&choice.steps);
-            self.core_steps += choice.core_steps;
+            self.steps.extend(choice.tokens.iter().map(|t| t.steps));
         }
+        self.core_steps += core_steps;
     }
 
     fn outcome(&self, task: &str, setting: Setting, seconds: f64) -> Outcome {
@@ -363,8 +338,9 @@ mod tests {
             (Setting::Depth { steps: 2 }, 1.0, 1.0)
         );
         assert_eq!((at_two.mean_steps, at_two.max_steps, at_two.acc_stderr), (2.0, 2, 0.0));
-        // Each row: (context + 2) positions, 2 steps each.
-        let positions: usize = questions.iter().map(|q| 3 * (q.context.len() + 2)).sum();
+        // Each question: its context but the last token once, then per choice that token and
+        // the choice's 2; 2 steps each.
+        let positions: usize = questions.iter().map(|q| q.context.len() - 1 + 3 * 3).sum();
         assert_eq!(at_two.core_steps, 2 * positions as u64);
         let adaptive = &outcomes[2];
         assert!(adaptive.mean_steps >= 1.0 && adaptive.max_steps <= 6, "{adaptive:?}");

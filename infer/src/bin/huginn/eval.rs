@@ -39,7 +39,8 @@ pub struct EvalArgs {
     /// Questions per task (the first ones).
     #[arg(long)]
     limit: Option<usize>,
-    /// Most rows (one per choice) scored in one pass.
+    /// Most rows (one per choice; each question's context runs once for all its choices)
+    /// scored in one pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Put the folder's beginning-of-sequence token before each context (text tasks; lm-eval

@@ -9,7 +9,11 @@
 //! under causal attention. The depths of one call share one recurrence: the state after 8
 //! steps is on the way to 16, so the coda reads it at each depth asked for. Under an exit
 //! criterion each token is fed alone and iterated until it exits (the reference's
-//! `forward_with_adaptive_compute`), one row at a time.
+//! `forward_with_adaptive_compute`), one row at a time. Multiple choice shares each context
+//! among its choices: at fixed depths through [`choices`], under an exit through
+//! [`continuations`].
+
+pub mod choices;
 
 use model::burn::prelude::*;
 use model::{Huginn, InitialState, InputError, NoCache};
@@ -177,30 +181,42 @@ pub fn adaptive(model: &Huginn, row: &[u32], config: AdaptiveConfig, top: usize)
     })
 }
 
-/// Scores `continuation` after `context` as generation would produce it under `config`: the
-/// context runs as one prompt chunk, and each continuation token's prediction takes the steps
-/// its own exit took. Only the continuation is scored (`tokens[i]` is `continuation[i]`).
-pub fn continuation(
+/// Scores each of `continuations` after `context` as generation would produce it under
+/// `config`: the context runs as one prompt chunk (once, shared by all), and each continuation
+/// token's prediction takes the steps its own exit took. Only the continuations are scored
+/// (`tokens[i]` is `continuation[i]`); `tokens[0].steps` are the context chunk's.
+pub fn continuations(
     model: &Huginn,
     context: &[u32],
-    continuation: &[u32],
+    continuations: &[Vec<u32>],
     config: AdaptiveConfig,
     top: usize,
-) -> Result<Scores, ScoreError> {
+) -> Result<Vec<Scores>, ScoreError> {
     within("top_logprobs", top, 0, MAX_TOP)?;
     if context.is_empty() {
         return Err(InputError::Empty.into());
     }
-    let mut predictions = adaptive::forward_after_prompt(model, context, continuation, config)?;
-    let (steps, logits) = predictions.pop().expect("the prompt's prediction at least");
-    Ok(Scores {
-        tokens: predictions
-            .iter()
-            .zip(continuation)
-            .map(|((steps, logits), &token)| token_score(logits, token, top, *steps))
-            .collect(),
-        next: Prediction { logits, steps },
-    })
+    let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
+    check_machine_memory(
+        "the logits of this scoring pass",
+        logits_bytes(continuations.len(), longest + 1, model.config().vocab_size),
+    )?;
+    let predictions = adaptive::forward_after_prompt(model, context, continuations, config)?;
+    Ok(predictions
+        .into_iter()
+        .zip(continuations)
+        .map(|(mut predictions, continuation)| {
+            let (steps, logits) = predictions.pop().expect("the prompt's prediction at least");
+            Scores {
+                tokens: predictions
+                    .iter()
+                    .zip(continuation)
+                    .map(|((steps, logits), &token)| token_score(logits, token, top, *steps))
+                    .collect(),
+                next: Prediction { logits, steps },
+            }
+        })
+        .collect())
 }
 
 /// Bytes of `[batch, len, vocab]` f32 logits, on the device and copied to the host.
@@ -306,7 +322,10 @@ mod tests {
         let (context, rest) = (vec![3, 9, 27, 31], vec![12, 5, 40]);
         let whole = at_depths(&model, &[[context.clone(), rest.clone()].concat()], &[5], 2).unwrap();
         let config = AdaptiveConfig::fixed(5, WarmStart::Cold, Strategy::default());
-        let after = continuation(&model, &context, &rest, config, 2).unwrap();
+        let after = continuations(&model, &context, &[rest.clone(), vec![7]], config, 2).unwrap();
+        let alone = continuations(&model, &context, &[vec![7]], config, 2).unwrap();
+        assert_eq!(after[1], alone[0], "a continuation is scored as it is alone");
+        let after = &after[0];
         assert_eq!(after.tokens.len(), rest.len());
         for (got, want) in after.tokens.iter().zip(&whole[0][0].tokens[context.len() - 1..]) {
             assert_eq!(
@@ -315,6 +334,33 @@ mod tests {
             );
             assert!((got.logprob - want.logprob).abs() < 1e-4, "{got:?} vs {want:?}");
         }
+    }
+
+    /// The context runs once for all continuations; each still scores exactly as it does alone,
+    /// under an exit criterion whose steps differ token by token, with a warm start carried
+    /// from the context into the continuation.
+    #[test]
+    fn continuations_of_one_context_each_score_exactly_as_alone_under_an_exit() {
+        let model = tiny();
+        let context = vec![3, 9, 27, 31, 4];
+        let rests = vec![vec![12, 5, 40], vec![7], vec![1, 2, 44, 6]];
+        let config = AdaptiveConfig {
+            criterion: crate::exit::Criterion::LatentDiff,
+            threshold: 0.2,
+            ..AdaptiveConfig::fixed(24, WarmStart::Normalized, Strategy::default())
+        };
+        let together = continuations(&model, &context, &rests, config, 3).unwrap();
+        let mut steps = Vec::new();
+        for (rest, got) in rests.iter().zip(&together) {
+            let alone = continuations(&model, &context, std::slice::from_ref(rest), config, 3).unwrap();
+            assert_eq!(*got, alone[0]);
+            steps.extend(got.tokens.iter().map(|t| t.steps));
+        }
+        assert!(
+            steps.iter().any(|s| *s != steps[0]),
+            "exits at different steps: {steps:?}"
+        );
+        assert!(continuations(&model, &context, &[], config, 3).unwrap().is_empty());
     }
 
     #[test]
