@@ -6,7 +6,8 @@
 # MODEL is a model folder with a tokenizer and a chat template (default: the text demo's,
 # runs/demo-text/recurrent/final, from `cargo xtask demo --text`). The package comes from PyPI
 # into a venv outside the repository ($OPENAI_VENV, default ~/.cache/huginn-openai/venv; once).
-# It runs completions and chat, streamed and not, log probabilities in both formats, the depth
+# It runs completions and chat, streamed and not, log probabilities in both formats (streamed
+# too), the depth
 # in the model name, and a refused request, and checks what the client parsed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,10 +81,21 @@ assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) 
 assert all(t.top_logprobs[0].logprob == t.logprob for t in content), "greedy: each token the most likely"
 print("chat:", repr(chat.choices[0].message.content))
 
-chunks = client.chat.completions.create(
-    model="m", messages=[{"role": "user", "content": "Speak."}], max_tokens=8, temperature=0, stream=True,
-)
-assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+chunks = list(client.chat.completions.create(
+    model="m@r=8@exit=kl:0.001", messages=[{"role": "user", "content": "Speak."}], max_tokens=8, temperature=0,
+    stream=True, logprobs=True, top_logprobs=3,
+))
+assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+streamed_content = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+assert [(t.token, t.logprob) for t in streamed_content] == [(t.token, t.logprob) for t in content], streamed_content
+
+pieces = list(client.completions.create(
+    model="m@r=8", prompt="ROMEO. What", max_tokens=4, temperature=0, echo=True, logprobs=2, stream=True,
+))
+offsets = [o for p in pieces if p.choices and p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset]
+assert offsets == sorted(offsets) and len(offsets) == scored.usage.prompt_tokens + 4, offsets
+assert pieces[0].choices[0].text == "ROMEO. What", pieces[0]
+print("streamed with logprobs:", repr("".join(p.choices[0].text for p in pieces if p.choices)))
 
 try:
     client.completions.create(model="m", prompt="x", max_tokens=1, logprobs=21)

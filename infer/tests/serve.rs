@@ -1678,6 +1678,82 @@ async fn scoring_requests_get_the_library_s_log_probabilities_alone_or_together(
     assert_serving(&client, &url, &app, "scoring").await;
 }
 
+/// A streamed answer with log probabilities carries, chunk by chunk, what the whole answer
+/// carries: an echoed prompt and its scores in a chunk of their own, then each token's, the
+/// text offsets running on across chunks; the chat format's entries one chunk each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_probabilities_stream_as_the_whole_answer_gives_them() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+        "logprobs": true, "top_logprobs": 2});
+    for (path, request) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": true, "num_steps": 4}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 5, "temperature": 0.8, "seed": 7, "logprobs": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 0, "echo": true, "logprobs": 1}),
+        ),
+        ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 3, "echo": true})),
+        ("/v1/chat/completions", chat),
+    ] {
+        let is_chat = path.contains("chat");
+        let (status, whole) = post(&client, &url, path, request.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        let mut streamed = request.clone();
+        streamed["stream"] = json!(true);
+        let response = client.post(format!("{url}{path}")).json(&streamed).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let events = sse_data(response).await;
+        let (text, finish) = streamed_text(&events, is_chat);
+        let choice = &whole["choices"][0];
+        let whole_text = if is_chat { &choice["message"]["content"] } else { &choice["text"] };
+        assert_eq!((json!(text), json!(finish)), (whole_text.clone(), choice["finish_reason"].clone()), "{request}");
+        let pieces: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter(|c| c["choices"] != json!([]))
+            .map(|c| c["choices"][0]["logprobs"].clone())
+            .filter(|l| !l.is_null())
+            .collect();
+        let joined = |key: &str| -> Value {
+            pieces.iter().flat_map(|p| p[key].as_array().unwrap().clone()).collect()
+        };
+        let want = &choice["logprobs"];
+        if want.is_null() {
+            assert!(pieces.is_empty(), "{request}: {pieces:?}");
+        } else if is_chat {
+            assert_eq!(joined("content"), want["content"], "{request}");
+            assert!(pieces.iter().all(|p| p["content"].as_array().unwrap().len() == 1));
+        } else {
+            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                assert_eq!(joined(key), want[key], "{request}: {key}");
+            }
+        }
+    }
+    assert_serving(&client, &url, &app, "streamed scoring").await;
+    // Without a tokenizer the text is token ids: the echoed ones and the answer's are one list.
+    let bare = folder(DEFAULT_IDS);
+    std::fs::remove_file(bare.path().join("tokenizer.json")).unwrap();
+    let (url, _bare_app) = start(bare.path(), limits(), None).await;
+    let request = json!({"prompt": [[3, 4, 5]], "max_tokens": 3, "echo": true, "logprobs": 1, "temperature": 0});
+    let (status, whole) = post(&client, &url, "/v1/completions", request.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let response = client.post(format!("{url}/v1/completions")).json(&streamed).send().await.unwrap();
+    let (text, _) = streamed_text(&sse_data(response).await, false);
+    assert_eq!(json!(text), whole["choices"][0]["text"]);
+    assert!(text.starts_with("3,4,5,") && text.split(',').count() == 6, "{text}");
+}
+
 /// Scoring asks that cannot be met are refused by name, before any work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoring_requests_out_of_range_are_refused_by_name() {
@@ -1702,7 +1778,6 @@ async fn scoring_requests_out_of_range_are_refused_by_name() {
         (with("logprobs", json!(-1)), "logprobs"),
         (with("logprobs", json!("many")), "logprobs"),
         (with("top_logprobs", json!(2)), "top_logprobs"),
-        (with("stream", json!(true)), "stream"),
         (with("sampler", json!("diffusion")), "sampler"),
         (with("model", json!("tiny@r=x")), "model"),
         (with("model", json!("tiny@depth=4")), "model"),

@@ -529,19 +529,11 @@ impl Request {
                 ),
             ));
         }
-        if scoring.is_some() {
-            if self.stream {
-                return Err(ApiError::invalid(
-                    param("stream"),
-                    "`stream` cannot be combined with `logprobs` or `echo` (not supported yet)",
-                ));
-            }
-            if self.sampler.as_deref().is_some_and(|s| s != "sequential") {
-                return Err(ApiError::invalid(
-                    param("sampler"),
-                    "`logprobs` and `echo` score with the sequential sampler only",
-                ));
-            }
+        if scoring.is_some() && self.sampler.as_deref().is_some_and(|s| s != "sequential") {
+            return Err(ApiError::invalid(
+                param("sampler"),
+                "`logprobs` and `echo` score with the sequential sampler only",
+            ));
         }
         let config = self.recurrence(defaults)?;
         let sampling = self.sampling(folder, vocab)?;

@@ -16,41 +16,59 @@ pub fn completion(
     echo: Option<(&[u32], &[TokenScore])>,
     answer: &[TokenScore],
 ) -> Value {
-    let mut ids = Vec::new();
-    let mut token_logprobs = Vec::new();
-    let mut top_logprobs = Vec::new();
-    if let Some((prompt, scores)) = echo {
-        ids.extend_from_slice(prompt);
-        token_logprobs.push(Value::Null);
-        top_logprobs.push(Value::Null);
-        for score in scores {
+    Completion::default().piece(tokenizer, echo, answer)
+}
+
+/// The legacy completions object built a piece at a time, as a streamed answer sends it (one
+/// piece per chunk): each piece's text offsets run on from where the last one ended.
+#[derive(Debug, Default)]
+pub struct Completion {
+    offset: usize,
+}
+
+impl Completion {
+    /// The object for the echoed prompt (if any) followed by `answer`.
+    pub fn piece(
+        &mut self,
+        tokenizer: Option<&Tokenizer>,
+        echo: Option<(&[u32], &[TokenScore])>,
+        answer: &[TokenScore],
+    ) -> Value {
+        let mut ids = Vec::new();
+        let mut token_logprobs = Vec::new();
+        let mut top_logprobs = Vec::new();
+        if let Some((prompt, scores)) = echo {
+            ids.extend_from_slice(prompt);
+            token_logprobs.push(Value::Null);
+            top_logprobs.push(Value::Null);
+            for score in scores {
+                token_logprobs.push(json!(score.logprob));
+                top_logprobs.push(alternatives(tokenizer, score));
+            }
+        }
+        for score in answer {
+            ids.push(score.token);
             token_logprobs.push(json!(score.logprob));
             top_logprobs.push(alternatives(tokenizer, score));
         }
+        // A token's text alone (special tokens by name); offsets count the characters each
+        // token adds to the text, which leaves special tokens out (as the answer's text does).
+        let tokens: Vec<String> = ids.iter().map(|&id| piece(tokenizer, id, false)).collect();
+        let mut offsets = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            offsets.push(self.offset);
+            self.offset += match tokenizer {
+                Some(_) => piece(tokenizer, id, true).chars().count(),
+                None => tokens[i].len() + 1,
+            };
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        })
     }
-    for score in answer {
-        ids.push(score.token);
-        token_logprobs.push(json!(score.logprob));
-        top_logprobs.push(alternatives(tokenizer, score));
-    }
-    // A token's text alone (special tokens by name); offsets count the characters each
-    // token adds to the text, which leaves special tokens out (as the answer's text does).
-    let tokens: Vec<String> = ids.iter().map(|&id| piece(tokenizer, id, false)).collect();
-    let mut offsets = Vec::with_capacity(ids.len());
-    let mut offset = 0;
-    for (i, &id) in ids.iter().enumerate() {
-        offsets.push(offset);
-        offset += match tokenizer {
-            Some(_) => piece(tokenizer, id, true).chars().count(),
-            None => tokens[i].len() + 1,
-        };
-    }
-    json!({
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": offsets,
-    })
 }
 
 /// The answer's text after the prompt's (`echo`): the prompt decoded as the answer is (token

@@ -474,9 +474,10 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
     }
 }
 
-/// The answer as server-sent events: one chunk per piece of text, a last chunk with the finish
-/// reason, the usage chunk when asked for, then `[DONE]`. Dropping the stream (the client
-/// went away) closes the request's channel, and the engine drops its row.
+/// The answer as server-sent events: one chunk per piece of text (with its token's log
+/// probabilities when asked; an echoed prompt first, in a chunk of its own), a last chunk with
+/// the finish reason, the usage chunk when asked for, then `[DONE]`. Dropping the stream (the
+/// client went away) closes the request's channel, and the engine drops its row.
 fn stream(
     meta: Meta,
     events: mpsc::UnboundedReceiver<Event>,
@@ -487,18 +488,44 @@ fn stream(
         out.push_back(chunk(
             &meta,
             Some(json!({"role": "assistant", "content": ""})),
+            Value::Null,
             None,
             None,
         ));
     }
-    let state = (meta, events, out, false);
-    futures_util::stream::unfold(state, move |(meta, mut events, mut out, mut ended)| async move {
-        while out.is_empty() && !ended {
+    let state = (meta, events, out, Pieces::default());
+    futures_util::stream::unfold(state, move |(meta, mut events, mut out, mut pieces)| async move {
+        let tokenizer = meta.folder.tokenizer.as_ref();
+        while out.is_empty() && !pieces.ended {
             match events.recv().await {
                 // A chunk for every token, even one whose text is held back: clients see
                 // the recurrence per token, and a client that has gone is noticed at once.
-                Some(Event::Token { text, steps, .. }) => {
-                    out.push_back(chunk(&meta, Some(text.into()), None, Some(steps)));
+                Some(Event::Token {
+                    mut text, steps, score, ..
+                }) => {
+                    let scores = score.as_slice();
+                    let logprobs = match (meta.logprobs, meta.endpoint) {
+                        (false, _) => Value::Null,
+                        (true, Endpoint::Completions) => pieces.logprobs.piece(tokenizer, None, scores),
+                        (true, Endpoint::Chat) => logprobs::chat(tokenizer, scores),
+                    };
+                    // Without a tokenizer the echoed ids and the answer's are one list.
+                    if pieces.echoed && pieces.tokens == 0 && tokenizer.is_none() {
+                        text.insert(0, ',');
+                    }
+                    pieces.tokens += 1;
+                    out.push_back(chunk(&meta, Some(text.into()), logprobs, None, Some(steps)));
+                }
+                Some(Event::Scored { prompt: scores }) => {
+                    if let Some(prompt) = &meta.echo {
+                        let logprobs = match meta.logprobs {
+                            true => pieces.logprobs.piece(tokenizer, Some((prompt, &scores)), &[]),
+                            false => Value::Null,
+                        };
+                        let text = logprobs::echoed(tokenizer, prompt, "");
+                        out.push_back(chunk(&meta, Some(text.into()), logprobs, None, None));
+                        pieces.echoed = true;
+                    }
                 }
                 Some(Event::Done {
                     finish,
@@ -506,41 +533,50 @@ fn stream(
                     steps_per_token,
                 }) => {
                     if !tail.is_empty() {
-                        out.push_back(chunk(&meta, Some(tail.into()), None, None));
+                        out.push_back(chunk(&meta, Some(tail.into()), Value::Null, None, None));
                     }
-                    out.push_back(chunk(&meta, None, Some(finish), None));
+                    out.push_back(chunk(&meta, None, Value::Null, Some(finish), None));
                     if include_usage {
                         out.push_back(usage_chunk(&meta, &steps_per_token));
                     }
                     out.push_back(SseEvent::default().data("[DONE]"));
-                    ended = true;
+                    pieces.ended = true;
                 }
-                // Scoring requests are not streamed (refused when they ask).
-                Some(Event::Scored { .. }) => {}
                 Some(Event::Failed(reason)) => {
                     let error = ApiError::with(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", reason);
                     out.push_back(SseEvent::default().data(error.body().to_string()));
                     out.push_back(SseEvent::default().data("[DONE]"));
-                    ended = true;
+                    pieces.ended = true;
                 }
                 None => {
                     out.push_back(SseEvent::default().data(engine_gone().body().to_string()));
-                    ended = true;
+                    pieces.ended = true;
                 }
             }
         }
         let next = out.pop_front()?;
-        Some((Ok(next), (meta, events, out, ended)))
+        Some((Ok(next), (meta, events, out, pieces)))
     })
 }
 
-/// One streamed chunk: a text piece (or the chat's opening role), or the finish reason.
-fn chunk(meta: &Meta, content: Option<Value>, finish: Option<Finish>, steps: Option<usize>) -> SseEvent {
+/// Where a stream stands: tokens sent, whether the prompt was echoed, the completions
+/// `logprobs` offsets, and whether the answer ended.
+#[derive(Debug, Default)]
+struct Pieces {
+    tokens: usize,
+    echoed: bool,
+    logprobs: logprobs::Completion,
+    ended: bool,
+}
+
+/// One streamed chunk: a text piece (or the chat's opening role) with its `logprobs`, or the
+/// finish reason.
+fn chunk(meta: &Meta, content: Option<Value>, logprobs: Value, finish: Option<Finish>, steps: Option<usize>) -> SseEvent {
     let finish = finish.map(Finish::as_str);
     let (object, choice) = match meta.endpoint {
         Endpoint::Completions => (
             "text_completion",
-            json!({"index": 0, "text": content.unwrap_or(json!("")), "logprobs": null, "finish_reason": finish, "num_steps": steps}),
+            json!({"index": 0, "text": content.unwrap_or(json!("")), "logprobs": logprobs, "finish_reason": finish, "num_steps": steps}),
         ),
         Endpoint::Chat => {
             let delta = match content {
@@ -550,7 +586,7 @@ fn chunk(meta: &Meta, content: Option<Value>, finish: Option<Finish>, steps: Opt
             };
             (
                 "chat.completion.chunk",
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish, "num_steps": steps}),
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish, "num_steps": steps}),
             )
         }
     };
