@@ -1701,7 +1701,10 @@ async fn log_probabilities_stream_as_the_whole_answer_gives_them() {
             "/v1/completions",
             json!({"prompt": "Hello", "max_tokens": 0, "echo": true, "logprobs": 1}),
         ),
-        ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 3, "echo": true})),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 3, "echo": true}),
+        ),
         ("/v1/chat/completions", chat),
     ] {
         let is_chat = path.contains("chat");
@@ -1709,13 +1712,26 @@ async fn log_probabilities_stream_as_the_whole_answer_gives_them() {
         assert_eq!(status, StatusCode::OK, "{whole}");
         let mut streamed = request.clone();
         streamed["stream"] = json!(true);
-        let response = client.post(format!("{url}{path}")).json(&streamed).send().await.unwrap();
+        let response = client
+            .post(format!("{url}{path}"))
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let events = sse_data(response).await;
         let (text, finish) = streamed_text(&events, is_chat);
         let choice = &whole["choices"][0];
-        let whole_text = if is_chat { &choice["message"]["content"] } else { &choice["text"] };
-        assert_eq!((json!(text), json!(finish)), (whole_text.clone(), choice["finish_reason"].clone()), "{request}");
+        let whole_text = if is_chat {
+            &choice["message"]["content"]
+        } else {
+            &choice["text"]
+        };
+        assert_eq!(
+            (json!(text), json!(finish)),
+            (whole_text.clone(), choice["finish_reason"].clone()),
+            "{request}"
+        );
         let pieces: Vec<Value> = events[..events.len() - 1]
             .iter()
             .map(|e| serde_json::from_str::<Value>(e).unwrap())
@@ -1723,9 +1739,7 @@ async fn log_probabilities_stream_as_the_whole_answer_gives_them() {
             .map(|c| c["choices"][0]["logprobs"].clone())
             .filter(|l| !l.is_null())
             .collect();
-        let joined = |key: &str| -> Value {
-            pieces.iter().flat_map(|p| p[key].as_array().unwrap().clone()).collect()
-        };
+        let joined = |key: &str| -> Value { pieces.iter().flat_map(|p| p[key].as_array().unwrap().clone()).collect() };
         let want = &choice["logprobs"];
         if want.is_null() {
             assert!(pieces.is_empty(), "{request}: {pieces:?}");
@@ -1748,10 +1762,92 @@ async fn log_probabilities_stream_as_the_whole_answer_gives_them() {
     assert_eq!(status, StatusCode::OK, "{whole}");
     let mut streamed = request;
     streamed["stream"] = json!(true);
-    let response = client.post(format!("{url}/v1/completions")).json(&streamed).send().await.unwrap();
+    let response = client
+        .post(format!("{url}/v1/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
     let (text, _) = streamed_text(&sse_data(response).await, false);
     assert_eq!(json!(text), whole["choices"][0]["text"]);
     assert!(text.starts_with("3,4,5,") && text.split(',').count() == 6, "{text}");
+}
+
+/// `/metrics` counts what clients were sent: tokens, steps per token, finished requests by
+/// reason, one latency per token; its gauges read the engine; it needs no key, as `/health`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_clients_were_sent() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), Some("sesame")).await;
+    let client = Client::new();
+    let mut tokens = 0;
+    let mut steps = 0;
+    for (body, stream) in [
+        (json!({"prompt": "Hello", "max_tokens": 5, "num_steps": 3}), false),
+        (
+            json!({"prompt": "Hi", "max_tokens": 4, "num_steps": 2, "stream": true}),
+            true,
+        ),
+        (
+            json!({"prompt": "Hi", "max_tokens": 6, "exit_criterion": "kl", "exit_threshold": 0.01}),
+            false,
+        ),
+    ] {
+        let response = client
+            .post(format!("{url}/v1/completions"))
+            .bearer_auth("sesame")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        if stream {
+            let events = sse_data(response).await;
+            for event in &events[..events.len() - 1] {
+                let chunk: Value = serde_json::from_str(event).unwrap();
+                if let Some(n) = chunk["choices"][0]["num_steps"].as_u64() {
+                    tokens += 1;
+                    steps += n;
+                }
+            }
+        } else {
+            let answer: Value = response.json().await.unwrap();
+            let per_token = answer["choices"][0]["steps_per_token"].as_array().unwrap();
+            tokens += per_token.len() as u64;
+            steps += per_token.iter().map(|s| s.as_u64().unwrap()).sum::<u64>();
+        }
+    }
+    let response = client.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "no key needed");
+    let kind = response.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    let text = response.text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("huginn_generation_tokens_total"), tokens as f64);
+    assert_eq!(value("huginn_core_steps_per_token_count"), tokens as f64);
+    assert_eq!(value("huginn_core_steps_per_token_sum"), steps as f64);
+    assert_eq!(value("huginn_time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(value("huginn_time_per_output_token_seconds_count"), (tokens - 3) as f64);
+    let finished: f64 = ["stop", "length"]
+        .iter()
+        .filter_map(|r| {
+            let name = format!("huginn_requests_finished_total{{finish=\"{r}\"}}");
+            text.lines()
+                .find(|l| l.starts_with(&name))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        })
+        .sum();
+    assert_eq!(finished, 3.0, "{text}");
+    assert_eq!(value("huginn_requests_running"), 0.0);
+    assert_eq!(value("huginn_kv_cache_bytes"), 0.0);
+    assert_eq!(value("huginn_kv_cache_budget_bytes"), limits().kv_budget_bytes as f64);
+    assert!(value("huginn_prompt_tokens_total") >= 3.0);
 }
 
 /// Scoring asks that cannot be met are refused by name, before any work.

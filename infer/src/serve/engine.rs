@@ -140,6 +140,8 @@ struct Shared {
     running: AtomicUsize,
     /// Tokens generated since the start.
     generated: AtomicUsize,
+    /// KV-cache bytes reserved for the running batch (what its admission counted).
+    kv_bytes: AtomicUsize,
     /// Set once: end everything now.
     cancel: AtomicBool,
     /// Set once the engine thread has ended, however it ended.
@@ -236,6 +238,14 @@ impl Engine {
     /// Tokens generated since the start.
     pub fn generated(&self) -> usize {
         self.shared.generated.load(Ordering::Acquire)
+    }
+
+    /// KV-cache bytes reserved for the running batch, and the budget.
+    pub fn kv_bytes(&self) -> (usize, usize) {
+        (
+            self.shared.kv_bytes.load(Ordering::Acquire),
+            self.limits.kv_budget_bytes,
+        )
     }
 
     /// Whether the engine thread is still running (it ends only when the engine is dropped,
@@ -357,7 +367,10 @@ impl Worker {
                 continue;
             }
             self.shared.running.store(batch.len(), Ordering::Release);
+            let reserved = self.per_position.batch(&batch);
+            self.shared.kv_bytes.store(reserved, Ordering::Release);
             guarded(&batch, |batch| self.decode(batch));
+            self.shared.kv_bytes.store(0, Ordering::Release);
             self.shared.running.store(0, Ordering::Release);
         }
     }

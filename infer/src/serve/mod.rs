@@ -2,9 +2,9 @@
 //! (steps, exit criterion, cache strategy, warm start) and streaming by server-sent events.
 //!
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
-//! `GET /health`. Every error is a JSON body `{"error": {...}}` with a 4xx/5xx status; a full
-//! queue answers 503 and shutting down finishes (then, after a grace period, cancels) what is
-//! running. Bodies and prompt text are bounded by what the model's context can hold. Every
+//! `GET /health`, `GET /metrics`. Every error is a JSON body `{"error": {...}}` with a 4xx/5xx
+//! status; a full queue answers 503 and shutting down finishes (then, after a grace period,
+//! cancels) what is running. Bodies and prompt text are bounded by what the model's context can hold. Every
 //! answer, and every streamed chunk, carries the `seed` its sampling used (drawn afresh when
 //! the request gave none), so that a sampled answer can be asked for again.
 //!
@@ -17,6 +17,7 @@ pub mod api;
 pub mod connections;
 pub mod engine;
 pub mod logprobs;
+pub mod metrics;
 #[cfg(test)]
 mod tests;
 
@@ -45,6 +46,7 @@ use connections::BodyTimeout;
 pub use connections::{ConnectionLimits, PROBE_EVERY};
 use engine::{Engine, EngineLimits, Event, Finish, Job, Refusal};
 use folder::ModelFolder;
+use metrics::{Clock, EngineState, Metrics};
 
 /// Everything the handlers share.
 pub struct App {
@@ -56,6 +58,7 @@ pub struct App {
     draining: AtomicBool,
     next_id: AtomicU64,
     started: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -71,6 +74,7 @@ impl App {
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             started: unix_seconds(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -101,6 +105,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(|| async { ApiError::with(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(method_not_allowed)
@@ -167,6 +172,19 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// The server's metrics in the Prometheus text format; open like `/health` (a count of
+/// requests and tokens, nothing of their content).
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (kv_bytes, kv_budget) = app.engine.kv_bytes();
+    let text = app.metrics.render(EngineState {
+        waiting: app.engine.queued(),
+        running: app.engine.running(),
+        kv_bytes,
+        kv_budget,
+    });
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
 async fn models(State(app): State<Arc<App>>) -> Response {
     let config = app.folder.model.config();
     axum::Json(json!({
@@ -227,6 +245,9 @@ struct Meta {
     logprobs: bool,
     /// The folder, whose tokenizer writes a scoring answer's tokens.
     folder: Arc<ModelFolder>,
+    metrics: Arc<Metrics>,
+    /// Started as the request is submitted: its time to first token and between tokens.
+    clock: Clock,
 }
 
 async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Result<Response, ApiError> {
@@ -261,6 +282,8 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Resu
         echo: parsed.echo.then(|| parsed.row.prompt.clone()),
         logprobs: parsed.scoring.is_some(),
         folder: app.folder.clone(),
+        metrics: app.metrics.clone(),
+        clock: Clock::start(),
     };
     let job = Job {
         row: parsed.row,
@@ -286,6 +309,7 @@ async fn answer(app: Arc<App>, endpoint: Endpoint, request: HttpRequest) -> Resu
         ),
         Refusal::Stopped => engine_stopped(),
     })?;
+    app.metrics.admitted(meta.prompt_tokens);
     if parsed.stream {
         Ok(Sse::new(stream(meta, receiver, parsed.include_usage))
             .keep_alive(KeepAlive::default())
@@ -409,7 +433,7 @@ fn engine_gone() -> ApiError {
 }
 
 /// The whole answer at once.
-async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+async fn whole(mut meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut prompt_scores = Vec::new();
@@ -417,14 +441,19 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
     loop {
         match events.recv().await.ok_or_else(engine_gone)? {
             Event::Token {
-                id, text: piece, score, ..
+                id,
+                text: piece,
+                score,
+                steps,
             } => {
+                meta.clock.token(&meta.metrics, steps);
                 text += &piece;
                 ids.push(id);
                 scores.extend(score);
             }
             Event::Scored { prompt } => prompt_scores = prompt,
             Event::Failed(reason) => {
+                meta.metrics.finished(None);
                 return Err(ApiError::with(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "generation_failed",
@@ -436,6 +465,7 @@ async fn whole(meta: Meta, mut events: mpsc::UnboundedReceiver<Event>) -> Result
                 tail,
                 steps_per_token,
             } => {
+                meta.metrics.finished(Some(finish));
                 text += &tail;
                 let tokenizer = meta.folder.tokenizer.as_ref();
                 let logprobs = match (meta.logprobs, meta.endpoint) {
@@ -494,7 +524,7 @@ fn stream(
         ));
     }
     let state = (meta, events, out, Pieces::default());
-    futures_util::stream::unfold(state, move |(meta, mut events, mut out, mut pieces)| async move {
+    futures_util::stream::unfold(state, move |(mut meta, mut events, mut out, mut pieces)| async move {
         let tokenizer = meta.folder.tokenizer.as_ref();
         while out.is_empty() && !pieces.ended {
             match events.recv().await {
@@ -514,6 +544,7 @@ fn stream(
                         text.insert(0, ',');
                     }
                     pieces.tokens += 1;
+                    meta.clock.token(&meta.metrics, steps);
                     out.push_back(chunk(&meta, Some(text.into()), logprobs, None, Some(steps)));
                 }
                 Some(Event::Scored { prompt: scores }) => {
@@ -532,6 +563,7 @@ fn stream(
                     tail,
                     steps_per_token,
                 }) => {
+                    meta.metrics.finished(Some(finish));
                     if !tail.is_empty() {
                         out.push_back(chunk(&meta, Some(tail.into()), Value::Null, None, None));
                     }
@@ -543,6 +575,7 @@ fn stream(
                     pieces.ended = true;
                 }
                 Some(Event::Failed(reason)) => {
+                    meta.metrics.finished(None);
                     let error = ApiError::with(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", reason);
                     out.push_back(SseEvent::default().data(error.body().to_string()));
                     out.push_back(SseEvent::default().data("[DONE]"));
@@ -571,7 +604,13 @@ struct Pieces {
 
 /// One streamed chunk: a text piece (or the chat's opening role) with its `logprobs`, or the
 /// finish reason.
-fn chunk(meta: &Meta, content: Option<Value>, logprobs: Value, finish: Option<Finish>, steps: Option<usize>) -> SseEvent {
+fn chunk(
+    meta: &Meta,
+    content: Option<Value>,
+    logprobs: Value,
+    finish: Option<Finish>,
+    steps: Option<usize>,
+) -> SseEvent {
     let finish = finish.map(Finish::as_str);
     let (object, choice) = match meta.endpoint {
         Endpoint::Completions => (
