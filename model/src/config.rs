@@ -382,29 +382,50 @@ impl HuginnConfig {
 
     /// [`Self::num_params`], or `None` where it overflows: then some tensor's size does too.
     fn checked_num_params(&self) -> Option<usize> {
-        let (h, i) = (self.n_embd, self.intermediate_size);
-        let mul = |a: usize, b: usize| a.checked_mul(b);
-        // Per block: four norms (4h), Wqkv (3h²), qk_bias (2h), proj (h²), fc (2ih), mlp.proj (ih).
-        let block = mul(4, mul(h, h)?)?
-            .checked_add(mul(6, h)?)?
-            .checked_add(mul(3, mul(i, h)?)?)?;
+        let h = self.n_embd;
         let blocks = self
             .n_layers_in_prelude
             .checked_add(self.n_layers_in_recurrent_block)?
             .checked_add(self.n_layers_in_coda)?;
         // Plus the embedding (vh), the adapter (2h²) and ln_f (h).
-        mul(blocks, block)?
-            .checked_add(mul(self.vocab_size, h)?)?
-            .checked_add(mul(2, mul(h, h)?)?)?
+        blocks
+            .checked_mul(self.block_params()?)?
+            .checked_add(self.vocab_size.checked_mul(h)?)?
+            .checked_add(2usize.checked_mul(h.checked_mul(h)?)?)?
             .checked_add(h)
+    }
+
+    /// Parameters of one recurrence step, the adapter and the core blocks: what decoding reads
+    /// `r` times per token. Checked by [`Self::validate`] not to overflow.
+    pub fn core_params(&self) -> usize {
+        let h = self.n_embd;
+        (self.n_layers_in_recurrent_block * self.block_params().expect("validated sizes")) + 2 * h * h
+    }
+
+    /// Parameters of one transformer block, or `None` where it overflows.
+    fn block_params(&self) -> Option<usize> {
+        let (h, i) = (self.n_embd, self.intermediate_size);
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        // Four norms (4h), Wqkv (3h²), qk_bias (2h), proj (h²), fc (2ih), mlp.proj (ih).
+        mul(4, mul(h, h)?)?
+            .checked_add(mul(6, h)?)?
+            .checked_add(mul(3, mul(i, h)?)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use serde_json::json;
 
-    use super::*;
+    /// Huginn-0125's core iteration: 1.64 billion parameters, 3.27 GB in bf16 (the issue's
+    /// figure for what decoding streams per iteration).
+    #[test]
+    fn huginn_0125_core_parameters() {
+        let c = HuginnConfig::default();
+        assert_eq!(c.core_params(), 1_637_349_120);
+        assert!(c.core_params() < c.num_params());
+    }
 
     #[test]
     fn default_is_huginn_0125() {

@@ -29,6 +29,7 @@
 //! [`Device`]: burn::prelude::Device
 
 pub mod attention;
+pub mod bandwidth;
 pub mod block;
 pub mod cache;
 pub mod checkpoint;

@@ -27,7 +27,7 @@ use infer::limits::{self, MAX_EXIT_THRESHOLD};
 use infer::range::{within, within_f64};
 use infer::strategy::Strategy;
 use infer::warm_start::WarmStart;
-use model::{Backend, HuginnConfig, Precision, peak_rss_bytes};
+use model::{Backend, HuginnConfig, Precision, bandwidth, peak_rss_bytes};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -50,6 +50,12 @@ struct Args {
     /// vocabulary 65536) instead of the shape flags.
     #[arg(long, conflicts_with_all = ["model", "width", "heads", "layers", "vocab_size"])]
     huginn_0125: bool,
+    /// Measure the machine's memory bandwidth (every core summing 1 GiB) and print decoding's
+    /// rate against it: the bytes a core iteration reads (the core's weights and the KV
+    /// entries), GB/s, and the fraction of the measured bandwidth. On with --huginn-0125; CPU
+    /// only.
+    #[arg(long)]
+    bandwidth: bool,
     #[arg(long, default_value_t = 256)]
     width: usize,
     #[arg(long, default_value_t = 4)]
@@ -258,6 +264,29 @@ fn run(args: Args) -> Result<()> {
     };
     let kv_bytes = bytes_per_position(args.cache, model.config(), args.steps, element);
     let c = model.config();
+    let streamed = (args.bandwidth || args.huginn_0125).then(|| -> Result<_> {
+        if !on_host {
+            bail!(
+                "--bandwidth measures the CPU's memory; the device here is {:?}",
+                args.device
+            );
+        }
+        // A decoding iteration reads the core's weights once for the batch, and each row's
+        // keys and values of every core layer at the positions so far (on average the prompt
+        // and half the new tokens).
+        let weights = c.core_params() * element;
+        let positions = args.prompt_len + args.new_tokens / 2;
+        let kv = args.batch * c.n_layers_in_recurrent_block * 2 * c.n_embd * element * positions;
+        let bytes = (weights + kv) as f64;
+        limits::check_machine_memory("the bandwidth probe's buffer", Some(bandwidth::PROBE_BYTES))?;
+        let measured = bandwidth::measure(bandwidth::PROBE_BYTES);
+        let rate = bytes / (median.ms_per_core_iteration / 1e3);
+        Ok(json!({
+            "bytes_per_core_iteration": bytes, "streamed_bytes_per_second": rate,
+            "measured_bytes_per_second": measured, "fraction_of_bandwidth": rate / measured,
+        }))
+    });
+    let streamed = streamed.transpose()?;
     let layers = [c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda];
     let figures = json!({
         "device": format!("{:?}", args.device), "dtype": args.dtype.name(), "width": model.config().n_embd,
@@ -271,6 +300,7 @@ fn run(args: Args) -> Result<()> {
         "mean_steps_per_token": median.mean_steps_per_token,
         "kv_bytes_per_token": kv_bytes,
         "peak_memory_bytes": peak_rss_bytes(),
+        "bandwidth": streamed,
         "diffusion": diffusion.map(|d| json!({
             "inner_recurrence": args.inner_recurrence, "headway": args.headway,
             "freeze_strategy": args.freeze_strategy.name(), "exit_t": args.exit_t, "max_wavefront": args.max_wavefront,
@@ -301,6 +331,16 @@ fn run(args: Args) -> Result<()> {
         median.ms_per_core_iteration,
         median.mean_steps_per_token
     );
+    if let Some(s) = &streamed {
+        let gb = |key: &str| s[key].as_f64().unwrap_or(f64::NAN) / 1e9;
+        println!(
+            "a core iteration reads {:.3} GB (core weights and KV) · {:.1} GB/s · measured bandwidth {:.1} GB/s (1 GiB summed on every core) · {:.0}% of it",
+            gb("bytes_per_core_iteration"),
+            gb("streamed_bytes_per_second"),
+            gb("measured_bytes_per_second"),
+            100.0 * s["fraction_of_bandwidth"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     println!(
         "{:.0} heap allocations per core iteration",
         median.allocations_per_core_iteration.unwrap_or(0.0)
