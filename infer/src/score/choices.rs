@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use model::burn::prelude::*;
 use model::{Attend, Huginn, InitialState, InputError, KvCache, LayerSlot};
 
-use super::{Prediction, ScoreError, Scores, host_logits, logits_bytes, token_score};
+use super::{ScoreError, Scores, host_logits, logits_bytes, padded_right, padded_row_scores};
 use crate::adaptive::MAX_STEPS;
 use crate::cache::{float_bytes, row_index};
 use crate::limits::check_machine_memory;
@@ -112,14 +112,6 @@ pub fn choices_at_depths(
         );
     }
 
-    let padded: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|(_, row)| {
-            let mut padded = row.clone();
-            padded.resize(width, *row.last().expect("a token"));
-            padded
-        })
-        .collect();
     // Each row's positions follow its own context.
     let positions: Vec<i64> = rows
         .iter()
@@ -132,6 +124,7 @@ pub fn choices_at_depths(
         TensorData::new(positions, [rows.len(), width]),
         &device,
     ));
+    let padded = padded_right(rows.iter().map(|(_, row)| row.as_slice()), width);
     let e = model.embed_prelude(model.tokens(&padded)?, &rotary, &mut cache);
     let s0 = model.initial_state(&e, &InitialState::Zeros);
     let states = states_at(model, &e, s0, depths, deepest, &rotary, &mut cache);
@@ -142,19 +135,7 @@ pub fn choices_at_depths(
         let logits = host_logits(model.coda_head(state, &rotary, &mut cache));
         let mut by_question: Vec<Vec<Scores>> = vec![Vec::new(); questions.len()];
         for (r, (q, row)) in rows.iter().enumerate() {
-            let at = |position: usize| {
-                let from = (r * width + position) * vocab;
-                &logits[from..from + vocab]
-            };
-            by_question[*q].push(Scores {
-                tokens: (1..row.len())
-                    .map(|p| token_score(at(p - 1), row[p], 0, depth))
-                    .collect(),
-                next: Prediction {
-                    logits: at(row.len() - 1).to_vec(),
-                    steps: depth,
-                },
-            });
+            by_question[*q].push(padded_row_scores(&logits, vocab, (r, width), row, depth, 0));
         }
         scored.insert(depth, by_question);
     }

@@ -112,16 +112,7 @@ pub fn at_depths(
         "the logits of this scoring pass",
         logits_bytes(rows.len(), len, config.vocab_size),
     )?;
-    // Padding repeats the row's last token: any valid id does, nothing before it reads it.
-    let padded: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|row| {
-            let mut padded = row.clone();
-            padded.resize(len, *row.last().expect("a token"));
-            padded
-        })
-        .collect();
-    let tokens = model.tokens(&padded)?;
+    let tokens = model.tokens(&padded_right(rows.iter().map(Vec::as_slice), len))?;
     let rotary = model.rotary(0, rows.len(), len);
     let e = model.embed_prelude(tokens, &rotary, &mut NoCache);
     let s0 = model.initial_state(&e, &InitialState::Zeros);
@@ -136,21 +127,7 @@ pub fn at_depths(
         let scores: Vec<Scores> = rows
             .iter()
             .enumerate()
-            .map(|(b, row)| {
-                let at = |position: usize| {
-                    let from = (b * len + position) * config.vocab_size;
-                    &logits[from..from + config.vocab_size]
-                };
-                Scores {
-                    tokens: (1..row.len())
-                        .map(|p| token_score(at(p - 1), row[p], top, depth))
-                        .collect(),
-                    next: Prediction {
-                        logits: at(row.len() - 1).to_vec(),
-                        steps: depth,
-                    },
-                }
-            })
+            .map(|(b, row)| padded_row_scores(&logits, config.vocab_size, (b, len), row, depth, top))
             .collect();
         for (slot, &d) in out.iter_mut().zip(depths) {
             if d == depth {
@@ -159,6 +136,43 @@ pub fn at_depths(
         }
     });
     Ok(out.into_iter().map(|s| s.expect("every depth reached")).collect())
+}
+
+/// Rows of non-empty tokens padded on the right to `width`, each with its own last token: any
+/// valid id does, since nothing before a row's end reads what follows it.
+fn padded_right<'a>(rows: impl Iterator<Item = &'a [u32]>, width: usize) -> Vec<Vec<u32>> {
+    rows.map(|row| {
+        let mut padded = row.to_vec();
+        padded.resize(width, *row.last().expect("a token"));
+        padded
+    })
+    .collect()
+}
+
+/// The scores of `row`, row `r` of a right-padded pass at `depth` whose host logits are
+/// `[rows, width, vocab]`: each token after the first from the position before it, and the
+/// prediction after its last.
+fn padded_row_scores(
+    logits: &[f32],
+    vocab: usize,
+    (r, width): (usize, usize),
+    row: &[u32],
+    depth: usize,
+    top: usize,
+) -> Scores {
+    let at = |position: usize| {
+        let from = (r * width + position) * vocab;
+        &logits[from..from + vocab]
+    };
+    Scores {
+        tokens: (1..row.len())
+            .map(|p| token_score(at(p - 1), row[p], top, depth))
+            .collect(),
+        next: Prediction {
+            logits: at(row.len() - 1).to_vec(),
+            steps: depth,
+        },
+    }
 }
 
 /// Scores `row` token by token under `config`'s exit criterion: each token's prediction takes
