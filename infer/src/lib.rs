@@ -14,6 +14,7 @@ pub mod adaptive;
 pub mod bench;
 pub mod cache;
 pub mod cli;
+pub mod continuous;
 pub mod depths;
 pub mod diffusion;
 pub mod eval;

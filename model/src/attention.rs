@@ -31,15 +31,36 @@ pub struct CausalSelfAttention {
 impl CausalSelfAttention {
     /// `x`: `[B, S, h]` → `[B, S, h]`.
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
-        let [b, s, h] = x.dims();
-        let (nh, hd) = (self.n_heads, h / self.n_heads);
+        let nh = self.n_heads;
         let qkv = linear(&self.wqkv, x);
-        let bias = self.qk_bias.val().reshape([2 * h]);
         if !cache.stores()
-            && let Some(y) = chunk_attention(&qkv, &bias, rotary, nh)
+            && let Some(y) = chunk_attention(&qkv, &self.bias(), rotary, nh)
         {
             return linear(&self.proj, y);
         }
+        linear(&self.proj, self.attend(qkv, rotary, slot, cache))
+    }
+
+    /// `x`: `[B, S, h]` holding `B` independent sequences, row `b` at its own positions, cache
+    /// and unrolled layer `slot(b)`. The projections read their weights once for all rows;
+    /// each row attends on its own, exactly as it would alone.
+    pub fn forward_rows(&self, x: Tensor<3>, rows: &mut [RowPass<'_>], slot: impl Fn(usize) -> LayerSlot) -> Tensor<3> {
+        let qkv = linear(&self.wqkv, x);
+        let attended = rows
+            .iter_mut()
+            .enumerate()
+            .map(|(b, row)| self.attend(qkv.clone().narrow(0, b, 1), &row.rotary, slot(b), &mut *row.cache))
+            .collect();
+        linear(&self.proj, Tensor::cat(attended, 0))
+    }
+
+    /// `[q | k | v]` rows `[B, S, 3h]` → the attended values `[B, S, h]`, before the output
+    /// projection: biased and rotated queries and keys, keys and values stored in `cache`.
+    fn attend(&self, qkv: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
+        let [b, s, h3] = qkv.dims();
+        let h = h3 / 3;
+        let (nh, hd) = (self.n_heads, h / self.n_heads);
+        let bias = self.bias();
         let [q, k, v] = rotated_heads(&qkv, &bias, rotary, nh).unwrap_or_else(|| {
             // Queries and keys get their bias and rotation together, as `2·H` heads (queries
             // first): half the operations of doing each on its own.
@@ -61,7 +82,22 @@ impl CausalSelfAttention {
             is_causal: mask.is_none() && s > 1,
         };
         let mask = mask.map(|m| m.expand([b, nh, s, keys.dims()[2]]));
-        let y = attention(q, keys, values, mask, options);
-        linear(&self.proj, y.swap_dims(1, 2).reshape([b, s, h]))
+        attention(q, keys, values, mask, options).swap_dims(1, 2).reshape([b, s, h])
     }
+
+    /// The q/k bias as one `[2h]` vector.
+    fn bias(&self) -> Tensor<1> {
+        let bias = self.qk_bias.val();
+        let [_, _, nh, hd] = bias.dims();
+        bias.reshape([2 * nh * hd])
+    }
+}
+
+/// One sequence of a pass over independent sequences stacked along the batch (the server's
+/// rows, each at its own position and depth): where its tokens sit and the cache it reads
+/// and writes.
+pub struct RowPass<'a> {
+    /// Positions of the row's chunk, `[1, S]`.
+    pub rotary: Rotary,
+    pub cache: &'a mut dyn KvCache,
 }

@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 
-use crate::attention::CausalSelfAttention;
+use crate::attention::{CausalSelfAttention, RowPass};
 use crate::cache::{KvCache, LayerSlot};
 use crate::mlp::GatedMlp;
 use crate::norm::RmsNorm;
@@ -22,7 +22,17 @@ pub struct SandwichBlock {
 
 impl SandwichBlock {
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
-        let attended = self.attn.forward(self.norm_1.forward(x.clone()), rotary, slot, cache);
+        self.forward_attending(x, |attn, x| attn.forward(x, rotary, slot, cache))
+    }
+
+    /// The block over independent sequences stacked along the batch, row `b` at unrolled layer
+    /// `slot(b)` (see [`CausalSelfAttention::forward_rows`]).
+    pub fn forward_rows(&self, x: Tensor<3>, rows: &mut [RowPass<'_>], slot: impl Fn(usize) -> LayerSlot) -> Tensor<3> {
+        self.forward_attending(x, |attn, x| attn.forward_rows(x, rows, slot))
+    }
+
+    fn forward_attending(&self, x: Tensor<3>, attend: impl FnOnce(&CausalSelfAttention, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let attended = attend(&self.attn, self.norm_1.forward(x.clone()));
         let x = self.norm_2.forward(x + attended);
         let mixed = self.mlp.forward(self.norm_3.forward(x.clone()));
         self.norm_4.forward(x + mixed)

@@ -24,6 +24,7 @@ use burn::tensor::{Distribution, FloatDType};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::attention::RowPass;
 use crate::block::SandwichBlock;
 use crate::cache::{KvCache, LayerSlot, NoCache};
 use crate::config::HuginnConfig;
@@ -298,6 +299,45 @@ impl Huginn {
             observe(i, &state);
         }
         state
+    }
+
+    /// [`Self::embed_prelude`] for independent sequences stacked along the batch, each with its
+    /// own positions and cache (see [`RowPass`]).
+    pub fn embed_prelude_rows(&self, tokens: Tensor<2, Int>, rows: &mut [RowPass<'_>]) -> Tensor<3> {
+        let mut x = self.embed(tokens);
+        for (l, block) in self.prelude.iter().enumerate() {
+            x = block.forward_rows(x, rows, |_| LayerSlot::Prelude(l));
+        }
+        x
+    }
+
+    /// [`Self::core_step`] for independent sequences stacked along the batch, row `b` at its
+    /// own iteration `iterations[b]`: one pass over the core's weights for rows at any depth.
+    pub fn core_step_rows(
+        &self,
+        state: Tensor<3>,
+        e: &Tensor<3>,
+        iterations: &[usize],
+        rows: &mut [RowPass<'_>],
+    ) -> Tensor<3> {
+        assert_eq!(iterations.len(), rows.len(), "one iteration per row");
+        let mut x = crate::kernels::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
+        for (layer, block) in self.core_block.iter().enumerate() {
+            x = block.forward_rows(x, rows, |b| LayerSlot::Core {
+                iteration: iterations[b],
+                layer,
+            });
+        }
+        x
+    }
+
+    /// [`Self::coda`] for independent sequences stacked along the batch.
+    pub fn coda_rows(&self, state: Tensor<3>, rows: &mut [RowPass<'_>]) -> Tensor<3> {
+        let mut x = self.latent(state);
+        for (l, block) in self.coda.iter().enumerate() {
+            x = block.forward_rows(x, rows, |_| LayerSlot::Coda(l));
+        }
+        self.ln_f.forward(x)
     }
 
     /// `ln_f(s)`: the normalised latent state that enters the coda.

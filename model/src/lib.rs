@@ -45,6 +45,7 @@ pub mod norm;
 pub mod pretrained;
 pub mod rope;
 
+pub use attention::RowPass;
 pub use cache::{Attend, FullCache, KvCache, LayerSlot, NoCache};
 pub use config::HuginnConfig;
 pub use device::{Backend, DeviceError, DeviceSpec, Precision, peak_rss_bytes, rss_bytes};
