@@ -34,7 +34,6 @@ fn limits() -> EngineLimits {
         max_batch: 8,
         queue_capacity: 64,
         kv_budget_bytes: 1 << 30,
-        batch_window: Duration::from_millis(2),
     }
 }
 
@@ -697,7 +696,6 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
         max_batch: 1,
         queue_capacity: 1,
         kv_budget_bytes: 4 << 20,
-        batch_window: Duration::ZERO,
     };
     let (url, _app) = start(dir.path(), limits, None).await;
     let client = Client::new();
@@ -1398,7 +1396,7 @@ fn huginn_within(args: &[&str]) -> std::process::Output {
 /// before anything starts.
 #[test]
 fn absurd_serve_flags_are_refused_with_their_range() {
-    let cases: [(&[&str], &str); 16] = [
+    let cases: [(&[&str], &str); 15] = [
         (
             &["--shutdown-grace", "1e300"],
             "--shutdown-grace must be a number of seconds in [0, 3600] (got 1e300)",
@@ -1424,10 +1422,6 @@ fn absurd_serve_flags_are_refused_with_their_range() {
             "--kv-budget must be between 1 byte and this machine's memory",
         ),
         (&["--kv-budget", "0"], "--kv-budget must be between"),
-        (
-            &["--batch-window-ms", "1e300"],
-            "--batch-window-ms must be between 0 and 10000",
-        ),
         (&["--max-steps", "99999999999"], "--max-steps must be in 1..=1024"),
         (&["--steps", "0"], "--steps must be in 1..=--max-steps"),
     ];

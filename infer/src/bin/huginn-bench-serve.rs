@@ -133,7 +133,6 @@ fn run(args: Args) -> Result<()> {
         max_batch: args.max_batch,
         queue_capacity: args.queue,
         kv_budget_bytes: usize::MAX,
-        batch_window: Duration::from_millis(2),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

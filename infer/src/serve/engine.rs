@@ -1,15 +1,12 @@
-//! The server's engine: one thread owns the model and runs the queued requests. Requests that
-//! wait together and share their recurrence settings are decoded together as one left-padded
-//! batch (up to `max_batch` rows and the KV-cache budget); each row samples, stops and exits on
-//! its own and leaves the batch, with its cache, the moment it ends or its client goes away.
+//! The server's engine: one thread owns the model and schedules the queued requests step by
+//! step. At every step new requests join the running batch (up to `max_batch` and the KV-cache
+//! budget), each running request advances one recurrence iteration at its own depth (see
+//! [`continuous`]), and requests that ended, failed or whose client left are dropped with their
+//! cache. Requests of any recurrence settings run together, and each gets exactly the tokens it
+//! gets alone.
 //!
-//! Scoring requests (`logprobs`, `echo`) at a fixed depth are scored together in one padded
-//! pass, apart from generation.
-//!
-//! Requests with an exit criterion run one at a time: in a batch, a token's recurrence runs
-//! until the batch's last row exits, and those extra steps would stay in the cache of the
-//! rows that exited earlier (as in the reference's batched generation), so the answer would
-//! depend on which requests happened to arrive together.
+//! Scoring requests (`logprobs` or `echo` without new tokens) are scored together in one padded
+//! pass, and wavefront (diffusion) requests run alone, between two steps of the others.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -18,13 +15,14 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use model::HuginnConfig;
 
-use crate::adaptive::{AdaptiveConfig, Row, generate_rows};
+use super::running::Running;
+use crate::adaptive::{AdaptiveConfig, Row};
+use crate::continuous::{self, Sequence};
 use crate::cache::{bytes_per_position, float_bytes};
 use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
@@ -37,15 +35,12 @@ use folder::ModelFolder;
 /// How the engine schedules work.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
-    /// Most requests decoded together.
+    /// Most requests running together.
     pub max_batch: usize,
     /// Most requests waiting to start; more are refused (503).
     pub queue_capacity: usize,
-    /// Most bytes of KV cache the running batch may hold.
+    /// Most bytes of KV cache the running requests may hold together.
     pub kv_budget_bytes: usize,
-    /// How long a batch waits for company after its first request arrives (requests sent at
-    /// the same moment reach the engine a little apart).
-    pub batch_window: Duration,
 }
 
 /// One request, ready to run.
@@ -133,13 +128,13 @@ pub enum Event {
 
 /// What the HTTP side and the engine thread both see.
 #[derive(Default)]
-struct Shared {
+pub(super) struct Shared {
     /// Requests admitted and not yet started.
     queued: AtomicUsize,
     /// Requests being decoded.
     running: AtomicUsize,
     /// Tokens generated since the start.
-    generated: AtomicUsize,
+    pub(super) generated: AtomicUsize,
     /// KV-cache bytes reserved for the running batch (what its admission counted).
     kv_bytes: AtomicUsize,
     /// Set once: end everything now.
@@ -312,18 +307,12 @@ impl PositionBytes {
         (job.row.prompt.len() + job.row.max_new) * self.per_position(&job.config)
     }
 
-    /// A padded batch holds every row at the widest prompt plus the longest answer. A scoring
-    /// batch holds no cache but the logits of every position of every padded row, in f32 on
-    /// the device and again on the host: the budget bounds those instead.
-    fn batch(&self, jobs: &[Job]) -> usize {
+    /// A scoring batch holds no cache but the logits of every position of every padded row,
+    /// in f32 on the device and again on the host: the budget bounds those.
+    fn scoring(&self, jobs: &[Job]) -> usize {
         let width = jobs.iter().map(|j| j.row.prompt.len()).max().unwrap_or(0);
-        if jobs.first().is_some_and(Job::scores_only) {
-            let logits = jobs.len().saturating_mul(width).saturating_mul(self.model.vocab_size);
-            return logits.saturating_mul(2 * 4);
-        }
-        let new = jobs.iter().map(|j| j.row.max_new).max().unwrap_or(0);
-        jobs.first()
-            .map_or(0, |j| jobs.len() * (width + new) * self.per_position(&j.config))
+        let logits = jobs.len().saturating_mul(width).saturating_mul(self.model.vocab_size);
+        logits.saturating_mul(2 * 4)
     }
 }
 
@@ -352,193 +341,168 @@ impl Drop for ExitGuard {
 }
 
 impl Worker {
+    /// The engine's loop: take what arrived, drop what was abandoned, admit what fits, and run
+    /// one step of every running request; until the queue is closed and everything has ended.
     fn run(mut self) {
         let _exit = ExitGuard(self.shared.clone());
-        while let Some(batch) = self.next_batch() {
-            self.shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        let folder = self.folder.clone();
+        let mut running: Vec<Running<'_>> = Vec::new();
+        while self.receive(running.is_empty()) {
             if self.shared.cancel.load(Ordering::Acquire) {
-                for job in batch {
-                    let _ = job.events.send(Event::Done {
-                        finish: Finish::Cancelled,
-                        tail: String::new(),
-                        steps_per_token: Vec::new(),
-                    });
-                }
+                self.cancel(&mut running);
                 continue;
             }
-            self.shared.running.store(batch.len(), Ordering::Release);
-            let reserved = self.per_position.batch(&batch);
-            self.shared.kv_bytes.store(reserved, Ordering::Release);
-            guarded(&batch, |batch| self.decode(batch));
-            self.shared.kv_bytes.store(0, Ordering::Release);
-            self.shared.running.store(0, Ordering::Release);
+            self.admit(&folder, &mut running);
+            self.publish(&running);
+            if !running.is_empty() {
+                self.step(&folder, &mut running);
+                running.retain(|r| !r.ended());
+            }
+            self.publish(&running);
         }
     }
 
-    /// The oldest waiting job and the waiting jobs that can run beside it; `None` once the
-    /// queue is closed and empty.
-    fn next_batch(&mut self) -> Option<Vec<Job>> {
-        loop {
-            if self.waiting.is_empty() {
-                let job = self.receiver.blocking_recv()?;
-                let batchable =
-                    job.config.criterion == Criterion::None && job.diffusion.is_none() && self.limits.max_batch > 1;
-                self.waiting.push_back(job);
-                if batchable && !self.limits.batch_window.is_zero() {
-                    std::thread::sleep(self.limits.batch_window);
+    /// Takes the jobs that arrived, waiting for one when `idle` and none waits; drops waiting
+    /// jobs whose client has left. `false` once the queue is closed and nothing is left.
+    fn receive(&mut self, idle: bool) -> bool {
+        if idle && self.waiting.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(job) => self.waiting.push_back(job),
+                None => return false,
+            }
+        }
+        while let Ok(job) = self.receiver.try_recv() {
+            self.waiting.push_back(job);
+        }
+        let gone = self.waiting.iter().filter(|j| j.events.is_closed()).count();
+        self.shared.queued.fetch_sub(gone, Ordering::AcqRel);
+        self.waiting.retain(|j| !j.events.is_closed());
+        true
+    }
+
+    /// Ends every running and waiting request as cancelled.
+    fn cancel(&mut self, running: &mut Vec<Running<'_>>) {
+        for row in running.iter_mut() {
+            row.finish(Finish::Cancelled);
+        }
+        running.clear();
+        self.shared.queued.fetch_sub(self.waiting.len(), Ordering::AcqRel);
+        for job in self.waiting.drain(..) {
+            let _ = job.events.send(Event::Done {
+                finish: Finish::Cancelled,
+                tail: String::new(),
+                steps_per_token: Vec::new(),
+            });
+        }
+        self.publish(running);
+    }
+
+    /// Starts waiting jobs, oldest first, while they fit: at most `max_batch` running and
+    /// their KV-cache reservations within the budget. The oldest job that does not fit waits
+    /// for memory, and the ones behind it with it. Scoring and wavefront jobs run whole when
+    /// they come first, between two steps of the others.
+    fn admit<'f>(&mut self, folder: &'f ModelFolder, running: &mut Vec<Running<'f>>) {
+        while let Some(first) = self.waiting.front() {
+            if first.scores_only() || first.diffusion.is_some() {
+                let first = self.waiting.pop_front().expect("a job waits");
+                let batch = self.fill(first);
+                self.shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                self.shared.running.store(running.len() + batch.len(), Ordering::Release);
+                guarded(&batch, |batch| self.decode_alone(batch));
+                continue;
+            }
+            let needed = self.per_position.row(first);
+            let reserved: usize = running.iter().map(|r| r.reserved).sum();
+            if running.len() >= self.limits.max_batch || reserved + needed > self.limits.kv_budget_bytes {
+                break;
+            }
+            let job = self.waiting.pop_front().expect("a job waits");
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            let events = job.events.clone();
+            let started = catch_unwind(AssertUnwindSafe(|| {
+                let scores = job.scoring.is_some_and(|s| s.prompt).then(|| self.prompt_scores(&job));
+                Running::start(folder, job, needed, scores)
+            }));
+            match started {
+                Ok(Some(row)) if !row.ended() => running.push(row),
+                Ok(_) => {}
+                Err(panic) => {
+                    let reason = panic_message(panic.as_ref());
+                    tracing::error!("starting a request panicked: {reason}");
+                    let _ = events.send(Event::Failed(format!("the engine failed on this request: {reason}")));
                 }
             }
-            while let Ok(job) = self.receiver.try_recv() {
-                self.waiting.push_back(job);
-            }
-            // A request whose client left while it waited is dropped here; when that was every
-            // waiting request, wait for the next one.
-            let gone = self.waiting.iter().filter(|j| j.events.is_closed()).count();
-            self.shared.queued.fetch_sub(gone, Ordering::AcqRel);
-            self.waiting.retain(|j| !j.events.is_closed());
-            if let Some(first) = self.waiting.pop_front() {
-                return Some(self.fill(first));
+        }
+    }
+
+    /// One step of every running request (see [`continuous::step`]), each chosen token sent
+    /// to its client. Requests whose client has left are dropped first.
+    fn step(&self, folder: &ModelFolder, running: &mut [Running<'_>]) {
+        for row in running.iter_mut().filter(|r| r.job.events.is_closed()) {
+            row.sequence.end();
+        }
+        let mut active: Vec<&mut Running<'_>> = running.iter_mut().filter(|r| !r.ended()).collect();
+        let mut sequences: Vec<&mut Sequence> = active.iter_mut().map(|r| &mut r.sequence).collect();
+        let results = continuous::step(&folder.model, &mut sequences);
+        drop(sequences);
+        for (row, result) in active.into_iter().zip(results) {
+            match result {
+                Err(reason) => {
+                    tracing::error!("{reason}");
+                    row.fail(reason);
+                }
+                Ok(None) => {}
+                Ok(Some(chosen)) => {
+                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| row.deliver(chosen, &self.shared))) {
+                        let reason = panic_message(panic.as_ref()).to_string();
+                        row.fail(format!("the engine failed on this request: {reason}"));
+                    }
+                }
             }
         }
     }
 
-    /// `first` and the waiting jobs that can run beside it.
+    /// Publishes the running count and their KV-cache reservation.
+    fn publish(&self, running: &[Running<'_>]) {
+        self.shared.running.store(running.len(), Ordering::Release);
+        let reserved = running.iter().map(|r| r.reserved).sum();
+        self.shared.kv_bytes.store(reserved, Ordering::Release);
+    }
+
+    /// `first` and, for a scoring job, the waiting scoring jobs of the same settings that fit
+    /// beside it in one pass.
     fn fill(&mut self, first: Job) -> Vec<Job> {
         let mut batch = vec![first];
-        // Rows share a batch only with the same recurrence (steps, cache strategy, warm start).
-        if batch[0].config.criterion == Criterion::None && batch[0].diffusion.is_none() {
-            let mut i = 0;
-            while i < self.waiting.len() && batch.len() < self.limits.max_batch {
-                let same = self.waiting[i].config == batch[0].config
-                    && self.waiting[i].diffusion.is_none()
-                    && self.waiting[i].scores_only() == batch[0].scores_only();
-                if same {
-                    batch.push(self.waiting.remove(i).expect("index in range"));
-                    if self.per_position.batch(&batch) > self.limits.kv_budget_bytes {
-                        let job = batch.pop().expect("just pushed");
-                        self.waiting.insert(i, job);
-                        i += 1;
-                    }
-                } else {
+        if !batch[0].scores_only() {
+            return batch;
+        }
+        let mut i = 0;
+        while i < self.waiting.len() && batch.len() < self.limits.max_batch {
+            let same = self.waiting[i].config == batch[0].config
+                && self.waiting[i].diffusion.is_none()
+                && self.waiting[i].scores_only();
+            if same {
+                batch.push(self.waiting.remove(i).expect("index in range"));
+                if self.per_position.scoring(&batch) > self.limits.kv_budget_bytes {
+                    let job = batch.pop().expect("just pushed");
+                    self.waiting.insert(i, job);
                     i += 1;
                 }
+            } else {
+                i += 1;
             }
         }
         batch
     }
 
-    fn decode(&self, batch: &[Job]) {
-        if batch[0].scores_only() {
-            return self.score(batch);
-        }
+    /// A scoring batch, or one request through the wavefront sampler.
+    fn decode_alone(&self, batch: &[Job]) {
         if let [job] = batch
             && let Some(config) = &job.diffusion
         {
             return self.decode_diffusion(job, config);
         }
-        let folder = &self.folder;
-        let rows: Vec<Row> = batch
-            .iter()
-            .map(|job| {
-                let mut row = job.row.clone();
-                for &id in &folder.stop_tokens {
-                    if !row.decoding.stop_tokens.contains(&id) {
-                        row.decoding.stop_tokens.push(id);
-                    }
-                }
-                row
-            })
-            .collect();
-        let mut texts: Vec<Option<TextStream<'_, tokenizers::Tokenizer>>> = batch
-            .iter()
-            .map(|job| {
-                folder.tokenizer.as_ref().map(|tokenizer| {
-                    let stops = folder.stop_strings.iter().chain(&job.stop_strings).cloned();
-                    TextStream::new(tokenizer, stops)
-                })
-            })
-            .collect();
-        let mut finish = vec![Finish::Length; batch.len()];
-        let mut failed: Vec<Option<String>> = vec![None; batch.len()];
-        for (b, job) in batch.iter().enumerate() {
-            if job.scoring.is_some_and(|s| s.prompt) {
-                match self.prompt_scores(job) {
-                    Ok(prompt) => {
-                        let _ = job.events.send(Event::Scored { prompt });
-                    }
-                    Err(reason) => failed[b] = Some(reason),
-                }
-            }
-        }
-        let mut seen = vec![0usize; batch.len()];
-        let result = generate_rows(&folder.model, &rows, batch[0].config, |b, id, steps, logits| {
-            if failed[b].is_some() {
-                return ControlFlow::Break(());
-            }
-            self.shared.generated.fetch_add(1, Ordering::AcqRel);
-            if self.shared.cancel.load(Ordering::Acquire) {
-                finish[b] = Finish::Cancelled;
-                return ControlFlow::Break(());
-            }
-            let mut stopped = rows[b].decoding.stop_tokens.contains(&id);
-            let text = match &mut texts[b] {
-                Some(stream) => match stream.push(id) {
-                    Ok(released) => {
-                        stopped |= released.stopped;
-                        released.text
-                    }
-                    Err(e) => {
-                        failed[b] = Some(e.to_string());
-                        return ControlFlow::Break(());
-                    }
-                },
-                // Without a tokenizer the text is the token ids, comma separated (as the CLI).
-                None if seen[b] == 0 => id.to_string(),
-                None => format!(",{id}"),
-            };
-            seen[b] += 1;
-            if stopped {
-                finish[b] = Finish::Stop;
-            }
-            let score = batch[b].scoring.map(|s| score::token_score(logits, id, s.top, steps));
-            let sent = batch[b].events.send(Event::Token { id, text, steps, score });
-            if sent.is_err() || stopped {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
-        match result {
-            Ok(generations) => {
-                for (b, generation) in generations.into_iter().enumerate() {
-                    let events = &batch[b].events;
-                    if let Some(reason) = failed[b].take() {
-                        let _ = events.send(Event::Failed(reason));
-                        continue;
-                    }
-                    let tail = match &mut texts[b] {
-                        Some(stream) => match stream.finish() {
-                            Ok(tail) => tail,
-                            Err(e) => {
-                                let _ = events.send(Event::Failed(e.to_string()));
-                                continue;
-                            }
-                        },
-                        None => String::new(),
-                    };
-                    let _ = events.send(Event::Done {
-                        finish: finish[b],
-                        tail,
-                        steps_per_token: generation.steps_per_token,
-                    });
-                }
-            }
-            Err(e) => {
-                for job in batch {
-                    let _ = job.events.send(Event::Failed(e.to_string()));
-                }
-            }
-        }
+        self.score(batch)
     }
 }
 
@@ -796,10 +760,10 @@ mod tests {
         (job, receiver)
     }
 
-    /// Scoring batches are bounded by their logits (no cache), generation batches by their
-    /// padded cache.
+    /// Scoring batches are bounded by their logits (they hold no cache), generation by each
+    /// request's cache at its full length.
     #[test]
-    fn the_budget_counts_a_scoring_batch_s_logits() {
+    fn the_budget_counts_a_scoring_batch_s_logits_and_a_request_s_cache() {
         let model = model::HuginnConfig::tiny(100, 16, 4, (1, 2, 1));
         let bytes = PositionBytes { model, element: 4 };
         let (mut scoring, _events) = job();
@@ -809,10 +773,10 @@ mod tests {
         let (mut other, _more) = job();
         other.scoring = scoring.scoring;
         other.row.max_new = 0;
-        assert_eq!(bytes.batch(&[scoring, other]), 2 * 2 * 100 * 8);
+        assert_eq!(bytes.scoring(&[scoring, other]), 2 * 2 * 100 * 8);
         let (generating, _rest) = job();
         assert_eq!(
-            bytes.batch(&[generating]),
+            bytes.row(&generating),
             4 * bytes.per_position(&AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()))
         );
     }

@@ -18,6 +18,7 @@ pub mod connections;
 pub mod engine;
 pub mod logprobs;
 pub mod metrics;
+mod running;
 #[cfg(test)]
 mod tests;
 

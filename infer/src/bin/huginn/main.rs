@@ -165,7 +165,7 @@ enum Command {
         /// The most recurrence steps a request may ask for.
         #[arg(long, default_value_t = 256)]
         max_steps: usize,
-        /// Most requests decoded together.
+        /// Most requests running together (they join and leave the batch at every step).
         #[arg(long, default_value_t = 8)]
         max_batch: usize,
         /// Most requests waiting to start; more get 503.
@@ -175,9 +175,6 @@ enum Command {
         /// A request that alone needs more is refused.
         #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
         kv_budget: usize,
-        /// Milliseconds a new batch waits for more requests to join it.
-        #[arg(long, default_value_t = 2.0)]
-        batch_window_ms: f64,
         /// Require `Authorization: Bearer KEY` on /v1 routes (default: $HUGINN_API_KEY, which
         /// keeps the key out of the process list).
         #[arg(long)]
@@ -478,7 +475,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_batch,
             queue,
             kv_budget,
-            batch_window_ms,
             api_key,
             no_auth,
             shutdown_grace,
@@ -507,9 +503,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let memory = physical_memory();
             if kv_budget == 0 || kv_budget > memory {
                 bail!("--kv-budget must be between 1 byte and this machine's memory ({memory} bytes)");
-            }
-            if !(batch_window_ms.is_finite() && (0.0..=10_000.0).contains(&batch_window_ms)) {
-                bail!("--batch-window-ms must be between 0 and 10000");
             }
             let seconds = |flag: &str, value: f64, zero: bool| -> Result<Duration> {
                 let low = if zero { '[' } else { '(' };
@@ -565,7 +558,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_batch,
                 queue_capacity: queue,
                 kv_budget_bytes: kv_budget,
-                batch_window: Duration::from_secs_f64(batch_window_ms / 1000.0),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
