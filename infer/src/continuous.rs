@@ -156,9 +156,17 @@ pub fn step(model: &Huginn, sequences: &mut [&mut Sequence]) -> Vec<Result<Optio
             out[i] = Err(reason);
         }
     };
-    let failures = run_groups(sequences, |s| matches!(s.stage, Stage::Feed(_)), |group| feed(model, group));
+    let failures = run_groups(
+        sequences,
+        |s| matches!(s.stage, Stage::Feed(_)),
+        |group| feed(model, group),
+    );
     fail(sequences, failures);
-    let failures = run_groups(sequences, |s| matches!(s.stage, Stage::Recur(_)), |group| iterate(model, group));
+    let failures = run_groups(
+        sequences,
+        |s| matches!(s.stage, Stage::Recur(_)),
+        |group| iterate(model, group),
+    );
     fail(sequences, failures);
     let needs_logits = |s: &Sequence| matches!(s.stage, Stage::Exited(Exit { logits: None, .. }));
     let failures = run_groups(sequences, needs_logits, |group| exit_logits(model, group));
@@ -228,7 +236,9 @@ fn feed(model: &Huginn, group: &mut [&mut Sequence]) {
             _ => unreachable!("fed sequences are at their feed stage"),
         })
         .collect();
-    let tokens = model.tokens(&chunks).expect("chunks were checked against the model when admitted");
+    let tokens = model
+        .tokens(&chunks)
+        .expect("chunks were checked against the model when admitted");
     let len = chunks[0].len();
     let rotaries: Vec<Rotary> = group.iter().map(|s| model.rotary(s.position, 1, len)).collect();
     for s in group.iter_mut() {
@@ -262,13 +272,16 @@ fn iterate(model: &Huginn, group: &mut [&mut Sequence]) {
         _ => unreachable!("iterated sequences are recurring"),
     };
     let (rotaries, es, states, iterations): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
-        group.iter().map(|s| recurring(s)).fold(Default::default(), |mut acc, (r, e, s, i)| {
-            acc.0.push(r);
-            acc.1.push(e);
-            acc.2.push(s);
-            acc.3.push(i);
-            acc
-        });
+        group
+            .iter()
+            .map(|s| recurring(s))
+            .fold(Default::default(), |mut acc, (r, e, s, i)| {
+                acc.0.push(r);
+                acc.1.push(e);
+                acc.2.push(s);
+                acc.3.push(i);
+                acc
+            });
     let state = {
         let mut rows = passes(group, &rotaries);
         let e = Tensor::cat(es, 0);
@@ -419,7 +432,13 @@ mod tests {
             Criterion::ArgmaxStability => rng.random_range(1..4) as f64,
             c => c.auto_threshold() * [0.1, 1.0, 30.0][rng.random_range(0..3)],
         };
-        let strategies = ["full", "latest-m4", "always-last-m4-compress-s4", "compress-anchor", "skip"];
+        let strategies = [
+            "full",
+            "latest-m4",
+            "always-last-m4-compress-s4",
+            "compress-anchor",
+            "skip",
+        ];
         let config = AdaptiveConfig {
             criterion,
             threshold,
@@ -445,7 +464,9 @@ mod tests {
 
     /// The tokens and steps of `row` generated alone.
     fn alone(model: &Huginn, row: &Row, config: AdaptiveConfig) -> Vec<(u32, usize)> {
-        let generated = generate_rows(model, std::slice::from_ref(row), config, |_, _, _, _| ControlFlow::Continue(()));
+        let generated = generate_rows(model, std::slice::from_ref(row), config, |_, _, _, _| {
+            ControlFlow::Continue(())
+        });
         let generated = generated.unwrap().pop().unwrap();
         generated.tokens.into_iter().zip(generated.steps_per_token).collect()
     }

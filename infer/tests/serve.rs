@@ -1919,3 +1919,123 @@ async fn scoring_requests_out_of_range_are_refused_by_name() {
         json!(["@r=STEPS", "@exit=CRITERION[:THRESHOLD]"])
     );
 }
+
+/// One request's answer as its client saw it: text, finish reason and steps per token.
+async fn streamed_answer(response: reqwest::Response) -> (String, String, Vec<u64>) {
+    let events = sse_data(response).await;
+    let mut text = String::new();
+    let mut finish = String::new();
+    let mut steps = Vec::new();
+    for event in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        text += choice["text"].as_str().unwrap_or("");
+        if let Some(n) = choice["num_steps"].as_u64() {
+            steps.push(n);
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = reason.to_string();
+        }
+    }
+    (text, finish, steps)
+}
+
+/// Twenty requests of random settings (depths, every exit criterion and threshold, cache
+/// strategies, warm starts, sampling, lengths, a wavefront request among them) sent at random
+/// moments, four of whose clients leave mid-answer: every answer that completes is exactly
+/// what the same request gets alone, steps per token included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_do_not_depend_on_the_requests_running_beside_them() {
+    use rand::{Rng, SeedableRng};
+    let dir = folder_of_seed(DEFAULT_IDS, 19);
+    let (url, app) = start(dir.path(), limits(), None).await;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let criteria = [
+        "none",
+        "kl",
+        "minp-kl",
+        "entropy-diff",
+        "latent-diff",
+        "cosine",
+        "argmax-stability",
+    ];
+    let strategies = [
+        "full",
+        "latest-m4",
+        "always-last-m4-compress-s4",
+        "compress-anchor",
+        "skip",
+    ];
+    let bodies: Vec<Value> = (0..20)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..rng.random_range(1..24)).map(|_| rng.random_range(0..256)).collect();
+            let warm_start = ["cold", "raw", "normalized"][rng.random_range(0..3)];
+            let temperature = [0.0, 0.8][rng.random_range(0..2)];
+            let mut body = json!({
+                "prompt": prompt, "max_tokens": rng.random_range(1..40), "stream": true,
+                "num_steps": rng.random_range(1..48), "stop": ["never"],
+                "exit_criterion": criteria[rng.random_range(0..criteria.len())],
+                "cache_strategy": strategies[rng.random_range(0..strategies.len())],
+                "warm_start": warm_start, "temperature": temperature, "seed": rng.random::<u32>(),
+            });
+            if i == 7 {
+                body = json!({"prompt": [1, 2, 3], "max_tokens": 6, "stream": true, "sampler": "diffusion",
+                              "stop_token_ids": []});
+            }
+            body
+        })
+        .collect();
+    let delays: Vec<u64> = bodies.iter().map(|_| rng.random_range(0..100)).collect();
+    let leaves = |i: usize| i % 5 == 2;
+    let client = Client::new();
+    // The most requests seen running at once: the mix must overlap to test anything.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (app, done) = (app.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                most = most.max(app.engine_load().1);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            most
+        })
+    };
+    let mixed = futures_util::future::join_all(bodies.iter().zip(&delays).enumerate().map(|(i, (body, delay))| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(*delay)).await;
+            let mut response = client
+                .post(format!("{url}/v1/completions"))
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "request {i}");
+            if leaves(i) {
+                response.chunk().await.unwrap();
+                return None;
+            }
+            Some(streamed_answer(response).await)
+        }
+    }))
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let most = watcher.await.unwrap();
+    assert!(most >= 6, "at most {most} requests ran at once");
+    assert_serving(&client, &url, &app, "the mix").await;
+    let mut compared = 0;
+    for (i, (body, got)) in bodies.iter().zip(mixed).enumerate() {
+        let Some(got) = got else { continue };
+        let response = client
+            .post(format!("{url}/v1/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let alone = streamed_answer(response).await;
+        assert_eq!(got, alone, "request {i}: {body}");
+        compared += 1;
+    }
+    assert_eq!(compared, 16);
+}

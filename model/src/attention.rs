@@ -82,7 +82,9 @@ impl CausalSelfAttention {
             is_causal: mask.is_none() && s > 1,
         };
         let mask = mask.map(|m| m.expand([b, nh, s, keys.dims()[2]]));
-        attention(q, keys, values, mask, options).swap_dims(1, 2).reshape([b, s, h])
+        attention(q, keys, values, mask, options)
+            .swap_dims(1, 2)
+            .reshape([b, s, h])
     }
 
     /// The q/k bias as one `[2h]` vector.

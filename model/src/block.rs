@@ -31,7 +31,11 @@ impl SandwichBlock {
         self.forward_attending(x, |attn, x| attn.forward_rows(x, rows, slot))
     }
 
-    fn forward_attending(&self, x: Tensor<3>, attend: impl FnOnce(&CausalSelfAttention, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+    fn forward_attending(
+        &self,
+        x: Tensor<3>,
+        attend: impl FnOnce(&CausalSelfAttention, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
         let attended = attend(&self.attn, self.norm_1.forward(x.clone()));
         let x = self.norm_2.forward(x + attended);
         let mixed = self.mlp.forward(self.norm_3.forward(x.clone()));

@@ -22,8 +22,8 @@ use model::HuginnConfig;
 
 use super::running::Running;
 use crate::adaptive::{AdaptiveConfig, Row};
-use crate::continuous::{self, Sequence};
 use crate::cache::{bytes_per_position, float_bytes};
+use crate::continuous::{self, Sequence};
 use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
 use crate::sampling::Sampler;
@@ -407,7 +407,9 @@ impl Worker {
                 let first = self.waiting.pop_front().expect("a job waits");
                 let batch = self.fill(first);
                 self.shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
-                self.shared.running.store(running.len() + batch.len(), Ordering::Release);
+                self.shared
+                    .running
+                    .store(running.len() + batch.len(), Ordering::Release);
                 guarded(&batch, |batch| self.decode_alone(batch));
                 continue;
             }

@@ -28,7 +28,12 @@ pub(super) struct Running<'f> {
 impl<'f> Running<'f> {
     /// Starts `job`: its prompt's scores first when it asks for them, then its sequence. A
     /// request that cannot start is answered with why, and `None` returned.
-    pub fn start(folder: &'f ModelFolder, job: Job, reserved: usize, prompt_scores: Option<Result<Vec<score::TokenScore>, String>>) -> Option<Self> {
+    pub fn start(
+        folder: &'f ModelFolder,
+        job: Job,
+        reserved: usize,
+        prompt_scores: Option<Result<Vec<score::TokenScore>, String>>,
+    ) -> Option<Self> {
         if let Some(scores) = prompt_scores {
             match scores {
                 Ok(prompt) => {
@@ -98,7 +103,10 @@ impl<'f> Running<'f> {
         };
         self.sent += 1;
         self.steps_per_token.push(chosen.steps);
-        let score = self.job.scoring.map(|s| score::token_score(&chosen.logits, id, s.top, chosen.steps));
+        let score = self
+            .job
+            .scoring
+            .map(|s| score::token_score(&chosen.logits, id, s.top, chosen.steps));
         let token = Event::Token {
             id,
             text,
