@@ -472,14 +472,33 @@ mod tests {
     }
 
     /// Twenty requests of random settings, joining at random steps, three of them leaving
-    /// early: each one's tokens and steps are exactly those it gets alone.
+    /// early: each one's tokens and steps are exactly those it gets alone. On a random model
+    /// and on each of the reference's fixture models (trained weights' shapes and layouts).
     #[test]
     fn every_sequence_of_a_random_mix_gets_what_it_gets_alone() {
-        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 61);
-        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let device = Device::flex();
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&device, 61);
+        random_mix(&model, 3);
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/reference");
+        let mut cases: Vec<_> = std::fs::read_dir(&fixtures)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.join("config.json").exists())
+            .collect();
+        cases.sort();
+        assert!(cases.len() >= 3, "fixture folders: {cases:?}");
+        for (seed, case) in cases.iter().enumerate() {
+            let fixture = model::fixture::Fixture::open(case, &device).unwrap();
+            random_mix(&fixture.model, seed as u64 + 10);
+        }
+    }
+
+    fn random_mix(model: &Huginn, seed: u64) {
+        let vocab = model.config().vocab_size as u32;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let requests: Vec<(Row, AdaptiveConfig, usize)> = (0..20)
             .map(|_| {
-                let (row, config) = random_request(&mut rng, 64);
+                let (row, config) = random_request(&mut rng, vocab);
                 (row, config, rng.random_range(0..30))
             })
             .collect();
@@ -490,7 +509,7 @@ mod tests {
         for tick in 0.. {
             for (i, (row, config, joins)) in requests.iter().enumerate() {
                 if *joins == tick {
-                    running.push((i, Sequence::new(&model, row, *config).unwrap()));
+                    running.push((i, Sequence::new(model, row, *config).unwrap()));
                 }
             }
             running.retain(|(_, s)| !s.done());
@@ -499,7 +518,7 @@ mod tests {
             }
             most_at_once = most_at_once.max(running.len());
             let mut sequences: Vec<&mut Sequence> = running.iter_mut().map(|(_, s)| s).collect();
-            let chosen = step(&model, &mut sequences);
+            let chosen = step(model, &mut sequences);
             for ((i, sequence), chosen) in running.iter_mut().zip(chosen) {
                 if let Some(token) = chosen.unwrap() {
                     got[*i].push((token.id, token.steps));
@@ -511,11 +530,58 @@ mod tests {
         }
         assert!(most_at_once >= 8, "the mix ran {most_at_once} at once");
         for (i, (row, config, _)) in requests.iter().enumerate() {
-            let mut want = alone(&model, row, *config);
+            let mut want = alone(model, row, *config);
             if let Some(cut) = leaves(i) {
                 want.truncate(cut);
             }
             assert_eq!(got[i], want, "request {i}: {config:?}");
+        }
+    }
+
+    /// A pass that panics on one sequence (here: a token beyond the vocabulary, which admission
+    /// would have refused) fails that sequence alone; the others sharing its pass go on and
+    /// still get what they get alone.
+    #[test]
+    fn a_panic_in_a_shared_pass_fails_only_the_sequence_at_fault() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 67);
+        let config = AdaptiveConfig::fixed(3, WarmStart::Cold, "full".parse().unwrap());
+        let rows: Vec<Row> = [vec![5, 9, 2], vec![30], vec![7, 7, 60, 12]]
+            .into_iter()
+            .map(|prompt| Row {
+                prompt,
+                max_new: 5,
+                decoding: Decoding::default(),
+            })
+            .collect();
+        let mut sequences: Vec<Sequence> = rows.iter().map(|r| Sequence::new(&model, r, config).unwrap()).collect();
+        let mut got = vec![Vec::new(); rows.len()];
+        let mut failed = vec![None; rows.len()];
+        let mut broken = false;
+        while !sequences.iter().all(Sequence::done) {
+            // After its second token, sequence 1's next chunk is broken.
+            if !broken && got[1].len() == 2 {
+                assert!(matches!(sequences[1].stage, Stage::Feed(_)));
+                sequences[1].stage = Stage::Feed(vec![9999]);
+                broken = true;
+            }
+            let active: Vec<usize> = (0..rows.len()).filter(|&i| !sequences[i].done()).collect();
+            let mut all: Vec<&mut Sequence> = sequences.iter_mut().filter(|s| !s.done()).collect();
+            let results = step(&model, &mut all);
+            for (i, result) in active.into_iter().zip(results) {
+                match result {
+                    Ok(Some(token)) => got[i].push((token.id, token.steps)),
+                    Ok(None) => {}
+                    Err(reason) => failed[i] = Some(reason),
+                }
+            }
+        }
+        assert!(
+            failed[1].as_deref().is_some_and(|r| r.contains("the engine failed")),
+            "{failed:?}"
+        );
+        assert!(failed[0].is_none() && failed[2].is_none(), "{failed:?}");
+        for i in [0, 2] {
+            assert_eq!(got[i], alone(&model, &rows[i], config), "sequence {i}");
         }
     }
 }

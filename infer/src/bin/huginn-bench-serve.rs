@@ -3,6 +3,9 @@
 //! streaming completion requests, and reports throughput, time to first token and time per
 //! output token (p50/p95/p99), errors and the process's peak memory.
 //!
+//! With `--head-of-line`, one long request runs first and the clients each send one short
+//! request 100 ms later: their time to first token against the same request's alone.
+//!
 //! With `--soak`, the clients instead mix whole streams with clients that leave at random
 //! moments (before the response, after its headers, mid-stream) and bad requests (broken JSON,
 //! unknown fields, prompts and bodies beyond the context), count the answers that were not what
@@ -69,8 +72,17 @@ struct Args {
     /// Print the figures as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Head-of-line blocking instead: one request of --long-tokens new tokens, then one short
+    /// request (--max-tokens) from each client 100 ms later; their time to first token against
+    /// a short request's alone.
+    #[arg(long)]
+    head_of_line: bool,
+    /// With --head-of-line: new tokens of the long request.
+    #[arg(long, default_value_t = 512)]
+    long_tokens: usize,
     /// A soak test instead: clients that leave at random moments and bad requests among whole
-    /// streams; fails unless every answer is the expected one, the server still answers and
+    /// streams of random settings (depth up to --steps, exit criteria, cache strategies, warm
+    /// starts, sampling, lengths up to --prompt-len and --max-tokens); fails unless every answer is the expected one, the server still answers and
     /// its resident memory grew by at most --rss-growth-mib.
     #[arg(long)]
     soak: bool,
@@ -89,6 +101,8 @@ struct Sample {
     /// From the first token to the last.
     decoding: Duration,
     tokens: usize,
+    /// Recurrence steps of all its tokens.
+    steps: usize,
 }
 
 fn main() -> ExitCode {
@@ -158,6 +172,9 @@ fn run(args: Args) -> Result<()> {
                 .init();
             return soak(&args, addr, input, vocab).await;
         }
+        if args.head_of_line {
+            return head_of_line(&args, &url, vocab).await;
+        }
         let client = reqwest::Client::new();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let bodies: Vec<_> = (0..args.requests)
@@ -198,6 +215,7 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
         first_token: Duration::ZERO,
         decoding: Duration::ZERO,
         tokens: 0,
+        steps: 0,
     };
     let Ok(mut response) = client.post(url).json(&body).send().await else {
         return sample;
@@ -216,7 +234,8 @@ async fn request(client: &reqwest::Client, url: &str, body: serde_json::Value) -
             let Ok(value) = serde_json::from_str::<serde_json::Value>(&data) else {
                 continue;
             };
-            if value["choices"][0]["num_steps"].is_u64() {
+            if let Some(steps) = value["choices"][0]["num_steps"].as_u64() {
+                sample.steps += steps as usize;
                 let since_sent = sent.elapsed();
                 if sample.tokens == 0 {
                     sample.first_token = since_sent;
@@ -260,7 +279,10 @@ fn report(args: &Args, samples: &[Sample], wall: Duration) {
     ttft.sort_by(f64::total_cmp);
     tpot.sort_by(f64::total_cmp);
     let peak = peak_rss_bytes();
+    let steps: usize = ok.iter().map(|s| s.steps).sum();
+    let mean_steps = steps as f64 / tokens.max(1) as f64;
     let figures = json!({
+        "mean_steps_per_token": mean_steps,
         "clients": args.clients, "requests": args.requests, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "steps": args.steps, "criterion": args.criterion,
         "max_batch": args.max_batch, "wall_seconds": wall.as_secs_f64(),
@@ -279,7 +301,7 @@ fn report(args: &Args, samples: &[Sample], wall: Duration) {
         args.clients, args.requests, args.prompt_len, args.max_tokens, args.steps, args.criterion, args.max_batch
     );
     println!(
-        "completed {} / errors {} in {:.2} s: {:.1} tokens/s",
+        "completed {} / errors {} in {:.2} s: {:.1} tokens/s, {mean_steps:.2} recurrence steps per token",
         ok.len(),
         samples.len() - ok.len(),
         wall.as_secs_f64(),
@@ -297,6 +319,75 @@ fn report(args: &Args, samples: &[Sample], wall: Duration) {
         Some(bytes) => println!("{:>22}: {:.0} MiB", "peak memory", bytes as f64 / (1 << 20) as f64),
         None => println!("{:>22}: unknown on this system", "peak memory"),
     }
+}
+
+/// The head-of-line scenario: short requests' time to first token alone (the median of five),
+/// then beside one long request that started 100 ms before them.
+async fn head_of_line(args: &Args, url: &str, vocab: u32) -> Result<()> {
+    let client = reqwest::Client::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut body = |max_tokens: usize| {
+        let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect();
+        json!({"prompt": prompt, "max_tokens": max_tokens, "stream": true, "temperature": 0,
+               "exit_criterion": args.criterion, "stop": ["never"]})
+    };
+    let short: Vec<Value> = (0..args.clients).map(|_| body(args.max_tokens)).collect();
+    let long = body(args.long_tokens);
+    let mut solo = Vec::new();
+    for body in short.iter().cycle().take(5) {
+        let sample = request(&client, url, body.clone()).await;
+        if !sample.ok {
+            bail!("a short request alone failed");
+        }
+        solo.push(sample.first_token.as_secs_f64() * 1e3);
+    }
+    solo.sort_by(f64::total_cmp);
+    let solo = solo[2];
+    let spawn = |body: Value| {
+        let (client, url) = (client.clone(), url.to_string());
+        tokio::spawn(async move { request(&client, &url, body).await })
+    };
+    let long = spawn(long);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let shorts: Vec<_> = short.into_iter().map(spawn).collect();
+    let mut ttft = Vec::new();
+    let mut errors = 0;
+    for short in shorts {
+        let sample = short.await?;
+        if sample.ok {
+            ttft.push(sample.first_token.as_secs_f64() * 1e3);
+        } else {
+            errors += 1;
+        }
+    }
+    let long = long.await?;
+    if !long.ok {
+        errors += 1;
+    }
+    ttft.sort_by(f64::total_cmp);
+    let p50 = percentile(&ttft, 0.5);
+    let figures = json!({
+        "head_of_line": true, "clients": args.clients, "prompt_len": args.prompt_len,
+        "max_tokens": args.max_tokens, "long_tokens": args.long_tokens, "steps": args.steps,
+        "criterion": args.criterion, "solo_ttft_ms": solo,
+        "ttft_ms": {"p50": p50, "p95": percentile(&ttft, 0.95), "max": ttft.last()},
+        "ratio_p50_to_solo": p50 / solo, "long_request_seconds": (long.first_token + long.decoding).as_secs_f64(),
+        "errors": errors,
+    });
+    if args.json {
+        println!("{figures}");
+    } else {
+        println!(
+            "one request of {} new tokens, then {} of {} new tokens 100 ms later ({} steps, {})",
+            args.long_tokens, args.clients, args.max_tokens, args.steps, args.criterion
+        );
+        println!(
+            "time to first token of the short ones: p50 {p50:.1} ms, p95 {:.1} ms; alone {solo:.1} ms ({:.2}x); errors {errors}",
+            percentile(&ttft, 0.95),
+            p50 / solo
+        );
+    }
+    Ok(())
 }
 
 /// A byte-level tokenizer without merges over ids 0-255, so that a random model takes text.
@@ -380,6 +471,7 @@ struct Target {
     vocab: u32,
     prompt_len: usize,
     max_tokens: usize,
+    steps: usize,
 }
 
 impl Target {
@@ -387,9 +479,30 @@ impl Target {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A streamed request of random settings: lengths, depth, exit criterion, cache strategy,
+    /// warm start, sampling.
     fn stream_body(&self, rng: &mut ChaCha8Rng) -> Value {
-        let prompt: Vec<u32> = (0..self.prompt_len).map(|_| rng.random_range(0..self.vocab)).collect();
-        json!({"prompt": prompt, "max_tokens": self.max_tokens, "stream": true, "temperature": 0})
+        const CRITERIA: [&str; 7] = [
+            "none",
+            "kl",
+            "minp-kl",
+            "entropy-diff",
+            "latent-diff",
+            "cosine",
+            "argmax-stability",
+        ];
+        const STRATEGIES: [&str; 4] = ["full", "latest-m4", "compress-s4", "always-last-m4-compress-anchor"];
+        let len = rng.random_range(1..=self.prompt_len);
+        let prompt: Vec<u32> = (0..len).map(|_| rng.random_range(0..self.vocab)).collect();
+        let warm_start = ["cold", "raw", "normalized"][rng.random_range(0..3)];
+        let temperature = [0.0, 0.7][rng.random_range(0..2)];
+        json!({
+            "prompt": prompt, "max_tokens": rng.random_range(1..=self.max_tokens), "stream": true,
+            "num_steps": rng.random_range(1..=self.steps),
+            "exit_criterion": CRITERIA[rng.random_range(0..CRITERIA.len())],
+            "cache_strategy": STRATEGIES[rng.random_range(0..STRATEGIES.len())],
+            "warm_start": warm_start, "temperature": temperature, "seed": rng.random::<u32>(),
+        })
     }
 
     /// Sends `body` as is and checks the error answer: its status, code and (if given) param.
@@ -690,6 +803,7 @@ async fn soak(args: &Args, addr: SocketAddr, input: InputLimits, vocab: u32) -> 
         vocab,
         prompt_len: args.prompt_len,
         max_tokens: args.max_tokens,
+        steps: args.steps,
     });
     // The start is measured after every client has streamed one answer, so that what the model
     // and the allocator keep for good is in it.

@@ -345,6 +345,9 @@ impl Worker {
     /// one step of every running request; until the queue is closed and everything has ended.
     fn run(mut self) {
         let _exit = ExitGuard(self.shared.clone());
+        // The engine's kernels split their work over a pool this thread works in, as a CLI
+        // command's do on its main thread.
+        let _pool = model::kernels::threads::join_a_new_pool();
         let folder = self.folder.clone();
         let mut running: Vec<Running<'_>> = Vec::new();
         while self.receive(running.is_empty()) {

@@ -44,6 +44,20 @@ pub fn join_the_pool() -> bool {
     joined
 }
 
+/// The calling thread as a worker of a new pool of one thread per core, for as long as the
+/// returned pool lives: for a long-lived thread that does the process's model work but is not
+/// its main thread (the server's engine, beside an async runtime that may already have built
+/// the global pool). Its kernels then split their work as a CLI command's do on its main thread,
+/// and [`keep_warm`] keeps this pool's other workers awake for it. `None` where the pool cannot
+/// be built, which only costs speed.
+pub fn join_a_new_pool() -> Option<rayon::ThreadPool> {
+    let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().ok()?;
+    if let Some(index) = rayon::current_thread_index() {
+        JOINED.store(index, Ordering::Relaxed);
+    }
+    Some(pool)
+}
+
 /// Keeps the pool's other workers looking for work, without sleeping, until none has come for
 /// [`WARM_FOR`]. Kernels that split a few microseconds of work over the pool call it first; it
 /// costs one atomic load while the workers are awake. It does nothing unless the calling thread
