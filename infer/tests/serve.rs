@@ -776,6 +776,22 @@ async fn a_client_that_leaves_mid_stream_frees_its_row_at_once() {
         .unwrap();
     let first = response.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("data: "), "{first:?}");
+    // While it runs, its cache is in use and within what its admission reserved.
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (in_use, reserved) = (value("huginn_kv_cache_bytes"), value("huginn_kv_cache_reserved_bytes"));
+    assert!(0.0 < in_use && in_use <= reserved, "{text}");
+    assert!(reserved <= value("huginn_kv_cache_budget_bytes"), "{text}");
     let left = Instant::now();
     drop(response);
     while app.engine_load() != (0, 0) {

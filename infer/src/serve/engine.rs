@@ -22,7 +22,7 @@ use model::HuginnConfig;
 
 use super::running::Running;
 use crate::adaptive::{AdaptiveConfig, Row};
-use crate::cache::{bytes_per_position, float_bytes};
+use crate::cache::{BLOCK, bytes_per_position, float_bytes};
 use crate::continuous::{self, Sequence};
 use crate::diffusion::{self, DiffusionConfig};
 use crate::exit::Criterion;
@@ -135,8 +135,10 @@ pub(super) struct Shared {
     running: AtomicUsize,
     /// Tokens generated since the start.
     pub(super) generated: AtomicUsize,
-    /// KV-cache bytes reserved for the running batch (what its admission counted).
+    /// KV-cache bytes the running requests hold.
     kv_bytes: AtomicUsize,
+    /// KV-cache bytes reserved for them (what admission counted against the budget).
+    kv_reserved: AtomicUsize,
     /// Set once: end everything now.
     cancel: AtomicBool,
     /// Set once the engine thread has ended, however it ended.
@@ -151,6 +153,16 @@ pub struct Engine {
     per_position: PositionBytes,
     context: usize,
     worker: Option<JoinHandle<()>>,
+}
+
+/// The KV cache of the running requests, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBytes {
+    /// What their caches hold now.
+    pub in_use: usize,
+    /// What they may grow to, as admitted.
+    pub reserved: usize,
+    pub budget: usize,
 }
 
 /// Why a job was not queued.
@@ -235,12 +247,13 @@ impl Engine {
         self.shared.generated.load(Ordering::Acquire)
     }
 
-    /// KV-cache bytes reserved for the running batch, and the budget.
-    pub fn kv_bytes(&self) -> (usize, usize) {
-        (
-            self.shared.kv_bytes.load(Ordering::Acquire),
-            self.limits.kv_budget_bytes,
-        )
+    /// KV-cache bytes held and reserved by the running requests, and the budget.
+    pub fn kv_bytes(&self) -> KvBytes {
+        KvBytes {
+            in_use: self.shared.kv_bytes.load(Ordering::Acquire),
+            reserved: self.shared.kv_reserved.load(Ordering::Acquire),
+            budget: self.limits.kv_budget_bytes,
+        }
     }
 
     /// Whether the engine thread is still running (it ends only when the engine is dropped,
@@ -304,7 +317,9 @@ impl PositionBytes {
                 .cache_bytes(&self.model, prompt, new, self.element)
                 .unwrap_or(usize::MAX);
         }
-        (job.row.prompt.len() + job.row.max_new) * self.per_position(&job.config)
+        // Each slot grows a block of positions at a time.
+        let positions = (job.row.prompt.len() + job.row.max_new).div_ceil(BLOCK) * BLOCK;
+        positions * self.per_position(&job.config)
     }
 
     /// A scoring batch holds no cache but the logits of every position of every padded row,
@@ -467,11 +482,13 @@ impl Worker {
         }
     }
 
-    /// Publishes the running count and their KV-cache reservation.
+    /// Publishes the running count and their KV cache, held and reserved.
     fn publish(&self, running: &[Running<'_>]) {
         self.shared.running.store(running.len(), Ordering::Release);
         let reserved = running.iter().map(|r| r.reserved).sum();
-        self.shared.kv_bytes.store(reserved, Ordering::Release);
+        self.shared.kv_reserved.store(reserved, Ordering::Release);
+        let in_use = running.iter().map(|r| r.sequence.cache_bytes()).sum();
+        self.shared.kv_bytes.store(in_use, Ordering::Release);
     }
 
     /// `first` and, for a scoring job, the waiting scoring jobs of the same settings that fit
@@ -782,7 +799,7 @@ mod tests {
         let (generating, _rest) = job();
         assert_eq!(
             bytes.row(&generating),
-            4 * bytes.per_position(&AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()))
+            BLOCK * bytes.per_position(&AdaptiveConfig::fixed(2, WarmStart::Cold, Strategy::default()))
         );
     }
 

@@ -25,6 +25,7 @@ pub struct Metrics {
     waiting: Gauge,
     running: Gauge,
     kv_bytes: Gauge,
+    kv_reserved: Gauge,
     kv_budget: Gauge,
     prompt_tokens: Counter,
     tokens: Counter,
@@ -40,6 +41,7 @@ pub struct EngineState {
     pub waiting: usize,
     pub running: usize,
     pub kv_bytes: usize,
+    pub kv_reserved: usize,
     pub kv_budget: usize,
 }
 
@@ -49,6 +51,7 @@ impl Metrics {
         let waiting = Gauge::default();
         let running = Gauge::default();
         let kv_bytes = Gauge::default();
+        let kv_reserved = Gauge::default();
         let kv_budget = Gauge::default();
         let prompt_tokens = Counter::default();
         let tokens = Counter::default();
@@ -67,8 +70,13 @@ impl Metrics {
         registry.register("requests_running", "Requests being decoded", running.clone());
         registry.register(
             "kv_cache_bytes",
-            "KV-cache bytes the running batch holds (its reservation under the budget)",
+            "KV-cache bytes the running requests hold now",
             kv_bytes.clone(),
+        );
+        registry.register(
+            "kv_cache_reserved_bytes",
+            "KV-cache bytes reserved for the running requests (what each can grow to; bounded by the budget)",
+            kv_reserved.clone(),
         );
         registry.register(
             "kv_cache_budget_bytes",
@@ -106,6 +114,7 @@ impl Metrics {
             waiting,
             running,
             kv_bytes,
+            kv_reserved,
             kv_budget,
             prompt_tokens,
             tokens,
@@ -122,6 +131,7 @@ impl Metrics {
         self.waiting.set(gauge(engine.waiting));
         self.running.set(gauge(engine.running));
         self.kv_bytes.set(gauge(engine.kv_bytes));
+        self.kv_reserved.set(gauge(engine.kv_reserved));
         self.kv_budget.set(gauge(engine.kv_budget));
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
@@ -195,12 +205,14 @@ mod tests {
             waiting: 2,
             running: 1,
             kv_bytes: 1 << 20,
+            kv_reserved: 3 << 20,
             kv_budget: 1 << 31,
         });
         for line in [
             "huginn_requests_waiting 2",
             "huginn_requests_running 1",
             "huginn_kv_cache_bytes 1048576",
+            "huginn_kv_cache_reserved_bytes 3145728",
             "huginn_kv_cache_budget_bytes 2147483648",
             "huginn_prompt_tokens_total 7",
             "huginn_generation_tokens_total 3",

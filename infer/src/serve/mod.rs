@@ -176,12 +176,13 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 /// The server's metrics in the Prometheus text format; open like `/health` (a count of
 /// requests and tokens, nothing of their content).
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let (kv_bytes, kv_budget) = app.engine.kv_bytes();
+    let kv = app.engine.kv_bytes();
     let text = app.metrics.render(EngineState {
         waiting: app.engine.queued(),
         running: app.engine.running(),
-        kv_bytes,
-        kv_budget,
+        kv_bytes: kv.in_use,
+        kv_reserved: kv.reserved,
+        kv_budget: kv.budget,
     });
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
