@@ -824,8 +824,8 @@ async fn soak(args: &Args, addr: SocketAddr, input: InputLimits, vocab: u32) -> 
     let started = Instant::now();
     let mut tallies: BTreeMap<&str, Tally> = KINDS.iter().map(|k| (k.name(), Tally::default())).collect();
     let mut unexpected = Vec::new();
-    // A quarter of the requests one at a time, where a client leaves an idle engine (inside
-    // its batch window), the rest from every client at once, where it leaves a queue.
+    // A quarter of the requests one at a time, where a client leaves an idle engine, the rest
+    // from every client at once, where it leaves a running batch or a queue.
     let quarter = args.requests / 4;
     for (clients, first, until) in [(1, 0, quarter), (args.clients, quarter, args.requests)] {
         let next = Arc::new(AtomicUsize::new(first));
