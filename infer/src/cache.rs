@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use model::burn::prelude::*;
 use model::{Attend, Huginn, HuginnConfig, KvCache, LayerSlot};
 
-use crate::strategy::{Layout, Strategy};
+use crate::strategy::{Layout, Lookup, Strategy};
 
 /// Positions added at a time when a slot grows.
 pub(crate) const BLOCK: usize = 64;
@@ -201,6 +201,29 @@ impl KvCache for StrategyCache {
             .entry(sigma)
             .or_insert_with(|| Slot::new(&keys))
             .write(start, keys, values, self.block);
+        // The common case, checked first without building any list: σ holds every position
+        // so far and no row is padded, so the chunk attends causally to all of them.
+        let own = &self.slots[&sigma];
+        let padded = self.pads.iter().any(|p| *p > 0);
+        if !padded && own.valid[..end].iter().all(|&v| v) {
+            return Attend {
+                keys: own.keys().clone().narrow(2, 0, end),
+                values: own.values().clone().narrow(2, 0, end),
+                mask: None,
+            };
+        }
+        // A lookup that reads σ alone (and leaves out positions without it) needs no gathering:
+        // σ's columns as they are, those without an entry hidden.
+        if self.reads_only(sigma) {
+            let readable = &own.valid[..end];
+            let mask = (padded || readable.contains(&false))
+                .then(|| mask(&self.pads, b, start, len, readable, &own.keys().device()));
+            return Attend {
+                keys: own.keys().clone().narrow(2, 0, end),
+                values: own.values().clone().narrow(2, 0, end),
+                mask,
+            };
+        }
         // The positions seen so far: every one has a first-layer entry.
         let seen: Vec<usize> = match self.slots.get(&0) {
             Some(first) => (0..end).filter(|&p| first.valid[p]).collect(),
@@ -208,7 +231,6 @@ impl KvCache for StrategyCache {
         };
         // As the reference: when every position has σ, σ is read as is; the strategy decides
         // only for positions that lack it (this matters for `always-last`).
-        let own = &self.slots[&sigma];
         let complete = seen.iter().all(|&p| own.valid[p]);
         let (keys, values, read) = if complete {
             let keys = own.keys().clone().narrow(2, 0, end);
@@ -221,7 +243,6 @@ impl KvCache for StrategyCache {
         // row's padding are hidden; without either, the chunk is the latest positions and the
         // attention's bottom-right causal masking is right.
         let holes = read.len() < end || read.iter().any(Option::is_none);
-        let padded = self.pads.iter().any(|p| *p > 0);
         let mask = (holes || padded).then(|| {
             let mut readable = vec![false; end];
             for p in read.iter().flatten() {
@@ -234,6 +255,15 @@ impl KvCache for StrategyCache {
 }
 
 impl StrategyCache {
+    /// Whether a query at σ reads only σ's own entries under this strategy (see
+    /// [`Strategy::lookup`]): the coda always, `full` and `skip` everywhere, `available` in the
+    /// prelude.
+    fn reads_only(&self, sigma: i64) -> bool {
+        sigma < 0
+            || matches!(self.strategy.lookup, Lookup::Full | Lookup::Skip)
+            || (self.strategy.lookup == Lookup::AvailableM && sigma < self.layout.prelude as i64)
+    }
+
     /// Keys and values at columns `..end` when some seen positions lack σ: then the strategy
     /// picks the slot of every position (`always-last` may pick a later one even where σ is
     /// there), or leaves it out. Returns, per seen position, the position if it is read.
