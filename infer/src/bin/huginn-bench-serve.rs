@@ -78,7 +78,7 @@ struct Args {
     #[arg(long)]
     head_of_line: bool,
     /// With --head-of-line: new tokens of the long request.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 192)]
     long_tokens: usize,
     /// A soak test instead: clients that leave at random moments and bad requests among whole
     /// streams of random settings (depth up to --steps, exit criteria, cache strategies, warm
@@ -137,6 +137,9 @@ fn run(args: Args) -> Result<()> {
     }
     if args.prompt_len + args.max_tokens > context {
         bail!("--prompt-len plus --max-tokens exceed the model's context of {context}");
+    }
+    if args.head_of_line && args.prompt_len + args.long_tokens > context {
+        bail!("--prompt-len plus --long-tokens exceed the model's context of {context}");
     }
     let defaults = ServerDefaults {
         model_name: "bench".into(),
@@ -329,7 +332,7 @@ async fn head_of_line(args: &Args, url: &str, vocab: u32) -> Result<()> {
     let mut body = |max_tokens: usize| {
         let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect();
         json!({"prompt": prompt, "max_tokens": max_tokens, "stream": true, "temperature": 0,
-               "exit_criterion": args.criterion, "stop": ["never"]})
+               "exit_criterion": args.criterion, "stop_token_ids": []})
     };
     let short: Vec<Value> = (0..args.clients).map(|_| body(args.max_tokens)).collect();
     let long = body(args.long_tokens);

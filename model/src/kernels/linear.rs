@@ -342,6 +342,42 @@ mod tests {
         }
     }
 
+    /// A row's product is the same bits whatever rows share the product: up to [`SMALL_ROWS`]
+    /// rows here, larger products in `gemm`, whose sums run over the inner dimension in the
+    /// same order for every row. The server's engine relies on it to run requests together
+    /// with the answers each gets alone.
+    #[test]
+    fn a_row_s_product_does_not_depend_on_the_rows_beside_it() {
+        let device = Device::flex();
+        let shapes = [
+            (64, 192, false),
+            (256, 704, false),
+            (704, 256, false),
+            (512, 1536, false),
+            (256, 2048, true),
+        ];
+        for (k, n, transposed) in shapes {
+            // The tied head multiplies by `wteᵀ`, a transposed view.
+            let w = match transposed {
+                false => Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device),
+                true => Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &device).transpose(),
+            };
+            for (rows, group) in [(1, SMALL_ROWS), (1, 3), (2, 4), (9, 2), (32, 3), (33, 8), (64, 8)] {
+                let x = Tensor::<3>::random([group, rows, k], Distribution::Normal(0.0, 1.0), &device);
+                let together = product(x.clone(), w.clone());
+                for b in 0..group {
+                    let alone: Vec<f32> = product(x.clone().narrow(0, b, 1), w.clone())
+                        .into_data()
+                        .to_vec()
+                        .unwrap();
+                    let beside: Vec<f32> = together.clone().narrow(0, b, 1).into_data().to_vec().unwrap();
+                    let same = alone.iter().zip(&beside).all(|(a, c)| a.to_bits() == c.to_bits());
+                    assert!(same, "k {k}, n {n}: row block {b} of {group} blocks of {rows} rows");
+                }
+            }
+        }
+    }
+
     #[test]
     fn larger_products_and_gradients_keep_the_matrix_product() {
         let device = Device::flex();
