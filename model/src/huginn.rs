@@ -12,7 +12,8 @@
 //! The recurrence loop exists once, in [`Huginn::recur`]. Everything that iterates the model
 //! (inference with early exit, truncated-backprop training, latent-trajectory analysis) drives
 //! the small public steps: [`Huginn::embed_prelude`], [`Huginn::initial_state`],
-//! [`Huginn::core_step`] / [`Huginn::recur`], and [`Huginn::coda_head`].
+//! [`Huginn::core_step`] / [`Huginn::recur`], and [`Huginn::coda_head`]; their `*_rows` forms
+//! run the same steps for independent sequences, each at its own position and iteration.
 
 use std::ops::Range;
 

@@ -8,6 +8,9 @@
 //! * [`Huginn::initial_state`]: zeros, a given state, or the reference's seeded "like-init"
 //! * [`Huginn::core_step`] / [`Huginn::recur`]: `s_i = core(adapter([s_{i-1}, e]))`
 //! * [`Huginn::coda_head`]: raw state → logits
+//! * the same steps over independent sequences stacked along the batch, each with its own
+//!   positions, cache and iteration ([`Huginn::core_step_rows`] and its siblings, [`RowPass`]):
+//!   what a server runs for requests at different depths
 //!
 //! Weights come from the reference Hugging Face layout ([`Huginn::from_pretrained`]) or Burn's
 //! own record format, and go back out to either. The backend is a runtime [`Device`]; see

@@ -65,7 +65,8 @@ struct Args {
     /// Exit criterion sent with every request (none: fixed depth, batched).
     #[arg(long, default_value = "none")]
     criterion: String,
-    #[arg(long, default_value_t = 8)]
+    /// Most requests running together (the server's --max-batch).
+    #[arg(long, default_value_t = 32)]
     max_batch: usize,
     #[arg(long, default_value_t = 256)]
     queue: usize,

@@ -166,7 +166,7 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         max_steps: usize,
         /// Most requests running together (they join and leave the batch at every step).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 32)]
         max_batch: usize,
         /// Most requests waiting to start; more get 503.
         #[arg(long, default_value_t = 64)]
