@@ -47,10 +47,10 @@ pub struct Sequence {
 enum Stage {
     /// Tokens whose recurrence starts at the next step.
     Feed(Vec<u32>),
-    /// The core iterating on the chunk.
-    Recur(Recurrence),
+    /// The core iterating on the chunk (boxed: tensors are large beside a token list).
+    Recur(Box<Recurrence>),
     /// The chunk's recurrence has ended; the coda and the head give its logits.
-    Exited(Exit),
+    Exited(Box<Exit>),
     /// Generation has ended.
     Done,
 }
@@ -168,7 +168,7 @@ pub fn step(model: &Huginn, sequences: &mut [&mut Sequence]) -> Vec<Result<Optio
         |group| iterate(model, group),
     );
     fail(sequences, failures);
-    let needs_logits = |s: &Sequence| matches!(s.stage, Stage::Exited(Exit { logits: None, .. }));
+    let needs_logits = |s: &Sequence| matches!(&s.stage, Stage::Exited(exit) if exit.logits.is_none());
     let failures = run_groups(sequences, needs_logits, |group| exit_logits(model, group));
     fail(sequences, failures);
     for (i, sequence) in sequences.iter_mut().enumerate() {
@@ -278,13 +278,13 @@ fn feed(model: &Huginn, group: &mut [&mut Sequence]) {
         let init = s.carried.take().map_or(InitialState::Zeros, InitialState::Given);
         let state = model.initial_state(&e, &init);
         let tracker = ExitTracker::new(s.config.criterion, s.config.threshold, vocab, &state);
-        s.stage = Stage::Recur(Recurrence {
+        s.stage = Stage::Recur(Box::new(Recurrence {
             rotary,
             e,
             state,
             steps: 0,
             tracker,
-        });
+        }));
     }
 }
 
@@ -338,12 +338,12 @@ fn iterate(model: &Huginn, group: &mut [&mut Sequence]) {
         r.steps += 1;
         let (_, exit) = r.tracker.check(&r.state, logits.as_deref());
         if exit || r.steps == max_steps {
-            s.stage = Stage::Exited(Exit {
+            s.stage = Stage::Exited(Box::new(Exit {
                 rotary: r.rotary.clone(),
                 state: r.state.clone(),
                 steps: r.steps,
                 logits,
-            });
+            }));
         }
     }
 }
