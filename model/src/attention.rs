@@ -87,11 +87,11 @@ impl CausalSelfAttention {
             .reshape([b, s, h])
     }
 
-    /// The q/k bias as one `[2h]` vector.
+    /// The q/k bias as one `[2h]` vector (queries' then keys').
     fn bias(&self) -> Tensor<1> {
         let bias = self.qk_bias.val();
-        let [_, _, nh, hd] = bias.dims();
-        bias.reshape([2 * nh * hd])
+        let len = bias.shape().num_elements();
+        bias.reshape([len])
     }
 }
 
