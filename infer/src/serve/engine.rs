@@ -374,9 +374,19 @@ impl Worker {
             self.publish(&running);
             if !running.is_empty() {
                 self.step(&folder, &mut running);
-                running.retain(|r| !r.ended());
+                self.retire(&mut running);
             }
-            self.publish(&running);
+        }
+    }
+
+    /// Takes the requests that ended out of the running batch, publishes the load without
+    /// them, and only then sends their last events.
+    fn retire(&self, running: &mut Vec<Running<'_>>) {
+        let (mut ended, going): (Vec<_>, Vec<_>) = std::mem::take(running).into_iter().partition(Running::ended);
+        *running = going;
+        self.publish(running);
+        for row in &mut ended {
+            row.send_last();
         }
     }
 
@@ -403,7 +413,7 @@ impl Worker {
         for row in running.iter_mut() {
             row.finish(Finish::Cancelled);
         }
-        running.clear();
+        self.retire(running);
         self.shared.queued.fetch_sub(self.waiting.len(), Ordering::AcqRel);
         for job in self.waiting.drain(..) {
             let _ = job.events.send(Event::Done {
@@ -412,7 +422,6 @@ impl Worker {
                 steps_per_token: Vec::new(),
             });
         }
-        self.publish(running);
     }
 
     /// Starts waiting jobs, oldest first, while they fit: at most `max_batch` running and
@@ -445,7 +454,8 @@ impl Worker {
             }));
             match started {
                 Ok(Some(row)) if !row.ended() => running.push(row),
-                Ok(_) => {}
+                Ok(Some(mut row)) => row.send_last(),
+                Ok(None) => {}
                 Err(panic) => {
                     let reason = panic_message(panic.as_ref());
                     tracing::error!("starting a request panicked: {reason}");

@@ -23,6 +23,9 @@ pub(super) struct Running<'f> {
     steps_per_token: Vec<usize>,
     /// KV-cache bytes its admission reserved.
     pub reserved: usize,
+    /// The request's last event (its end or failure), held until the engine has taken the
+    /// request out of its running count: a client that has its answer sees it gone.
+    last: Option<Event>,
 }
 
 impl<'f> Running<'f> {
@@ -70,6 +73,7 @@ impl<'f> Running<'f> {
             sent: 0,
             steps_per_token: Vec::new(),
             reserved,
+            last: None,
         };
         if running.sequence.done() {
             // Nothing to generate (`max_tokens` 0).
@@ -123,7 +127,7 @@ impl<'f> Running<'f> {
         }
     }
 
-    /// Ends the request with `finish`, sending the text held back.
+    /// Ends the request with `finish` and the text held back (sent by [`Self::send_last`]).
     pub fn finish(&mut self, finish: Finish) {
         self.sequence.end();
         let tail = match &mut self.text {
@@ -133,16 +137,23 @@ impl<'f> Running<'f> {
             },
             None => String::new(),
         };
-        let _ = self.job.events.send(Event::Done {
+        self.last = Some(Event::Done {
             finish,
             tail,
             steps_per_token: std::mem::take(&mut self.steps_per_token),
         });
     }
 
-    /// Ends the request with a failure.
+    /// Ends the request with a failure (sent by [`Self::send_last`]).
     pub fn fail(&mut self, reason: String) {
         self.sequence.end();
-        let _ = self.job.events.send(Event::Failed(reason));
+        self.last = Some(Event::Failed(reason));
+    }
+
+    /// Sends the request's last event, if it has ended with one.
+    pub fn send_last(&mut self) {
+        if let Some(event) = self.last.take() {
+            let _ = self.job.events.send(event);
+        }
     }
 }
