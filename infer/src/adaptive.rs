@@ -6,7 +6,7 @@
 use std::ops::ControlFlow;
 
 use model::burn::prelude::*;
-use model::{Huginn, InitialState, InputError};
+use model::{Huginn, InitialState, InputError, Rotary};
 
 use crate::cache::{StrategyCache, row_index};
 use crate::exit::{Criterion, ExitTracker};
@@ -490,7 +490,7 @@ impl<'a> Session<'a> {
             let logits = config
                 .criterion
                 .needs_logits()
-                .then(|| host(model.coda_head(state.clone(), &rotary, cache).narrow(1, len - 1, 1)));
+                .then(|| host(last_logits(model, state.clone(), &rotary, cache, len)));
             for b in 0..batch {
                 if exits[b].is_some() {
                     continue;
@@ -517,13 +517,8 @@ impl<'a> Session<'a> {
         // Each row continues from the state it exited with.
         let exit_state = Tensor::cat(exits.iter().map(|e| e.state.clone()).collect(), 0);
         // Logits for criteria that do not read them: from the exit states, in one coda pass.
-        let coda_logits = (!config.criterion.needs_logits()).then(|| {
-            host(
-                model
-                    .coda_head(exit_state.clone(), &rotary, cache)
-                    .narrow(1, len - 1, 1),
-            )
-        });
+        let coda_logits = (!config.criterion.needs_logits())
+            .then(|| host(last_logits(model, exit_state.clone(), &rotary, cache, len)));
         let last = |t: Tensor<3>| t.narrow(1, len - 1, 1);
         self.carried = match config.warm_start {
             WarmStart::Cold => None,
@@ -544,6 +539,12 @@ impl<'a> Session<'a> {
             })
             .collect())
     }
+}
+
+/// The logits at the chunk's last position: the coda over every position (later positions
+/// attend to their keys and values), the head only where a token is chosen.
+fn last_logits(model: &Huginn, state: Tensor<3>, rotary: &Rotary, cache: &mut StrategyCache, len: usize) -> Tensor<3> {
+    model.head(model.coda(state, rotary, cache).narrow(1, len - 1, 1))
 }
 
 fn host(t: Tensor<3>) -> Vec<f32> {

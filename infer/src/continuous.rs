@@ -416,15 +416,21 @@ fn passes<'g>(group: &'g mut [&mut Sequence], rotaries: &[Rotary]) -> Vec<RowPas
 fn last_logits(model: &Huginn, coda: Tensor<3>) -> Vec<Vec<f32>> {
     let [batch, len, _] = coda.dims();
     let vocab = model.config().vocab_size;
-    // The head over every position, then the last, as generation alone computes it (the
-    // product's kernel depends on its row count).
-    let logits = model.head(coda).narrow(1, len - 1, 1);
-    let host = logits
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 logits");
-    (0..batch).map(|b| host[b * vocab..(b + 1) * vocab].to_vec()).collect()
+    let last = coda.narrow(1, len - 1, 1);
+    // The head only where a token is chosen, as generation alone computes it, and for at most
+    // SMALL_ROWS rows at a time: one row alone takes the small-rows kernel.
+    let mut out = Vec::with_capacity(batch);
+    for start in (0..batch).step_by(SMALL_ROWS) {
+        let rows = SMALL_ROWS.min(batch - start);
+        let host = model
+            .head(last.clone().narrow(0, start, rows))
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 logits");
+        out.extend(host.chunks_exact(vocab).map(<[f32]>::to_vec));
+    }
+    out
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
