@@ -1966,15 +1966,7 @@ async fn answers_do_not_depend_on_the_requests_running_beside_them() {
     let dir = folder_of_seed(DEFAULT_IDS, 19);
     let (url, app) = start(dir.path(), limits(), None).await;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let criteria = [
-        "none",
-        "kl",
-        "minp-kl",
-        "entropy-diff",
-        "latent-diff",
-        "cosine",
-        "argmax-stability",
-    ];
+    let criteria = infer::exit::Criterion::ALL.map(|c| c.name());
     let strategies = [
         "full",
         "latest-m4",

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use folder::ModelFolder;
+use infer::exit::Criterion;
 use infer::serve::api::{InputLimits, ServerDefaults};
 use infer::serve::engine::EngineLimits;
 use infer::serve::{App, ConnectionLimits, serve};
@@ -486,15 +487,6 @@ impl Target {
     /// A streamed request of random settings: lengths, depth, exit criterion, cache strategy,
     /// warm start, sampling.
     fn stream_body(&self, rng: &mut ChaCha8Rng) -> Value {
-        const CRITERIA: [&str; 7] = [
-            "none",
-            "kl",
-            "minp-kl",
-            "entropy-diff",
-            "latent-diff",
-            "cosine",
-            "argmax-stability",
-        ];
         const STRATEGIES: [&str; 4] = ["full", "latest-m4", "compress-s4", "always-last-m4-compress-anchor"];
         let len = rng.random_range(1..=self.prompt_len);
         let prompt: Vec<u32> = (0..len).map(|_| rng.random_range(0..self.vocab)).collect();
@@ -503,7 +495,7 @@ impl Target {
         json!({
             "prompt": prompt, "max_tokens": rng.random_range(1..=self.max_tokens), "stream": true,
             "num_steps": rng.random_range(1..=self.steps),
-            "exit_criterion": CRITERIA[rng.random_range(0..CRITERIA.len())],
+            "exit_criterion": Criterion::ALL[rng.random_range(0..Criterion::ALL.len())].name(),
             "cache_strategy": STRATEGIES[rng.random_range(0..STRATEGIES.len())],
             "warm_start": warm_start, "temperature": temperature, "seed": rng.random::<u32>(),
         })
