@@ -13,13 +13,23 @@
 //! CPU: the projections sum each output in a fixed order whatever the rows beside it, as long
 //! as the row count keeps the same kernel; attention, norms and the exit checks run per row).
 //! So chunks share a pass only with chunks of their own length (see [`groups`]).
+//!
+//! A long prompt runs each stage a window of positions at a time (at most the sequence's
+//! `window`, one window per step), so that it holds up the others' steps by one window's work,
+//! not the whole prompt's. Every iteration still covers all of the prompt's positions before the
+//! next begins, so windows compute what the whole chunk computes (a window reads the earlier
+//! windows' entries of the same iteration from the cache, as the whole chunk's causal attention
+//! reads them); only the rounding differs, since a window attends through the kernel for a
+//! chunk after a cache prefix.
 
 use std::any::Any;
+use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use model::burn::prelude::*;
 use model::kernels::linear::SMALL_ROWS;
-use model::{Huginn, InitialState, InputError, Rotary, RowPass};
+use model::{Huginn, InitialState, InputError, RowPass};
 
 use crate::adaptive::{AdaptiveConfig, Row};
 use crate::cache::StrategyCache;
@@ -41,12 +51,14 @@ pub struct Sequence {
     max_new: usize,
     stop_tokens: Vec<u32>,
     generated: usize,
+    /// Most positions of a chunk in one pass.
+    window: usize,
     stage: Stage,
 }
 
 enum Stage {
-    /// Tokens whose recurrence starts at the next step.
-    Feed(Vec<u32>),
+    /// Tokens entering the prelude.
+    Feed(Box<Feed>),
     /// The core iterating on the chunk (boxed: tensors are large beside a token list).
     Recur(Box<Recurrence>),
     /// The chunk's recurrence has ended; the coda and the head give its logits.
@@ -55,22 +67,48 @@ enum Stage {
     Done,
 }
 
+struct Feed {
+    tokens: Vec<u32>,
+    /// The input injection of the windows fed so far.
+    embedded: Windows,
+}
+
 struct Recurrence {
-    rotary: Rotary,
     /// The input injection, `[1, S, h]`.
     e: Tensor<3>,
     /// The latent state after `steps` iterations.
     state: Tensor<3>,
     steps: usize,
     tracker: ExitTracker,
+    /// The next iteration's state, window by window.
+    next: Windows,
 }
 
 struct Exit {
-    rotary: Rotary,
     state: Tensor<3>,
     steps: usize,
     /// The last position's logits at the exit step, where the criterion read them.
     logits: Option<Vec<f32>>,
+    /// Positions the coda has covered.
+    coda: usize,
+}
+
+/// A chunk's pass through one stage, made a window of positions at a time.
+#[derive(Default)]
+struct Windows {
+    /// Positions covered.
+    done: usize,
+    /// The stage's output at them, window by window.
+    parts: Vec<Tensor<3>>,
+}
+
+impl Windows {
+    /// Adds the output at the next window; returns the whole chunk's once it is complete.
+    fn push(&mut self, part: Tensor<3>, len: usize) -> Option<Tensor<3>> {
+        self.done += part.dims()[1];
+        self.parts.push(part);
+        (self.done == len).then(|| Tensor::cat(std::mem::take(&mut self.parts), 1))
+    }
 }
 
 /// A token a sequence chose at a step.
@@ -87,8 +125,8 @@ pub struct Chosen {
 
 impl Sequence {
     /// A sequence generating up to `row.max_new` tokens after `row.prompt` (which must fit the
-    /// model's context with them).
-    pub fn new(model: &Huginn, row: &Row, config: AdaptiveConfig) -> Result<Self, InputError> {
+    /// model's context with them), whose chunks run at most `window` positions per pass.
+    pub fn new(model: &Huginn, row: &Row, config: AdaptiveConfig, window: NonZeroUsize) -> Result<Self, InputError> {
         let context = model.config().block_size;
         if row.prompt.is_empty() {
             return Err(InputError::Empty);
@@ -110,10 +148,11 @@ impl Sequence {
             max_new: row.max_new,
             stop_tokens: row.decoding.stop_tokens.clone(),
             generated: 0,
+            window: window.get(),
             stage: if row.max_new == 0 {
                 Stage::Done
             } else {
-                Stage::Feed(row.prompt.clone())
+                Stage::feed(row.prompt.clone())
             },
         })
     }
@@ -133,14 +172,34 @@ impl Sequence {
         self.cache.bytes()
     }
 
-    /// Length of the chunk at the current stage (0 when done).
+    /// The positions of the chunk the current stage's next pass covers (empty when done): the
+    /// next of equal windows (within one position) of at most `window` positions.
+    fn window(&self) -> Range<usize> {
+        let (len, done) = match &self.stage {
+            Stage::Feed(feed) => (feed.tokens.len(), feed.embedded.done),
+            Stage::Recur(r) => (r.e.dims()[1], r.next.done),
+            Stage::Exited(x) => (x.state.dims()[1], x.coda),
+            Stage::Done => (0, 0),
+        };
+        let windows = len.div_ceil(self.window).max(1);
+        // The first `len % windows` windows hold one position more than the others.
+        let (small, larger) = (len / windows, len % windows);
+        let size = if done < larger * (small + 1) { small + 1 } else { small };
+        done..len.min(done + size)
+    }
+
+    /// Length of the current stage's next pass (0 when done).
     fn chunk_len(&self) -> usize {
-        match &self.stage {
-            Stage::Feed(tokens) => tokens.len(),
-            Stage::Recur(r) => r.e.dims()[1],
-            Stage::Exited(x) => x.state.dims()[1],
-            Stage::Done => 0,
-        }
+        self.window().len()
+    }
+}
+
+impl Stage {
+    fn feed(tokens: Vec<u32>) -> Self {
+        Stage::Feed(Box::new(Feed {
+            tokens,
+            embedded: Windows::default(),
+        }))
     }
 }
 
@@ -172,7 +231,8 @@ pub fn step(model: &Huginn, sequences: &mut [&mut Sequence]) -> Vec<Result<Optio
     let failures = run_groups(sequences, needs_logits, |group| exit_logits(model, group));
     fail(sequences, failures);
     for (i, sequence) in sequences.iter_mut().enumerate() {
-        if matches!(sequence.stage, Stage::Exited(_)) && out[i].is_ok() {
+        // (A chunk whose coda has windows left chooses at a later step.)
+        if matches!(&sequence.stage, Stage::Exited(exit) if exit.logits.is_some()) && out[i].is_ok() {
             out[i] = Ok(Some(sequence.choose(model)));
         }
     }
@@ -251,121 +311,157 @@ fn take<'s, 'a>(sequences: &'s mut [&'a mut Sequence], indices: &[usize]) -> Vec
     picked
 }
 
-/// The group's chunks through embedding and prelude; each starts its recurrence.
+/// The group's next windows through embedding and prelude; a chunk whose last window it was
+/// starts its recurrence.
 fn feed(model: &Huginn, group: &mut [&mut Sequence]) {
+    let windows = windows(group);
     let chunks: Vec<Vec<u32>> = group
         .iter()
-        .map(|s| match &s.stage {
-            Stage::Feed(tokens) => tokens.clone(),
+        .zip(&windows)
+        .map(|(s, window)| match &s.stage {
+            Stage::Feed(feed) => feed.tokens[window.clone()].to_vec(),
             _ => unreachable!("fed sequences are at their feed stage"),
         })
         .collect();
     let tokens = model
         .tokens(&chunks)
         .expect("chunks were checked against the model when admitted");
-    let len = chunks[0].len();
-    let rotaries: Vec<Rotary> = group.iter().map(|s| model.rotary(s.position, 1, len)).collect();
-    for s in group.iter_mut() {
-        s.cache.at(s.position);
-    }
     let e = {
-        let mut rows = passes(group, &rotaries);
+        let mut rows = passes(model, group, &windows);
         model.embed_prelude_rows(tokens, &mut rows)
     };
     let vocab = model.config().vocab_size;
-    for ((b, s), rotary) in group.iter_mut().enumerate().zip(rotaries) {
-        let e = e.clone().narrow(0, b, 1);
+    for (b, s) in group.iter_mut().enumerate() {
+        let Stage::Feed(feed) = &mut s.stage else {
+            unreachable!("fed sequences are at their feed stage")
+        };
+        let Some(e) = feed.embedded.push(e.clone().narrow(0, b, 1), feed.tokens.len()) else {
+            continue;
+        };
         let init = s.carried.take().map_or(InitialState::Zeros, InitialState::Given);
         let state = model.initial_state(&e, &init);
         let tracker = ExitTracker::new(s.config.criterion, s.config.threshold, vocab, &state);
         s.stage = Stage::Recur(Box::new(Recurrence {
-            rotary,
             e,
             state,
             steps: 0,
             tracker,
+            next: Windows::default(),
         }));
     }
 }
 
-/// One core iteration for each sequence of the group, each at its own depth, then its exit
-/// check.
+/// One core iteration over the next window of each sequence of the group, each at its own
+/// depth; a sequence whose iteration that completes then checks its exit.
 fn iterate(model: &Huginn, group: &mut [&mut Sequence]) {
-    let recurring = |s: &Sequence| match &s.stage {
-        Stage::Recur(r) => (r.rotary.clone(), r.e.clone(), r.state.clone(), r.steps),
-        _ => unreachable!("iterated sequences are recurring"),
-    };
-    let (rotaries, es, states, iterations): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
-        group
-            .iter()
-            .map(|s| recurring(s))
-            .fold(Default::default(), |mut acc, (r, e, s, i)| {
-                acc.0.push(r);
-                acc.1.push(e);
-                acc.2.push(s);
-                acc.3.push(i);
-                acc
-            });
+    let windows = windows(group);
+    let (es, states, iterations) = group.iter().zip(&windows).fold(
+        (Vec::new(), Vec::new(), Vec::new()),
+        |(mut es, mut states, mut iterations), (s, window)| {
+            let Stage::Recur(r) = &s.stage else {
+                unreachable!("iterated sequences are recurring")
+            };
+            es.push(r.e.clone().narrow(1, window.start, window.len()));
+            states.push(r.state.clone().narrow(1, window.start, window.len()));
+            iterations.push(r.steps);
+            (es, states, iterations)
+        },
+    );
     let state = {
-        let mut rows = passes(group, &rotaries);
-        let e = Tensor::cat(es, 0);
-        model.core_step_rows(Tensor::cat(states, 0), &e, &iterations, &mut rows)
+        let mut rows = passes(model, group, &windows);
+        model.core_step_rows(Tensor::cat(states, 0), &Tensor::cat(es, 0), &iterations, &mut rows)
     };
     // The criteria that read the prediction get it at every step, from the coda at this state
     // (which rewrites the chunk's coda entries: a position keeps those of its exit step).
-    let reads_logits: Vec<bool> = group.iter().map(|s| s.config.criterion.needs_logits()).collect();
-    let logits = if reads_logits.contains(&true) {
-        let picked: Vec<usize> = (0..group.len()).filter(|&b| reads_logits[b]).collect();
-        let states = picked.iter().map(|&b| state.clone().narrow(0, b, 1)).collect();
-        let mut members = take(group, &picked);
-        let rotaries: Vec<Rotary> = picked.iter().map(|&b| rotaries[b].clone()).collect();
-        let mut rows = passes(&mut members, &rotaries);
-        let logits = last_logits(model, model.coda_rows(Tensor::cat(states, 0), &mut rows));
-        let mut by_row = vec![None; group.len()];
-        for (b, l) in picked.into_iter().zip(logits) {
-            by_row[b] = Some(l);
+    let reads_logits: Vec<usize> = (0..group.len())
+        .filter(|&b| group[b].config.criterion.needs_logits())
+        .collect();
+    let mut logits = vec![None; group.len()];
+    if !reads_logits.is_empty() {
+        let states = reads_logits.iter().map(|&b| state.clone().narrow(0, b, 1)).collect();
+        let ends: Vec<bool> = reads_logits
+            .iter()
+            .map(|&b| last_window(&*group[b], &windows[b]))
+            .collect();
+        let coda_windows: Vec<Range<usize>> = reads_logits.iter().map(|&b| windows[b].clone()).collect();
+        let mut members = take(group, &reads_logits);
+        let mut rows = passes(model, &mut members, &coda_windows);
+        let coda = model.coda_rows(Tensor::cat(states, 0), &mut rows);
+        let at_end: Vec<usize> = (0..ends.len()).filter(|&i| ends[i]).collect();
+        if !at_end.is_empty() {
+            let picked = Tensor::cat(at_end.iter().map(|&i| coda.clone().narrow(0, i, 1)).collect(), 0);
+            for (i, l) in at_end.into_iter().zip(last_logits(model, picked)) {
+                logits[reads_logits[i]] = Some(l);
+            }
         }
-        by_row
-    } else {
-        vec![None; group.len()]
-    };
+    }
     for ((b, s), logits) in group.iter_mut().enumerate().zip(logits) {
         let max_steps = s.config.max_steps;
         let Stage::Recur(r) = &mut s.stage else {
             unreachable!("iterated sequences are recurring")
         };
-        r.state = state.clone().narrow(0, b, 1);
+        let Some(next) = r.next.push(state.clone().narrow(0, b, 1), r.e.dims()[1]) else {
+            continue;
+        };
+        r.next = Windows::default();
+        r.state = next;
         r.steps += 1;
         let (_, exit) = r.tracker.check(&r.state, logits.as_deref());
         if exit || r.steps == max_steps {
             s.stage = Stage::Exited(Box::new(Exit {
-                rotary: r.rotary.clone(),
                 state: r.state.clone(),
                 steps: r.steps,
+                coda: if logits.is_some() { r.state.dims()[1] } else { 0 },
                 logits,
             }));
         }
     }
 }
 
-/// The coda and head at the exit state, for sequences whose criterion did not read them.
+/// The coda over the next window of each exited sequence whose criterion did not read it; at
+/// the last window, the head.
 fn exit_logits(model: &Huginn, group: &mut [&mut Sequence]) {
-    let (rotaries, states): (Vec<Rotary>, Vec<Tensor<3>>) = group
+    let windows = windows(group);
+    let states: Vec<Tensor<3>> = group
         .iter()
-        .map(|s| match &s.stage {
-            Stage::Exited(x) => (x.rotary.clone(), x.state.clone()),
+        .zip(&windows)
+        .map(|(s, window)| match &s.stage {
+            Stage::Exited(x) => x.state.clone().narrow(1, window.start, window.len()),
             _ => unreachable!("sequences without exit logits have exited"),
         })
-        .unzip();
-    let logits = {
-        let mut rows = passes(group, &rotaries);
-        last_logits(model, model.coda_rows(Tensor::cat(states, 0), &mut rows))
+        .collect();
+    let ends: Vec<bool> = group.iter().zip(&windows).map(|(s, w)| last_window(s, w)).collect();
+    let coda = {
+        let mut rows = passes(model, group, &windows);
+        model.coda_rows(Tensor::cat(states, 0), &mut rows)
     };
-    for (s, l) in group.iter_mut().zip(logits) {
+    let at_end: Vec<usize> = (0..group.len()).filter(|&b| ends[b]).collect();
+    let logits = if at_end.is_empty() {
+        Vec::new()
+    } else {
+        let picked = Tensor::cat(at_end.iter().map(|&b| coda.clone().narrow(0, b, 1)).collect(), 0);
+        last_logits(model, picked)
+    };
+    let mut logits = at_end.into_iter().zip(logits).peekable();
+    for (b, (s, window)) in group.iter_mut().zip(&windows).enumerate() {
         if let Stage::Exited(x) = &mut s.stage {
-            x.logits = Some(l);
+            x.coda = window.end;
+            if logits.peek().is_some_and(|(at, _)| *at == b) {
+                x.logits = logits.next().map(|(_, l)| l);
+            }
         }
     }
+}
+
+/// Whether `window` ends the sequence's current chunk.
+fn last_window(s: &Sequence, window: &Range<usize>) -> bool {
+    let len = match &s.stage {
+        Stage::Feed(feed) => feed.tokens.len(),
+        Stage::Recur(r) => r.e.dims()[1],
+        Stage::Exited(x) => x.state.dims()[1],
+        Stage::Done => 0,
+    };
+    window.end == len
 }
 
 impl Sequence {
@@ -389,7 +485,7 @@ impl Sequence {
         self.generated += 1;
         let last = self.generated >= self.max_new || self.stop_tokens.contains(&id);
         if !last {
-            self.stage = Stage::Feed(vec![id]);
+            self.stage = Stage::feed(vec![id]);
         }
         Chosen {
             id,
@@ -400,14 +496,23 @@ impl Sequence {
     }
 }
 
-/// The group's rows as one pass: each with its rotation and cache.
-fn passes<'g>(group: &'g mut [&mut Sequence], rotaries: &[Rotary]) -> Vec<RowPass<'g>> {
+/// Each sequence's next window.
+fn windows(group: &[&mut Sequence]) -> Vec<Range<usize>> {
+    group.iter().map(|s| s.window()).collect()
+}
+
+/// The group's windows as one pass: each row with its positions and cache.
+fn passes<'g>(model: &Huginn, group: &'g mut [&mut Sequence], windows: &[Range<usize>]) -> Vec<RowPass<'g>> {
     group
         .iter_mut()
-        .zip(rotaries)
-        .map(|(s, rotary)| RowPass {
-            rotary: rotary.clone(),
-            cache: &mut s.cache,
+        .zip(windows)
+        .map(|(s, window)| {
+            let start = s.position + window.start;
+            s.cache.at(start);
+            RowPass {
+                rotary: model.rotary(start, 1, window.len()),
+                cache: &mut s.cache,
+            }
         })
         .collect()
 }
@@ -505,9 +610,29 @@ mod tests {
         got
     }
 
+    /// What `row` gets alone through [`step`], its chunks `window` positions at a time.
+    fn alone_in_windows(
+        model: &Huginn,
+        row: &Row,
+        config: AdaptiveConfig,
+        window: usize,
+    ) -> Vec<(u32, usize, Vec<u32>)> {
+        let mut sequence = Sequence::new(model, row, config, NonZeroUsize::new(window).unwrap()).unwrap();
+        let mut got = Vec::new();
+        while !sequence.done() {
+            if let Some(token) = step(model, &mut [&mut sequence]).remove(0).unwrap() {
+                got.push((token.id, token.steps, bits(&token.logits)));
+            }
+        }
+        got
+    }
+
     fn bits(logits: &[f32]) -> Vec<u32> {
         logits.iter().map(|l| l.to_bits()).collect()
     }
+
+    /// Wider than any prompt of [`random_request`]: chunks run whole.
+    const WHOLE: usize = 64;
 
     /// Twenty-four requests of random settings, joining at random steps, some leaving early:
     /// each one's tokens, steps and logits (to the bit) are exactly those it gets alone. On a random model
@@ -516,7 +641,7 @@ mod tests {
     fn every_sequence_of_a_random_mix_gets_what_it_gets_alone() {
         let device = Device::flex();
         let model = HuginnConfig::tiny(64, 256, 4, (1, 2, 1)).init(&device, 61);
-        random_mix(&model, 3);
+        random_mix(&model, 3, WHOLE);
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/reference");
         let mut cases: Vec<_> = std::fs::read_dir(&fixtures)
             .unwrap()
@@ -527,11 +652,107 @@ mod tests {
         assert!(cases.len() >= 3, "fixture folders: {cases:?}");
         for (seed, case) in cases.iter().enumerate() {
             let fixture = model::fixture::Fixture::open(case, &device).unwrap();
-            random_mix(&fixture.model, seed as u64 + 10);
+            random_mix(&fixture.model, seed as u64 + 10, WHOLE);
         }
     }
 
-    fn random_mix(model: &Huginn, seed: u64) {
+    /// With prompts fed a few positions at a time, a random mix still gets what each request
+    /// gets alone (in the same windows), to the bit.
+    #[test]
+    fn windowed_prompts_do_not_depend_on_the_company_either() {
+        let model = HuginnConfig::tiny(64, 256, 4, (1, 2, 1)).init(&Device::flex(), 62);
+        random_mix(&model, 5, 5);
+    }
+
+    /// A prompt fed in windows computes what it computes whole, up to rounding: greedy tokens and
+    /// steps equal, logits within a bound, for every cache strategy and warm start, on a random
+    /// model and a fixture's.
+    #[test]
+    fn a_prompt_in_windows_computes_what_it_computes_whole() {
+        let device = Device::flex();
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/reference/tiny-a");
+        let models = [
+            HuginnConfig::tiny(64, 256, 4, (1, 2, 1)).init(&device, 63),
+            model::fixture::Fixture::open(&fixture, &device).unwrap().model,
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for model in &models {
+            let vocab = model.config().vocab_size as u32;
+            for strategy in ["full", "latest-m4", "always-last-m4-compress-s4", "skip"] {
+                for warm_start in [WarmStart::Cold, WarmStart::Normalized] {
+                    let config = AdaptiveConfig::fixed(rng.random_range(2..6), warm_start, strategy.parse().unwrap());
+                    let row = Row {
+                        prompt: (0..23).map(|_| rng.random_range(0..vocab)).collect(),
+                        max_new: 4,
+                        decoding: Decoding::default(),
+                    };
+                    let whole = alone(model, &row, config);
+                    for window in [1, 4, 7, 22] {
+                        let windowed = alone_in_windows(model, &row, config, window);
+                        assert_eq!(windowed.len(), whole.len());
+                        for ((id, steps, logits), (want_id, want_steps, want)) in windowed.iter().zip(&whole) {
+                            assert_eq!(
+                                (id, steps),
+                                (want_id, want_steps),
+                                "{strategy} {warm_start:?} window {window}"
+                            );
+                            let most = want.iter().map(|&l| f32::from_bits(l).abs()).fold(1.0, f32::max);
+                            for (got, want) in logits.iter().zip(want) {
+                                let (got, want) = (f32::from_bits(*got), f32::from_bits(*want));
+                                assert!(
+                                    (got - want).abs() <= 1e-4 * most,
+                                    "{strategy} window {window}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A long prompt fed in windows holds the others up by a window per step: a stream decoding
+    /// beside it gets a token at every step of the prompt's prefill, which takes a step per
+    /// window of each stage.
+    #[test]
+    fn a_long_prompt_holds_up_the_others_one_window_per_step() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 64);
+        let full = "full".parse().unwrap();
+        let row = |len: usize, max_new: usize| Row {
+            prompt: (0..len as u32).map(|i| i % 64).collect(),
+            max_new,
+            decoding: Decoding::default(),
+        };
+        let window = NonZeroUsize::new(8).unwrap();
+        let (stream_row, long_row) = (row(3, 60), row(40, 1));
+        let mut stream = Sequence::new(
+            &model,
+            &stream_row,
+            AdaptiveConfig::fixed(1, WarmStart::Cold, full),
+            window,
+        )
+        .unwrap();
+        let long_config = AdaptiveConfig::fixed(3, WarmStart::Cold, full);
+        let mut long = Sequence::new(&model, &long_row, long_config, window).unwrap();
+        let (mut steps, mut streamed) = (0, 0);
+        let mut first = None;
+        while first.is_none() {
+            let chosen = step(&model, &mut [&mut stream, &mut long]);
+            steps += 1;
+            streamed += chosen[0].as_ref().unwrap().is_some() as usize;
+            first = chosen[1].clone().unwrap();
+        }
+        // Five windows for the prelude, each of three iterations and the coda; the prelude's
+        // last window shares its step with the core's first, and the exit's with the coda's.
+        assert_eq!(steps, 5 * 5 - 2, "steps to the long prompt's first token");
+        assert_eq!(streamed, steps, "the stream got a token at every step");
+        let token = first.unwrap();
+        assert_eq!(token.steps, 3);
+        let whole = alone(&model, &long_row, long_config);
+        assert_eq!(token.id, whole[0].0);
+    }
+
+    fn random_mix(model: &Huginn, seed: u64, window: usize) {
         let vocab = model.config().vocab_size as u32;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let requests: Vec<(Row, AdaptiveConfig, usize)> = (0..24)
@@ -543,12 +764,13 @@ mod tests {
         let leaves = |i: usize| if i % 7 == 3 { Some(2) } else { None };
         let mut running: Vec<(usize, Sequence)> = Vec::new();
         let mut got: Vec<Vec<(u32, usize, Vec<u32>)>> = vec![Vec::new(); requests.len()];
-        // The most single-token chunks recurring at once: more than a pass of them must occur.
-        let (mut most_at_once, mut most_decoding) = (0, 0);
+        // The most rows of short chunks of one length at once: more than a pass of them must occur.
+        let (mut most_at_once, mut most_short) = (0, 0);
         for tick in 0.. {
             for (i, (row, config, joins)) in requests.iter().enumerate() {
                 if *joins == tick {
-                    running.push((i, Sequence::new(model, row, *config).unwrap()));
+                    let window = NonZeroUsize::new(window).unwrap();
+                    running.push((i, Sequence::new(model, row, *config, window).unwrap()));
                 }
             }
             running.retain(|(_, s)| !s.done());
@@ -556,8 +778,10 @@ mod tests {
                 break;
             }
             most_at_once = most_at_once.max(running.len());
-            let decoding = running.iter().filter(|(_, s)| s.chunk_len() == 1).count();
-            most_decoding = most_decoding.max(decoding);
+            for len in 1..=SMALL_ROWS {
+                let rows = len * running.iter().filter(|(_, s)| s.chunk_len() == len).count();
+                most_short = most_short.max(rows);
+            }
             let mut sequences: Vec<&mut Sequence> = running.iter_mut().map(|(_, s)| s).collect();
             let chosen = step(model, &mut sequences);
             for ((i, sequence), chosen) in running.iter_mut().zip(chosen) {
@@ -571,11 +795,15 @@ mod tests {
         }
         assert!(most_at_once >= 12, "the mix ran {most_at_once} at once");
         assert!(
-            most_decoding > SMALL_ROWS,
-            "at most {most_decoding} single-token chunks at once"
+            most_short > SMALL_ROWS,
+            "at most {most_short} rows of short chunks of one length at once"
         );
         for (i, (row, config, _)) in requests.iter().enumerate() {
-            let mut want = alone(model, row, *config);
+            let mut want = if window >= WHOLE {
+                alone(model, row, *config)
+            } else {
+                alone_in_windows(model, row, *config, window)
+            };
             if let Some(cut) = leaves(i) {
                 want.truncate(cut);
             }
@@ -598,7 +826,10 @@ mod tests {
                 decoding: Decoding::default(),
             })
             .collect();
-        let mut sequences: Vec<Sequence> = rows.iter().map(|r| Sequence::new(&model, r, config).unwrap()).collect();
+        let mut sequences: Vec<Sequence> = rows
+            .iter()
+            .map(|r| Sequence::new(&model, r, config, NonZeroUsize::new(WHOLE).unwrap()).unwrap())
+            .collect();
         let mut got = vec![Vec::new(); rows.len()];
         let mut failed = vec![None; rows.len()];
         let mut broken = false;
@@ -606,7 +837,7 @@ mod tests {
             // After its second token, sequence 1's next chunk is broken.
             if !broken && got[1].len() == 2 {
                 assert!(matches!(sequences[1].stage, Stage::Feed(_)));
-                sequences[1].stage = Stage::Feed(vec![9999]);
+                sequences[1].stage = Stage::feed(vec![9999]);
                 broken = true;
             }
             let active: Vec<usize> = (0..rows.len()).filter(|&i| !sequences[i].done()).collect();

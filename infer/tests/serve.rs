@@ -34,6 +34,7 @@ fn limits() -> EngineLimits {
         max_batch: 8,
         queue_capacity: 64,
         kv_budget_bytes: 1 << 30,
+        prefill_window: EngineLimits::PREFILL_WINDOW,
     }
 }
 
@@ -696,6 +697,7 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
         max_batch: 1,
         queue_capacity: 1,
         kv_budget_bytes: 4 << 20,
+        prefill_window: EngineLimits::PREFILL_WINDOW,
     };
     let (url, _app) = start(dir.path(), limits, None).await;
     let client = Client::new();
@@ -738,6 +740,7 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
     assert_eq!(status, StatusCode::OK, "{answer}");
     let tight = EngineLimits {
         kv_budget_bytes: 100_000,
+        prefill_window: EngineLimits::PREFILL_WINDOW,
         ..limits
     };
     let (url, _app) = start(dir.path(), tight, None).await;

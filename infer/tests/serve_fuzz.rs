@@ -288,6 +288,7 @@ async fn generated_requests_get_a_4xx_or_a_bounded_answer_and_the_server_lives()
         max_batch: 8,
         queue_capacity: 4096,
         kv_budget_bytes: 64 << 20,
+        prefill_window: EngineLimits::PREFILL_WINDOW,
     };
     let app = Arc::new(App::new(folder, defaults, limits, None));
     let routes = router(app.clone());

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -82,6 +83,12 @@ struct Args {
     /// With --head-of-line: new tokens of the long request.
     #[arg(long, default_value_t = 192)]
     long_tokens: usize,
+    /// With --head-of-line: prompt tokens of the long request (default --prompt-len).
+    #[arg(long)]
+    long_prompt: Option<usize>,
+    /// Most prompt positions per step (the server's --prefill-window).
+    #[arg(long, default_value_t = EngineLimits::PREFILL_WINDOW)]
+    prefill_window: NonZeroUsize,
     /// A soak test instead: clients that leave at random moments and bad requests among whole
     /// streams of random settings (depth up to --steps, exit criteria, cache strategies, warm
     /// starts, sampling, lengths up to --prompt-len and --max-tokens); fails unless every answer is the expected one, the server still answers and
@@ -94,6 +101,12 @@ struct Args {
     /// With --soak: no new request after this many seconds.
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
+}
+
+impl Args {
+    fn long_prompt(&self) -> usize {
+        self.long_prompt.unwrap_or(self.prompt_len)
+    }
 }
 
 /// What one request saw.
@@ -140,8 +153,8 @@ fn run(args: Args) -> Result<()> {
     if args.prompt_len + args.max_tokens > context {
         bail!("--prompt-len plus --max-tokens exceed the model's context of {context}");
     }
-    if args.head_of_line && args.prompt_len + args.long_tokens > context {
-        bail!("--prompt-len plus --long-tokens exceed the model's context of {context}");
+    if args.head_of_line && args.long_prompt() + args.long_tokens > context {
+        bail!("the long request's prompt plus --long-tokens exceed the model's context of {context}");
     }
     let defaults = ServerDefaults {
         model_name: "bench".into(),
@@ -152,6 +165,7 @@ fn run(args: Args) -> Result<()> {
         max_batch: args.max_batch,
         queue_capacity: args.queue,
         kv_budget_bytes: usize::MAX,
+        prefill_window: args.prefill_window,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -331,13 +345,15 @@ fn report(args: &Args, samples: &[Sample], wall: Duration) {
 async fn head_of_line(args: &Args, url: &str, vocab: u32) -> Result<()> {
     let client = reqwest::Client::new();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let mut body = |max_tokens: usize| {
-        let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect();
+    let mut body = |prompt_len: usize, max_tokens: usize| {
+        let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.random_range(0..vocab)).collect();
         json!({"prompt": prompt, "max_tokens": max_tokens, "stream": true, "temperature": 0,
                "exit_criterion": args.criterion, "stop_token_ids": []})
     };
-    let short: Vec<Value> = (0..args.clients).map(|_| body(args.max_tokens)).collect();
-    let long = body(args.long_tokens);
+    let short: Vec<Value> = (0..args.clients)
+        .map(|_| body(args.prompt_len, args.max_tokens))
+        .collect();
+    let long = body(args.long_prompt(), args.long_tokens);
     let mut solo = Vec::new();
     for body in short.iter().cycle().take(5) {
         let sample = request(&client, url, body.clone()).await;
@@ -373,8 +389,10 @@ async fn head_of_line(args: &Args, url: &str, vocab: u32) -> Result<()> {
     let p50 = percentile(&ttft, 0.5);
     let figures = json!({
         "head_of_line": true, "clients": args.clients, "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens, "long_tokens": args.long_tokens, "steps": args.steps,
+        "max_tokens": args.max_tokens, "long_tokens": args.long_tokens, "long_prompt": args.long_prompt(),
+        "prefill_window": args.prefill_window, "steps": args.steps,
         "criterion": args.criterion, "solo_ttft_ms": solo,
+        "long_ttft_ms": long.first_token.as_secs_f64() * 1e3,
         "ttft_ms": {"p50": p50, "p95": percentile(&ttft, 0.95), "max": ttft.last()},
         "ratio_p50_to_solo": p50 / solo, "long_request_seconds": (long.first_token + long.decoding).as_secs_f64(),
         "errors": errors,
@@ -383,8 +401,19 @@ async fn head_of_line(args: &Args, url: &str, vocab: u32) -> Result<()> {
         println!("{figures}");
     } else {
         println!(
-            "one request of {} new tokens, then {} of {} new tokens 100 ms later ({} steps, {})",
-            args.long_tokens, args.clients, args.max_tokens, args.steps, args.criterion
+            "one request of {} prompt and {} new tokens, then {} of {} and {} 100 ms later ({} steps, {}, prefill window {})",
+            args.long_prompt(),
+            args.long_tokens,
+            args.clients,
+            args.prompt_len,
+            args.max_tokens,
+            args.steps,
+            args.criterion,
+            args.prefill_window
+        );
+        println!(
+            "time to first token of the long one: {:.1} ms",
+            long.first_token.as_secs_f64() * 1e3
         );
         println!(
             "time to first token of the short ones: p50 {p50:.1} ms, p95 {:.1} ms; alone {solo:.1} ms ({:.2}x); errors {errors}",

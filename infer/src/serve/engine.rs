@@ -10,6 +10,7 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::num::NonZeroUsize;
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -41,6 +42,15 @@ pub struct EngineLimits {
     pub queue_capacity: usize,
     /// Most bytes of KV cache the running requests may hold together.
     pub kv_budget_bytes: usize,
+    /// Most positions of a prompt in one step: a longer prompt runs each stage in windows,
+    /// so that it holds up the running streams by one window's work per step.
+    pub prefill_window: NonZeroUsize,
+}
+
+impl EngineLimits {
+    /// The default `prefill_window`: large enough that a window's products run at full speed,
+    /// small enough that one step of a long prompt's stays short beside decoding.
+    pub const PREFILL_WINDOW: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
 }
 
 /// One request, ready to run.
@@ -450,7 +460,7 @@ impl Worker {
             let events = job.events.clone();
             let started = catch_unwind(AssertUnwindSafe(|| {
                 let scores = job.scoring.is_some_and(|s| s.prompt).then(|| self.prompt_scores(&job));
-                Running::start(folder, job, needed, scores)
+                Running::start(folder, job, needed, self.limits.prefill_window, scores)
             }));
             match started {
                 Ok(Some(row)) if !row.ended() => running.push(row),

@@ -1,6 +1,7 @@
 //! A generation request in the engine's running batch: its sequence, and the answer as its
 //! client has seen it so far (text held back for stop strings, tokens sent, steps per token).
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 
 use tokenizers::Tokenizer;
@@ -35,6 +36,7 @@ impl<'f> Running<'f> {
         folder: &'f ModelFolder,
         job: Job,
         reserved: usize,
+        window: NonZeroUsize,
         prompt_scores: Option<Result<Vec<score::TokenScore>, String>>,
     ) -> Option<Self> {
         if let Some(scores) = prompt_scores {
@@ -54,7 +56,7 @@ impl<'f> Running<'f> {
                 row.decoding.stop_tokens.push(id);
             }
         }
-        let sequence = match Sequence::new(&folder.model, &row, job.config) {
+        let sequence = match Sequence::new(&folder.model, &row, job.config, window) {
             Ok(sequence) => sequence,
             Err(e) => {
                 let _ = job.events.send(Event::Failed(e.to_string()));

@@ -26,6 +26,7 @@ async fn a_stopped_engine_answers_503_on_health_and_requests() {
         max_batch: 1,
         queue_capacity: 4,
         kv_budget_bytes: 1 << 30,
+        prefill_window: EngineLimits::PREFILL_WINDOW,
     };
     let mut app = App::new(ModelFolder::from_model(model), defaults, limits, None);
     app.engine.close();

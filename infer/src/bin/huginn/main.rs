@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -175,6 +176,10 @@ enum Command {
         /// A request that alone needs more is refused.
         #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
         kv_budget: usize,
+        /// Most prompt positions per step: a longer prompt is prefilled a window at a time,
+        /// between the running streams' steps (1 to the model's context).
+        #[arg(long, default_value_t = EngineLimits::PREFILL_WINDOW.get())]
+        prefill_window: usize,
         /// Require `Authorization: Bearer KEY` on /v1 routes (default: $HUGINN_API_KEY, which
         /// keeps the key out of the process list).
         #[arg(long)]
@@ -475,6 +480,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_batch,
             queue,
             kv_budget,
+            prefill_window,
             api_key,
             no_auth,
             shutdown_grace,
@@ -542,6 +548,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(dir) => open_folder(dir, &device)?,
                 None => ModelFolder::from_model(load(None, &device)?),
             };
+            let context = folder.model.config().block_size;
+            let prefill_window = NonZeroUsize::new(prefill_window)
+                .filter(|w| w.get() <= context)
+                .with_context(|| format!("--prefill-window must be in 1..={context} (the model's context)"))?;
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -558,6 +568,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_batch,
                 queue_capacity: queue,
                 kv_budget_bytes: kv_budget,
+                prefill_window,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
