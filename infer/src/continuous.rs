@@ -91,6 +91,8 @@ struct Exit {
     logits: Option<Vec<f32>>,
     /// Positions the coda has covered.
     coda: usize,
+    /// Steps a decoded token has waited here for others to exit (see [`released`]).
+    waited: usize,
 }
 
 /// A chunk's pass through one stage, made a window of positions at a time.
@@ -227,16 +229,54 @@ pub fn step(model: &Huginn, sequences: &mut [&mut Sequence]) -> Vec<Result<Optio
         |group| iterate(model, group),
     );
     fail(sequences, failures);
-    let needs_logits = |s: &Sequence| matches!(&s.stage, Stage::Exited(exit) if exit.logits.is_none());
+    let release = released(sequences);
+    let leaves = |s: &Sequence| matches!(&s.stage, Stage::Exited(_)) && (release || !decoding(s));
+    let needs_logits = |s: &Sequence| leaves(s) && matches!(&s.stage, Stage::Exited(exit) if exit.logits.is_none());
     let failures = run_groups(sequences, needs_logits, |group| exit_logits(model, group));
     fail(sequences, failures);
     for (i, sequence) in sequences.iter_mut().enumerate() {
         // (A chunk whose coda has windows left chooses at a later step.)
-        if matches!(&sequence.stage, Stage::Exited(exit) if exit.logits.is_some()) && out[i].is_ok() {
+        if leaves(sequence) && out[i].is_ok() && matches!(&sequence.stage, Stage::Exited(exit) if exit.logits.is_some())
+        {
             out[i] = Ok(Some(sequence.choose(model)));
+        } else if let Stage::Exited(exit) = &mut sequence.stage {
+            exit.waited += 1;
         }
     }
     out
+}
+
+/// Whether a sequence is decoding: its chunk is one token.
+fn decoding(s: &Sequence) -> bool {
+    match &s.stage {
+        Stage::Recur(r) => r.e.dims()[1] == 1,
+        Stage::Exited(x) => x.state.dims()[1] == 1,
+        _ => false,
+    }
+}
+
+/// The most steps a decoded token waits at its exit for others to exit with it.
+const MOST_EXIT_WAIT: usize = 4;
+
+/// Whether the decoded tokens that have exited leave now (coda, head, choice, and their next
+/// token's prelude at the next step) or wait for more to join them. Decoding reads every stage's
+/// weights once per pass however few rows it has, so a stage's pass for one or two tokens costs
+/// nearly what it costs for all of them: when the running tokens exit at different depths, each
+/// step would pay for a prelude and a coda pass besides the core's. So exited tokens leave
+/// together, once they are at least half of the decoding tokens or one of them has waited
+/// [`MOST_EXIT_WAIT`] steps. Tokens in lockstep (a fixed depth) and a token alone never wait.
+/// Prompts never wait (their passes are their own). When a token leaves changes nothing it
+/// computes.
+fn released(sequences: &[&mut Sequence]) -> bool {
+    let (mut exited, mut all, mut longest) = (0, 0, 0);
+    for s in sequences.iter().filter(|s| decoding(s)) {
+        all += 1;
+        if let Stage::Exited(exit) = &s.stage {
+            exited += 1;
+            longest = longest.max(exit.waited);
+        }
+    }
+    2 * exited >= all || longest >= MOST_EXIT_WAIT
 }
 
 /// Runs `pass` over the sequences `selected` picks, in groups that share a pass (see
@@ -413,6 +453,7 @@ fn iterate(model: &Huginn, group: &mut [&mut Sequence]) {
                 steps: r.steps,
                 coda: if logits.is_some() { r.state.dims()[1] } else { 0 },
                 logits,
+                waited: 0,
             }));
         }
     }
@@ -750,6 +791,44 @@ mod tests {
         assert_eq!(token.steps, 3);
         let whole = alone(&model, &long_row, long_config);
         assert_eq!(token.id, whole[0].0);
+    }
+
+    /// A decoded token that exits before the others waits for them (here: until it has waited
+    /// four steps, or half the tokens have exited), and computes what it computes alone.
+    #[test]
+    fn a_token_that_exits_early_waits_for_others_to_exit_with_it() {
+        let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 65);
+        let window = NonZeroUsize::new(WHOLE).unwrap();
+        let row = |id: u32| Row {
+            prompt: vec![id],
+            max_new: 2,
+            decoding: Decoding::default(),
+        };
+        let configs: Vec<AdaptiveConfig> = [2, 9, 9, 9]
+            .into_iter()
+            .map(|steps| AdaptiveConfig::fixed(steps, WarmStart::Cold, "full".parse().unwrap()))
+            .collect();
+        let rows: Vec<Row> = (0..4).map(|i| row(10 + i)).collect();
+        let mut sequences: Vec<Sequence> = rows
+            .iter()
+            .zip(&configs)
+            .map(|(row, config)| Sequence::new(&model, row, *config, window).unwrap())
+            .collect();
+        let mut chosen_at = vec![Vec::new(); 4];
+        let mut got = vec![Vec::new(); 4];
+        for at in 1..=9 {
+            let mut all: Vec<&mut Sequence> = sequences.iter_mut().collect();
+            for (i, token) in step(&model, &mut all).into_iter().enumerate() {
+                if let Some(token) = token.unwrap() {
+                    chosen_at[i].push(at);
+                    got[i].push((token.id, token.steps, bits(&token.logits)));
+                }
+            }
+        }
+        // The 2-step token exits at step 2 and waits four steps; its next exits at step 8 and
+        // waits for the others, which exit at step 9.
+        assert_eq!(chosen_at, [vec![6, 9], vec![9], vec![9], vec![9]]);
+        assert_eq!(got[0], alone(&model, &rows[0], configs[0]));
     }
 
     fn random_mix(model: &Huginn, seed: u64, window: usize) {
