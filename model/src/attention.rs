@@ -10,6 +10,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
+use rayon::prelude::*;
 
 use crate::cache::{Attend, KvCache, LayerSlot};
 use crate::kernels::causal_attention::attention;
@@ -44,10 +45,15 @@ impl CausalSelfAttention {
     /// `x`: `[B, S, h]` holding `B` independent sequences, row `b` at its own positions, cache
     /// and unrolled layer `slot(b)`. The projections read their weights once for all rows;
     /// each row attends on its own, exactly as it would alone.
-    pub fn forward_rows(&self, x: Tensor<3>, rows: &mut [RowPass<'_>], slot: impl Fn(usize) -> LayerSlot) -> Tensor<3> {
+    pub fn forward_rows(
+        &self,
+        x: Tensor<3>,
+        rows: &mut [RowPass<'_>],
+        slot: impl Fn(usize) -> LayerSlot + Sync,
+    ) -> Tensor<3> {
         let qkv = linear(&self.wqkv, x);
         let attended = rows
-            .iter_mut()
+            .par_iter_mut()
             .enumerate()
             .map(|(b, row)| self.attend(qkv.clone().narrow(0, b, 1), &row.rotary, slot(b), &mut *row.cache))
             .collect();
@@ -101,5 +107,5 @@ impl CausalSelfAttention {
 pub struct RowPass<'a> {
     /// Positions of the row's chunk, `[1, S]`.
     pub rotary: Rotary,
-    pub cache: &'a mut dyn KvCache,
+    pub cache: &'a mut (dyn KvCache + Send),
 }

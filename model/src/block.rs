@@ -27,7 +27,12 @@ impl SandwichBlock {
 
     /// The block over independent sequences stacked along the batch, row `b` at unrolled layer
     /// `slot(b)` (see [`CausalSelfAttention::forward_rows`]).
-    pub fn forward_rows(&self, x: Tensor<3>, rows: &mut [RowPass<'_>], slot: impl Fn(usize) -> LayerSlot) -> Tensor<3> {
+    pub fn forward_rows(
+        &self,
+        x: Tensor<3>,
+        rows: &mut [RowPass<'_>],
+        slot: impl Fn(usize) -> LayerSlot + Sync,
+    ) -> Tensor<3> {
         self.forward_attending(x, |attn, x| attn.forward_rows(x, rows, slot))
     }
 
