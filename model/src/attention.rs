@@ -44,7 +44,9 @@ impl CausalSelfAttention {
 
     /// `x`: `[B, S, h]` holding `B` independent sequences, row `b` at its own positions, cache
     /// and unrolled layer `slot(b)`. The projections read their weights once for all rows;
-    /// each row attends on its own, exactly as it would alone.
+    /// each row attends on its own, exactly as it would alone. The rows attend in parallel, one
+    /// task of the pool each: a row's attention is a chain of small operations that alone
+    /// leaves the other cores idle.
     pub fn forward_rows(
         &self,
         x: Tensor<3>,
