@@ -1415,7 +1415,7 @@ fn huginn_within(args: &[&str]) -> std::process::Output {
 /// before anything starts.
 #[test]
 fn absurd_serve_flags_are_refused_with_their_range() {
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 17] = [
         (
             &["--shutdown-grace", "1e300"],
             "--shutdown-grace must be a number of seconds in [0, 3600] (got 1e300)",
@@ -1443,6 +1443,11 @@ fn absurd_serve_flags_are_refused_with_their_range() {
         (&["--kv-budget", "0"], "--kv-budget must be between"),
         (&["--max-steps", "99999999999"], "--max-steps must be in 1..=1024"),
         (&["--steps", "0"], "--steps must be in 1..=--max-steps"),
+        (&["--prefill-window", "0"], "--prefill-window must be in 1..="),
+        (
+            &["--prefill-window", "100000"],
+            "--prefill-window must be in 1..=256 (the model's context)",
+        ),
     ];
     for (flags, needle) in cases {
         let args: Vec<&str> = ["serve", "--addr", "127.0.0.1:0"]
