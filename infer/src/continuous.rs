@@ -6,7 +6,8 @@
 //! stage share one pass over that stage's weights whatever their iteration, position, exit
 //! criterion, cache strategy or warm start; each attends through its own cache. A sequence that
 //! exits runs the coda, samples, and enters the prelude with its next token at the next step,
-//! while the others are still deep in theirs.
+//! while the others are still deep in theirs (a decoded token may first wait a few steps for
+//! others to exit with it, so that they share those passes: see [`released`]).
 //!
 //! Every sequence computes exactly what [`crate::adaptive`] computes for it alone: the same
 //! operations on its rows, in kernels whose results do not depend on the other rows (on the
@@ -207,9 +208,10 @@ impl Stage {
 
 /// Advances every sequence by one stage: new chunks through the prelude, then one core
 /// iteration for every sequence recurring, the exit checks, and, for those that exit, the coda
-/// and a sampled token. Returns per sequence the token it chose at this step, if any, or why it
-/// failed (a failed sequence is done; the others go on).
-pub fn step(model: &Huginn, sequences: &mut [&mut Sequence]) -> Vec<Result<Option<Chosen>, String>> {
+/// and a sampled token. A decoded token that has exited waits up to `exit_wait` steps for
+/// others to exit with it (see [`released`]). Returns per sequence the token it chose at this
+/// step, if any, or why it failed (a failed sequence is done; the others go on).
+pub fn step(model: &Huginn, sequences: &mut [&mut Sequence], exit_wait: usize) -> Vec<Result<Option<Chosen>, String>> {
     let mut out: Vec<Result<Option<Chosen>, String>> = sequences.iter().map(|_| Ok(None)).collect();
     let mut fail = |sequences: &mut [&mut Sequence], failures: Vec<(usize, String)>| {
         for (i, reason) in failures {
@@ -229,7 +231,7 @@ pub fn step(model: &Huginn, sequences: &mut [&mut Sequence]) -> Vec<Result<Optio
         |group| iterate(model, group),
     );
     fail(sequences, failures);
-    let release = released(sequences);
+    let release = released(sequences, exit_wait);
     let leaves = |s: &Sequence| matches!(&s.stage, Stage::Exited(_)) && (release || !decoding(s));
     let needs_logits = |s: &Sequence| leaves(s) && matches!(&s.stage, Stage::Exited(exit) if exit.logits.is_none());
     let failures = run_groups(sequences, needs_logits, |group| exit_logits(model, group));
@@ -255,19 +257,16 @@ fn decoding(s: &Sequence) -> bool {
     }
 }
 
-/// The most steps a decoded token waits at its exit for others to exit with it.
-const MOST_EXIT_WAIT: usize = 4;
-
 /// Whether the decoded tokens that have exited leave now (coda, head, choice, and their next
 /// token's prelude at the next step) or wait for more to join them. Decoding reads every stage's
 /// weights once per pass however few rows it has, so a stage's pass for one or two tokens costs
 /// nearly what it costs for all of them: when the running tokens exit at different depths, each
 /// step would pay for a prelude and a coda pass besides the core's. So exited tokens leave
 /// together, once they are at least half of the decoding tokens or one of them has waited
-/// [`MOST_EXIT_WAIT`] steps. Tokens in lockstep (a fixed depth) and a token alone never wait.
+/// `exit_wait` steps (0: none waits). Tokens in lockstep (a fixed depth) and a token alone never wait.
 /// Prompts never wait (their passes are their own). When a token leaves changes nothing it
 /// computes.
-fn released(sequences: &[&mut Sequence]) -> bool {
+fn released(sequences: &[&mut Sequence], exit_wait: usize) -> bool {
     let (mut exited, mut all, mut longest) = (0, 0, 0);
     for s in sequences.iter().filter(|s| decoding(s)) {
         all += 1;
@@ -276,7 +275,7 @@ fn released(sequences: &[&mut Sequence]) -> bool {
             longest = longest.max(exit.waited);
         }
     }
-    2 * exited >= all || longest >= MOST_EXIT_WAIT
+    2 * exited >= all || longest >= exit_wait
 }
 
 /// Runs `pass` over the sequences `selected` picks, in groups that share a pass (see
@@ -661,7 +660,7 @@ mod tests {
         let mut sequence = Sequence::new(model, row, config, NonZeroUsize::new(window).unwrap()).unwrap();
         let mut got = Vec::new();
         while !sequence.done() {
-            if let Some(token) = step(model, &mut [&mut sequence]).remove(0).unwrap() {
+            if let Some(token) = step(model, &mut [&mut sequence], EXIT_WAIT).remove(0).unwrap() {
                 got.push((token.id, token.steps, bits(&token.logits)));
             }
         }
@@ -674,6 +673,9 @@ mod tests {
 
     /// Wider than any prompt of [`random_request`]: chunks run whole.
     const WHOLE: usize = 64;
+
+    /// The server's default wait of an exited token.
+    const EXIT_WAIT: usize = crate::serve::engine::EngineLimits::EXIT_WAIT;
 
     /// Twenty-four requests of random settings, joining at random steps, some leaving early:
     /// each one's tokens, steps and logits (to the bit) are exactly those it gets alone. On a random model
@@ -778,7 +780,7 @@ mod tests {
         let (mut steps, mut streamed) = (0, 0);
         let mut first = None;
         while first.is_none() {
-            let chosen = step(&model, &mut [&mut stream, &mut long]);
+            let chosen = step(&model, &mut [&mut stream, &mut long], EXIT_WAIT);
             steps += 1;
             streamed += chosen[0].as_ref().unwrap().is_some() as usize;
             first = chosen[1].clone().unwrap();
@@ -794,41 +796,50 @@ mod tests {
     }
 
     /// A decoded token that exits before the others waits for them (here: until it has waited
-    /// four steps, or half the tokens have exited), and computes what it computes alone.
+    /// four steps, or half the tokens have exited), and computes what it computes alone; with
+    /// no wait allowed it leaves at once.
     #[test]
     fn a_token_that_exits_early_waits_for_others_to_exit_with_it() {
         let model = HuginnConfig::tiny(64, 32, 4, (1, 2, 1)).init(&Device::flex(), 65);
         let window = NonZeroUsize::new(WHOLE).unwrap();
-        let row = |id: u32| Row {
-            prompt: vec![id],
-            max_new: 2,
-            decoding: Decoding::default(),
-        };
+        let rows: Vec<Row> = (0..4)
+            .map(|i| Row {
+                prompt: vec![10 + i],
+                max_new: 2,
+                decoding: Decoding::default(),
+            })
+            .collect();
         let configs: Vec<AdaptiveConfig> = [2, 9, 9, 9]
             .into_iter()
             .map(|steps| AdaptiveConfig::fixed(steps, WarmStart::Cold, "full".parse().unwrap()))
             .collect();
-        let rows: Vec<Row> = (0..4).map(|i| row(10 + i)).collect();
-        let mut sequences: Vec<Sequence> = rows
-            .iter()
-            .zip(&configs)
-            .map(|(row, config)| Sequence::new(&model, row, *config, window).unwrap())
-            .collect();
-        let mut chosen_at = vec![Vec::new(); 4];
-        let mut got = vec![Vec::new(); 4];
-        for at in 1..=9 {
-            let mut all: Vec<&mut Sequence> = sequences.iter_mut().collect();
-            for (i, token) in step(&model, &mut all).into_iter().enumerate() {
-                if let Some(token) = token.unwrap() {
-                    chosen_at[i].push(at);
-                    got[i].push((token.id, token.steps, bits(&token.logits)));
+        let run = |exit_wait: usize| {
+            let mut sequences: Vec<Sequence> = rows
+                .iter()
+                .zip(&configs)
+                .map(|(row, config)| Sequence::new(&model, row, *config, window).unwrap())
+                .collect();
+            let mut chosen_at = vec![Vec::new(); 4];
+            let mut got = vec![Vec::new(); 4];
+            for at in 1..=9 {
+                let mut all: Vec<&mut Sequence> = sequences.iter_mut().collect();
+                for (i, token) in step(&model, &mut all, exit_wait).into_iter().enumerate() {
+                    if let Some(token) = token.unwrap() {
+                        chosen_at[i].push(at);
+                        got[i].push((token.id, token.steps, bits(&token.logits)));
+                    }
                 }
             }
-        }
+            (chosen_at, got)
+        };
         // The 2-step token exits at step 2 and waits four steps; its next exits at step 8 and
         // waits for the others, which exit at step 9.
+        let (chosen_at, got) = run(4);
         assert_eq!(chosen_at, [vec![6, 9], vec![9], vec![9], vec![9]]);
         assert_eq!(got[0], alone(&model, &rows[0], configs[0]));
+        let (chosen_at, got_at_once) = run(0);
+        assert_eq!(chosen_at, [vec![2, 4], vec![9], vec![9], vec![9]]);
+        assert_eq!(got_at_once, got);
     }
 
     fn random_mix(model: &Huginn, seed: u64, window: usize) {
@@ -862,7 +873,7 @@ mod tests {
                 most_short = most_short.max(rows);
             }
             let mut sequences: Vec<&mut Sequence> = running.iter_mut().map(|(_, s)| s).collect();
-            let chosen = step(model, &mut sequences);
+            let chosen = step(model, &mut sequences, EXIT_WAIT);
             for ((i, sequence), chosen) in running.iter_mut().zip(chosen) {
                 if let Some(token) = chosen.unwrap() {
                     got[*i].push((token.id, token.steps, bits(&token.logits)));
@@ -921,7 +932,7 @@ mod tests {
             }
             let active: Vec<usize> = (0..rows.len()).filter(|&i| !sequences[i].done()).collect();
             let mut all: Vec<&mut Sequence> = sequences.iter_mut().filter(|s| !s.done()).collect();
-            let results = step(&model, &mut all);
+            let results = step(&model, &mut all, EXIT_WAIT);
             for (i, result) in active.into_iter().zip(results) {
                 match result {
                     Ok(Some(token)) => got[i].push((token.id, token.steps, bits(&token.logits))),

@@ -384,6 +384,7 @@ async fn start_server(dir: &Path) -> (String, std::sync::Arc<App>) {
         queue_capacity: 64,
         kv_budget_bytes: 1 << 30,
         prefill_window: EngineLimits::PREFILL_WINDOW,
+        exit_wait: EngineLimits::EXIT_WAIT,
     };
     let app = std::sync::Arc::new(App::new(folder, defaults, limits, None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

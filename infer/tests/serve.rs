@@ -35,6 +35,7 @@ fn limits() -> EngineLimits {
         queue_capacity: 64,
         kv_budget_bytes: 1 << 30,
         prefill_window: EngineLimits::PREFILL_WINDOW,
+        exit_wait: EngineLimits::EXIT_WAIT,
     }
 }
 
@@ -698,6 +699,7 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
         queue_capacity: 1,
         kv_budget_bytes: 4 << 20,
         prefill_window: EngineLimits::PREFILL_WINDOW,
+        exit_wait: EngineLimits::EXIT_WAIT,
     };
     let (url, _app) = start(dir.path(), limits, None).await;
     let client = Client::new();
@@ -741,6 +743,7 @@ async fn a_full_queue_answers_503_and_an_oversized_request_is_refused() {
     let tight = EngineLimits {
         kv_budget_bytes: 100_000,
         prefill_window: EngineLimits::PREFILL_WINDOW,
+        exit_wait: EngineLimits::EXIT_WAIT,
         ..limits
     };
     let (url, _app) = start(dir.path(), tight, None).await;
@@ -1415,7 +1418,7 @@ fn huginn_within(args: &[&str]) -> std::process::Output {
 /// before anything starts.
 #[test]
 fn absurd_serve_flags_are_refused_with_their_range() {
-    let cases: [(&[&str], &str); 17] = [
+    let cases: [(&[&str], &str); 18] = [
         (
             &["--shutdown-grace", "1e300"],
             "--shutdown-grace must be a number of seconds in [0, 3600] (got 1e300)",
@@ -1444,6 +1447,7 @@ fn absurd_serve_flags_are_refused_with_their_range() {
         (&["--max-steps", "99999999999"], "--max-steps must be in 1..=1024"),
         (&["--steps", "0"], "--steps must be in 1..=--max-steps"),
         (&["--prefill-window", "0"], "--prefill-window must be in 1..="),
+        (&["--exit-wait", "257"], "--exit-wait must be in 0..=--max-steps (256)"),
         (
             &["--prefill-window", "100000"],
             "--prefill-window must be in 1..=256 (the model's context)",

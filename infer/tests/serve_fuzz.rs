@@ -289,6 +289,7 @@ async fn generated_requests_get_a_4xx_or_a_bounded_answer_and_the_server_lives()
         queue_capacity: 4096,
         kv_budget_bytes: 64 << 20,
         prefill_window: EngineLimits::PREFILL_WINDOW,
+        exit_wait: EngineLimits::EXIT_WAIT,
     };
     let app = Arc::new(App::new(folder, defaults, limits, None));
     let routes = router(app.clone());

@@ -89,6 +89,9 @@ struct Args {
     /// Most prompt positions per step (the server's --prefill-window).
     #[arg(long, default_value_t = EngineLimits::PREFILL_WINDOW)]
     prefill_window: NonZeroUsize,
+    /// Most steps an exited token waits for company (the server's --exit-wait).
+    #[arg(long, default_value_t = EngineLimits::EXIT_WAIT)]
+    exit_wait: usize,
     /// A soak test instead: clients that leave at random moments and bad requests among whole
     /// streams of random settings (depth up to --steps, exit criteria, cache strategies, warm
     /// starts, sampling, lengths up to --prompt-len and --max-tokens); fails unless every answer is the expected one, the server still answers and
@@ -166,6 +169,7 @@ fn run(args: Args) -> Result<()> {
         queue_capacity: args.queue,
         kv_budget_bytes: usize::MAX,
         prefill_window: args.prefill_window,
+        exit_wait: args.exit_wait,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

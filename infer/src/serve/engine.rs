@@ -45,12 +45,18 @@ pub struct EngineLimits {
     /// Most positions of a prompt in one step: a longer prompt runs each stage in windows,
     /// so that it holds up the running streams by one window's work per step.
     pub prefill_window: NonZeroUsize,
+    /// Most steps a decoded token that has exited waits for others to exit with it, so that
+    /// their coda and prelude passes are shared (0: tokens never wait).
+    pub exit_wait: usize,
 }
 
 impl EngineLimits {
     /// The default `prefill_window`: large enough that a window's products run at full speed,
     /// small enough that one step of a long prompt's stays short beside decoding.
     pub const PREFILL_WINDOW: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
+
+    /// The default `exit_wait`: a few steps, against a token's tens.
+    pub const EXIT_WAIT: usize = 4;
 }
 
 /// One request, ready to run.
@@ -483,7 +489,7 @@ impl Worker {
         }
         let mut active: Vec<&mut Running<'_>> = running.iter_mut().filter(|r| !r.ended()).collect();
         let mut sequences: Vec<&mut Sequence> = active.iter_mut().map(|r| &mut r.sequence).collect();
-        let results = continuous::step(&folder.model, &mut sequences);
+        let results = continuous::step(&folder.model, &mut sequences, self.limits.exit_wait);
         drop(sequences);
         for (row, result) in active.into_iter().zip(results) {
             match result {

@@ -27,6 +27,7 @@ async fn a_stopped_engine_answers_503_on_health_and_requests() {
         queue_capacity: 4,
         kv_budget_bytes: 1 << 30,
         prefill_window: EngineLimits::PREFILL_WINDOW,
+        exit_wait: EngineLimits::EXIT_WAIT,
     };
     let mut app = App::new(ModelFolder::from_model(model), defaults, limits, None);
     app.engine.close();

@@ -180,6 +180,10 @@ enum Command {
         /// between the running streams' steps (1 to the model's context).
         #[arg(long, default_value_t = EngineLimits::PREFILL_WINDOW.get())]
         prefill_window: usize,
+        /// Most steps a decoded token that has exited early waits for others to exit with it,
+        /// so that they share the coda and prelude passes (0 to --max-steps; 0: never waits).
+        #[arg(long, default_value_t = EngineLimits::EXIT_WAIT)]
+        exit_wait: usize,
         /// Require `Authorization: Bearer KEY` on /v1 routes (default: $HUGINN_API_KEY, which
         /// keeps the key out of the process list).
         #[arg(long)]
@@ -481,6 +485,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             queue,
             kv_budget,
             prefill_window,
+            exit_wait,
             api_key,
             no_auth,
             shutdown_grace,
@@ -499,6 +504,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if steps == 0 || steps > max_steps {
                 bail!("--steps must be in 1..=--max-steps ({max_steps})");
+            }
+            if exit_wait > max_steps {
+                bail!("--exit-wait must be in 0..=--max-steps ({max_steps})");
             }
             if !(1..=MAX_BATCH).contains(&max_batch) {
                 bail!("--max-batch must be in 1..={MAX_BATCH}");
@@ -569,6 +577,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 queue_capacity: queue,
                 kv_budget_bytes: kv_budget,
                 prefill_window,
+                exit_wait,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
