@@ -178,17 +178,22 @@ impl Sequence {
     /// The positions of the chunk the current stage's next pass covers (empty when done): the
     /// next of equal windows (within one position) of at most `window` positions.
     fn window(&self) -> Range<usize> {
-        let (len, done) = match &self.stage {
-            Stage::Feed(feed) => (feed.tokens.len(), feed.embedded.done),
-            Stage::Recur(r) => (r.e.dims()[1], r.next.done),
-            Stage::Exited(x) => (x.state.dims()[1], x.coda),
-            Stage::Done => (0, 0),
-        };
+        let (len, done) = self.progress();
         let windows = len.div_ceil(self.window).max(1);
         // The first `len % windows` windows hold one position more than the others.
         let (small, larger) = (len / windows, len % windows);
         let size = if done < larger * (small + 1) { small + 1 } else { small };
         done..len.min(done + size)
+    }
+
+    /// The current chunk's length and the positions its current stage has covered.
+    fn progress(&self) -> (usize, usize) {
+        match &self.stage {
+            Stage::Feed(feed) => (feed.tokens.len(), feed.embedded.done),
+            Stage::Recur(r) => (r.e.dims()[1], r.next.done),
+            Stage::Exited(x) => (x.state.dims()[1], x.coda),
+            Stage::Done => (0, 0),
+        }
     }
 
     /// Length of the current stage's next pass (0 when done).
@@ -250,11 +255,7 @@ pub fn step(model: &Huginn, sequences: &mut [&mut Sequence], exit_wait: usize) -
 
 /// Whether a sequence is decoding: its chunk is one token.
 fn decoding(s: &Sequence) -> bool {
-    match &s.stage {
-        Stage::Recur(r) => r.e.dims()[1] == 1,
-        Stage::Exited(x) => x.state.dims()[1] == 1,
-        _ => false,
-    }
+    matches!(s.stage, Stage::Recur(_) | Stage::Exited(_)) && s.progress().0 == 1
 }
 
 /// Whether the decoded tokens that have exited leave now (coda, head, choice, and their next
@@ -426,12 +427,8 @@ fn iterate(model: &Huginn, group: &mut [&mut Sequence]) {
         let mut members = take(group, &reads_logits);
         let mut rows = passes(model, &mut members, &coda_windows);
         let coda = model.coda_rows(Tensor::cat(states, 0), &mut rows);
-        let at_end: Vec<usize> = (0..ends.len()).filter(|&i| ends[i]).collect();
-        if !at_end.is_empty() {
-            let picked = Tensor::cat(at_end.iter().map(|&i| coda.clone().narrow(0, i, 1)).collect(), 0);
-            for (i, l) in at_end.into_iter().zip(last_logits(model, picked)) {
-                logits[reads_logits[i]] = Some(l);
-            }
+        for (b, l) in reads_logits.into_iter().zip(logits_at_ends(model, &coda, &ends)) {
+            logits[b] = l;
         }
     }
     for ((b, s), logits) in group.iter_mut().enumerate().zip(logits) {
@@ -475,33 +472,32 @@ fn exit_logits(model: &Huginn, group: &mut [&mut Sequence]) {
         let mut rows = passes(model, group, &windows);
         model.coda_rows(Tensor::cat(states, 0), &mut rows)
     };
-    let at_end: Vec<usize> = (0..group.len()).filter(|&b| ends[b]).collect();
-    let logits = if at_end.is_empty() {
-        Vec::new()
-    } else {
-        let picked = Tensor::cat(at_end.iter().map(|&b| coda.clone().narrow(0, b, 1)).collect(), 0);
-        last_logits(model, picked)
-    };
-    let mut logits = at_end.into_iter().zip(logits).peekable();
-    for (b, (s, window)) in group.iter_mut().zip(&windows).enumerate() {
+    let logits = logits_at_ends(model, &coda, &ends);
+    for ((s, window), l) in group.iter_mut().zip(&windows).zip(logits) {
         if let Stage::Exited(x) = &mut s.stage {
             x.coda = window.end;
-            if logits.peek().is_some_and(|(at, _)| *at == b) {
-                x.logits = logits.next().map(|(_, l)| l);
-            }
+            x.logits = l;
         }
     }
 }
 
+/// The head's logits at the last position of the coda's rows whose window ended their chunk.
+fn logits_at_ends(model: &Huginn, coda: &Tensor<3>, ends: &[bool]) -> Vec<Option<Vec<f32>>> {
+    let at_end: Vec<usize> = (0..ends.len()).filter(|&b| ends[b]).collect();
+    let mut logits = vec![None; ends.len()];
+    if at_end.is_empty() {
+        return logits;
+    }
+    let picked = Tensor::cat(at_end.iter().map(|&b| coda.clone().narrow(0, b, 1)).collect(), 0);
+    for (b, l) in at_end.into_iter().zip(last_logits(model, picked)) {
+        logits[b] = Some(l);
+    }
+    logits
+}
+
 /// Whether `window` ends the sequence's current chunk.
 fn last_window(s: &Sequence, window: &Range<usize>) -> bool {
-    let len = match &s.stage {
-        Stage::Feed(feed) => feed.tokens.len(),
-        Stage::Recur(r) => r.e.dims()[1],
-        Stage::Exited(x) => x.state.dims()[1],
-        Stage::Done => 0,
-    };
-    window.end == len
+    window.end == s.progress().0
 }
 
 impl Sequence {
