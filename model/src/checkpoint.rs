@@ -141,6 +141,44 @@ impl Checkpoint {
         Ok(TensorData::new(values, shape))
     }
 
+    /// The stored bytes of `key`, checked to be of `dtype` and `expected` shape (little-endian,
+    /// as safetensors stores them): quantized levels and scales, which are not converted to f32.
+    pub fn raw(
+        &mut self,
+        key: &str,
+        expected: &[usize],
+        dims: &'static str,
+        dtype: Dtype,
+    ) -> Result<Vec<u8>, WeightsError> {
+        let Some(&shard) = self.keys.get(key) else {
+            return Err(WeightsError::MissingKey {
+                path: self.path_of(key).to_path_buf(),
+                key: key.into(),
+            });
+        };
+        let shard = &self.shards[shard];
+        let info = shard.metadata.info(key).expect("indexed key");
+        if info.shape != expected {
+            return Err(WeightsError::Shape {
+                path: shard.path.clone(),
+                key: key.into(),
+                expected: expected.to_vec(),
+                dims,
+                found: info.shape.clone(),
+            });
+        }
+        if info.dtype != dtype {
+            return Err(WeightsError::Quantized {
+                path: shard.path.clone(),
+                key: key.into(),
+                reason: format!("stored as {:?}, the config's scheme stores {dtype:?}", info.dtype),
+            });
+        }
+        let bytes = shard.bytes(info).to_vec();
+        self.taken.insert(key.to_string());
+        Ok(bytes)
+    }
+
     /// Reads `key` onto `device` in the device's float type.
     pub fn tensor<const D: usize>(
         &mut self,
@@ -339,15 +377,20 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// One tensor to write: f32 host data in the stored layout.
+/// One tensor to write: host data in the stored layout (f32 for float weights).
 pub struct Entry {
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
+    pub dtype: Dtype,
 }
 
 impl Entry {
     /// From a device tensor, transposing 2-D data when `layout` says so.
     pub fn from_tensor<const D: usize>(tensor: Tensor<D>, layout: Layout) -> Self {
+        let tensor = match tensor.dtype() {
+            burn::tensor::DType::QFloat(_) => tensor.dequantize(),
+            _ => tensor,
+        };
         let tensor = if layout == Layout::Transposed {
             tensor.transpose()
         } else {
@@ -362,13 +405,14 @@ impl Entry {
         Self {
             shape,
             bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            dtype: Dtype::F32,
         }
     }
 }
 
 impl View for &Entry {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -381,7 +425,7 @@ impl View for &Entry {
     }
 }
 
-/// Writes `entries` as float32 safetensors into `dir`: one `model.safetensors`, or shards of at
+/// Writes `entries` as safetensors into `dir`: one `model.safetensors`, or shards of at
 /// most `max_shard_bytes` with a `model.safetensors.index.json` as Hugging Face writes them.
 pub fn write(dir: &Path, entries: &BTreeMap<String, Entry>, max_shard_bytes: usize) -> Result<(), WeightsError> {
     let write_err = |path: &Path, reason: String| WeightsError::Write {

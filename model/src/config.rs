@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::quantize::Quantization;
 
 /// Fields `config.json` must have. Each fixes the weights' shapes, and the reference's default
 /// for it is Huginn-0125's, so a file that lost one would otherwise fail later as a shape
@@ -93,6 +94,10 @@ pub struct HuginnConfig {
     pub auto_map: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
+    /// How the linear weights are stored, in a folder written by `huginn quantize`; absent for
+    /// float weights (and in the reference's configs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
 }
 
 /// Initialisation constants the reference derives from the width and the unrolled depth.
@@ -148,6 +153,7 @@ impl Default for HuginnConfig {
             architectures: None,
             auto_map: None,
             transformers_version: None,
+            quantization: None,
         }
     }
 }
@@ -310,6 +316,9 @@ impl HuginnConfig {
         }
         if self.test_time_noise != 0.0 {
             return bad("test_time_noise is not supported (the reference leaves it at 0)".into());
+        }
+        if let Some(quantization) = &self.quantization {
+            quantization.validate()?;
         }
         let derived = [
             (

@@ -70,6 +70,10 @@ pub enum WeightsError {
     },
     #[error("{path}: tensor {key:?} has unsupported dtype {dtype} (f32, f16, bf16, f64 are read)")]
     Dtype { path: PathBuf, key: String, dtype: String },
+    #[error("{path}: quantized tensor {key:?} is corrupt: {reason}")]
+    Quantized { path: PathBuf, key: String, reason: String },
+    #[error("{path}: {reason}")]
+    Requantize { path: PathBuf, reason: String },
     #[error("{path}: tensor {key:?} contains non-finite values")]
     NonFinite { path: PathBuf, key: String },
     #[error(

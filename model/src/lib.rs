@@ -46,6 +46,7 @@ pub mod kernels;
 pub mod mlp;
 pub mod norm;
 pub mod pretrained;
+pub mod quantize;
 pub mod rope;
 
 pub use attention::RowPass;
@@ -55,6 +56,7 @@ pub use device::{Backend, DeviceError, DeviceSpec, Precision, peak_rss_bytes, rs
 pub use error::{ConfigError, InputError, WeightsError};
 pub use huginn::{Forward, Huginn, InitialState};
 pub use kernels::cross_entropy::cross_entropy;
+pub use quantize::{Bits, Quantization};
 pub use rope::Rotary;
 
 /// Burn, re-exported so that dependants use exactly the model's version.

@@ -7,7 +7,9 @@ use std::path::Path;
 use burn::module::Param;
 use burn::prelude::*;
 use burn::store::{ModuleRecord, RecordError};
-use burn::tensor::Gradients;
+use burn::tensor::{DType, Gradients};
+use half::f16;
+use safetensors::Dtype;
 
 use crate::block::SandwichBlock;
 use crate::checkpoint::{self, Checkpoint, Entry, Layout};
@@ -15,6 +17,7 @@ use crate::config::HuginnConfig;
 use crate::error::WeightsError;
 use crate::huginn::{Huginn, linear};
 use crate::norm::RmsNorm;
+use crate::quantize::{Bits, QUANTIZED_SUFFIX, Quantization, QuantizedMatrix, SCALES_SUFFIX, groups};
 
 pub const CONFIG_FILE: &str = "config.json";
 /// Burn record of the weights, written beside `config.json` by [`Huginn::save_burn`].
@@ -27,15 +30,46 @@ impl Huginn {
     /// Loads a Hugging Face style model folder: `config.json` plus `model.safetensors`, a
     /// sharded `model.safetensors.index.json`, or Burn's `model.bpk`.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self, WeightsError> {
+        Self::from_pretrained_quantized(dir, device, None)
+    }
+
+    /// [`Huginn::from_pretrained`], with a float folder's linear weights rounded to `quantize`
+    /// bits as they are read, one tensor at a time (peak memory: the quantized model and one
+    /// float tensor). A folder written by `huginn quantize` loads as it is stored; asking it for
+    /// another width is refused, as rounding twice compounds the error.
+    pub fn from_pretrained_quantized(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        quantize: Option<Bits>,
+    ) -> Result<Self, WeightsError> {
         let dir = dir.as_ref();
         let config = HuginnConfig::from_file(dir.join(CONFIG_FILE))?;
+        let quantize = match (config.quantization.as_ref().map(|q| q.bits), quantize) {
+            (Some(stored), Some(asked)) if stored != asked => {
+                return Err(WeightsError::Requantize {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "the folder holds {}-bit weights; rounding them to {} bits would round twice \
+                         (quantize the float folder instead)",
+                        stored.count(),
+                        asked.count()
+                    ),
+                });
+            }
+            (Some(_), _) => None,
+            (None, asked) => asked,
+        };
         if dir.join(BURN_FILE).exists()
             && !dir.join(checkpoint::SINGLE_FILE).exists()
             && !dir.join(checkpoint::INDEX_FILE).exists()
         {
-            return Self::load_burn(&config, dir.join(BURN_FILE), device);
+            let model = Self::load_burn(&config, dir.join(BURN_FILE), device)?;
+            return Ok(match quantize {
+                Some(bits) => model.quantize(bits),
+                None => model,
+            });
         }
-        Self::from_safetensors(&config, dir, device)
+        Self::from_safetensors_quantized(&config, dir, device, quantize)
     }
 
     /// Loads reference-named safetensors weights (a file, or a folder with one file or shards)
@@ -45,6 +79,17 @@ impl Huginn {
         config: &HuginnConfig,
         path: impl AsRef<Path>,
         device: &Device,
+    ) -> Result<Self, WeightsError> {
+        Self::from_safetensors_quantized(config, path, device, None)
+    }
+
+    /// [`Huginn::from_safetensors`] with the linear weights rounded to `quantize` bits as they
+    /// are read; a `config` with a quantization scheme reads the stored levels and scales.
+    pub fn from_safetensors_quantized(
+        config: &HuginnConfig,
+        path: impl AsRef<Path>,
+        device: &Device,
+        quantize: Option<Bits>,
     ) -> Result<Self, WeightsError> {
         config.validate()?;
         let mut ckpt = Checkpoint::open(path)?;
@@ -66,6 +111,22 @@ impl Huginn {
         let wte = Tensor::from_data(wte, device);
         ckpt.skip("freqs_cis");
 
+        // A linear's weight `[in, out]` from its reference key (`{base}.weight`, stored `[out, in]`).
+        let stored = config.quantization.as_ref().map(|q| q.bits);
+        let weight = |ckpt: &mut Checkpoint, base: &str, [out, inp]: [usize; 2], dims: &'static str| {
+            if let Some(bits) = stored {
+                return read_quantized(ckpt, base, bits, [inp, out], device);
+            }
+            let data = ckpt.read(&format!("{base}.weight"), &[out, inp], dims, Transposed)?;
+            Ok::<_, WeightsError>(match quantize {
+                Some(bits) => {
+                    let values = data.try_into_vec::<f32>().expect("f32 as read");
+                    QuantizedMatrix::quantize(&values, inp, out, bits).to_tensor(device)
+                }
+                None => Tensor::from_data(data, device),
+            })
+        };
+
         let stack = |ckpt: &mut Checkpoint, prefix: &str, count: usize| -> Result<Vec<SandwichBlock>, WeightsError> {
             (0..count)
                 .map(|l| {
@@ -76,13 +137,7 @@ impl Huginn {
                     }
                     let mut norms = norms.into_iter();
                     Ok(config.block_from(
-                        ckpt.tensor(
-                            &format!("{p}.attn.Wqkv.weight"),
-                            [3 * h, h],
-                            "3·n_embd, n_embd",
-                            Transposed,
-                            device,
-                        )?,
+                        weight(ckpt, &format!("{p}.attn.Wqkv"), [3 * h, h], "3·n_embd, n_embd")?,
                         ckpt.tensor(
                             &format!("{p}.attn.qk_bias"),
                             [2, 1, nh, hd],
@@ -90,27 +145,9 @@ impl Huginn {
                             AsStored,
                             device,
                         )?,
-                        ckpt.tensor(
-                            &format!("{p}.attn.proj.weight"),
-                            [h, h],
-                            "n_embd, n_embd",
-                            Transposed,
-                            device,
-                        )?,
-                        ckpt.tensor(
-                            &format!("{p}.mlp.fc.weight"),
-                            [2 * i, h],
-                            "2·intermediate_size, n_embd",
-                            Transposed,
-                            device,
-                        )?,
-                        ckpt.tensor(
-                            &format!("{p}.mlp.proj.weight"),
-                            [h, i],
-                            "n_embd, intermediate_size",
-                            Transposed,
-                            device,
-                        )?,
+                        weight(ckpt, &format!("{p}.attn.proj"), [h, h], "n_embd, n_embd")?,
+                        weight(ckpt, &format!("{p}.mlp.fc"), [2 * i, h], "2·intermediate_size, n_embd")?,
+                        weight(ckpt, &format!("{p}.mlp.proj"), [h, i], "n_embd, intermediate_size")?,
                         |_| norms.next().expect("four norms"),
                     ))
                 })
@@ -119,15 +156,13 @@ impl Huginn {
         let prelude = stack(&mut ckpt, STACKS[0], config.n_layers_in_prelude)?;
         let core_block = stack(&mut ckpt, STACKS[1], config.n_layers_in_recurrent_block)?;
         let coda = stack(&mut ckpt, STACKS[2], config.n_layers_in_coda)?;
-        let adapter = ckpt.tensor(
-            "transformer.adapter.weight",
-            [h, 2 * h],
-            "n_embd, 2·n_embd",
-            Transposed,
-            device,
-        )?;
+        let adapter = weight(&mut ckpt, "transformer.adapter", [h, 2 * h], "n_embd, 2·n_embd")?;
         let ln_f = ckpt.tensor("transformer.ln_f.weight", [h], "n_embd", AsStored, device)?;
         ckpt.finish()?;
+        let mut config = config.clone();
+        if let Some(bits) = quantize {
+            config.quantization = Some(Quantization::new(bits));
+        }
         Ok(Self {
             wte: Param::from_tensor(wte),
             prelude,
@@ -135,7 +170,7 @@ impl Huginn {
             core_block,
             coda,
             ln_f: RmsNorm::new(ln_f, config.norm_eps),
-            config: config.clone(),
+            config,
         })
     }
 
@@ -186,14 +221,43 @@ impl Huginn {
     }
 
     /// Writes `config.json` and float32 safetensors with the reference key names (both tied
-    /// copies, as the reference's `state_dict` has them), sharded above `max_shard_bytes`.
+    /// copies, as the reference's `state_dict` has them), sharded above `max_shard_bytes`. A
+    /// quantized linear is written as its levels and scales ([`QUANTIZED_SUFFIX`],
+    /// [`SCALES_SUFFIX`]), which only this crate reads.
     pub fn export_hf(&self, dir: impl AsRef<Path>, max_shard_bytes: usize) -> Result<(), WeightsError> {
         let dir = dir.as_ref();
-        let mut entries: BTreeMap<String, Entry> = self
-            .reference_params()
-            .into_iter()
-            .map(|(key, param)| (key, param.entry()))
-            .collect();
+        let mut entries = BTreeMap::new();
+        for (key, param) in self.reference_params() {
+            match param.quantized() {
+                Some(matrix) => {
+                    let base = key.strip_suffix(".weight").expect("a linear's key ends in .weight");
+                    let (levels, shape) = matrix.stored_levels();
+                    let dtype = match matrix.bits {
+                        Bits::Eight => Dtype::I8,
+                        Bits::Four => Dtype::U8,
+                    };
+                    entries.insert(
+                        format!("{base}.{QUANTIZED_SUFFIX}"),
+                        Entry {
+                            shape,
+                            bytes: levels,
+                            dtype,
+                        },
+                    );
+                    entries.insert(
+                        format!("{base}.{SCALES_SUFFIX}"),
+                        Entry {
+                            shape: vec![matrix.rows, groups(matrix.cols)],
+                            bytes: matrix.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                            dtype: Dtype::F16,
+                        },
+                    );
+                }
+                None => {
+                    entries.insert(key, param.entry());
+                }
+            }
+        }
         entries.insert(
             "lm_head.weight".into(),
             Entry::from_tensor(self.wte.val(), Layout::AsStored),
@@ -268,10 +332,21 @@ impl ParamRef<'_> {
         }
     }
 
+    /// The levels and scales of a quantized matrix; `None` for a float parameter.
+    pub fn quantized(&self) -> Option<QuantizedMatrix> {
+        match self {
+            ParamRef::Matrix(p, _) => QuantizedMatrix::from_tensor(p.val()),
+            _ => None,
+        }
+    }
+
     /// Whether every value is finite (one boolean read back from the device).
     fn is_finite(&self) -> bool {
         match self {
             ParamRef::Vector(p) => p.val().is_finite().all().into_scalar(),
+            ParamRef::Matrix(p, _) if matches!(p.val().dtype(), DType::QFloat(_)) => {
+                p.val().dequantize().is_finite().all().into_scalar()
+            }
             ParamRef::Matrix(p, _) => p.val().is_finite().all().into_scalar(),
             ParamRef::Bias(p) => p.val().is_finite().all().into_scalar(),
         }
@@ -287,6 +362,41 @@ impl ParamRef<'_> {
             ParamRef::Bias(p) => p.val().grad(grads).map(|g| host(g.into_data())),
         }
     }
+}
+
+/// The levels and scales of the linear `base` in a quantized folder, checked, as a quantized
+/// `[in, out]` tensor on `device`.
+fn read_quantized(
+    ckpt: &mut Checkpoint,
+    base: &str,
+    bits: Bits,
+    [inp, out]: [usize; 2],
+    device: &Device,
+) -> Result<Tensor<2>, WeightsError> {
+    let key = format!("{base}.{QUANTIZED_SUFFIX}");
+    let (shape, dtype) = match bits {
+        Bits::Eight => (QuantizedMatrix::stored_shape(bits, inp, out), Dtype::I8),
+        Bits::Four => (QuantizedMatrix::stored_shape(bits, inp, out), Dtype::U8),
+    };
+    let levels = ckpt.raw(&key, &shape, "the linear's [in, out], out halved for 4 bits", dtype)?;
+    let scales_key = format!("{base}.{SCALES_SUFFIX}");
+    let scales = ckpt.raw(
+        &scales_key,
+        &[inp, groups(out)],
+        "the linear's [in, out / 32]",
+        Dtype::F16,
+    )?;
+    let scales = scales
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let matrix =
+        QuantizedMatrix::from_stored(bits, inp, out, &levels, scales).map_err(|reason| WeightsError::Quantized {
+            path: ckpt.path_of(&key).to_path_buf(),
+            key,
+            reason,
+        })?;
+    Ok(matrix.to_tensor(device))
 }
 
 fn write_config(dir: &Path, config: &HuginnConfig) -> Result<(), WeightsError> {

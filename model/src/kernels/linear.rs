@@ -57,8 +57,11 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// `x · w` over the last dimension of `x` (`[.., k]`) with `w` `[k, n]`: the small-rows kernel
 /// where it applies (inference, no autodiff, on Flex, f32 or bf16, at most [`SMALL_ROWS`] rows;
 /// `w` contiguous or the transpose of a contiguous `[n, k]`), one `[rows, k] · [k, n]` product
-/// through [`super::matmul`] elsewhere.
+/// through [`super::matmul`] elsewhere. A quantized `w` goes to [`super::quantized_linear`].
 pub fn product<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    if matches!(weight.dtype(), DType::QFloat(_)) {
+        return super::quantized_linear::quantized_product(x, weight);
+    }
     let [k, n] = weight.dims();
     let mut dims = x.dims();
     assert_eq!(dims[D - 1], k, "the product's inner dimensions differ");

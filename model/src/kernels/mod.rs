@@ -10,7 +10,7 @@
 //!
 //! # A fused operation
 //!
-//! One file per operation ([`linear`], [`matmul`], [`gate`], [`rms_norm`], [`cross_entropy`],
+//! One file per operation ([`linear`], [`quantized_linear`], [`matmul`], [`gate`], [`rms_norm`], [`cross_entropy`],
 //! [`causal_attention`], [`cached_attention`], [`chunk_attention`]), holding:
 //!
 //! 1. a backend-extension trait (`#[backend_extension(Flex, Autodiff)]`), whose default body is
@@ -52,6 +52,7 @@ pub mod gate;
 pub mod heap;
 pub mod linear;
 pub mod matmul;
+pub mod quantized_linear;
 pub mod rms_norm;
 pub mod simd;
 pub mod threads;
