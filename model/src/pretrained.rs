@@ -17,7 +17,7 @@ use crate::config::HuginnConfig;
 use crate::error::WeightsError;
 use crate::huginn::{Huginn, linear};
 use crate::norm::RmsNorm;
-use crate::quantize::{Bits, QUANTIZED_SUFFIX, Quantization, QuantizedMatrix, SCALES_SUFFIX, groups};
+use crate::quantize::{Bits, QUANTIZED_SUFFIX, Quantization, QuantizedMatrix, SCALES_SUFFIX, check_scales, groups};
 
 pub const CONFIG_FILE: &str = "config.json";
 /// Burn record of the weights, written beside `config.json` by [`Huginn::save_burn`].
@@ -386,10 +386,15 @@ fn read_quantized(
         "the linear's [in, out / 32]",
         Dtype::F16,
     )?;
-    let scales = scales
+    let scales: Vec<f16> = scales
         .chunks_exact(2)
         .map(|b| f16::from_le_bytes([b[0], b[1]]))
         .collect();
+    check_scales(&scales).map_err(|reason| WeightsError::Quantized {
+        path: ckpt.path_of(&scales_key).to_path_buf(),
+        key: scales_key.clone(),
+        reason,
+    })?;
     let matrix =
         QuantizedMatrix::from_stored(bits, inp, out, &levels, scales).map_err(|reason| WeightsError::Quantized {
             path: ckpt.path_of(&key).to_path_buf(),

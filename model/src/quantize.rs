@@ -325,9 +325,7 @@ impl QuantizedMatrix {
                 bits.count()
             ));
         }
-        if let Some(s) = scales.iter().find(|s| !s.is_finite() || s.to_f32() < 0.0) {
-            return Err(format!("scale {s} is not a finite non-negative number"));
-        }
+        check_scales(&scales)?;
         Ok(Self {
             bits,
             rows,
@@ -335,6 +333,14 @@ impl QuantizedMatrix {
             levels,
             scales,
         })
+    }
+}
+
+/// Every scale a finite non-negative number, or the first that is not, as the reason.
+pub fn check_scales(scales: &[f16]) -> Result<(), String> {
+    match scales.iter().find(|s| !s.is_finite() || s.to_f32() < 0.0) {
+        Some(s) => Err(format!("scale {s} is not a finite non-negative number")),
+        None => Ok(()),
     }
 }
 
