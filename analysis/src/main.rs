@@ -31,6 +31,10 @@ struct Cli {
     /// Compute backend: cpu, wgpu or cuda (those compiled into this binary).
     #[arg(long, global = true, default_value = "cpu")]
     device: Backend,
+    /// Round a float folder's linear weights to 8 or 4 bits as it loads (a folder written by
+    /// `huginn quantize` loads as it is stored).
+    #[arg(long, global = true)]
+    quantize: Option<model::Bits>,
     #[command(subcommand)]
     command: Command,
 }
@@ -278,7 +282,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (PromptInput::Default, _) => bail!("give a prompt: --prompt TEXT or --ids 1,2,3"),
             };
-            let huginn = Huginn::from_pretrained(&model, &device)?;
+            let huginn = Huginn::from_pretrained_quantized(&model, &device, cli.quantize)?;
             let needed = capture_bytes(steps, reference_steps, raw, prompt.len(), huginn.config().n_embd);
             infer::limits::check_machine_memory("this capture's states", needed)?;
             let options = CaptureOptions {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use model::burn::prelude::Device;
-use model::{Huginn, WeightsError};
+use model::{Bits, Huginn, WeightsError};
 use serde::Deserialize;
 use thiserror::Error;
 use tokenizers::Tokenizer;
@@ -73,8 +73,14 @@ impl ModelFolder {
     }
 
     pub fn open(dir: impl AsRef<Path>, device: &Device) -> Result<Self, FolderError> {
+        Self::open_quantized(dir, device, None)
+    }
+
+    /// [`ModelFolder::open`] with the weights rounded to `quantize` bits as they load
+    /// ([`Huginn::from_pretrained_quantized`]).
+    pub fn open_quantized(dir: impl AsRef<Path>, device: &Device, quantize: Option<Bits>) -> Result<Self, FolderError> {
         let dir = dir.as_ref();
-        let model = Huginn::from_pretrained(dir, device)?;
+        let model = Huginn::from_pretrained_quantized(dir, device, quantize)?;
         let TextFiles {
             tokenizer,
             special_tokens,

@@ -820,3 +820,73 @@ fn the_shipped_task_files_are_valid() {
         assert!(stdout.lines().count() >= 2, "{stdout}");
     }
 }
+
+/// `huginn quantize` writes a folder that `generate` opens, text files included, and that
+/// generates what rounding the float folder at load (`--quantize`) generates; a folder that
+/// exists, a quantized source and a bad width are refused in one line.
+#[test]
+fn quantize_writes_a_folder_that_generates_what_rounding_at_load_generates() {
+    let dir = common::folder(common::DEFAULT_IDS);
+    let source = dir.path().to_str().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for bits in ["8", "4"] {
+        let out = work.path().join(format!("q{bits}"));
+        let out_arg = out.to_str().unwrap();
+        let made = huginn(&["quantize", "--model", source, "--out", out_arg, "--bits", bits]);
+        assert!(made.status.success(), "{:?}", text(&made));
+        assert!(out.join("tokenizer.json").exists());
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            config["quantization"]["bits"],
+            serde_json::json!(bits.parse::<u8>().unwrap())
+        );
+        let generate = |model: &str, extra: &[&str]| {
+            let mut args = vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "6",
+            ];
+            args.extend(extra);
+            let out = huginn(&args);
+            assert!(out.status.success(), "{:?}", text(&out));
+            out.stdout
+        };
+        assert_eq!(
+            generate(out_arg, &[]),
+            generate(source, &["--quantize", bits]),
+            "{bits} bits"
+        );
+
+        let again = huginn(&["quantize", "--model", source, "--out", out_arg, "--bits", bits]);
+        let (_, stderr) = text(&again);
+        assert!(!again.status.success() && stderr.contains("not empty"), "{stderr}");
+        let twice = huginn(&[
+            "quantize",
+            "--model",
+            out_arg,
+            "--out",
+            work.path().join("x").to_str().unwrap(),
+            "--bits",
+            "4",
+        ]);
+        let (_, stderr) = text(&twice);
+        assert!(!twice.status.success() && stderr.contains("already holds"), "{stderr}");
+    }
+    let bad = huginn(&[
+        "quantize",
+        "--model",
+        source,
+        "--out",
+        work.path().join("y").to_str().unwrap(),
+        "--bits",
+        "3",
+    ]);
+    let (_, stderr) = text(&bad);
+    assert!(!bad.status.success() && stderr.contains("3-bit"), "{stderr}");
+    assert!(!work.path().join("y").exists());
+}

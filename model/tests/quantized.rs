@@ -141,7 +141,10 @@ fn a_corrupt_scale_block_is_named() {
         None
     });
     let err = load_err(dir.path());
-    assert!(err.contains(key) && err.contains("corrupt") && err.contains("scale"), "{err}");
+    assert!(
+        err.contains(key) && err.contains("corrupt") && err.contains("scale"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -184,7 +187,9 @@ fn an_unknown_bit_width_or_scheme_is_refused_with_what_is_supported() {
 #[test]
 fn levels_stored_as_another_dtype_are_refused() {
     let (dir, _) = quantized_folder(Bits::Eight);
-    rewrite(dir.path(), |k, _, _, _| (k == "transformer.prelude.0.attn.proj.qweight").then_some(Dtype::U8));
+    rewrite(dir.path(), |k, _, _, _| {
+        (k == "transformer.prelude.0.attn.proj.qweight").then_some(Dtype::U8)
+    });
     let err = load_err(dir.path());
     assert!(err.contains("U8") && err.contains("I8"), "{err}");
 }

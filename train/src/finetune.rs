@@ -50,7 +50,16 @@ impl RunConfig {
             return Ok(self.model.init(device, self.seed));
         };
         let dir = resolve(spec)?;
-        let differences = shape_differences(&self.model, &folder_config(&dir)?);
+        let folder = folder_config(&dir)?;
+        if let Some(quantization) = &folder.quantization {
+            return Err(TrainError::InvalidConfig(format!(
+                "init_from {}: the folder holds {}-bit weights, which cannot be trained (no gradient \
+                 flows through the rounding); start from the float folder it was quantized from",
+                spec.display(),
+                quantization.bits.count()
+            )));
+        }
+        let differences = shape_differences(&self.model, &folder);
         if !differences.is_empty() {
             return Err(TrainError::InvalidConfig(format!(
                 "the model section contradicts {}'s config: {}",

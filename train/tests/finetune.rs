@@ -231,11 +231,29 @@ fn a_fine_tuned_run_resumes_bit_exactly() {
     let mlp = wrong.model.intermediate_size;
     wrong.model.intermediate_size = mlp + 8;
     let dir = work.path().join("wrong");
-    let err = Trainer::create(&dir, wrong, &device).err().unwrap().to_string();
+    let err = Trainer::create(&dir, wrong.clone(), &device).err().unwrap().to_string();
     assert!(
         err.contains(&format!("intermediate_size = {} (the model has {mlp})", mlp + 8)),
         "{err}"
     );
+    assert!(!dir.join("run.json").exists());
+
+    // So is a quantized folder: rounded weights cannot be trained.
+    let quantized = work.path().join("quantized");
+    model::Huginn::from_pretrained(model.path(), &Device::flex())
+        .unwrap()
+        .quantize(model::Bits::Eight)
+        .export_hf(&quantized, usize::MAX)
+        .unwrap();
+    let mut from_quantized = wrong;
+    from_quantized.model.intermediate_size = mlp;
+    from_quantized.init_from = Some(quantized);
+    let dir = work.path().join("from-quantized");
+    let err = Trainer::create(&dir, from_quantized, &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("8-bit weights, which cannot be trained"), "{err}");
     assert!(!dir.join("run.json").exists());
 }
 

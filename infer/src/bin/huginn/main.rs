@@ -27,7 +27,7 @@ use infer::text::TextStream;
 use infer::warm_start::WarmStart;
 use infer::{limits, range};
 use model::burn::prelude::Device;
-use model::{Backend, Huginn, HuginnConfig, InitialState, Precision};
+use model::{Backend, Bits, Huginn, HuginnConfig, InitialState, Precision};
 
 mod chat;
 mod decoding;
@@ -50,6 +50,10 @@ struct Cli {
     /// Float type of the weights and activations: f32, f16 or bf16 (as the device supports).
     #[arg(long, global = true, default_value = "f32")]
     dtype: Precision,
+    /// Round a float folder's linear weights to 8 or 4 bits as it loads, one tensor at a time
+    /// (a folder written by `huginn quantize` loads as it is stored).
+    #[arg(long, global = true)]
+    quantize: Option<Bits>,
     #[command(subcommand)]
     command: Command,
 }
@@ -209,6 +213,20 @@ enum Command {
         #[arg(long)]
         max_connections: Option<usize>,
     },
+    /// Write a copy of a float model folder with 8- or 4-bit linear weights (groups of 32 with
+    /// an f16 scale each) beside its text files; every command opens it. Embeddings, the tied
+    /// head and norms stay f32.
+    Quantize {
+        /// Float model folder, or ORG/NAME[@REVISION] on the Hugging Face hub.
+        #[arg(long)]
+        model: PathBuf,
+        /// Folder to write: must not exist yet (or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Bits per weight: 8 or 4.
+        #[arg(long)]
+        bits: Bits,
+    },
     /// Check a model against reference fixture folders (config.json, model.safetensors,
     /// expected.safetensors, generate.json).
     CheckFixture {
@@ -254,7 +272,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             json,
         } => {
-            let model = load(model.as_deref(), &device)?;
+            let model = load(model.as_deref(), &device, cli.quantize)?;
             range::within("--max-depth", max_depth, 1, MAX_STEPS)?;
             range::within("--top", top, 1, model.config().vocab_size)?;
             let depths = if depths.is_empty() {
@@ -301,8 +319,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             accept_threshold,
         } => {
             let mut folder = match &model {
-                Some(dir) => open_folder(dir, &device)?,
-                None => ModelFolder::from_model(load(None, &device)?),
+                Some(dir) => open_folder(dir, &device, cli.quantize)?,
+                None => ModelFolder::from_model(load(None, &device, cli.quantize)?),
             };
             let (config, decoding) = args.resolve(&mut folder)?;
             let prompt = match prompt {
@@ -462,7 +480,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => {
-            let folder = open_folder(&args.model, &device)?;
+            let folder = open_folder(&args.model, &device, cli.quantize)?;
             eval::run(&folder, &args)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -471,7 +489,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             system,
             decoding: args,
         } => {
-            let folder = open_folder(&model, &device)?;
+            let folder = open_folder(&model, &device, cli.quantize)?;
             chat::run(folder, system, &args, on_host)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -553,8 +571,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .unwrap_or_else(|| "huginn".into())
             });
             let folder = match &model {
-                Some(dir) => open_folder(dir, &device)?,
-                None => ModelFolder::from_model(load(None, &device)?),
+                Some(dir) => open_folder(dir, &device, cli.quantize)?,
+                None => ModelFolder::from_model(load(None, &device, cli.quantize)?),
             };
             let context = folder.model.config().block_size;
             let prefill_window = NonZeroUsize::new(prefill_window)
@@ -600,6 +618,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .context("serving")
             })?;
             eprintln!("huginn serve: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quantize { model, out, bits } => {
+            if cli.quantize.is_some() {
+                bail!("`huginn quantize` takes its width from --bits, not --quantize");
+            }
+            quantize_folder(&model, &out, bits)?;
+            eprintln!(
+                "huginn quantize: wrote {}-bit weights to {}",
+                bits.count(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckFixture { dirs, json } => {
@@ -726,17 +756,74 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 }
 
 /// A model folder here, or `ORG/NAME[@REVISION]` fetched into the Hugging Face cache.
-fn open_folder(spec: &std::path::Path, device: &Device) -> Result<ModelFolder> {
+fn open_folder(spec: &std::path::Path, device: &Device, quantize: Option<Bits>) -> Result<ModelFolder> {
     let dir = folder::hub::resolve(spec)?;
-    ModelFolder::open(&dir, device).with_context(|| format!("loading {}", dir.display()))
+    ModelFolder::open_quantized(&dir, device, quantize).with_context(|| format!("loading {}", dir.display()))
 }
 
-fn load(dir: Option<&std::path::Path>, device: &Device) -> Result<Huginn> {
+/// A model folder, or without one the random tiny model (rounded to `quantize` bits either way).
+fn load(dir: Option<&std::path::Path>, device: &Device, quantize: Option<Bits>) -> Result<Huginn> {
     match dir {
         Some(spec) => {
             let dir = folder::hub::resolve(spec)?;
-            Huginn::from_pretrained(&dir, device).with_context(|| format!("loading {}", dir.display()))
+            Huginn::from_pretrained_quantized(&dir, device, quantize)
+                .with_context(|| format!("loading {}", dir.display()))
         }
-        None => Ok(HuginnConfig::tiny(256, 64, 4, (1, 2, 1)).init(device, 0)),
+        None => {
+            let model = HuginnConfig::tiny(256, 64, 4, (1, 2, 1)).init(device, 0);
+            Ok(match quantize {
+                Some(bits) => model.quantize(bits),
+                None => model,
+            })
+        }
     }
 }
+
+/// `huginn quantize`: the folder is written beside `out` under a temporary name and renamed
+/// into place once complete, so an interrupted run leaves no half-written model under `out`.
+fn quantize_folder(spec: &std::path::Path, out: &std::path::Path, bits: Bits) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} exists and is not empty; quantize into a new folder", out.display());
+    }
+    let dir = folder::hub::resolve(spec)?;
+    let config = HuginnConfig::from_file(dir.join(model::pretrained::CONFIG_FILE))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(q) = &config.quantization {
+        bail!(
+            "{} already holds {}-bit weights; quantize the float folder it came from",
+            dir.display(),
+            q.bits.count()
+        );
+    }
+    // On the CPU in f32: the levels are rounded on the host from the stored values either way.
+    let model = Huginn::from_pretrained_quantized(&dir, &Device::flex(), Some(bits))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} names no folder", out.display()))?;
+    let partial = out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let written = (|| -> Result<()> {
+        model.export_hf(&partial, QUANTIZED_SHARD_BYTES)?;
+        for file in [
+            folder::TOKENIZER_FILE,
+            folder::TOKENIZER_CONFIG_FILE,
+            folder::CHAT_TEMPLATE_FILE,
+            folder::GENERATION_CONFIG_FILE,
+        ] {
+            if dir.join(file).exists() {
+                std::fs::copy(dir.join(file), partial.join(file)).with_context(|| format!("copying {file}"))?;
+            }
+        }
+        if out.exists() {
+            std::fs::remove_dir(out).with_context(|| format!("replacing the empty {}", out.display()))?;
+        }
+        std::fs::rename(&partial, out).with_context(|| format!("moving the model into {}", out.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written
+}
+
+/// Shards of a quantized folder: as Hugging Face's default, 5 GB.
+const QUANTIZED_SHARD_BYTES: usize = 5_000_000_000;
