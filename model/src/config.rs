@@ -411,6 +411,13 @@ impl HuginnConfig {
         (self.n_layers_in_recurrent_block * self.block_params().expect("validated sizes")) + 2 * h * h
     }
 
+    /// The weights of the core's linear layers and the adapter: what a quantized model holds
+    /// in 8 or 4 bits of each decoding iteration's reads.
+    pub fn core_linear_params(&self) -> usize {
+        let (h, i) = (self.n_embd, self.intermediate_size);
+        self.n_layers_in_recurrent_block * (4 * h * h + 3 * i * h) + 2 * h * h
+    }
+
     /// Parameters of one transformer block, or `None` where it overflows.
     fn block_params(&self) -> Option<usize> {
         let (h, i) = (self.n_embd, self.intermediate_size);

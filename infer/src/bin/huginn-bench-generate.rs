@@ -27,7 +27,7 @@ use infer::limits::{self, MAX_EXIT_THRESHOLD};
 use infer::range::{within, within_f64};
 use infer::strategy::Strategy;
 use infer::warm_start::WarmStart;
-use model::{Backend, HuginnConfig, Precision, bandwidth, peak_rss_bytes};
+use model::{Backend, Bits, HuginnConfig, Precision, bandwidth, peak_rss_bytes};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -50,6 +50,9 @@ struct Args {
     /// vocabulary 65536) instead of the shape flags.
     #[arg(long, conflicts_with_all = ["model", "width", "heads", "layers", "vocab_size"])]
     huginn_0125: bool,
+    /// Round the linear weights to 8 or 4 bits (groups of 32, f16 scales) before timing.
+    #[arg(long)]
+    quantize: Option<Bits>,
     /// Measure the machine's memory bandwidth (every core summing 1 GiB) and print decoding's
     /// rate against it: the bytes a core iteration reads (the core's weights and the KV
     /// entries), GB/s, and the fraction of the measured bandwidth. On with --huginn-0125; CPU
@@ -176,7 +179,7 @@ fn run(args: Args) -> Result<()> {
     let model = match &args.model {
         Some(dir) => {
             let dir = folder::hub::resolve(dir)?;
-            ModelFolder::open(&dir, &device)
+            ModelFolder::open_quantized(&dir, &device, args.quantize)
                 .with_context(|| format!("loading {}", dir.display()))?
                 .model
         }
@@ -196,11 +199,15 @@ fn run(args: Args) -> Result<()> {
                 let needed = config.num_params().checked_mul(4 + element);
                 limits::check_machine_memory("the model's weights", needed)?;
             }
-            if args.huginn_0125 {
+            let model = if args.huginn_0125 {
                 // 3.5 billion values: drawn by the device, not sampled on the host.
                 config.init_on_device(&device)
             } else {
                 config.init(&device, 0)
+            };
+            match args.quantize {
+                Some(bits) => model.quantize(bits),
+                None => model,
             }
         }
     };
@@ -274,7 +281,15 @@ fn run(args: Args) -> Result<()> {
         // A decoding iteration reads the core's weights once for the batch, and each row's
         // keys and values of every core layer at the positions so far (on average the prompt
         // and half the new tokens).
-        let weights = c.core_params() * element;
+        // Quantized linears are one byte a level on the CPU (Flex keeps 4-bit levels in `i8`
+        // too) and an f32 scale per group.
+        let weights = match args.quantize {
+            Some(_) => {
+                let linear = c.core_linear_params();
+                (c.core_params() - linear) * element + linear + linear.div_ceil(model::quantize::GROUP) * 4
+            }
+            None => c.core_params() * element,
+        };
         let positions = args.prompt_len + args.new_tokens / 2;
         let kv = args.batch * c.n_layers_in_recurrent_block * 2 * c.n_embd * element * positions;
         let bytes = (weights + kv) as f64;
@@ -289,7 +304,8 @@ fn run(args: Args) -> Result<()> {
     let streamed = streamed.transpose()?;
     let layers = [c.n_layers_in_prelude, c.n_layers_in_recurrent_block, c.n_layers_in_coda];
     let figures = json!({
-        "device": format!("{:?}", args.device), "dtype": args.dtype.name(), "width": model.config().n_embd,
+        "device": format!("{:?}", args.device), "dtype": args.dtype.name(),
+        "quantize": args.quantize.map(|b| b.count()), "width": model.config().n_embd,
         "layers": layers, "parameters": c.num_params(),
         "steps": args.steps, "criterion": args.criterion.name(), "cache": args.cache.to_string(),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs,
@@ -308,11 +324,15 @@ fn run(args: Args) -> Result<()> {
         })),
     });
     println!(
-        "{} (width {}, layers {:?}, {:.1}M parameters), batch {}, {} prompt + {} new tokens, {} steps ({}), cache {}",
+        "{}{} (width {}, layers {:?}, {:.1}M parameters), batch {}, {} prompt + {} new tokens, {} steps ({}), cache {}",
         if args.model.is_some() {
             "model folder"
         } else {
             "random weights"
+        },
+        match model.config().quantization.as_ref() {
+            Some(q) => format!(", {}-bit linears", q.bits.count()),
+            None => String::new(),
         },
         model.config().n_embd,
         layers,

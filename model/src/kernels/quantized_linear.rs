@@ -13,6 +13,7 @@
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::{FlexQTensor, FlexTensor};
+use burn::backend::ops::QTensorOps;
 use burn::backend::tensor::{FloatTensor, QuantizedTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
@@ -31,6 +32,11 @@ const SERIAL_MACS: usize = 1 << 16;
 pub trait QuantizedRowsOps: Backend {
     fn quantized_rows_matmul(x: FloatTensor<Self>, weight: QuantizedTensor<Self>) -> FloatTensor<Self> {
         composed::<Self>(x, weight)
+    }
+
+    /// The weight's values in f32.
+    fn dequantized_f32(weight: QuantizedTensor<Self>) -> FloatTensor<Self> {
+        Self::dequantize(weight, FloatDType::F32)
     }
 }
 
@@ -57,7 +63,8 @@ pub fn quantized_product<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Ten
         DType::F16 => FloatDType::F16,
         _ => FloatDType::F32,
     };
-    super::linear::product(x, weight.dequantize().cast(dtype))
+    let weight = Tensor::<2>::from_dispatch(<Dispatch as QuantizedRowsOps>::dequantized_f32(weight.into_dispatch()));
+    super::linear::product(x, weight.cast(dtype))
 }
 
 /// The operation with backend operations: the weight dequantized, one matrix product.
@@ -96,6 +103,34 @@ impl QuantizedRowsOps for Flex {
         let last = shape.num_dims() - 1;
         shape[last] = n;
         tensor_of(out, shape, dtype)
+    }
+
+    /// burn-flex's dequantization finds each value's block by division, on one thread; here
+    /// each input channel's groups are scaled in one vectorised pass, rows spread over the pool.
+    fn dequantized_f32(weight: FlexQTensor) -> FlexTensor {
+        if !reads_in_place(&weight) {
+            return Self::dequantize(weight, FloatDType::F32);
+        }
+        let (k, n) = (weight.shape()[0], weight.shape()[1]);
+        let levels = &weight.tensor().storage::<i8>()[..k * n];
+        let scales = weight.scales();
+        let mut out = vec![0f32; k * n];
+        let per_row = groups(n);
+        out.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+            let levels = &levels[i * n..(i + 1) * n];
+            let scales = &scales[i * per_row..(i + 1) * per_row];
+            super::simd::vectorised(
+                #[inline(always)]
+                || {
+                    for ((out, levels), &scale) in row.chunks_mut(GROUP).zip(levels.chunks(GROUP)).zip(scales) {
+                        for (o, &q) in out.iter_mut().zip(levels) {
+                            *o = f32::from(q) * scale;
+                        }
+                    }
+                },
+            )
+        });
+        super::flex::f32_tensor(out, weight.shape())
     }
 }
 
@@ -301,6 +336,25 @@ mod tests {
                     "{bits:?}, {rows} rows"
                 );
             }
+        }
+    }
+
+    /// A prompt's rows multiply by the weight dequantized here, exactly the values the levels
+    /// stand for.
+    #[test]
+    fn the_dequantized_weight_is_what_the_levels_stand_for() {
+        let device = Device::flex();
+        for bits in [Bits::Eight, Bits::Four] {
+            let values: Vec<f32> = Tensor::<2>::random([7, 75], Distribution::Normal(0.0, 1.0), &device)
+                .into_data()
+                .try_into_vec()
+                .unwrap();
+            let q = QuantizedMatrix::quantize(&values, 7, 75, bits);
+            let fast = Tensor::<2>::from_dispatch(<Dispatch as QuantizedRowsOps>::dequantized_f32(
+                q.to_tensor(&device).into_dispatch(),
+            ));
+            let fast: Vec<f32> = fast.into_data().try_into_vec().unwrap();
+            assert_eq!(fast, q.dequantize());
         }
     }
 
