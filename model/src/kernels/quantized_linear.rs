@@ -260,21 +260,48 @@ fn block_product_with<const FMA: bool>(
     let first = start / GROUP;
     let row_levels = |i: usize| &levels[i * n + start..i * n + start + width];
     let row_scales = |i: usize| &scales[i * per_row + first..i * per_row + first + width.div_ceil(GROUP)];
+    // `x · scale` of the four channels for every group of the block, per row: computed once,
+    // then read as a broadcast by the group loop.
+    let spans = width.div_ceil(GROUP);
+    let mut factors = vec![0f32; 4 * spans];
     let mut i = 0;
     while i + 4 <= k {
         let (l0, l1, l2, l3) = (row_levels(i), row_levels(i + 1), row_levels(i + 2), row_levels(i + 3));
-        let (s0, s1, s2, s3) = (row_scales(i), row_scales(i + 1), row_scales(i + 2), row_scales(i + 3));
+        let scales = [row_scales(i), row_scales(i + 1), row_scales(i + 2), row_scales(i + 3)];
         for (row, out) in acc.chunks_exact_mut(width).enumerate() {
             let v = &x[row * k + i..row * k + i + 4];
-            for (g, out) in out.chunks_mut(GROUP).enumerate() {
-                let (a0, a1, a2, a3) = (v[0] * s0[g], v[1] * s1[g], v[2] * s2[g], v[3] * s3[g]);
-                let j0 = g * GROUP;
-                for (j, o) in out.iter_mut().enumerate() {
-                    let sum = madd(l0[j0 + j], a0, *o);
-                    let sum = madd(l1[j0 + j], a1, sum);
-                    let sum = madd(l2[j0 + j], a2, sum);
-                    *o = madd(l3[j0 + j], a3, sum);
+            for (c, factors) in factors.chunks_exact_mut(spans).enumerate() {
+                for (f, &s) in factors.iter_mut().zip(scales[c]) {
+                    *f = v[c] * s;
                 }
+            }
+            let (f0, rest) = factors.split_at(spans);
+            let (f1, rest) = rest.split_at(spans);
+            let (f2, f3) = rest.split_at(spans);
+            // Whole groups as fixed-length arrays, which the compiler unrolls into full-width
+            // vectors (widening the levels a register at a time), then the short last group.
+            let whole = out
+                .chunks_exact_mut(GROUP)
+                .zip(l0.chunks_exact(GROUP).zip(l1.chunks_exact(GROUP)))
+                .zip(l2.chunks_exact(GROUP).zip(l3.chunks_exact(GROUP)));
+            for (g, ((out, (q0, q1)), (q2, q3))) in whole.enumerate() {
+                let (a0, a1, a2, a3) = (f0[g], f1[g], f2[g], f3[g]);
+                let out: &mut [f32; GROUP] = out.try_into().expect("a whole group");
+                let q: [&[i8; GROUP]; 4] = [q0, q1, q2, q3].map(|q| q.try_into().expect("a whole group"));
+                for j in 0..GROUP {
+                    let sum = madd(q[0][j], a0, out[j]);
+                    let sum = madd(q[1][j], a1, sum);
+                    let sum = madd(q[2][j], a2, sum);
+                    out[j] = madd(q[3][j], a3, sum);
+                }
+            }
+            let tail = width / GROUP * GROUP;
+            let g = spans - 1;
+            for j in tail..width {
+                let sum = madd(l0[j], f0[g], out[j]);
+                let sum = madd(l1[j], f1[g], sum);
+                let sum = madd(l2[j], f2[g], sum);
+                out[j] = madd(l3[j], f3[g], sum);
             }
         }
         i += 4;
