@@ -12,6 +12,7 @@
 //! * [`eval_report`]: a `huginn eval` report, for its accuracy-against-depth and
 //!   accuracy-against-compute plots;
 //! * [`plot`]: the figures, PNG and SVG;
+//! * [`quantization`]: how far 8- and 4-bit weights move the predictions at each depth;
 //! * [`report`]: all of it for one training run, with an HTML gallery and a JSON summary.
 //!
 //! The `huginn-analysis` binary puts each step on the command line:
@@ -37,6 +38,7 @@ pub mod outputs;
 pub mod pca;
 pub mod plot;
 pub mod prompt;
+pub mod quantization;
 pub mod report;
 pub mod store;
 

@@ -68,6 +68,35 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// How far 8- and 4-bit weights move the predictions at each recurrence depth: the KL
+    /// divergence of next-token distributions between the float model and its quantized copies,
+    /// their top-1 agreement, and each one's perplexity on the tokens.
+    QuantizationError {
+        /// Float model folder, or ORG/NAME[@REVISION] on the hub.
+        #[arg(long)]
+        model: PathBuf,
+        /// A text file to score, through the folder's tokenizer.
+        #[arg(long, conflicts_with = "ids")]
+        text: Option<PathBuf>,
+        /// Token ids to score, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+        /// Recurrence depths (each 1-1024).
+        #[arg(long, value_delimiter = ',', default_value = "4,8,16,32")]
+        depths: Vec<usize>,
+        /// Bit widths to compare with the float model.
+        #[arg(long, value_delimiter = ',', default_value = "8,4")]
+        bits: Vec<model::Bits>,
+        /// Tokens per window (2 to the model's context; default: the context).
+        #[arg(long)]
+        window: Option<usize>,
+        /// Most tokens scored (2 to 1048576).
+        #[arg(long, default_value_t = 4096)]
+        max_tokens: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fit a PCA basis to the states of one or more captures (shared axes for all of them).
     Pca {
         /// Captures (base paths or their .safetensors/.json files).
@@ -382,6 +411,76 @@ fn run(cli: Cli) -> Result<()> {
             let title = format!("Latent trajectories in PCA space ({counts})");
             let images = plot_trajectories(&out, &title, &drawn, &pairs)?;
             eprintln!("{counts}; wrote {} and {}", images.png.display(), images.svg.display());
+        }
+        Command::QuantizationError {
+            model,
+            text,
+            ids,
+            depths,
+            bits,
+            window,
+            max_tokens,
+            json,
+        } => {
+            if cli.quantize.is_some() {
+                bail!("quantization-error compares the float model with each of --bits; drop --quantize");
+            }
+            if let Some(d) = depths.iter().find(|d| !(1..=1024).contains(*d)) {
+                bail!("--depths value {d} is outside 1..=1024");
+            }
+            if !(2..=1 << 20).contains(&max_tokens) {
+                bail!("--max-tokens must be in 2..=1048576 (got {max_tokens})");
+            }
+            let model = folder::hub::resolve(&model)?;
+            let float = Huginn::from_pretrained(&model, &device)?;
+            let context = float.config().block_size;
+            let window = window.unwrap_or(context);
+            if !(2..=context).contains(&window) {
+                bail!("--window must be in 2..={context}, the model's context (got {window})");
+            }
+            let mut tokens = match (&text, ids.is_empty()) {
+                (Some(path), _) => {
+                    let tokenizer = find_tokenizer(&model)
+                        .with_context(|| format!("--text needs a tokenizer.json beside {}", model.display()))?;
+                    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                    Prompt::from_text(&text, &tokenizer)?.tokens
+                }
+                (None, false) => ids,
+                (None, true) => bail!("give tokens to score: --text FILE or --ids 1,2,3"),
+            };
+            tokens.truncate(max_tokens);
+            let windows: Vec<Vec<u32>> = tokens
+                .chunks(window)
+                .filter(|w| w.len() >= 2)
+                .map(<[u32]>::to_vec)
+                .collect();
+            let mut rows = Vec::new();
+            for bits in bits {
+                let quantized = float.clone().quantize(bits);
+                for d in analysis::quantization::divergence_by_depth(&float, &quantized, &windows, &depths)? {
+                    rows.push((bits.count(), d));
+                }
+            }
+            if json {
+                let rows: Vec<_> = rows
+                    .iter()
+                    .map(|(bits, d)| serde_json::json!({"bits": bits, "divergence": d}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let scored: usize = windows.iter().map(Vec::len).sum();
+                println!("{scored} tokens in {} windows of up to {window}", windows.len());
+                println!(
+                    "{:>4}  {:>5}  {:>10}  {:>10}  {:>7}  {:>10}  {:>10}",
+                    "bits", "depth", "KL mean", "KL max", "top-1", "ppl float", "ppl quant"
+                );
+                for (bits, d) in rows {
+                    println!(
+                        "{bits:>4}  {:>5}  {:>10.3e}  {:>10.3e}  {:>7.4}  {:>10.4}  {:>10.4}",
+                        d.depth, d.kl_mean, d.kl_max, d.top1_agreement, d.perplexity_float, d.perplexity_quantized
+                    );
+                }
+            }
         }
         Command::Heatmap { capture, out } => {
             let capture = Capture::load(&capture)?;

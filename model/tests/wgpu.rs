@@ -56,3 +56,31 @@ fn wgpu_forward_matches_reference_and_cpu() {
         assert!(diff < 1e-4, "{diff}");
     }
 }
+
+/// 8- and 4-bit weights on wgpu: packed on the device by Burn, multiplied by Burn's quantized
+/// product, the same model as on the CPU up to the order of the sums.
+#[test]
+fn wgpu_quantized_weights_match_the_cpu() {
+    let Some(device) = wgpu_device() else { return };
+    for case in ["tiny-a", "tiny-d"] {
+        let dir = common::fixture_dir(case);
+        for bits in [model::Bits::Eight, model::Bits::Four] {
+            let cpu = model::Huginn::from_pretrained_quantized(&dir, &Device::flex(), Some(bits)).unwrap();
+            let gpu = model::Huginn::from_pretrained_quantized(&dir, &device, Some(bits)).unwrap();
+            let ids = [vec![5u32, 17, 99, 3, 42, 8, 64]];
+            let logits = |model: &model::Huginn| -> Vec<f32> {
+                model
+                    .forward(model.tokens(&ids).unwrap(), 8)
+                    .logits
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+            };
+            let (a, b) = (logits(&cpu), logits(&gpu));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            println!("{case} {bits:?} wgpu vs cpu logits at 8 steps: max |diff| {diff:.3e}");
+            assert!(diff < 1e-3, "{case} {bits:?}: {diff}");
+        }
+    }
+}
