@@ -4,7 +4,8 @@
 #   bash scripts/gpu-check.sh pack   # here: build huginn-gpu-check (wgpu), strip and compress it,
 #                                    # fetch the Vulkan loader; everything goes to .gpu/ (ignored)
 #   bash scripts/gpu-check.sh run    # there, with .gpu carried: unpack, then parity on every
-#                                    # reference fixture, generation at Huginn-0125's shape,
+#                                    # reference fixture, generation at Huginn-0125's shape
+#                                    # (float, then 8- and 4-bit linears),
 #                                    # training speed, and training on every GPU the machine has
 #                                    # (1, 2, …, n of them; one GPU says so); the figures go to
 #                                    # $OUT (or gpu-check/)

@@ -52,6 +52,16 @@ fn every_stage_reports_and_a_failed_one_does_not_stop_the_others() {
     assert_eq!(report["generate"]["figures"]["mean_steps_per_token"], 4.0);
     let limit = report["generate"]["limit_tokens_per_second"].as_f64().unwrap();
     assert!(limit.is_finite() && limit > 0.0);
+    // 8 and 4 bits: fewer bytes per iteration, a higher limit.
+    for bits in ["8", "4"] {
+        let quantized = &report["quantized"][bits];
+        assert_eq!(quantized["bits"], bits.parse::<u64>().unwrap(), "{quantized}");
+        assert!(
+            quantized["limit_tokens_per_second"].as_f64().unwrap() > limit,
+            "{quantized}"
+        );
+    }
+    assert!(stdout.contains("4-bit linears"), "{stdout}");
     assert!(report["train"]["result"]["tokens_per_second"].as_f64().unwrap() > 0.0);
     // The CPU backend has one device: the scaling stage trains on it and says so.
     assert_eq!(report["scale"]["devices"], 1);

@@ -54,8 +54,12 @@ struct Run {
 impl Run {
     /// A tiny model saved into a fresh folder by `save`.
     fn new(save: impl FnOnce(&Huginn, &Path)) -> (tempfile::TempDir, Self) {
+        Self::of(tiny().init(&Device::flex(), 7), save)
+    }
+
+    /// `model` saved into a fresh folder by `save`.
+    fn of(model: Huginn, save: impl FnOnce(&Huginn, &Path)) -> (tempfile::TempDir, Self) {
         let dir = tempfile::tempdir().unwrap();
-        let model = tiny().init(&Device::flex(), 7);
         save(&model, dir.path());
         let run = Self {
             dir: dir.path().to_path_buf(),
@@ -550,4 +554,107 @@ fn bad_burn_records_are_one_line_errors() {
         run.case(|| format!("non-finite at byte {at}"), FILE, &bad, Expect::ErrorOrSame);
     }
     run.finish(2000);
+}
+
+/// A quantized folder (8 and 4 bits) with its levels, scales, header and config damaged: any
+/// level or scale byte may change (a level still in range is another valid model), but never to
+/// a panic or a message of more than one line; cut or lying files and configs are errors.
+#[test]
+fn bad_quantized_folders_are_one_line_errors() {
+    const FILE: &str = "model.safetensors";
+    for (bits, seed) in [(model::Bits::Eight, 21), (model::Bits::Four, 22)] {
+        let model = tiny().init(&Device::flex(), 7).quantize(bits);
+        let (_dir, mut run) = Run::of(model, |model, dir| model.export_hf(dir, usize::MAX).unwrap());
+        let bytes = run.read(FILE);
+        let parts = Parts::of(&bytes);
+        let data_start = 8 + parts.header_len;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for (name, start, end) in parts.tensors() {
+            if !name.ends_with(".qweight") && !name.ends_with(".qscales") {
+                continue;
+            }
+            // Cut at the tensor's ends.
+            for cut in [data_start + start + 1, data_start + end - 1] {
+                run.case(
+                    || format!("{bits:?}: cut in {name} at {cut}"),
+                    FILE,
+                    &bytes[..cut],
+                    Expect::Error,
+                );
+            }
+            // Random bytes inside it.
+            for i in 0..40 {
+                let mut noisy = bytes.clone();
+                for _ in 0..rng.random_range(1..=4) {
+                    noisy[data_start + rng.random_range(start..end)] = rng.random();
+                }
+                run.case(
+                    || format!("{bits:?}: random bytes in {name} #{i}"),
+                    FILE,
+                    &noisy,
+                    Expect::NoPanic,
+                );
+            }
+            // A scale of every special kind, and a level out of range.
+            if name.ends_with(".qscales") {
+                for bad in [half::f16::NAN, half::f16::INFINITY, half::f16::from_f32(-1.0)] {
+                    let mut broken = bytes.clone();
+                    broken[data_start + start..data_start + start + 2].copy_from_slice(&bad.to_le_bytes());
+                    run.case(
+                        || format!("{bits:?}: scale {bad} in {name}"),
+                        FILE,
+                        &broken,
+                        Expect::Error,
+                    );
+                }
+            } else {
+                let mut broken = bytes.clone();
+                // -128 for 8 bits; nibble 0 (level -8) for 4 bits.
+                broken[data_start + start] = if bits == model::Bits::Eight { 0x80 } else { 0x00 };
+                run.case(
+                    || format!("{bits:?}: level out of range in {name}"),
+                    FILE,
+                    &broken,
+                    Expect::Error,
+                );
+            }
+        }
+        // Random bytes in the header.
+        for i in 0..300 {
+            let mut noisy = bytes.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                noisy[rng.random_range(0..data_start)] = rng.random();
+            }
+            run.case(
+                || format!("{bits:?}: random header bytes #{i}"),
+                FILE,
+                &noisy,
+                Expect::ErrorOrSame,
+            );
+        }
+        // The config's scheme damaged.
+        let config: Value = serde_json::from_slice(&run.read("config.json")).unwrap();
+        let edits = [
+            json!({"bits": 2, "group_size": 32, "scale_dtype": "f16"}),
+            json!({"bits": "8", "group_size": 32, "scale_dtype": "f16"}),
+            json!({"bits": 8, "group_size": 0, "scale_dtype": "f16"}),
+            json!({"bits": 8, "group_size": 32, "scale_dtype": "bf16"}),
+            json!({"bits": 8, "group_size": 32}),
+            json!({"bits": 8, "group_size": 32, "scale_dtype": "f16", "zero_point": true}),
+            json!(null),
+            json!(8),
+        ];
+        for edit in edits {
+            let mut broken = config.clone();
+            broken["quantization"] = edit.clone();
+            let text = serde_json::to_vec(&broken).unwrap();
+            run.case(
+                || format!("{bits:?}: quantization = {edit}"),
+                "config.json",
+                &text,
+                Expect::Error,
+            );
+        }
+        run.finish(400);
+    }
 }

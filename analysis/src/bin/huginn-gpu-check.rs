@@ -8,6 +8,8 @@
 //! 2. **generation speed** at Huginn-0125's shape with random weights (batch 1, r = 32, full
 //!    cache), in the first float type the device takes of bf16, f16 and f32, against the
 //!    limit set by re-reading the core's weights every iteration at `--bandwidth-gbs`;
+//!    then the same with the linear weights in 8 and in 4 bits (**quantized**), against the
+//!    limit their packed bytes set;
 //! 3. **training speed**: `--train-steps` optimizer steps of a small model (h = 256, (2, 4, 2),
 //!    r̄ = 8, k = 4, sequence 256, batch 8);
 //! 4. **scaling**: the same model trained on every device of the backend the machine has, on
@@ -33,7 +35,7 @@ use infer::fixture_report::{Summary, check_dir};
 use infer::strategy::Strategy;
 use infer::warm_start::WarmStart;
 use model::burn::module::Module;
-use model::{Backend, Huginn, HuginnConfig, Precision};
+use model::{Backend, Bits, Huginn, HuginnConfig, Precision};
 use serde_json::{Value, json};
 use train::bench::{BenchConfig, measure};
 use train::depth::DepthScheme;
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
 enum Stage {
     Parity,
     Generate,
+    Quantized,
     Train,
     Scale,
 }
@@ -95,6 +98,7 @@ impl Stage {
         match self {
             Stage::Parity => "parity",
             Stage::Generate => "generate",
+            Stage::Quantized => "quantized",
             Stage::Train => "train",
             Stage::Scale => "scale",
         }
@@ -106,7 +110,15 @@ fn run(args: Args) -> Result<()> {
     if let Some(stage) = args.stage {
         let (line, figures) = match stage {
             Stage::Parity => parity(&args)?,
-            Stage::Generate => generate(&args)?,
+            Stage::Generate => generate(&args, None)?,
+            Stage::Quantized => {
+                let (eight, eight_figures) = generate(&args, Some(Bits::Eight))?;
+                let (four, four_figures) = generate(&args, Some(Bits::Four))?;
+                (
+                    format!("{eight}\n{four}"),
+                    json!({ "8": eight_figures, "4": four_figures }),
+                )
+            }
             Stage::Train => train(&args)?,
             Stage::Scale => scale(&args)?,
         };
@@ -115,7 +127,7 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let mut stages = vec![Stage::Generate];
+    let mut stages = vec![Stage::Generate, Stage::Quantized];
     if !args.fixtures.is_empty() {
         stages.insert(0, Stage::Parity);
     }
@@ -186,8 +198,10 @@ fn parity(args: &Args) -> Result<(String, Value)> {
     Ok((line, serde_json::to_value(&summary)?))
 }
 
-/// Generation at Huginn-0125's shape, in the narrowest float type the device takes.
-fn generate(args: &Args) -> Result<(String, Value)> {
+/// Generation at Huginn-0125's shape, in the narrowest float type the device takes, with the
+/// linear weights rounded to `bits` if given (drawn in float first, then rounded one weight at
+/// a time).
+fn generate(args: &Args, bits: Option<Bits>) -> Result<(String, Value)> {
     let (device, precision) = [Precision::Bf16, Precision::F16, Precision::F32]
         .into_iter()
         .find_map(|p| args.device.device_in(p).ok().map(|d| (d, p)))
@@ -199,6 +213,10 @@ fn generate(args: &Args) -> Result<(String, Value)> {
     };
     let loading = Instant::now();
     let model = config.init_on_device(&device);
+    let model = match bits {
+        Some(bits) => model.quantize(bits),
+        None => model,
+    };
     let init_seconds = loading.elapsed().as_secs_f64();
     let bench = GenerationBench {
         batch: 1,
@@ -214,11 +232,12 @@ fn generate(args: &Args) -> Result<(String, Value)> {
         },
     };
     let figures = measure_generation(&model, &bench, None)?;
-    let limit = bandwidth_limit(&model, args.steps, float_bytes(&device), args.bandwidth_gbs);
+    let limit = bandwidth_limit(&model, args.steps, float_bytes(&device), bits, args.bandwidth_gbs);
     let line = format!(
-        "generate ({}, {:.1}M parameters, r = {}, batch 1): prefill {:.1} tok/s, decode {:.2} tok/s = {:.1}% of \
+        "generate ({}{}, {:.1}M parameters, r = {}, batch 1): prefill {:.1} tok/s, decode {:.2} tok/s = {:.1}% of \
          the {:.1} tok/s bandwidth limit, {:.3} ms per core iteration",
         precision.name(),
+        bits.map_or(String::new(), |b| format!(", {}-bit linears", b.count())),
         model.num_params() as f64 / 1e6,
         args.steps,
         figures.prefill_tokens_per_second,
@@ -228,7 +247,7 @@ fn generate(args: &Args) -> Result<(String, Value)> {
         figures.ms_per_core_iteration
     );
     let value = json!({
-        "dtype": precision.name(), "parameters": model.num_params(), "steps": args.steps,
+        "dtype": precision.name(), "bits": bits.map(|b| b.count()), "parameters": model.num_params(), "steps": args.steps,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs,
         "init_seconds": init_seconds, "figures": figures,
         "bandwidth_gbs": args.bandwidth_gbs, "limit_tokens_per_second": limit,
@@ -333,9 +352,18 @@ fn scale(args: &Args) -> Result<(String, Value)> {
 
 /// Decoded tokens per second if every byte of weights a token reads came at `bandwidth_gbs`:
 /// the core and adapter are read once per iteration, everything else once per token.
-fn bandwidth_limit(model: &Huginn, steps: usize, element_bytes: usize, bandwidth_gbs: f64) -> f64 {
+fn bandwidth_limit(model: &Huginn, steps: usize, element_bytes: usize, bits: Option<Bits>, bandwidth_gbs: f64) -> f64 {
     let core = model.core_block.num_params() + model.adapter.num_params();
     let rest = model.num_params() - core;
-    let bytes = (core * steps + rest) as f64 * element_bytes as f64;
-    bandwidth_gbs * 1e9 / bytes
+    let element = element_bytes as f64;
+    // Packed on the device: the levels' bits and an f16 scale per group of 32.
+    let core_bytes = match bits {
+        Some(bits) => {
+            let linear = model.config().core_linear_params();
+            let per_value = f64::from(bits.count()) / 8.0 + 2.0 / model::quantize::GROUP as f64;
+            linear as f64 * per_value + (core - linear) as f64 * element
+        }
+        None => core as f64 * element,
+    };
+    bandwidth_gbs * 1e9 / (core_bytes * steps as f64 + rest as f64 * element)
 }
