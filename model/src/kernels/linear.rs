@@ -11,6 +11,8 @@
 //! depend on the pool's size. Larger products, gradients and other backends keep
 //! [`super::matmul`]'s product. The lasting fix is upstream, in burn-flex's matmul.
 
+use std::ops::Range;
+
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
@@ -137,29 +139,45 @@ impl<B: Backend, C: CheckpointStrategy> SmallRowsOps for Autodiff<B, C> {}
 /// `x · w` for `x` `[rows, k]` (f32) and `w` `[k, n]`, given row-major, or as its transpose
 /// `[n, k]` row-major where `columns`: `[rows, n]`.
 fn multiply<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, columns: bool) -> Vec<f32> {
-    let rows = x.len().checked_div(k).unwrap_or(0);
+    // Column blocks a multiple of 16 columns (one AVX-512 register).
+    in_column_blocks(x.len(), k, n, 16, |range, acc| {
+        if columns {
+            block_dots(x, &w[range.start * k..range.end * k], k, acc);
+        } else {
+            block_product(x, w, k, n, range.start, acc);
+        }
+    })
+}
+
+/// A `[rows, n]` product of `rows · k` inputs (`inputs` values) computed in column blocks spread
+/// over the rayon pool: at least one per thread (two, to even out a slow core), each a multiple
+/// of `align` columns, `block(columns, acc)` filling `acc` `[rows, columns.len()]`. Waking the
+/// pool costs more than a product below [`SERIAL_MACS`], which runs on the calling thread.
+pub(super) fn in_column_blocks(
+    inputs: usize,
+    k: usize,
+    n: usize,
+    align: usize,
+    block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let rows = inputs.checked_div(k).unwrap_or(0);
     if k == 0 || n == 0 {
         return vec![0.0; rows * n];
     }
-    // Column blocks: at least one per thread (two, to even out a slow core), each a multiple of
-    // 16 columns (one AVX-512 register).
     let tasks = ((rows * k * n) / SERIAL_MACS).clamp(1, 2 * rayon::current_num_threads());
     if tasks > 1 {
         super::threads::keep_warm();
     }
-    let width = n.div_ceil(tasks).next_multiple_of(16).min(n);
+    let width = n.div_ceil(tasks).next_multiple_of(align).min(n);
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
         .into_par_iter()
         .with_max_len(1)
-        .map(|block| {
-            let range = block * width..((block + 1) * width).min(n);
+        .map(|b| {
+            let range = b * width..((b + 1) * width).min(n);
             let mut acc = vec![0f32; rows * range.len()];
-            if columns {
-                block_dots(x, &w[range.start * k..range.end * k], k, &mut acc);
-            } else {
-                block_product(x, w, k, n, range.start, &mut acc);
-            }
-            (range.start, acc)
+            let start = range.start;
+            block(range, &mut acc);
+            (start, acc)
         })
         .collect();
     let mut out = vec![0f32; rows * n];

@@ -21,11 +21,8 @@ use burn::tensor::{DType, FloatDType, Shape};
 use rayon::prelude::*;
 
 use super::flex::{runs_on_flex, tensor_of, widened_rows, widens};
-use super::linear::SMALL_ROWS;
+use super::linear::{SMALL_ROWS, in_column_blocks};
 use crate::quantize::{GROUP, groups};
-
-/// Multiply-adds below which one thread does the whole product.
-const SERIAL_MACS: usize = 1 << 16;
 
 /// `x · w` over the last dimension of `x` (`[.., k]`) with `w` a quantized `[k, n]`.
 #[backend_extension(Flex, Autodiff)]
@@ -58,13 +55,18 @@ pub fn quantized_product<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Ten
             weight.into_dispatch(),
         ));
     }
-    let dtype = match x.dtype() {
+    let dtype = float_dtype(x.dtype());
+    let weight = Tensor::<2>::from_dispatch(<Dispatch as QuantizedRowsOps>::dequantized_f32(weight.into_dispatch()));
+    super::linear::product(x, weight.cast(dtype))
+}
+
+/// The float type of activations of `dtype` (f32 for anything else).
+fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype {
         DType::BF16 => FloatDType::BF16,
         DType::F16 => FloatDType::F16,
         _ => FloatDType::F32,
-    };
-    let weight = Tensor::<2>::from_dispatch(<Dispatch as QuantizedRowsOps>::dequantized_f32(weight.into_dispatch()));
-    super::linear::product(x, weight.cast(dtype))
+    }
 }
 
 /// The operation with backend operations: the weight dequantized, one matrix product.
@@ -73,11 +75,7 @@ fn composed<B: Backend>(x: FloatTensor<B>, weight: QuantizedTensor<B>) -> FloatT
     let last = shape.num_dims() - 1;
     let (k, n) = (shape[last], weight.shape()[1]);
     let rows = shape.num_elements() / k.max(1);
-    let dtype = match x.dtype() {
-        DType::BF16 => FloatDType::BF16,
-        DType::F16 => FloatDType::F16,
-        _ => FloatDType::F32,
-    };
+    let dtype = float_dtype(x.dtype());
     let weight = B::dequantize(weight, dtype);
     let y = B::float_matmul(B::float_reshape(x, Shape::new([rows, k])), weight);
     let mut out = shape;
@@ -157,36 +155,11 @@ fn reads_in_place(weight: &FlexQTensor) -> bool {
 impl<B: Backend, C: CheckpointStrategy> QuantizedRowsOps for Autodiff<B, C> {}
 
 /// `x · w` for `x` `[rows, k]` (f32), `w` `[k, n]` given as levels with one scale per group of
-/// [`GROUP`] columns of a row: `[rows, n]`.
+/// [`GROUP`] columns of a row: `[rows, n]`, in column blocks of whole groups.
 fn multiply(x: &[f32], levels: &[i8], scales: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let rows = x.len().checked_div(k).unwrap_or(0);
-    if k == 0 || n == 0 {
-        return vec![0.0; rows * n];
-    }
-    // Column blocks of whole groups: at least two per thread, to even out a slow core.
-    let tasks = ((rows * k * n) / SERIAL_MACS).clamp(1, 2 * rayon::current_num_threads());
-    if tasks > 1 {
-        super::threads::keep_warm();
-    }
-    let width = n.div_ceil(tasks).next_multiple_of(GROUP).min(n);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
-        .into_par_iter()
-        .with_max_len(1)
-        .map(|block| {
-            let range = block * width..((block + 1) * width).min(n);
-            let mut acc = vec![0f32; rows * range.len()];
-            block_product(x, levels, scales, k, n, range.start, &mut acc);
-            (range.start, acc)
-        })
-        .collect();
-    let mut out = vec![0f32; rows * n];
-    for (start, acc) in blocks {
-        let width = acc.len() / rows;
-        for (row, values) in acc.chunks_exact(width).enumerate() {
-            out[row * n + start..row * n + start + width].copy_from_slice(values);
-        }
-    }
-    out
+    in_column_blocks(x.len(), k, n, GROUP, |range, acc| {
+        block_product(x, levels, scales, k, n, range.start, acc)
+    })
 }
 
 /// `acc[r, j] = Σ_i x[r, i] · scale[i, g(j)] · level[i, start + j]` over `i` in order, `acc`
