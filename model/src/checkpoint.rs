@@ -93,6 +93,29 @@ impl Checkpoint {
         &self.shards[shard].path
     }
 
+    /// Where `key` is stored, checked to have the `expected` shape (`dims` names the config
+    /// fields it comes from).
+    fn stored(&self, key: &str, expected: &[usize], dims: &'static str) -> Result<(&Shard, &TensorInfo), WeightsError> {
+        let Some(&shard) = self.keys.get(key) else {
+            return Err(WeightsError::MissingKey {
+                path: self.path_of(key).to_path_buf(),
+                key: key.into(),
+            });
+        };
+        let shard = &self.shards[shard];
+        let info = shard.metadata.info(key).expect("indexed key");
+        if info.shape != expected {
+            return Err(WeightsError::Shape {
+                path: shard.path.clone(),
+                key: key.into(),
+                expected: expected.to_vec(),
+                dims,
+                found: info.shape.clone(),
+            });
+        }
+        Ok((shard, info))
+    }
+
     /// Reads `key` as f32 on the host, checking its shape against `expected` (given in the
     /// stored layout; `dims` names the config fields it comes from) and that every value is finite.
     pub fn read(
@@ -102,24 +125,8 @@ impl Checkpoint {
         dims: &'static str,
         layout: Layout,
     ) -> Result<TensorData, WeightsError> {
-        let Some(&shard) = self.keys.get(key) else {
-            return Err(WeightsError::MissingKey {
-                path: self.path_of(key).to_path_buf(),
-                key: key.into(),
-            });
-        };
-        let shard = &self.shards[shard];
-        let info = shard.metadata.info(key).expect("indexed key");
+        let (shard, info) = self.stored(key, expected, dims)?;
         let path = || shard.path.clone();
-        if info.shape != expected {
-            return Err(WeightsError::Shape {
-                path: path(),
-                key: key.into(),
-                expected: expected.to_vec(),
-                dims,
-                found: info.shape.clone(),
-            });
-        }
         let mut values = to_f32(shard.bytes(info), info.dtype).ok_or_else(|| WeightsError::Dtype {
             path: path(),
             key: key.into(),
@@ -150,23 +157,7 @@ impl Checkpoint {
         dims: &'static str,
         dtype: Dtype,
     ) -> Result<Vec<u8>, WeightsError> {
-        let Some(&shard) = self.keys.get(key) else {
-            return Err(WeightsError::MissingKey {
-                path: self.path_of(key).to_path_buf(),
-                key: key.into(),
-            });
-        };
-        let shard = &self.shards[shard];
-        let info = shard.metadata.info(key).expect("indexed key");
-        if info.shape != expected {
-            return Err(WeightsError::Shape {
-                path: shard.path.clone(),
-                key: key.into(),
-                expected: expected.to_vec(),
-                dims,
-                found: info.shape.clone(),
-            });
-        }
+        let (shard, info) = self.stored(key, expected, dims)?;
         if info.dtype != dtype {
             return Err(WeightsError::Quantized {
                 path: shard.path.clone(),

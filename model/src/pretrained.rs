@@ -232,16 +232,12 @@ impl Huginn {
                 Some(matrix) => {
                     let base = key.strip_suffix(".weight").expect("a linear's key ends in .weight");
                     let (levels, shape) = matrix.stored_levels();
-                    let dtype = match matrix.bits {
-                        Bits::Eight => Dtype::I8,
-                        Bits::Four => Dtype::U8,
-                    };
                     entries.insert(
                         format!("{base}.{QUANTIZED_SUFFIX}"),
                         Entry {
                             shape,
                             bytes: levels,
-                            dtype,
+                            dtype: levels_dtype(matrix.bits),
                         },
                     );
                     entries.insert(
@@ -364,6 +360,14 @@ impl ParamRef<'_> {
     }
 }
 
+/// How a folder stores levels of `bits` ([`QuantizedMatrix::stored_levels`]).
+fn levels_dtype(bits: Bits) -> Dtype {
+    match bits {
+        Bits::Eight => Dtype::I8,
+        Bits::Four => Dtype::U8,
+    }
+}
+
 /// The levels and scales of the linear `base` in a quantized folder, checked, as a quantized
 /// `[in, out]` tensor on `device`.
 fn read_quantized(
@@ -374,11 +378,13 @@ fn read_quantized(
     device: &Device,
 ) -> Result<Tensor<2>, WeightsError> {
     let key = format!("{base}.{QUANTIZED_SUFFIX}");
-    let (shape, dtype) = match bits {
-        Bits::Eight => (QuantizedMatrix::stored_shape(bits, inp, out), Dtype::I8),
-        Bits::Four => (QuantizedMatrix::stored_shape(bits, inp, out), Dtype::U8),
-    };
-    let levels = ckpt.raw(&key, &shape, "the linear's [in, out], out halved for 4 bits", dtype)?;
+    let shape = QuantizedMatrix::stored_shape(bits, inp, out);
+    let levels = ckpt.raw(
+        &key,
+        &shape,
+        "the linear's [in, out], out halved for 4 bits",
+        levels_dtype(bits),
+    )?;
     let scales_key = format!("{base}.{SCALES_SUFFIX}");
     let scales = ckpt.raw(
         &scales_key,
