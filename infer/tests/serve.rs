@@ -1872,6 +1872,38 @@ async fn metrics_count_what_clients_were_sent() {
     assert!(value("huginn_prompt_tokens_total") >= 3.0);
 }
 
+/// A request the engine runs whole between steps (a scoring batch, the wavefront sampler) is
+/// out of the running count before its client has the answer: a scrape right after never sees
+/// it still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_run_whole_are_not_running_once_answered() {
+    let dir = folder(DEFAULT_IDS);
+    let (url, _app) = start(dir.path(), limits(), None).await;
+    let client = Client::new();
+    let scoring = json!({"prompt": "Hello there", "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": true});
+    let wavefront = json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "sampler": "diffusion",
+                           "diffusion": {"headway": 2}});
+    for body in [&scoring, &wavefront].repeat(4) {
+        let response = client
+            .post(format!("{url}/v1/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let _: Value = response.json().await.unwrap();
+        let text = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.lines().any(|l| l == "huginn_requests_running 0"), "{body}\n{text}");
+    }
+}
+
 /// Scoring asks that cannot be met are refused by name, before any work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoring_requests_out_of_range_are_refused_by_name() {

@@ -453,7 +453,12 @@ impl Worker {
                 self.shared
                     .running
                     .store(running.len() + batch.len(), Ordering::Release);
-                guarded(&batch, |batch| self.decode_alone(batch));
+                let last = guarded(&batch, |batch| self.decode_alone(batch));
+                // A client holding its answer must not scrape itself as still running.
+                self.publish(running);
+                for (job, event) in batch.iter().zip(last) {
+                    let _ = job.events.send(event);
+                }
                 continue;
             }
             let needed = self.per_position.row(first);
@@ -543,12 +548,13 @@ impl Worker {
         batch
     }
 
-    /// A scoring batch, or one request through the wavefront sampler.
-    fn decode_alone(&self, batch: &[Job]) {
+    /// A scoring batch, or one request through the wavefront sampler; each job's last event
+    /// (`Done` or `Failed`), which the caller sends once the job no longer counts as running.
+    fn decode_alone(&self, batch: &[Job]) -> Vec<Event> {
         if let [job] = batch
             && let Some(config) = &job.diffusion
         {
-            return self.decode_diffusion(job, config);
+            return vec![self.decode_diffusion(job, config)];
         }
         self.score(batch)
     }
@@ -559,71 +565,72 @@ impl Worker {
     /// asked for one, from the prediction after its prompt (as generation draws its first).
     /// At a fixed depth from a cold start the prompts go through one padded pass; otherwise
     /// each is fed token by token with its own exits and warm starts.
-    fn score(&self, batch: &[Job]) {
-        let top = |job: &Job| job.scoring.map_or(0, |s| s.top);
+    fn score(&self, batch: &[Job]) -> Vec<Event> {
         let results = self.score_prompts(batch);
-        for (job, result) in batch.iter().zip(results) {
-            let mut scores = match result {
-                Ok(scores) => scores,
-                Err(reason) => {
-                    let _ = job.events.send(Event::Failed(reason));
-                    continue;
-                }
-            };
-            if job.scoring.is_some_and(|s| s.prompt) {
-                for token in &mut scores.tokens {
-                    token.top.truncate(top(job));
-                }
-                let _ = job.events.send(Event::Scored { prompt: scores.tokens });
+        batch
+            .iter()
+            .zip(results)
+            .map(|(job, result)| match result {
+                Ok(scores) => self.answer(job, scores),
+                Err(reason) => Event::Failed(reason),
+            })
+            .collect()
+    }
+
+    /// Sends `job`'s prompt scores and its answer token, if it asked for them, and returns its
+    /// last event.
+    fn answer(&self, job: &Job, mut scores: Scores) -> Event {
+        let top = |job: &Job| job.scoring.map_or(0, |s| s.top);
+        if job.scoring.is_some_and(|s| s.prompt) {
+            for token in &mut scores.tokens {
+                token.top.truncate(top(job));
             }
-            let mut steps_per_token = Vec::new();
-            let mut finish = Finish::Length;
-            let mut tail = String::new();
-            if job.row.max_new > 0 {
-                let decoding = &job.row.decoding;
-                let token = Sampler::new(decoding.sampling).sample(&scores.next.logits, &job.row.prompt);
-                let score = scores.next.score(token, top(job));
-                self.shared.generated.fetch_add(1, Ordering::AcqRel);
-                if decoding.stop_tokens.contains(&token) || self.folder.stop_tokens.contains(&token) {
-                    finish = Finish::Stop;
-                }
-                // The token's text as generation gives it: through the stop strings, an
-                // unfinished character shown as such.
-                let text = match &self.folder.tokenizer {
-                    Some(tokenizer) => {
-                        let stops = self.folder.stop_strings.iter().chain(&job.stop_strings).cloned();
-                        let mut stream = TextStream::new(tokenizer, stops);
-                        let pushed = stream.push(token);
-                        match pushed.and_then(|released| Ok((released, stream.finish()?))) {
-                            Ok((released, rest)) => {
-                                if released.stopped {
-                                    finish = Finish::Stop;
-                                }
-                                tail = rest;
-                                released.text
+            let _ = job.events.send(Event::Scored { prompt: scores.tokens });
+        }
+        let mut steps_per_token = Vec::new();
+        let mut finish = Finish::Length;
+        let mut tail = String::new();
+        if job.row.max_new > 0 {
+            let decoding = &job.row.decoding;
+            let token = Sampler::new(decoding.sampling).sample(&scores.next.logits, &job.row.prompt);
+            let score = scores.next.score(token, top(job));
+            self.shared.generated.fetch_add(1, Ordering::AcqRel);
+            if decoding.stop_tokens.contains(&token) || self.folder.stop_tokens.contains(&token) {
+                finish = Finish::Stop;
+            }
+            // The token's text as generation gives it: through the stop strings, an
+            // unfinished character shown as such.
+            let text = match &self.folder.tokenizer {
+                Some(tokenizer) => {
+                    let stops = self.folder.stop_strings.iter().chain(&job.stop_strings).cloned();
+                    let mut stream = TextStream::new(tokenizer, stops);
+                    let pushed = stream.push(token);
+                    match pushed.and_then(|released| Ok((released, stream.finish()?))) {
+                        Ok((released, rest)) => {
+                            if released.stopped {
+                                finish = Finish::Stop;
                             }
-                            Err(e) => {
-                                let _ = job.events.send(Event::Failed(e.to_string()));
-                                continue;
-                            }
+                            tail = rest;
+                            released.text
                         }
+                        Err(e) => return Event::Failed(e.to_string()),
                     }
-                    None => token.to_string(),
-                };
-                steps_per_token.push(score.steps);
-                let steps = score.steps;
-                let _ = job.events.send(Event::Token {
-                    id: token,
-                    text,
-                    steps,
-                    score: Some(score),
-                });
-            }
-            let _ = job.events.send(Event::Done {
-                finish,
-                tail,
-                steps_per_token,
+                }
+                None => token.to_string(),
+            };
+            steps_per_token.push(score.steps);
+            let steps = score.steps;
+            let _ = job.events.send(Event::Token {
+                id: token,
+                text,
+                steps,
+                score: Some(score),
             });
+        }
+        Event::Done {
+            finish,
+            tail,
+            steps_per_token,
         }
     }
 
@@ -662,7 +669,7 @@ impl Worker {
     /// stream as they freeze, each reported with the wave's core steps. A wave can freeze
     /// nothing, so the client's leaving and a cancellation are checked after every wave, not
     /// only when a token is sent.
-    fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) {
+    fn decode_diffusion(&self, job: &Job, config: &DiffusionConfig) -> Event {
         let folder = &self.folder;
         let mut decoding = job.row.decoding.clone();
         for &id in &folder.stop_tokens {
@@ -729,17 +736,14 @@ impl Worker {
                 ControlFlow::Continue(())
             }
         });
-        let event = match (result, failed) {
+        match (result, failed) {
             (Err(e), _) => Event::Failed(e.to_string()),
             (Ok(_), Some(reason)) => Event::Failed(reason),
             (Ok(generation), None) => {
                 let tail = match &mut text {
                     Some(stream) => match stream.finish() {
                         Ok(tail) => tail,
-                        Err(e) => {
-                            let _ = job.events.send(Event::Failed(e.to_string()));
-                            return;
-                        }
+                        Err(e) => return Event::Failed(e.to_string()),
                     },
                     None => String::new(),
                 };
@@ -757,24 +761,20 @@ impl Worker {
                     steps_per_token: steps,
                 }
             }
-        };
-        let _ = job.events.send(event);
+        }
     }
 }
 
 /// Runs `decode` on `batch`. A panic in it (a bug, a device fault) fails that batch's requests
 /// and is logged, and the engine goes on with the next batch. A request that had already ended
 /// has stopped listening, so its extra event is harmless.
-fn guarded(batch: &[Job], decode: impl FnOnce(&[Job])) {
-    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| decode(batch))) {
+fn guarded(batch: &[Job], decode: impl FnOnce(&[Job]) -> Vec<Event>) -> Vec<Event> {
+    catch_unwind(AssertUnwindSafe(|| decode(batch))).unwrap_or_else(|panic| {
         let reason = panic_message(panic.as_ref());
         tracing::error!("decoding a batch of {} panicked: {reason}", batch.len());
-        for job in batch {
-            let _ = job
-                .events
-                .send(Event::Failed(format!("the engine failed on this request: {reason}")));
-        }
-    }
+        let failed = || Event::Failed(format!("the engine failed on this request: {reason}"));
+        batch.iter().map(|_| failed()).collect()
+    })
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -831,16 +831,22 @@ mod tests {
 
     #[test]
     fn a_panic_while_decoding_fails_that_batch_only() {
-        let (batch, mut receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| job()).unzip();
-        guarded(&batch, |_| panic!("the device is lost"));
-        for receiver in &mut receivers {
-            match receiver.try_recv() {
-                Ok(Event::Failed(reason)) => assert!(reason.contains("the device is lost"), "{reason}"),
+        let (batch, _receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| job()).unzip();
+        let last = guarded(&batch, |_| panic!("the device is lost"));
+        assert_eq!(last.len(), batch.len());
+        for event in last {
+            match event {
+                Event::Failed(reason) => assert!(reason.contains("the device is lost"), "{reason}"),
                 other => panic!("{other:?}"),
             }
         }
-        guarded(&batch, |_| {});
-        assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
+        let done = || Event::Done {
+            finish: Finish::Length,
+            tail: String::new(),
+            steps_per_token: vec![],
+        };
+        let last = guarded(&batch, |batch| batch.iter().map(|_| done()).collect());
+        assert!(last.iter().all(|e| matches!(e, Event::Done { .. })));
     }
 
     #[test]
