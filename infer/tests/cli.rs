@@ -890,3 +890,50 @@ fn quantize_writes_a_folder_that_generates_what_rounding_at_load_generates() {
     assert!(!bad.status.success() && stderr.contains("3-bit"), "{stderr}");
     assert!(!work.path().join("y").exists());
 }
+
+/// A `quantize` run killed while writing (a real process, SIGKILLed at the moment its folder
+/// is complete but not yet renamed) leaves no OUT, only its temporary folder beside it; the
+/// next run into that OUT writes it and removes what the killed run left, but not the folder
+/// of a run still alive.
+#[cfg(target_os = "linux")]
+#[test]
+fn quantize_killed_while_writing_leaves_no_output_and_the_next_run_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    let dir = common::folder(common::DEFAULT_IDS);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("q");
+    let args = [
+        "quantize",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--bits",
+        "8",
+    ];
+    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args(args)
+        .env("HUGINN_PAUSE_AT", "quantize-before-rename")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(killed.stderr.take().unwrap());
+    let paused = stderr.lines().map_while(Result::ok).any(|l| l.contains("paused at"));
+    assert!(paused, "the run reached its pause point");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let abandoned = work.path().join(format!(".q.partial-{}", killed.id()));
+    assert!(
+        abandoned.join("config.json").exists(),
+        "the killed run wrote its temporary folder"
+    );
+    assert!(!out.exists(), "no OUT from a killed run");
+
+    let alive = work.path().join(format!(".q.partial-{}", std::process::id()));
+    std::fs::create_dir(&alive).unwrap();
+    let made = huginn(&args);
+    assert!(made.status.success(), "{:?}", text(&made));
+    assert!(out.join("config.json").exists());
+    assert!(!abandoned.exists(), "the killed run's folder is removed");
+    assert!(alive.exists(), "a live process's folder is kept");
+}

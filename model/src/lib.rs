@@ -45,6 +45,7 @@ pub mod init;
 pub mod kernels;
 pub mod mlp;
 pub mod norm;
+pub mod pause;
 pub mod pretrained;
 pub mod quantize;
 pub mod rope;

@@ -29,7 +29,7 @@ use burn::prelude::*;
 use model::{Huginn, HuginnConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::pause::pause_point;
+use model::pause::pause_point;
 
 /// Where a run stands, saved with each checkpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -36,7 +36,6 @@ pub mod metrics;
 pub mod monitor;
 pub mod optim;
 pub mod optim_update;
-pub mod pause;
 pub mod pointers;
 pub mod rng;
 pub mod run;

@@ -311,7 +311,7 @@ impl MetricsLog {
         let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
         self.jsonl.write_all(format!("{line}\n").as_bytes())?;
         self.jsonl.flush()?;
-        crate::pause::pause_point("metrics-between-files");
+        model::pause::pause_point("metrics-between-files");
         self.csv.write_record(csv_row(record)).map_err(std::io::Error::other)?;
         self.csv.flush()
     }

@@ -776,7 +776,7 @@ impl Trainer {
         }
         self.config.copy_init_text_files(&partial)?;
         checkpoint::sync_folder(&partial)?;
-        crate::pause::pause_point("final-before-rename");
+        model::pause::pause_point("final-before-rename");
         if dir.exists() {
             std::fs::rename(&dir, &replaced).map_err(io_error(&dir))?;
         }

@@ -801,7 +801,9 @@ fn quantize_folder(spec: &std::path::Path, out: &std::path::Path, bits: Bits) ->
     let name = out
         .file_name()
         .with_context(|| format!("{} names no folder", out.display()))?;
-    let partial = out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let prefix = format!(".{}.partial-", name.to_string_lossy());
+    remove_abandoned(out, &prefix);
+    let partial = out.with_file_name(format!("{prefix}{}", std::process::id()));
     let written = (|| -> Result<()> {
         model.export_hf(&partial, QUANTIZED_SHARD_BYTES)?;
         for file in [
@@ -814,6 +816,7 @@ fn quantize_folder(spec: &std::path::Path, out: &std::path::Path, bits: Bits) ->
                 std::fs::copy(dir.join(file), partial.join(file)).with_context(|| format!("copying {file}"))?;
             }
         }
+        model::pause::pause_point("quantize-before-rename");
         if out.exists() {
             std::fs::remove_dir(out).with_context(|| format!("replacing the empty {}", out.display()))?;
         }
@@ -823,6 +826,42 @@ fn quantize_folder(spec: &std::path::Path, out: &std::path::Path, bits: Bits) ->
         let _ = std::fs::remove_dir_all(&partial);
     }
     written
+}
+
+/// Removes the temporary folders that earlier `quantize` runs into the same `out` left when
+/// they were killed: those named `PREFIX<pid>` whose process is gone. A run still writing
+/// keeps its folder. Only where a process can be looked up by id (Linux's `/proc`).
+fn remove_abandoned(out: &std::path::Path, prefix: &str) {
+    let proc = std::path::Path::new("/proc/self");
+    let (Some(parent), true) = (out.parent(), proc.exists()) else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left by a quantize run that was stopped",
+                    entry.path().display()
+                ),
+                Err(e) => tracing::warn!("could not remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
 }
 
 /// Shards of a quantized folder: as Hugging Face's default, 5 GB.

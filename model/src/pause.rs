@@ -1,7 +1,7 @@
 //! Named moments where a run can be made to wait to be killed, for the fault-injection tests:
 //! with `HUGINN_PAUSE_AT=POINT` (or `POINT:N`, the N-th time it is reached) the process says
 //! `paused at POINT` on stderr and waits, so a test can SIGKILL a real run at that exact moment
-//! of a checkpoint write, a pruning or a log write. The variable is read once; unset, a point
+//! of a checkpoint write, a pruning, a log write or a quantized folder's write. The variable is read once; unset, a point
 //! costs a load of that answer.
 
 use std::sync::OnceLock;
