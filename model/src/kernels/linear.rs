@@ -5,10 +5,10 @@
 //! every product of batch-1 decoding: one core streams the weights while the other idles. bf16
 //! weights fare worse still, as burn-flex widens both operands to f32 copies on every call (and
 //! the tied head's `wteᵀ`, a transposed view, was first copied whole, every token). Here a
-//! product of up to [`SMALL_ROWS`] rows reads the weight matrix once where it lies, in column
-//! blocks spread over the rayon pool, widening bf16 on the fly (half the bytes of f32 to
-//! stream). Each output's sum has a fixed order, whichever thread computes it, so results do not
-//! depend on the pool's size. Larger products, gradients and other backends keep
+//! product of up to [`SMALL_ROWS`] rows reads the weight matrix once where it lies, in blocks
+//! spread over the rayon pool ([`in_blocks`]), widening bf16 on the fly (half the bytes of f32
+//! to stream). Each output's sum has one order, fixed by the weight's shape, whichever thread
+//! computes it, so results depend neither on the other rows nor on the pool's size. Larger products, gradients and other backends keep
 //! [`super::matmul`]'s product. The lasting fix is upstream, in burn-flex's matmul.
 
 use std::ops::Range;
@@ -139,52 +139,90 @@ impl<B: Backend, C: CheckpointStrategy> SmallRowsOps for Autodiff<B, C> {}
 /// `x · w` for `x` `[rows, k]` (f32) and `w` `[k, n]`, given row-major, or as its transpose
 /// `[n, k]` row-major where `columns`: `[rows, n]`.
 fn multiply<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, columns: bool) -> Vec<f32> {
+    if columns {
+        // Each column is one contiguous dot product: column blocks alone read it in long runs.
+        return in_blocks(x.len(), k, n, 16, 0, |cols, _, acc| {
+            block_dots(x, &w[cols.start * k..cols.end * k], k, acc)
+        });
+    }
     // Column blocks a multiple of 16 columns (one AVX-512 register).
-    in_column_blocks(x.len(), k, n, 16, |range, acc| {
-        if columns {
-            block_dots(x, &w[range.start * k..range.end * k], k, acc);
-        } else {
-            block_product(x, w, k, n, range.start, acc);
-        }
+    in_blocks(x.len(), k, n, 16, size_of::<W>(), |cols, channels, acc| {
+        block_product(x, w, k, n, cols.start, channels, acc)
     })
 }
 
-/// A `[rows, n]` product of `rows · k` inputs (`inputs` values) computed in column blocks spread
-/// over the rayon pool: at least one per thread (two, to even out a slow core), each a multiple
-/// of `align` columns, `block(columns, acc)` filling `acc` `[rows, columns.len()]`. Waking the
-/// pool costs more than a product below [`SERIAL_MACS`], which runs on the calling thread.
-pub(super) fn in_column_blocks(
+/// Weight bytes a part of the input channels holds at least (see [`in_blocks`]): enough that
+/// its partial sums (a `[rows, n]` of f32) are small beside the weights it reads.
+const PART_BYTES: usize = 1 << 20;
+
+/// Most bytes the parts' partial sums take together at [`SMALL_ROWS`] rows.
+const PARTIAL_BYTES: usize = 4 << 20;
+
+/// Most columns of a block: its accumulator at [`SMALL_ROWS`] rows (256 KiB) stays in a core's
+/// L2 cache, which the kernels read and write once per four input channels.
+const BLOCK_COLUMNS: usize = 8192;
+
+/// A `[rows, n]` product of `rows · k` inputs (`inputs` values) with a `[k, n]` row-major weight
+/// of `weight_bytes` per element (0 for one read by columns), computed in blocks spread over the
+/// rayon pool: `block(columns, channels, acc)` fills `acc` `[rows, columns.len()]` with the sums
+/// over `channels` (a multiple of four long, but the last), `columns` a multiple of `align`
+/// wide (but the last).
+///
+/// A weight row is read in runs of a block's width. Split into one block per thread, a few
+/// thousand columns make runs of a page or less, too short for the CPU's stream prefetchers,
+/// and reading them ran at a third to half of the memory's speed (a `[5280, 5280]` of 8-bit
+/// levels: 7-9 GB/s). So a large weight is also split along its input channels into parts,
+/// each as few blocks as the accumulators allow, which read whole rows back to back (16-20
+/// GB/s); the parts' sums are added in order. The parts depend on the weight's shape only:
+/// every output's sum has one order, whatever the rows beside it or the pool's size. Waking
+/// the pool costs more than a product below [`SERIAL_MACS`], which runs on the calling thread.
+pub(super) fn in_blocks(
     inputs: usize,
     k: usize,
     n: usize,
     align: usize,
-    block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    weight_bytes: usize,
+    block: impl Fn(Range<usize>, Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let rows = inputs.checked_div(k).unwrap_or(0);
     if k == 0 || n == 0 {
         return vec![0.0; rows * n];
     }
+    let by_size = (k * n * weight_bytes / PART_BYTES).max(1);
+    let by_partials = (PARTIAL_BYTES / (SMALL_ROWS * n * size_of::<f32>())).max(1);
+    let per_part = k.div_ceil(by_size.min(by_partials)).next_multiple_of(4);
+    let parts = k.div_ceil(per_part);
     let tasks = ((rows * k * n) / SERIAL_MACS).clamp(1, 2 * rayon::current_num_threads());
     if tasks > 1 {
         super::threads::keep_warm();
     }
-    let width = n.div_ceil(tasks).next_multiple_of(align).min(n);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
+    let column_blocks = n.div_ceil(BLOCK_COLUMNS).max(tasks.div_ceil(parts));
+    let width = n.div_ceil(column_blocks).next_multiple_of(align).min(n);
+    let blocks = n.div_ceil(width);
+    let sums: Vec<(usize, Vec<f32>)> = (0..parts * blocks)
         .into_par_iter()
         .with_max_len(1)
-        .map(|b| {
-            let range = b * width..((b + 1) * width).min(n);
-            let mut acc = vec![0f32; rows * range.len()];
-            let start = range.start;
-            block(range, &mut acc);
+        .map(|task| {
+            let (part, b) = (task / blocks, task % blocks);
+            let columns = b * width..((b + 1) * width).min(n);
+            let channels = part * per_part..((part + 1) * per_part).min(k);
+            let mut acc = vec![0f32; rows * columns.len()];
+            let start = columns.start;
+            block(columns, channels, &mut acc);
             (start, acc)
         })
         .collect();
+    // In task order: part by part, so each output adds its parts' sums in channel order.
     let mut out = vec![0f32; rows * n];
-    for (start, acc) in blocks {
+    for (task, (start, acc)) in sums.into_iter().enumerate() {
         let width = acc.len() / rows;
         for (row, values) in acc.chunks_exact(width).enumerate() {
-            out[row * n + start..row * n + start + width].copy_from_slice(values);
+            let out = &mut out[row * n + start..row * n + start + width];
+            if task < blocks {
+                out.copy_from_slice(values);
+            } else {
+                out.iter_mut().zip(values).for_each(|(o, v)| *o += v);
+            }
         }
     }
     out
@@ -206,33 +244,57 @@ fn block_dots<W: Widen>(x: &[f32], w: &[W], k: usize, acc: &mut [f32]) {
     )
 }
 
-/// `acc[r, j] = Σ_i x[r, i] · w[i, start + j]` over `i` in order, `acc` `[rows, width]`; the
-/// widest SIMD the CPU has, chosen at run time.
-fn block_product<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, start: usize, acc: &mut [f32]) {
+/// `acc[r, j] = Σ_i x[r, i] · w[i, start + j]` over `i` in `channels`, in order, `acc`
+/// `[rows, width]`; the widest SIMD the CPU has, chosen at run time.
+fn block_product<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    n: usize,
+    start: usize,
+    channels: Range<usize>,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { block_product_avx512(x, w, k, n, start, acc) };
+            return unsafe { block_product_avx512(x, w, k, n, start, channels, acc) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { block_product_avx2(x, w, k, n, start, acc) };
+            return unsafe { block_product_avx2(x, w, k, n, start, channels, acc) };
         }
     }
-    block_product_with::<W, false>(x, w, k, n, start, acc)
+    block_product_with::<W, false>(x, w, k, n, start, channels, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn block_product_avx512<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, start: usize, acc: &mut [f32]) {
-    block_product_with::<W, true>(x, w, k, n, start, acc)
+unsafe fn block_product_avx512<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    n: usize,
+    start: usize,
+    channels: Range<usize>,
+    acc: &mut [f32],
+) {
+    block_product_with::<W, true>(x, w, k, n, start, channels, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_product_avx2<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, start: usize, acc: &mut [f32]) {
-    block_product_with::<W, true>(x, w, k, n, start, acc)
+unsafe fn block_product_avx2<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    n: usize,
+    start: usize,
+    channels: Range<usize>,
+    acc: &mut [f32],
+) {
+    block_product_with::<W, true>(x, w, k, n, start, channels, acc)
 }
 
 /// The loop the SIMD variants compile: four input channels at a time, each output adding its
@@ -246,6 +308,7 @@ fn block_product_with<W: Widen, const FMA: bool>(
     k: usize,
     n: usize,
     start: usize,
+    channels: Range<usize>,
     acc: &mut [f32],
 ) {
     let madd = |v: W, scale: f32, a: f32| {
@@ -258,8 +321,8 @@ fn block_product_with<W: Widen, const FMA: bool>(
     let rows = x.len() / k;
     let width = acc.len() / rows;
     let weights = |i: usize| &w[i * n + start..i * n + start + width];
-    let mut i = 0;
-    while i + 4 <= k {
+    let mut i = channels.start;
+    while i + 4 <= channels.end {
         let (w0, w1, w2, w3) = (weights(i), weights(i + 1), weights(i + 2), weights(i + 3));
         for (row, out) in acc.chunks_exact_mut(width).enumerate() {
             let s = &x[row * k + i..row * k + i + 4];
@@ -272,7 +335,7 @@ fn block_product_with<W: Widen, const FMA: bool>(
         }
         i += 4;
     }
-    for i in i..k {
+    for i in i..channels.end {
         let w0 = weights(i);
         for (row, out) in acc.chunks_exact_mut(width).enumerate() {
             let scale = x[row * k + i];
@@ -299,8 +362,9 @@ mod tests {
     #[test]
     fn matches_the_matrix_product_for_every_small_shape() {
         let device = Device::flex();
-        // Widths that are not multiples of a SIMD register, one block and many blocks.
-        for (k, n) in [(1, 1), (5, 7), (64, 33), (256, 768), (300, 1408)] {
+        // Widths that are not multiples of a SIMD register, one block and many blocks; the
+        // input channels in parts (the last not a multiple of four), and columns in blocks too.
+        for (k, n) in [(1, 1), (5, 7), (64, 33), (256, 768), (300, 1408), (1030, 600), (262, 9000)] {
             let layer = LinearConfig::new(k, n).with_bias(true).init(&device);
             for rows in [1, 2, 3, SMALL_ROWS] {
                 let x = Tensor::<3>::random([1, rows, k], Distribution::Normal(0.0, 1.0), &device);
@@ -375,6 +439,7 @@ mod tests {
             (256, 704, false),
             (704, 256, false),
             (512, 1536, false),
+            (1030, 600, false),
             (256, 2048, true),
         ];
         for (k, n, transposed) in shapes {

@@ -4,11 +4,13 @@
 //! burn-flex 0.22 multiplies by a quantized tensor by dequantizing all of it to a float copy
 //! first, on every call: a decoding step would write and read a float matrix per projection,
 //! more bytes than the float weight it replaces. Here a product of up to
-//! [`SMALL_ROWS`] rows streams the `i8` levels once, in column blocks over the rayon pool, each
-//! group of 32 levels scaled by `x · scale` and widened on the fly. Each output's sum runs over
-//! the input channels in order, whichever thread computes it, so a row's result does not depend
-//! on the rows beside it. Larger products (prompts) dequantize once and use the float product;
+//! [`SMALL_ROWS`] rows streams the `i8` levels once, in blocks over the rayon pool (see
+//! [`in_blocks`]), each group of 32 levels scaled by `x · scale` and widened on the fly. Each
+//! output's sum has one order, fixed by the weight's shape, whichever thread computes it, so a
+//! row's result does not depend on the rows beside it. Larger products (prompts) dequantize once and use the float product;
 //! other backends use Burn's quantized product.
+
+use std::ops::Range;
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -21,7 +23,7 @@ use burn::tensor::{DType, FloatDType, Shape};
 use rayon::prelude::*;
 
 use super::flex::{runs_on_flex, tensor_of, widened_rows, widens};
-use super::linear::{SMALL_ROWS, in_column_blocks};
+use super::linear::{SMALL_ROWS, in_blocks};
 use crate::quantize::{GROUP, groups};
 
 /// `x · w` over the last dimension of `x` (`[.., k]`) with `w` a quantized `[k, n]`.
@@ -157,54 +159,49 @@ impl<B: Backend, C: CheckpointStrategy> QuantizedRowsOps for Autodiff<B, C> {}
 /// `x · w` for `x` `[rows, k]` (f32), `w` `[k, n]` given as levels with one scale per group of
 /// [`GROUP`] columns of a row: `[rows, n]`, in column blocks of whole groups.
 fn multiply(x: &[f32], levels: &[i8], scales: &[f32], k: usize, n: usize) -> Vec<f32> {
-    in_column_blocks(x.len(), k, n, GROUP, |range, acc| {
-        block_product(x, levels, scales, k, n, range.start, acc)
+    let weight = Levels { levels, scales, k, n };
+    in_blocks(x.len(), k, n, GROUP, size_of::<i8>(), |columns, channels, acc| {
+        block_product(x, &weight, columns.start, channels, acc)
     })
 }
 
-/// `acc[r, j] = Σ_i x[r, i] · scale[i, g(j)] · level[i, start + j]` over `i` in order, `acc`
-/// `[rows, width]` with `start` a group boundary; the widest SIMD the CPU has, chosen at run time.
-fn block_product(x: &[f32], levels: &[i8], scales: &[f32], k: usize, n: usize, start: usize, acc: &mut [f32]) {
+/// A `[k, n]` weight's `i8` levels, row-major, with one scale per group of [`GROUP`] columns of
+/// a row.
+struct Levels<'a> {
+    levels: &'a [i8],
+    scales: &'a [f32],
+    k: usize,
+    n: usize,
+}
+
+/// `acc[r, j] = Σ_i x[r, i] · scale[i, g(j)] · level[i, start + j]` over `i` in `channels`, in
+/// order, `acc` `[rows, width]` with `start` a group boundary; the widest SIMD the CPU has,
+/// chosen at run time.
+fn block_product(x: &[f32], weight: &Levels<'_>, start: usize, channels: Range<usize>, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { block_product_avx512(x, levels, scales, k, n, start, acc) };
+            return unsafe { block_product_avx512(x, weight, start, channels, acc) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { block_product_avx2(x, levels, scales, k, n, start, acc) };
+            return unsafe { block_product_avx2(x, weight, start, channels, acc) };
         }
     }
-    block_product_with::<false>(x, levels, scales, k, n, start, acc)
+    block_product_with::<false>(x, weight, start, channels, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn block_product_avx512(
-    x: &[f32],
-    levels: &[i8],
-    scales: &[f32],
-    k: usize,
-    n: usize,
-    start: usize,
-    acc: &mut [f32],
-) {
-    block_product_with::<true>(x, levels, scales, k, n, start, acc)
+unsafe fn block_product_avx512(x: &[f32], weight: &Levels<'_>, start: usize, channels: Range<usize>, acc: &mut [f32]) {
+    block_product_with::<true>(x, weight, start, channels, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_product_avx2(
-    x: &[f32],
-    levels: &[i8],
-    scales: &[f32],
-    k: usize,
-    n: usize,
-    start: usize,
-    acc: &mut [f32],
-) {
-    block_product_with::<true>(x, levels, scales, k, n, start, acc)
+unsafe fn block_product_avx2(x: &[f32], weight: &Levels<'_>, start: usize, channels: Range<usize>, acc: &mut [f32]) {
+    block_product_with::<true>(x, weight, start, channels, acc)
 }
 
 /// The loop the SIMD variants compile: four input channels at a time, each group of 32 outputs
@@ -213,13 +210,12 @@ unsafe fn block_product_avx2(
 #[inline(always)]
 fn block_product_with<const FMA: bool>(
     x: &[f32],
-    levels: &[i8],
-    scales: &[f32],
-    k: usize,
-    n: usize,
+    weight: &Levels<'_>,
     start: usize,
+    channels: Range<usize>,
     acc: &mut [f32],
 ) {
+    let &Levels { levels, scales, k, n } = weight;
     let madd = |q: i8, a: f32, sum: f32| {
         if FMA {
             f32::from(q).mul_add(a, sum)
@@ -237,8 +233,8 @@ fn block_product_with<const FMA: bool>(
     // then read as a broadcast by the group loop.
     let spans = width.div_ceil(GROUP);
     let mut factors = vec![0f32; 4 * spans];
-    let mut i = 0;
-    while i + 4 <= k {
+    let mut i = channels.start;
+    while i + 4 <= channels.end {
         let (l0, l1, l2, l3) = (row_levels(i), row_levels(i + 1), row_levels(i + 2), row_levels(i + 3));
         let scales = [row_scales(i), row_scales(i + 1), row_scales(i + 2), row_scales(i + 3)];
         for (row, out) in acc.chunks_exact_mut(width).enumerate() {
@@ -279,7 +275,7 @@ fn block_product_with<const FMA: bool>(
         }
         i += 4;
     }
-    for i in i..k {
+    for i in i..channels.end {
         let (l0, s0) = (row_levels(i), row_scales(i));
         for (row, out) in acc.chunks_exact_mut(width).enumerate() {
             let v = x[row * k + i];
@@ -364,7 +360,8 @@ mod tests {
     fn matches_the_product_with_the_dequantized_weight() {
         let device = Device::flex();
         for bits in [Bits::Eight, Bits::Four] {
-            for (k, n) in [(1, 1), (5, 7), (64, 33), (256, 768), (300, 1408)] {
+            // (1030, 2080): the input channels in two parts, the last not a multiple of four.
+            for (k, n) in [(1, 1), (5, 7), (64, 33), (256, 768), (300, 1408), (1030, 2080)] {
                 let (q, dequantized) = quantized(k, n, bits, &device);
                 for rows in [1, 2, 3, SMALL_ROWS, SMALL_ROWS + 1, 20] {
                     let x = Tensor::<3>::random([1, rows, k], Distribution::Normal(0.0, 1.0), &device);
@@ -394,7 +391,7 @@ mod tests {
     #[test]
     fn a_row_s_product_does_not_depend_on_the_rows_beside_it() {
         let device = Device::flex();
-        for (k, n) in [(64, 192), (256, 704), (704, 256)] {
+        for (k, n) in [(64, 192), (256, 704), (704, 256), (1030, 2080)] {
             let (q, _) = quantized(k, n, Bits::Four, &device);
             for group in [2, 3, SMALL_ROWS] {
                 let x = Tensor::<3>::random([group, 1, k], Distribution::Normal(0.0, 1.0), &device);
