@@ -25,7 +25,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bytes, DType, Shape};
+use burn::tensor::{Bytes, DType, FloatDType, Shape};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -84,10 +84,17 @@ pub fn attention(
     let device = q.device();
     let square = q.dims()[2] == k.dims()[2];
     let plain = options.scale.is_none() && options.softcap.is_none() && options.is_causal;
-    if runs_on_flex(&device) && mask.is_none() && plain && square && q.dims()[2] > 1 && q.dtype() == DType::F32 {
+    let whole = runs_on_flex(&device) && mask.is_none() && plain && square && q.dims()[2] > 1;
+    if whole && q.dtype() == DType::F32 {
         let out =
             <Dispatch as CausalAttentionOps>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         return Tensor::from_dispatch(out);
+    }
+    // bf16 (inference): the same in f32, rounded once at the end, as a decoding step's
+    // attention rounds; Burn's attention would run its bf16 operations one by one.
+    if whole && q.dtype() == DType::BF16 && !device.is_autodiff() {
+        let f32 = FloatDType::F32;
+        return attention(q.cast(f32), k.cast(f32), v.cast(f32), None, options).cast(FloatDType::BF16);
     }
     if cached_attention::fits(&q, &k, &v, mask.is_none(), &options) {
         return cached_attention::cached_attention(q, k, v, options.is_causal);
@@ -406,6 +413,23 @@ mod tests {
             let diff = max_diff(x.grad(&ga).unwrap(), y.grad(&gb).unwrap());
             assert!(diff < 1e-4, "gradient of {name} {shape:?}: {diff}");
         }
+    }
+
+    /// A bf16 prompt's attention (inference) is computed in f32 and rounded once: bf16 out,
+    /// within a rounding of the f32 attention of the same values.
+    #[test]
+    fn bf16_prompts_attend_in_f32_and_round_once() {
+        let device = Device::flex();
+        let shape = [1, 2, BLOCK + 9, 8];
+        let draw = || Tensor::<4>::random(shape, Distribution::Normal(0.0, 2.0), &device).cast(FloatDType::BF16);
+        let (q, k, v) = (draw(), draw(), draw());
+        let got = attention(q.clone(), k.clone(), v.clone(), None, options());
+        assert_eq!(got.dtype(), DType::BF16);
+        let f32 = FloatDType::F32;
+        let exact = burn::tensor::module::attention(q.cast(f32), k.cast(f32), v.cast(f32), None, None, options());
+        let error = (got.cast(f32) - exact.clone()).abs();
+        let allowed = exact.abs() / 256.0 + 1e-5;
+        assert!(error.lower_equal(allowed).all().into_scalar::<bool>());
     }
 
     /// Constant inputs untracked by autodiff take Burn's attention through the same function.

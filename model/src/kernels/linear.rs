@@ -185,7 +185,7 @@ pub(super) fn in_blocks(
     block: impl Fn(Range<usize>, Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let rows = inputs.checked_div(k).unwrap_or(0);
-    if k == 0 || n == 0 {
+    if rows == 0 || n == 0 {
         return vec![0.0; rows * n];
     }
     let by_size = (k * n * weight_bytes / PART_BYTES).max(1);
@@ -364,7 +364,15 @@ mod tests {
         let device = Device::flex();
         // Widths that are not multiples of a SIMD register, one block and many blocks; the
         // input channels in parts (the last not a multiple of four), and columns in blocks too.
-        for (k, n) in [(1, 1), (5, 7), (64, 33), (256, 768), (300, 1408), (1030, 600), (262, 9000)] {
+        for (k, n) in [
+            (1, 1),
+            (5, 7),
+            (64, 33),
+            (256, 768),
+            (300, 1408),
+            (1030, 600),
+            (262, 9000),
+        ] {
             let layer = LinearConfig::new(k, n).with_bias(true).init(&device);
             for rows in [1, 2, 3, SMALL_ROWS] {
                 let x = Tensor::<3>::random([1, rows, k], Distribution::Normal(0.0, 1.0), &device);

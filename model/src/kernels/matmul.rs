@@ -18,16 +18,18 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
+use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{Bytes, DType};
 use gemm::Parallelism;
+use half::bf16;
 use rayon::prelude::*;
 
-use super::flex::{f32_tensor, runs_on_flex};
+use super::flex::{Widen, f32_tensor, runs_on_flex};
+use super::simd::vectorised;
 
 /// Multiply-adds from which one product is split over the pool by `gemm` (burn-flex's bound).
 const PARALLEL_MACS: usize = 192 * 192 * 192;
@@ -46,14 +48,16 @@ pub trait ProductOps: Backend {
 }
 
 /// `lhs.matmul(rhs)`, through [`ProductOps`] where both are f32 on Flex with the same batch
-/// dimensions (with or without autodiff).
+/// dimensions (with or without autodiff), or both bf16 without autodiff (inference).
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     let (a, b) = (lhs.dims(), rhs.dims());
-    let fits = runs_on_flex(&lhs.device())
-        && lhs.dtype() == DType::F32
-        && rhs.dtype() == DType::F32
-        && a[..D - 2] == b[..D - 2]
-        && a[D - 1] == b[D - 2];
+    let device = lhs.device();
+    let dtypes = match (lhs.dtype(), rhs.dtype()) {
+        (DType::F32, DType::F32) => true,
+        (DType::BF16, DType::BF16) => !device.is_autodiff(),
+        _ => false,
+    };
+    let fits = runs_on_flex(&device) && dtypes && a[..D - 2] == b[..D - 2] && a[D - 1] == b[D - 2];
     if !fits {
         return lhs.matmul(rhs);
     }
@@ -177,7 +181,14 @@ pub(crate) unsafe fn product_at(
 }
 
 impl ProductOps for Flex {
+    /// bf16 operands are widened to f32 in one parallel vectorised pass each, multiplied as f32
+    /// and the product rounded once: burn-flex does the same on one thread, element by element,
+    /// which made bf16 prompts slower than f32 ones.
     fn product(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+        if lhs.dtype() == DType::BF16 && rhs.dtype() == DType::BF16 {
+            let product = Self::product(widened(lhs), widened(rhs));
+            return narrowed(product);
+        }
         let (ls, rs) = (lhs.shape(), rhs.shape());
         let rank = ls.num_dims();
         let fits = lhs.dtype() == DType::F32
@@ -269,6 +280,47 @@ pub(crate) fn product_into(
     out
 }
 
+/// Elements converted per task by [`widened`] and [`narrowed`]; smaller tensors stay on the
+/// calling thread.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// A bf16 tensor as a contiguous f32 one of the same values.
+fn widened(x: FlexTensor) -> FlexTensor {
+    let shape = x.shape();
+    let x = x.to_contiguous();
+    let values = x.as_slice::<bf16>().expect("contiguous bf16");
+    let mut out = vec![0f32; values.len()];
+    converted(&mut out, values, |out, values| {
+        vectorised(
+            #[inline(always)]
+            || out.iter_mut().zip(values).for_each(|(o, v)| *o = v.widen()),
+        )
+    });
+    f32_tensor(out, shape)
+}
+
+/// A contiguous f32 tensor rounded to the nearest bf16.
+fn narrowed(x: FlexTensor) -> FlexTensor {
+    let shape = x.shape();
+    let values = x.as_slice::<f32>().expect("a product is contiguous");
+    let mut out = vec![bf16::ZERO; values.len()];
+    converted(&mut out, values, |out, values| {
+        out.iter_mut().zip(values).for_each(|(o, &v)| *o = bf16::from_f32(v))
+    });
+    FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::BF16)
+}
+
+/// `convert(out chunk, values chunk)` over chunks of [`CONVERT_CHUNK`] elements, in parallel
+/// when there is more than one.
+fn converted<I: Sync, O: Send>(out: &mut [O], values: &[I], convert: impl Fn(&mut [O], &[I]) + Sync) {
+    if values.len() <= CONVERT_CHUNK {
+        return convert(out, values);
+    }
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(values.par_chunks(CONVERT_CHUNK))
+        .for_each(|(out, values)| convert(out, values));
+}
+
 /// A raw output pointer the pool's tasks share; each writes its own matrix.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
@@ -352,6 +404,30 @@ mod tests {
         let big = Tensor::<3>::random([2, 200, 100], Distribution::Default, &device);
         let w = Tensor::<3>::random([2, 100, 120], Distribution::Default, &device);
         assert!(max_diff(matmul(big.clone(), w.clone()), big.matmul(w)) < 1e-4);
+    }
+
+    /// bf16 operands (plain, transposed, batched, and one large enough to convert in parallel)
+    /// give the f32 product of their values, rounded once to bf16.
+    #[test]
+    fn bf16_products_round_the_f32_product_once() {
+        let device = Device::flex();
+        let bf16 = burn::tensor::FloatDType::BF16;
+        for (batch, m, k, n) in [(1, 3, 5, 7), (2, 65, 33, 17), (1, 64, 256, 1100)] {
+            let a = Tensor::<3>::random([batch, m, k], Distribution::Default, &device).cast(bf16);
+            let b = Tensor::<3>::random([batch, n, k], Distribution::Default, &device).cast(bf16);
+            let got = matmul(a.clone(), b.clone().swap_dims(1, 2));
+            assert_eq!(got.dtype(), DType::BF16);
+            let exact = a
+                .cast(burn::tensor::FloatDType::F32)
+                .matmul(b.cast(burn::tensor::FloatDType::F32).swap_dims(1, 2));
+            // One rounding to bf16: within half a unit of its last place (2⁻⁸ of the value).
+            let error = (got.cast(burn::tensor::FloatDType::F32) - exact.clone()).abs();
+            let allowed = exact.abs() / 256.0 + 1e-6;
+            assert!(
+                error.lower_equal(allowed).all().into_scalar::<bool>(),
+                "{batch} × {m} × {k} × {n}"
+            );
+        }
     }
 
     /// An empty inner dimension (all zeros) and a broadcast batch (left to Burn).
