@@ -147,11 +147,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace of the `cargo xtask` that ran: `cargo run` sets `CARGO_MANIFEST_DIR` for the
+/// process. The path compiled in is only the fallback, as it names whichever checkout last
+/// built the binary where several share a target directory (a CI clone beside this one).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().unwrap_or(Path::new(".")).to_path_buf()
 }
 
 /// Runs `cargo args…`, failing with the command line if it fails.
