@@ -1,6 +1,6 @@
 //! Fault injection on real `huginn-train` processes: each run is SIGKILLed at a named moment of a
 //! checkpoint write, a pruning, a log write or the final export (`HUGINN_PAUSE_AT`, see
-//! `train::pause`), or has a checkpoint damaged on disk, and is then resumed to the end. The
+//! `model::pause`), or has a checkpoint damaged on disk, and is then resumed to the end. The
 //! result is compared with the same run done straight through:
 //! - the final model is byte-identical;
 //! - every logged line is byte-identical, but for the two wall-clock fields

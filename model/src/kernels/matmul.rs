@@ -8,8 +8,9 @@
 //! a `[2048, 256] · [256, 768]` product took twice as long as `gemm` itself. Here `gemm` writes
 //! into a buffer that nobody touched before (`read_dst = false`: it never reads it), strided
 //! operands (transposes, narrowed heads) are read in place, and autodiff records one operation
-//! whose backward is two more of these products. Other dtypes, broadcast batch dimensions and
-//! other backends keep `Tensor::matmul`. The lasting fix is upstream, in `FlexTensor::empty`.
+//! whose backward is two more of these products. bf16 products for inference are the f32 product
+//! of their widened operands, rounded once. Other dtypes, broadcast batch dimensions and other
+//! backends keep `Tensor::matmul`. The lasting fix is upstream, in `FlexTensor::empty`.
 
 use std::ops::Range;
 
