@@ -385,6 +385,13 @@ mod tests {
         }
     }
 
+    /// Within f32's rounding of the values' size: gradients summed over every position reach a
+    /// few hundred with random inputs, where a fixed 1e-4 fails now and then.
+    fn close<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> bool {
+        let size = a.clone().abs().max().into_scalar::<f32>();
+        max_diff(a, b) <= 1e-4 + 2e-6 * size
+    }
+
     /// The fused operation (a cache that keeps nothing) against the composed attention (a cache
     /// that keeps everything, on its first chunk): output and every gradient, with the rotation
     /// shared by the batch and given per row.
@@ -417,11 +424,11 @@ mod tests {
             assert!(max_diff(fused.clone().inner(), composed.clone().inner()) < 1e-5);
             let g1 = (fused * upstream.clone()).sum().backward();
             let g2 = (composed * upstream.clone()).sum().backward();
-            assert!(max_diff(x1.grad(&g1).unwrap(), x2.grad(&g2).unwrap()) < 1e-4);
+            assert!(close(x1.grad(&g1).unwrap(), x2.grad(&g2).unwrap()));
             let bias = |g| attention.qk_bias.grad(g).unwrap();
-            assert!(max_diff(bias(&g1), bias(&g2)) < 1e-4);
+            assert!(close(bias(&g1), bias(&g2)));
             let wqkv = |g| attention.wqkv.weight.grad(g).unwrap();
-            assert!(max_diff(wqkv(&g1), wqkv(&g2)) < 1e-4);
+            assert!(close(wqkv(&g1), wqkv(&g2)));
         }
     }
 
