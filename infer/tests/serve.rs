@@ -74,6 +74,12 @@ async fn post(client: &Client, url: &str, path: &str, body: Value) -> (StatusCod
     (status, response.json().await.unwrap())
 }
 
+/// The server's `/metrics` page.
+async fn metrics(client: &Client, url: &str) -> String {
+    let response = client.get(format!("{url}/metrics")).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
 /// The bytes of a completion request, for a client that sends them itself.
 fn raw_request(body: &Value) -> Vec<u8> {
     let body = body.to_string();
@@ -783,14 +789,7 @@ async fn a_client_that_leaves_mid_stream_frees_its_row_at_once() {
     let first = response.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("data: "), "{first:?}");
     // While it runs, its cache is in use and within what its admission reserved.
-    let text = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&client, &url).await;
     let value = |name: &str| -> f64 {
         let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
         line.rsplit(' ').next().unwrap().parse().unwrap()
@@ -1884,22 +1883,9 @@ async fn requests_run_whole_are_not_running_once_answered() {
     let wavefront = json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "sampler": "diffusion",
                            "diffusion": {"headway": 2}});
     for body in [&scoring, &wavefront].repeat(4) {
-        let response = client
-            .post(format!("{url}/v1/completions"))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let _: Value = response.json().await.unwrap();
-        let text = client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let (status, _) = post(&client, &url, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = metrics(&client, &url).await;
         assert!(text.lines().any(|l| l == "huginn_requests_running 0"), "{body}\n{text}");
     }
 }
