@@ -13,6 +13,7 @@
 //!   accuracy-against-compute plots;
 //! * [`plot`]: the figures, PNG and SVG;
 //! * [`quantization`]: how far 8- and 4-bit weights move the predictions at each depth;
+//! * [`ranges`]: how far a pass's activations go, against f16's range;
 //! * [`report`]: all of it for one training run, with an HTML gallery and a JSON summary.
 //!
 //! The `huginn-analysis` binary puts each step on the command line:
@@ -39,6 +40,7 @@ pub mod pca;
 pub mod plot;
 pub mod prompt;
 pub mod quantization;
+pub mod ranges;
 pub mod report;
 pub mod store;
 

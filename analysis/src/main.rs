@@ -97,6 +97,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The largest magnitude each activation of a forward pass reaches (the embedding, every
+    /// block's projections, MLP and residual sums, the adapter, the logits), against f16's
+    /// largest value (65504): whether a model can run in f16.
+    ActivationRanges {
+        /// Model folder, or ORG/NAME[@REVISION] on the hub.
+        #[arg(long, required_unless_present = "huginn_0125", conflicts_with = "huginn_0125")]
+        model: Option<PathBuf>,
+        /// Instead of a folder: random weights in Huginn-0125's shape, drawn as the reference
+        /// initialises them (seeded by --seed).
+        #[arg(long)]
+        huginn_0125: bool,
+        /// Float type of the weights and the pass: f32 or bf16 (both have f32's range, so values
+        /// beyond f16's show).
+        #[arg(long, default_value = "f32")]
+        dtype: model::Precision,
+        /// Prompt token ids, comma separated (default: --tokens random ids).
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+        /// Random prompt tokens when no --ids are given (1-4096).
+        #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+        tokens: usize,
+        /// Recurrence steps (1-1024).
+        #[arg(long, default_value_t = 32, value_parser = steps_parser())]
+        steps: usize,
+        /// Seed of the random weights and tokens.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fit a PCA basis to the states of one or more captures (shared axes for all of them).
     Pca {
         /// Captures (base paths or their .safetensors/.json files).
@@ -411,6 +442,54 @@ fn run(cli: Cli) -> Result<()> {
             let title = format!("Latent trajectories in PCA space ({counts})");
             let images = plot_trajectories(&out, &title, &drawn, &pairs)?;
             eprintln!("{counts}; wrote {} and {}", images.png.display(), images.svg.display());
+        }
+        Command::ActivationRanges {
+            model,
+            huginn_0125: _,
+            dtype,
+            ids,
+            tokens,
+            steps,
+            seed,
+            json,
+        } => {
+            if dtype == model::Precision::F16 {
+                bail!("--dtype f16 would overflow where this measures how far values go; use f32 or bf16");
+            }
+            let device = cli.device.device_in(dtype)?;
+            let (huginn, source) = match model {
+                Some(path) => {
+                    let path = folder::hub::resolve(&path)?;
+                    let huginn = Huginn::from_pretrained_quantized(&path, &device, cli.quantize)?;
+                    (huginn, path.display().to_string())
+                }
+                None => {
+                    let config = model::HuginnConfig::default();
+                    let element = if dtype == model::Precision::F32 { 4 } else { 2 };
+                    if cli.device == Backend::Cpu {
+                        let needed = config.num_params().checked_mul(element);
+                        infer::limits::check_machine_memory("the model's weights", needed)?;
+                    }
+                    eprintln!("drawing {:.2} B random weights...", config.num_params() as f64 / 1e9);
+                    let huginn = config.init(&device, seed);
+                    let huginn = match cli.quantize {
+                        Some(bits) => huginn.quantize(bits),
+                        None => huginn,
+                    };
+                    (huginn, format!("random Huginn-0125 weights (seed {seed})"))
+                }
+            };
+            let ids = match ids.is_empty() {
+                false => ids,
+                true => analysis::ranges::random_ids(huginn.config().vocab_size, tokens, seed),
+            };
+            let report = analysis::ranges::activation_ranges(&huginn, &ids, steps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.json(&source, dtype.name()))?);
+            } else {
+                println!("{source}, {}, {} tokens, {steps} steps", dtype.name(), ids.len());
+                print!("{}", report.table());
+            }
         }
         Command::QuantizationError {
             model,

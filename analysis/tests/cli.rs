@@ -408,3 +408,38 @@ fn eval_plots_draw_a_report_and_refuse_a_bad_one() {
         assert!(err.contains(expected) && err.contains("report.json"), "{err}");
     }
 }
+
+/// `activation-ranges` on a saved model: the table of every point ending in the f16 verdict,
+/// the same as JSON; bad requests in one line.
+#[test]
+fn activation_ranges_reports_every_point_and_refuses_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    HuginnConfig::tiny(32, 16, 2, (1, 2, 1))
+        .init(&Device::flex(), 3)
+        .save_burn(&model)
+        .unwrap();
+    let model = model.to_str().unwrap();
+    let out = cli(&["activation-ranges", "--model", model, "--tokens", "9", "--steps", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    for point in ["scaled embedding", "adapter output", "MLP hidden", "residual + MLP", "logits"] {
+        assert!(table.contains(point), "{point} missing:\n{table}");
+    }
+    assert!(table.trim_end().ends_with("every activation fits f16: yes"), "{table}");
+    let out = cli(&["activation-ranges", "--model", model, "--ids", "1,2,3", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fits_f16"], true);
+    assert_eq!(json["points"][0]["stage"], "embedding");
+    for (args, expected) in [
+        (vec!["activation-ranges"], "--model"),
+        (vec!["activation-ranges", "--model", model, "--huginn-0125"], "--huginn-0125"),
+        (vec!["activation-ranges", "--model", model, "--dtype", "f16"], "f16"),
+        (vec!["activation-ranges", "--model", model, "--ids", "1,32"], "32"),
+        (vec!["activation-ranges", "--model", model, "--steps", "0"], "--steps"),
+        (vec!["activation-ranges", "--model", model, "--tokens", "4097"], "--tokens"),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}

@@ -34,6 +34,7 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
         let nh = self.n_heads;
         let qkv = linear(&self.wqkv, x);
+        crate::probe::note("queries, keys and values", &qkv);
         if !cache.stores()
             && let Some(y) = chunk_attention(&qkv, &self.bias(), rotary, nh)
         {
@@ -54,6 +55,7 @@ impl CausalSelfAttention {
         slot: impl Fn(usize) -> LayerSlot + Sync,
     ) -> Tensor<3> {
         let qkv = linear(&self.wqkv, x);
+        crate::probe::note("queries, keys and values", &qkv);
         let attended = rows
             .par_iter_mut()
             .enumerate()

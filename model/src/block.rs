@@ -8,6 +8,7 @@ use crate::attention::{CausalSelfAttention, RowPass};
 use crate::cache::{KvCache, LayerSlot};
 use crate::mlp::GatedMlp;
 use crate::norm::RmsNorm;
+use crate::probe;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -42,8 +43,14 @@ impl SandwichBlock {
         attend: impl FnOnce(&CausalSelfAttention, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
         let attended = attend(&self.attn, self.norm_1.forward(x.clone()));
-        let x = self.norm_2.forward(x + attended);
+        probe::note("attention output", &attended);
+        let summed = x + attended;
+        probe::note("residual + attention", &summed);
+        let x = self.norm_2.forward(summed);
         let mixed = self.mlp.forward(self.norm_3.forward(x.clone()));
-        self.norm_4.forward(x + mixed)
+        probe::note("MLP output", &mixed);
+        let summed = x + mixed;
+        probe::note("residual + MLP", &summed);
+        self.norm_4.forward(summed)
     }
 }

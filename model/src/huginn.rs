@@ -32,6 +32,7 @@ use crate::config::HuginnConfig;
 use crate::error::InputError;
 use crate::init::truncated_normal;
 use crate::norm::RmsNorm;
+use crate::probe;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -234,12 +235,16 @@ impl Huginn {
 
     /// `wte[x] · √h`, the input of the prelude.
     pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        embedding(self.wte.val(), tokens).mul_scalar(self.config.embed_scale())
+        probe::stage("embedding");
+        let x = embedding(self.wte.val(), tokens).mul_scalar(self.config.embed_scale());
+        probe::note("scaled embedding", &x);
+        x
     }
 
     /// Embedding followed by the prelude: the input injection `e`, `[B, S, h]`.
     pub fn embed_prelude(&self, tokens: Tensor<2, Int>, rotary: &Rotary, cache: &mut dyn KvCache) -> Tensor<3> {
         let mut x = self.embed(tokens);
+        probe::stage("prelude");
         for (l, block) in self.prelude.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Prelude(l), cache);
         }
@@ -277,7 +282,9 @@ impl Huginn {
         rotary: &Rotary,
         cache: &mut dyn KvCache,
     ) -> Tensor<3> {
+        probe::stage("core");
         let mut x = crate::kernels::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
+        probe::note("adapter output", &x);
         for (layer, block) in self.core_block.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Core { iteration, layer }, cache);
         }
@@ -306,6 +313,7 @@ impl Huginn {
     /// own positions and cache (see [`RowPass`]).
     pub fn embed_prelude_rows(&self, tokens: Tensor<2, Int>, rows: &mut [RowPass<'_>]) -> Tensor<3> {
         let mut x = self.embed(tokens);
+        probe::stage("prelude");
         for (l, block) in self.prelude.iter().enumerate() {
             x = block.forward_rows(x, rows, |_| LayerSlot::Prelude(l));
         }
@@ -322,7 +330,9 @@ impl Huginn {
         rows: &mut [RowPass<'_>],
     ) -> Tensor<3> {
         assert_eq!(iterations.len(), rows.len(), "one iteration per row");
+        probe::stage("core");
         let mut x = crate::kernels::linear::linear(&self.adapter, Tensor::cat(vec![state, e.clone()], 2));
+        probe::note("adapter output", &x);
         for (layer, block) in self.core_block.iter().enumerate() {
             x = block.forward_rows(x, rows, |b| LayerSlot::Core {
                 iteration: iterations[b],
@@ -335,6 +345,7 @@ impl Huginn {
     /// [`Self::coda`] for independent sequences stacked along the batch.
     pub fn coda_rows(&self, state: Tensor<3>, rows: &mut [RowPass<'_>]) -> Tensor<3> {
         let mut x = self.latent(state);
+        probe::stage("coda");
         for (l, block) in self.coda.iter().enumerate() {
             x = block.forward_rows(x, rows, |_| LayerSlot::Coda(l));
         }
@@ -355,6 +366,7 @@ impl Huginn {
     /// positions whose keys and values later positions need but whose logits nobody does.
     pub fn coda(&self, state: Tensor<3>, rotary: &Rotary, cache: &mut dyn KvCache) -> Tensor<3> {
         let mut x = self.latent(state);
+        probe::stage("coda");
         for (l, block) in self.coda.iter().enumerate() {
             x = block.forward(x, rotary, LayerSlot::Coda(l), cache);
         }
@@ -363,7 +375,10 @@ impl Huginn {
 
     /// The tied output head: `x · wteᵀ`, cast to f32.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        crate::kernels::linear::product(x, self.wte.val().transpose()).cast(FloatDType::F32)
+        probe::stage("head");
+        let logits = crate::kernels::linear::product(x, self.wte.val().transpose());
+        probe::note("logits", &logits);
+        logits.cast(FloatDType::F32)
     }
 
     /// A full forward pass from a zero state, no cache.

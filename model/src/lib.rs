@@ -22,7 +22,8 @@
 //! built from, [`block`], [`attention`], [`mlp`], [`norm`], [`rope`], and [`cache`] (how a layer
 //! reads and writes its keys and values). [`config`], [`pretrained`], [`checkpoint`] and [`init`]
 //! make and load a model; [`device`] picks the backend; [`error`] holds the typed errors;
-//! [`fixture`] checks the model against the reference's recorded outputs.
+//! [`fixture`] checks the model against the reference's recorded outputs; [`probe`] records
+//! how far the activations of a pass go.
 //!
 //! [`kernels`] is the CPU engine: the same operations fused into one pass each on Burn's Flex
 //! backend, each beside the composed version every other backend runs (the training loss,
@@ -47,6 +48,7 @@ pub mod mlp;
 pub mod norm;
 pub mod pause;
 pub mod pretrained;
+pub mod probe;
 pub mod quantize;
 pub mod rope;
 

@@ -6,6 +6,7 @@ use burn::prelude::*;
 
 use crate::kernels::gate::gated_silu;
 use crate::kernels::linear::linear;
+use crate::probe;
 
 #[derive(Module, Debug)]
 pub struct GatedMlp {
@@ -17,6 +18,10 @@ pub struct GatedMlp {
 
 impl GatedMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear(&self.proj, gated_silu(linear(&self.fc, x)))
+        let gate_up = linear(&self.fc, x);
+        probe::note("MLP gate and up", &gate_up);
+        let hidden = gated_silu(gate_up);
+        probe::note("MLP hidden", &hidden);
+        linear(&self.proj, hidden)
     }
 }
