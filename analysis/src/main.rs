@@ -68,9 +68,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// How far 8- and 4-bit weights move the predictions at each recurrence depth: the KL
-    /// divergence of next-token distributions between the float model and its quantized copies,
-    /// their top-1 agreement, and each one's perplexity on the tokens.
+    /// How far 8- and 4-bit weights (or, with --dtype, a half-precision float type) move the
+    /// predictions at each recurrence depth: the KL divergence of next-token distributions
+    /// between the float model and its copies, their top-1 agreement, and each one's perplexity
+    /// on the tokens.
     QuantizationError {
         /// Float model folder, or ORG/NAME[@REVISION] on the hub.
         #[arg(long)]
@@ -87,6 +88,10 @@ enum Command {
         /// Bit widths to compare with the float model.
         #[arg(long, value_delimiter = ',', default_value = "8,4")]
         bits: Vec<model::Bits>,
+        /// Instead of quantized weights: the model in this float type (f16 or bf16) on --device
+        /// against f32 on the CPU (f16 is how it runs on GPUs whose wgpu adapter has no bf16).
+        #[arg(long, conflicts_with = "bits")]
+        dtype: Option<model::Precision>,
         /// Tokens per window (2 to the model's context; default: the context).
         #[arg(long)]
         window: Option<usize>,
@@ -497,12 +502,20 @@ fn run(cli: Cli) -> Result<()> {
             ids,
             depths,
             bits,
+            dtype,
             window,
             max_tokens,
             json,
         } => {
             if cli.quantize.is_some() {
                 bail!("quantization-error compares the float model with each of --bits; drop --quantize");
+            }
+            match dtype {
+                Some(model::Precision::F32) => bail!("--dtype f32 is the reference itself; give f16 or bf16"),
+                Some(_) if cli.device == Backend::Cpu => {
+                    bail!("--dtype compares a GPU's float type with f32 on the CPU: give --device wgpu or cuda")
+                }
+                _ => {}
             }
             if let Some(d) = depths.iter().find(|d| !(1..=1024).contains(*d)) {
                 bail!("--depths value {d} is outside 1..=1024");
@@ -511,7 +524,11 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--max-tokens must be in 2..=1048576 (got {max_tokens})");
             }
             let model = folder::hub::resolve(&model)?;
-            let float = Huginn::from_pretrained(&model, &device)?;
+            // Against another float type the reference is f32 on the CPU, the model's exact sums.
+            let float = match dtype {
+                Some(_) => Huginn::from_pretrained(&model, &model::burn::prelude::Device::flex())?,
+                None => Huginn::from_pretrained(&model, &device)?,
+            };
             let context = float.config().block_size;
             let window = window.unwrap_or(context);
             if !(2..=context).contains(&window) {
@@ -534,16 +551,29 @@ fn run(cli: Cli) -> Result<()> {
                 .map(<[u32]>::to_vec)
                 .collect();
             let mut rows = Vec::new();
-            for bits in bits {
-                let quantized = float.clone().quantize(bits);
-                for d in analysis::quantization::divergence_by_depth(&float, &quantized, &windows, &depths)? {
-                    rows.push((bits.count(), d));
+            match dtype {
+                Some(dtype) => {
+                    let other = Huginn::from_pretrained(&model, &cli.device.device_in(dtype)?)?;
+                    for d in analysis::quantization::divergence_by_depth(&float, &other, &windows, &depths)? {
+                        rows.push((dtype.name().to_string(), d));
+                    }
+                }
+                None => {
+                    for bits in bits {
+                        let quantized = float.clone().quantize(bits);
+                        for d in analysis::quantization::divergence_by_depth(&float, &quantized, &windows, &depths)? {
+                            rows.push((bits.count().to_string(), d));
+                        }
+                    }
                 }
             }
             if json {
                 let rows: Vec<_> = rows
                     .iter()
-                    .map(|(bits, d)| serde_json::json!({"bits": bits, "divergence": d}))
+                    .map(|(format, d)| match dtype {
+                        Some(_) => serde_json::json!({"dtype": format, "divergence": d}),
+                        None => serde_json::json!({"bits": format.parse::<u8>().ok(), "divergence": d}),
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -551,11 +581,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{scored} tokens in {} windows of up to {window}", windows.len());
                 println!(
                     "{:>4}  {:>5}  {:>10}  {:>10}  {:>7}  {:>10}  {:>10}",
-                    "bits", "depth", "KL mean", "KL max", "top-1", "ppl float", "ppl quant"
+                    if dtype.is_some() { "type" } else { "bits" },
+                    "depth",
+                    "KL mean",
+                    "KL max",
+                    "top-1",
+                    "ppl f32",
+                    "ppl other"
                 );
-                for (bits, d) in rows {
+                for (format, d) in rows {
                     println!(
-                        "{bits:>4}  {:>5}  {:>10.3e}  {:>10.3e}  {:>7.4}  {:>10.4}  {:>10.4}",
+                        "{format:>4}  {:>5}  {:>10.3e}  {:>10.3e}  {:>7.4}  {:>10.4}  {:>10.4}",
                         d.depth, d.kl_mean, d.kl_max, d.top1_agreement, d.perplexity_float, d.perplexity_quantized
                     );
                 }

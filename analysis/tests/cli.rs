@@ -423,7 +423,13 @@ fn activation_ranges_reports_every_point_and_refuses_bad_requests() {
     let out = cli(&["activation-ranges", "--model", model, "--tokens", "9", "--steps", "3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8(out.stdout).unwrap();
-    for point in ["scaled embedding", "adapter output", "MLP hidden", "residual + MLP", "logits"] {
+    for point in [
+        "scaled embedding",
+        "adapter output",
+        "MLP hidden",
+        "residual + MLP",
+        "logits",
+    ] {
         assert!(table.contains(point), "{point} missing:\n{table}");
     }
     assert!(table.trim_end().ends_with("every activation fits f16: yes"), "{table}");
@@ -433,11 +439,56 @@ fn activation_ranges_reports_every_point_and_refuses_bad_requests() {
     assert_eq!(json["points"][0]["stage"], "embedding");
     for (args, expected) in [
         (vec!["activation-ranges"], "--model"),
-        (vec!["activation-ranges", "--model", model, "--huginn-0125"], "--huginn-0125"),
+        (
+            vec!["activation-ranges", "--model", model, "--huginn-0125"],
+            "--huginn-0125",
+        ),
         (vec!["activation-ranges", "--model", model, "--dtype", "f16"], "f16"),
         (vec!["activation-ranges", "--model", model, "--ids", "1,32"], "32"),
         (vec!["activation-ranges", "--model", model, "--steps", "0"], "--steps"),
-        (vec!["activation-ranges", "--model", model, "--tokens", "4097"], "--tokens"),
+        (
+            vec!["activation-ranges", "--model", model, "--tokens", "4097"],
+            "--tokens",
+        ),
+        // quantization-error against a half type: another device's, and only f16 or bf16.
+        (
+            vec![
+                "quantization-error",
+                "--model",
+                model,
+                "--ids",
+                "1,2,3",
+                "--dtype",
+                "f16",
+            ],
+            "--device wgpu",
+        ),
+        (
+            vec![
+                "quantization-error",
+                "--model",
+                model,
+                "--ids",
+                "1,2,3",
+                "--dtype",
+                "f32",
+            ],
+            "f32",
+        ),
+        (
+            vec![
+                "quantization-error",
+                "--model",
+                model,
+                "--ids",
+                "1,2,3",
+                "--dtype",
+                "f16",
+                "--bits",
+                "8",
+            ],
+            "--bits",
+        ),
     ] {
         let err = fails(&args);
         assert!(err.contains(expected), "{args:?}: {err}");
