@@ -155,6 +155,12 @@ fn multiply<W: Widen>(x: &[f32], w: &[W], k: usize, n: usize, columns: bool) -> 
 /// its partial sums (a `[rows, n]` of f32) are small beside the weights it reads.
 const PART_BYTES: usize = 1 << 20;
 
+/// Fewest parts of a weight read in place whose product is split over the pool: enough for two
+/// tasks per thread on up to four cores without splitting rows into column blocks. A
+/// `[512, 512]` f32 weight (1 MiB, one part by size) split into four column blocks was read in
+/// runs of 512 bytes: decoding at h = 512 streamed 15-19 GB/s, and 23 with eight parts.
+const MIN_PARTS: usize = 8;
+
 /// Most bytes the parts' partial sums take together at [`SMALL_ROWS`] rows.
 const PARTIAL_BYTES: usize = 4 << 20;
 
@@ -171,9 +177,9 @@ const BLOCK_COLUMNS: usize = 8192;
 /// A weight row is read in runs of a block's width. Split into one block per thread, a few
 /// thousand columns make runs of a page or less, too short for the CPU's stream prefetchers,
 /// and reading them ran at a third to half of the memory's speed (a `[5280, 5280]` of 8-bit
-/// levels: 7-9 GB/s). So a large weight is also split along its input channels into parts,
-/// each as few blocks as the accumulators allow, which read whole rows back to back (16-20
-/// GB/s); the parts' sums are added in order. The parts depend on the weight's shape only:
+/// levels: 7-9 GB/s). So a weight is also split along its input channels into parts (by size,
+/// and at least [`MIN_PARTS`] where the pool takes it), each as few blocks as the accumulators
+/// allow, which read whole rows back to back (16-20 GB/s); the parts' sums are added in order. The parts depend on the weight's shape only:
 /// every output's sum has one order, whatever the rows beside it or the pool's size. Waking
 /// the pool costs more than a product below [`SERIAL_MACS`], which runs on the calling thread.
 pub(super) fn in_blocks(
@@ -188,7 +194,13 @@ pub(super) fn in_blocks(
     if rows == 0 || n == 0 {
         return vec![0.0; rows * n];
     }
-    let by_size = (k * n * weight_bytes / PART_BYTES).max(1);
+    // Shape only (not the rows, not the pool), so that every output's order stays fixed.
+    let fewest = if weight_bytes > 0 && k * n >= SERIAL_MACS {
+        MIN_PARTS
+    } else {
+        1
+    };
+    let by_size = (k * n * weight_bytes / PART_BYTES).max(fewest);
     let by_partials = (PARTIAL_BYTES / (SMALL_ROWS * n * size_of::<f32>())).max(1);
     let per_part = k.div_ceil(by_size.min(by_partials)).next_multiple_of(4);
     let parts = k.div_ceil(per_part);
