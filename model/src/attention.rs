@@ -16,6 +16,7 @@ use crate::cache::{Attend, KvCache, LayerSlot};
 use crate::kernels::causal_attention::attention;
 use crate::kernels::chunk_attention::{chunk_attention, rotated_heads};
 use crate::kernels::linear::linear;
+use crate::probe;
 use crate::rope::Rotary;
 
 #[derive(Module, Debug)]
@@ -34,7 +35,7 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, rotary: &Rotary, slot: LayerSlot, cache: &mut dyn KvCache) -> Tensor<3> {
         let nh = self.n_heads;
         let qkv = linear(&self.wqkv, x);
-        crate::probe::note("queries, keys and values", &qkv);
+        probe::note("queries, keys and values", &qkv);
         if !cache.stores()
             && let Some(y) = chunk_attention(&qkv, &self.bias(), rotary, nh)
         {
@@ -55,7 +56,7 @@ impl CausalSelfAttention {
         slot: impl Fn(usize) -> LayerSlot + Sync,
     ) -> Tensor<3> {
         let qkv = linear(&self.wqkv, x);
-        crate::probe::note("queries, keys and values", &qkv);
+        probe::note("queries, keys and values", &qkv);
         let attended = rows
             .par_iter_mut()
             .enumerate()
