@@ -39,6 +39,16 @@ fn fails(args: &[&str]) -> String {
     stderr
 }
 
+/// A tiny random model saved in `dir/model`.
+fn tiny_model(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("model");
+    HuginnConfig::tiny(32, 16, 2, (1, 2, 1))
+        .init(&Device::flex(), 3)
+        .save_burn(&model)
+        .unwrap();
+    model
+}
+
 /// A run directory as `huginn-train` leaves it: a tiny addition model in `final/`, the data
 /// part of `run.json`, and a metrics log with training and evaluation records.
 fn tiny_run(dir: &Path) {
@@ -304,11 +314,7 @@ fn bad_input_is_a_one_line_error() {
 #[test]
 fn numeric_flags_beyond_their_range_are_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    HuginnConfig::tiny(32, 16, 2, (1, 2, 1))
-        .init(&Device::flex(), 3)
-        .save_burn(&model)
-        .unwrap();
+    let model = tiny_model(dir.path());
     let model = model.to_str().unwrap();
     let out = dir.path().join("capture");
     let out = out.to_str().unwrap();
@@ -414,11 +420,7 @@ fn eval_plots_draw_a_report_and_refuse_a_bad_one() {
 #[test]
 fn activation_ranges_reports_every_point_and_refuses_bad_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    HuginnConfig::tiny(32, 16, 2, (1, 2, 1))
-        .init(&Device::flex(), 3)
-        .save_burn(&model)
-        .unwrap();
+    let model = tiny_model(dir.path());
     let model = model.to_str().unwrap();
     let out = cli(&["activation-ranges", "--model", model, "--tokens", "9", "--steps", "3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
