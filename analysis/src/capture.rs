@@ -106,7 +106,7 @@ impl Capture {
         let config = model.config();
         let len = prompt.len();
         progress.set_length((steps + 1 + options.reference_steps.map_or(0, |n| n - steps)) as u64);
-        let rotary = model.rotary(0, 1, len);
+        let rotary = model.rotary(0, len);
         let e = model.embed_prelude(tokens, &rotary, &mut NoCache);
         let s0 = model.initial_state(&e, &options.init.state());
         let mut recorder = Recorder {
@@ -403,7 +403,7 @@ mod tests {
         let model = tiny();
         let ids = vec![7, 8, 9];
         let tokens = model.tokens(std::slice::from_ref(&ids)).unwrap();
-        let rotary = model.rotary(0, 1, 3);
+        let rotary = model.rotary(0, 3);
         let e = model.embed_prelude(tokens, &rotary, &mut NoCache);
         let s0 = model.initial_state(&e, &InitialState::LikeInit { seed: 1, scale: 1.0 });
         let record = |batch: usize| {

@@ -43,7 +43,7 @@ pub(crate) struct Readout {
 /// residual rows are produced only for iterations that have a predecessor.
 pub(crate) fn read_out(model: &Huginn, states: Tensor<3>, before: Option<(Tensor<3>, Tensor<3>)>) -> Readout {
     let [k, len, _] = states.dims();
-    let rotary = model.rotary(0, k, len);
+    let rotary = model.rotary(0, len);
     let logp = log_softmax(model.coda_head(states.clone(), &rotary, &mut NoCache), 2);
     let entropy = logp.clone().exp().mul(logp.clone()).sum_dim(2).neg();
     let (best, top1) = logp.clone().max_dim_with_indices(2);

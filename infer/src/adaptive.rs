@@ -460,7 +460,7 @@ impl<'a> Session<'a> {
             })
             .collect();
         let rotary = if row_pads.iter().all(|p| *p == 0) {
-            model.rotary(self.position, batch, len)
+            model.rotary(self.position, len)
         } else {
             let positions: Vec<i64> = (0..batch)
                 .flat_map(|b| {

@@ -546,7 +546,7 @@ fn passes<'g>(model: &Huginn, group: &'g mut [&mut Sequence], windows: &[Range<u
             let start = s.position + window.start;
             s.cache.at(start);
             RowPass {
-                rotary: model.rotary(start, 1, window.len()),
+                rotary: model.rotary(start, window.len()),
                 cache: &mut s.cache,
             }
         })

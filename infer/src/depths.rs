@@ -29,7 +29,7 @@ pub fn predictions_by_depth(
 ) -> Result<Vec<DepthPrediction>, model::InputError> {
     let tokens = model.tokens(&[prompt.to_vec()])?;
     let len = prompt.len();
-    let rotary = model.rotary(0, 1, len);
+    let rotary = model.rotary(0, len);
     let e = model.embed_prelude(tokens, &rotary, &mut NoCache);
     let s0 = model.initial_state(&e, init);
     let mut out = Vec::new();

@@ -448,7 +448,7 @@ impl<'a> Wave<'a> {
             // As the reference: the whole sequence through the prelude, without the cache.
             let len = self.sequence.len();
             let ids = model.tokens(&[self.sequence.clone()])?;
-            let tensor = model.embed_prelude(ids, &model.rotary(0, 1, len), &mut NoCache);
+            let tensor = model.embed_prelude(ids, &model.rotary(0, len), &mut NoCache);
             old_embeds = Some(Indexed { tensor, index: 0 });
         }
         let mut previous = config.freeze.latent().then(|| Indexed {
@@ -465,7 +465,7 @@ impl<'a> Wave<'a> {
         while self.frozen - p < max_new && self.sequence.len() <= context {
             let c = self.seen;
             let len = self.states.dims()[1];
-            let rotary = model.rotary(c, 1, len);
+            let rotary = model.rotary(c, len);
             self.cache.at(c);
             let ids = model.tokens(&[self.sequence[c..c + len].to_vec()])?;
             let new_embeds = model.embed_prelude(ids, &rotary, &mut self.cache);

@@ -211,10 +211,10 @@ impl Fixture {
             } else if name == "embeds_scaled" {
                 Ok(host(model.embed(ids.clone())))
             } else if name == "e" {
-                let [b, s] = ids.dims();
+                let [_, s] = ids.dims();
                 Ok(host(model.embed_prelude(
                     ids.clone(),
-                    &model.rotary(0, b, s),
+                    &model.rotary(0, s),
                     &mut NoCache,
                 )))
             } else if name == "logits_default_steps" {

@@ -16,6 +16,7 @@
 //! run the same steps for independent sequences, each at its own position and iteration.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use burn::module::Param;
 use burn::nn::Linear;
@@ -48,7 +49,17 @@ pub struct Huginn {
     pub ln_f: RmsNorm,
     #[module(skip)]
     pub config: HuginnConfig,
+    /// The rotation of every position of the context, computed at its first use (see
+    /// [`Huginn::rotary`]).
+    #[module(skip)]
+    pub(crate) rotations: OnceLock<Rotary>,
 }
+
+/// The most memory the table of rotations ([`Huginn::rotary`]) takes: its cosines and sines in
+/// f32 for at most this many bytes' worth of positions (Huginn-0125's context of 4,096 takes 3
+/// MiB); positions beyond it, which only configurations of a vast context reach, are computed
+/// when asked for.
+const ROTATION_TABLE_BYTES: usize = 32 << 20;
 
 /// Where the latent state starts.
 // Passed by reference and never stored in bulk, so the tensor variant's size does not matter.
@@ -133,6 +144,7 @@ impl HuginnConfig {
             coda,
             ln_f: RmsNorm::new(Tensor::ones([h], device), self.norm_eps),
             config: self.clone(),
+            rotations: OnceLock::new(),
         }
     }
 
@@ -216,16 +228,28 @@ impl Huginn {
         ))
     }
 
-    /// Rotary positions `start..start + len` for a batch whose rows are aligned.
-    pub fn rotary(&self, start: usize, batch: usize, len: usize) -> Rotary {
-        Rotary::contiguous(
-            start,
-            batch,
-            len,
-            self.config.head_dim(),
-            self.config.rope_base,
-            &self.device(),
-        )
+    /// Rotary positions `start..start + len` for the rows of a batch, aligned (one `[1, len, 1,
+    /// d]` table that every row shares). Within the context, a window of a table of all its
+    /// positions, computed once: a server's step takes each row's positions, a dozen tensor
+    /// operations apiece when computed afresh.
+    pub fn rotary(&self, start: usize, len: usize) -> Rotary {
+        let device = self.device();
+        let (head_dim, theta) = (self.config.head_dim(), self.config.rope_base);
+        let covered = self
+            .config
+            .block_size
+            .min(ROTATION_TABLE_BYTES / (2 * 4 * head_dim.max(1)));
+        if start + len > covered {
+            return Rotary::contiguous(start, 1, len, head_dim, theta, &device);
+        }
+        let table = self
+            .rotations
+            .get_or_init(|| Rotary::contiguous(0, 1, covered, head_dim, theta, &device));
+        if table.device() != device {
+            // The model moved to another device after the table was made.
+            return Rotary::contiguous(start, 1, len, head_dim, theta, &device);
+        }
+        table.positions(start, len)
     }
 
     /// Rotary positions given per row, `[B, S]`.
@@ -397,8 +421,8 @@ impl Huginn {
         cache: &mut dyn KvCache,
         observe: impl FnMut(usize, &Tensor<3>),
     ) -> Forward {
-        let [batch, len] = tokens.dims();
-        let rotary = self.rotary(start, batch, len);
+        let [_, len] = tokens.dims();
+        let rotary = self.rotary(start, len);
         let e = self.embed_prelude(tokens, &rotary, cache);
         let s0 = self.initial_state(&e, init);
         let state = self.recur(&e, s0, 0..num_steps, &rotary, cache, observe);
@@ -423,8 +447,8 @@ impl Huginn {
         with_grad: usize,
         init: &InitialState,
     ) -> Forward {
-        let [batch, len] = tokens.dims();
-        let rotary = self.rotary(0, batch, len);
+        let [_, len] = tokens.dims();
+        let rotary = self.rotary(0, len);
         let e = self.embed_prelude(tokens, &rotary, &mut NoCache);
         let s0 = self.initial_state(&e, init).detach();
         let state = if no_grad == 0 {

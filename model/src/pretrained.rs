@@ -171,6 +171,7 @@ impl Huginn {
             coda,
             ln_f: RmsNorm::new(ln_f, config.norm_eps),
             config,
+            rotations: Default::default(),
         })
     }
 

@@ -2,9 +2,9 @@
 //! style, not GPT-NeoX's rotate-half), with `inv_freq_j = θ^{-2j/d}`, all computed in f32 as
 //! the reference does.
 //!
-//! Instead of the reference's stored `freqs_cis` table the angles are computed from the
-//! positions of the tokens in the current chunk, once per forward pass, and shared by every
-//! attention layer of that pass.
+//! Like the reference's `freqs_cis`, the model keeps a table of every position of its context
+//! ([`crate::Huginn::rotary`], computed at its first use); a pass takes its chunk's positions
+//! from it and shares them with every attention layer.
 
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
@@ -50,12 +50,26 @@ impl Rotary {
         Self::new(positions, head_dim, theta)
     }
 
-    /// The same rotation outside any autodiff graph (for gradient-free iterations).
+    /// Positions `start..start + len` of a rotation for positions from 0 (`[1, S, 1, d]`), one
+    /// table shared by every row of a batch: the values [`Self::contiguous`] computes for them,
+    /// since each entry is computed from its own position alone.
+    pub fn positions(&self, start: usize, len: usize) -> Self {
+        Self {
+            cos: self.cos.clone().narrow(1, start, len),
+            sin: self.sin.clone().narrow(1, start, len),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.cos.device()
+    }
+
     /// The tables `[B or 1, S, 1, d]`: `y = x·cos + pair-swapped(x)·sin` (for fused kernels).
     pub(crate) fn tables(&self) -> (&Tensor<4>, &Tensor<4>) {
         (&self.cos, &self.sin)
     }
 
+    /// The same rotation outside any autodiff graph (for gradient-free iterations).
     pub fn without_autodiff(&self) -> Self {
         Self {
             cos: self.cos.clone().without_autodiff(),
@@ -102,6 +116,29 @@ mod tests {
         ];
         for (got, want) in y.iter().zip(want) {
             assert!((*got as f64 - want).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    /// A window of the whole context's table is, bit for bit, the rotation computed for the
+    /// window's positions alone.
+    #[test]
+    fn a_window_of_the_table_is_the_window_s_rotation() {
+        let device = Device::flex();
+        let table = Rotary::contiguous(0, 1, 300, 16, 50000.0, &device);
+        for (start, len) in [(0, 1), (5, 32), (17, 1), (250, 50), (299, 1)] {
+            let alone = Rotary::contiguous(start, 1, len, 16, 50000.0, &device);
+            let window = table.positions(start, len);
+            for (a, b) in [(&alone.cos, &window.cos), (&alone.sin, &window.sin)] {
+                assert_eq!(a.dims(), b.dims());
+                let (a, b): (Vec<f32>, Vec<f32>) = (
+                    a.clone().into_data().try_into_vec().unwrap(),
+                    b.clone().into_data().try_into_vec().unwrap(),
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{start}..+{len}"
+                );
+            }
         }
     }
 

@@ -18,7 +18,7 @@ fn steps_compose_into_forward() {
     let ids = m.tokens(&[vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 12]]).unwrap();
     let full = m.forward(ids.clone(), 5);
 
-    let rotary = m.rotary(0, 2, 6);
+    let rotary = m.rotary(0, 6);
     let e = m.embed_prelude(ids, &rotary, &mut NoCache);
     let mut s = m.initial_state(&e, &InitialState::Zeros);
     let mut observed = Vec::new();
@@ -119,4 +119,23 @@ fn device_drawn_weights_have_the_shapes_and_spreads_of_the_seeded_ones() {
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &Device::flex());
     let logits = drawn.forward(ids, 4).logits;
     assert!(logits.is_finite().all().into_scalar::<bool>());
+}
+
+/// `Huginn::rotary` takes positions from a table of the context where it covers them (bounded in
+/// memory) and computes those of a vast context past it: the same rotation either way.
+#[test]
+fn rotations_are_the_same_from_the_table_or_computed() {
+    let device = Device::flex();
+    let mut config = HuginnConfig::tiny(50, 32, 4, (1, 1, 1));
+    config.block_size = 1 << 22;
+    let m = config.init(&device, 3);
+    let d = config.head_dim();
+    let x = Tensor::<4>::random([1, 3, 2, d], model::burn::tensor::Distribution::Default, &device);
+    // In the table (32 MiB of positions: 2^19 at d = 8) and past it.
+    for start in [0, 1000, (1 << 19) - 3, (1 << 19) + 5, (1 << 22) - 3] {
+        let computed = model::Rotary::contiguous(start, 1, 3, d, config.rope_base, &device);
+        let got = m.rotary(start, 3).apply(x.clone());
+        let want = computed.apply(x.clone());
+        assert_eq!((got - want).abs().max().into_scalar::<f32>(), 0.0, "start {start}");
+    }
 }

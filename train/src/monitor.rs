@@ -28,8 +28,8 @@ pub fn evaluate(model: &Huginn, batch: &Batch, depth: usize, exact_match: bool) 
 /// `d` steps is read out through the coda as the recurrence passes it, so probing 1, 2, …, 64
 /// costs 64 core steps, not 127.
 pub fn evaluate_depths(model: &Huginn, batch: &Batch, depths: &[usize], exact_match: bool) -> Vec<Evaluation> {
-    let [rows, len] = batch.inputs.dims();
-    let rotary = model.rotary(0, rows, len);
+    let [_, len] = batch.inputs.dims();
+    let rotary = model.rotary(0, len);
     let e = model.embed_prelude(batch.inputs.clone(), &rotary, &mut NoCache);
     let s0 = model.initial_state(&e, &InitialState::Zeros);
     let mut found = vec![None; depths.len()];

@@ -92,7 +92,7 @@ pub fn choices_at_depths(
                 context
             })
             .collect();
-        let rotary = model.rotary(0, contexts.len(), known);
+        let rotary = model.rotary(0, known);
         let e = model.embed_prelude(model.tokens(&contexts)?, &rotary, &mut cache);
         let s0 = model.initial_state(&e, &InitialState::Zeros);
         let states = states_at(model, &e, s0, depths, deepest, &rotary, &mut cache);

@@ -113,7 +113,7 @@ pub fn at_depths(
         logits_bytes(rows.len(), len, config.vocab_size),
     )?;
     let tokens = model.tokens(&padded_right(rows.iter().map(Vec::as_slice), len))?;
-    let rotary = model.rotary(0, rows.len(), len);
+    let rotary = model.rotary(0, len);
     let e = model.embed_prelude(tokens, &rotary, &mut NoCache);
     let s0 = model.initial_state(&e, &InitialState::Zeros);
     let mut out: Vec<Option<Vec<Scores>>> = vec![None; depths.len()];

@@ -104,32 +104,35 @@ fn fused_input_fits(qkv: &Tensor<3>, bias: &Tensor<1>, rotary: &Rotary, heads: u
 /// Positions per rayon task of the element-wise passes.
 const ROWS_PER_TASK: usize = 16;
 
-/// The rotation tables as `[Bc, S, d]` rows, `Bc` 1 (shared by the batch) or `B`.
-struct Tables {
-    cos: FlexTensor,
-    sin: FlexTensor,
+/// The rotation tables as `[Bc, S, d]` rows, `Bc` 1 (shared by the batch) or `B`, read as
+/// slices once: a pass looks them up at every position of every head.
+struct Tables<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
     shared: bool,
 }
 
-impl Tables {
-    fn new(cos: FlexTensor, sin: FlexTensor) -> Self {
-        let shared = cos.shape()[0] == 1;
+impl<'a> Tables<'a> {
+    /// Over contiguous f32 tables (see [`contiguous_tables`]).
+    fn new(cos: &'a FlexTensor, sin: &'a FlexTensor) -> Self {
         Self {
-            cos: cos.to_contiguous(),
-            sin: sin.to_contiguous(),
-            shared,
+            cos: f32_rows(cos).expect("f32 cos"),
+            sin: f32_rows(sin).expect("f32 sin"),
+            shared: cos.shape()[0] == 1,
         }
     }
 
     /// The tables of batch row `b`, position `s`, each `d` long.
-    fn at(&self, b: usize, s: usize, len: usize, d: usize) -> (&[f32], &[f32]) {
+    fn at(&self, b: usize, s: usize, len: usize, d: usize) -> (&'a [f32], &'a [f32]) {
         let row = if self.shared { s } else { b * len + s };
         let span = row * d..(row + 1) * d;
-        (
-            &f32_rows(&self.cos).expect("f32 cos")[span.clone()],
-            &f32_rows(&self.sin).expect("f32 sin")[span],
-        )
+        (&self.cos[span.clone()], &self.sin[span])
     }
+}
+
+/// The tables laid out as [`Tables`] reads them.
+fn contiguous_tables(cos: FlexTensor, sin: FlexTensor) -> (FlexTensor, FlexTensor) {
+    (cos.to_contiguous(), sin.to_contiguous())
 }
 
 /// Multiply-adds under which [`heads_first`] runs on the calling thread (a decoding step's few
@@ -139,7 +142,7 @@ const SERIAL_ELEMENTS: usize = 1 << 14;
 /// Queries and keys (biased and rotated) and values of `qkv` `[B, S, 3·H·d]`, each heads first,
 /// `[B, H, S, d]`, in one pass over `qkv` per part. bf16 (inference) is rounded where the
 /// reference rounds: after the bias, and after the rotation (computed in f32).
-fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables, heads: usize) -> [FlexTensor; 3] {
+fn heads_first(qkv: FlexTensor, bias: FlexTensor, tables: &Tables<'_>, heads: usize) -> [FlexTensor; 3] {
     let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
     let shape = qkv.shape();
     let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
@@ -217,7 +220,8 @@ impl RotatedHeadsOps for Flex {
         sin: FlexTensor,
         heads: usize,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let [q, k, v] = heads_first(qkv, bias, &Tables::new(cos, sin), heads);
+        let (cos, sin) = contiguous_tables(cos, sin);
+        let [q, k, v] = heads_first(qkv, bias, &Tables::new(&cos, &sin), heads);
         (q, k, v)
     }
 }
@@ -232,7 +236,8 @@ impl ChunkAttentionKernels for Flex {
     ) -> (FlexTensor, [FlexTensor; 4]) {
         let shape = qkv.shape();
         let (b, s, h) = (shape[0], shape[1], shape[2] / 3);
-        let [q, k, v] = heads_first(qkv, bias, &Tables::new(cos, sin), heads);
+        let (cos, sin) = contiguous_tables(cos, sin);
+        let [q, k, v] = heads_first(qkv, bias, &Tables::new(&cos, &sin), heads);
         let (out, p) = attend_into_rows(q.clone(), k.clone(), v.clone());
         (f32_tensor(out, Shape::new([b, s, h])), [q, k, v, p])
     }
@@ -244,7 +249,8 @@ impl ChunkAttentionKernels for Flex {
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
         let [q, k, v, p] = saved;
-        let tables = Tables::new(cos, sin);
+        let (cos, sin) = contiguous_tables(cos, sin);
+        let tables = Tables::new(&cos, &sin);
         let [b, heads, s, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
         let h = heads * d;
         // The output's gradient as heads `[B, H, S, d]`, a view of `[B, S, H·d]`.

@@ -35,8 +35,9 @@ use super::simd::vectorised;
 /// Multiply-adds from which one product is split over the pool by `gemm` (burn-flex's bound).
 const PARALLEL_MACS: usize = 192 * 192 * 192;
 
-/// Products of at most this many rows and at least [`SPLIT_MACS`] multiply-adds are split into
-/// column blocks, one per thread, instead.
+/// Products of at least [`SPLIT_MACS`] multiply-adds that have at most this many rows, or too
+/// few multiply-adds for gemm's own split, are split into column blocks, one per thread,
+/// instead.
 const SPLIT_ROWS: usize = 128;
 const SPLIT_MACS: usize = 1 << 20;
 
@@ -258,9 +259,11 @@ pub(crate) fn product_into(
         (0..count)
             .into_par_iter()
             .for_each(|index| one(index, 0..n, Parallelism::None));
-    } else if m <= SPLIT_ROWS && macs >= SPLIT_MACS {
-        // Few rows (a prompt's): one column block per thread, each a serial gemm. gemm's own
-        // split of such a product costs more in scheduling than it gains.
+    } else if macs >= SPLIT_MACS && (m <= SPLIT_ROWS || macs < PARALLEL_MACS) {
+        // Few rows (a prompt's), or a product gemm would run on one thread (the prompts of a
+        // server's step: 8 × 32 rows of a narrow model): one column block per thread, each a
+        // serial gemm. gemm's own split of such a product costs more in scheduling than it
+        // gains. Each output's sum runs over `k` in the same order either way.
         let block = n.div_ceil(rayon::current_num_threads()).next_multiple_of(16);
         for index in 0..count {
             (0..n.div_ceil(block))
