@@ -245,8 +245,10 @@ impl Huginn {
         let table = self
             .rotations
             .get_or_init(|| Rotary::contiguous(0, 1, covered, head_dim, theta, &device));
-        if table.device() != device {
-            // The model moved to another device after the table was made.
+        let made_on = table.device();
+        if made_on != device || made_on.is_autodiff() != device.is_autodiff() {
+            // A copy of the model on another device, or without autodiff (`valid()`), after
+            // the table was made: a table of the other kind would mix the two in one pass.
             return Rotary::contiguous(start, 1, len, head_dim, theta, &device);
         }
         table.positions(start, len)

@@ -139,3 +139,23 @@ fn rotations_are_the_same_from_the_table_or_computed() {
         assert_eq!((got - want).abs().max().into_scalar::<f32>(), 0.0, "start {start}");
     }
 }
+
+/// A model that ran under autodiff (its rotation table made on that device) and is then taken
+/// without autodiff computes what a model made without autodiff computes, to the bit.
+#[test]
+fn a_trained_model_taken_without_autodiff_computes_what_a_fresh_one_does() {
+    let config = HuginnConfig::tiny(50, 32, 4, (1, 1, 1));
+    let trained = config.init(&Device::flex().autodiff(), 5);
+    let ids = [vec![1, 2, 3, 4, 5]];
+    trained.forward(trained.tokens(&ids).unwrap(), 2);
+    let valid = trained.valid();
+    let fresh = config.init(&Device::flex(), 5);
+    let logits = |m: &Huginn| {
+        m.forward(m.tokens(&ids).unwrap(), 2)
+            .logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(logits(&valid), logits(&fresh));
+}
